@@ -1,0 +1,77 @@
+"""The `hrm-mega` command: a thin front for the entry points. Lists only commands that work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from hrm_mega.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML recipe, e.g. configs/puzzle/hrm_sudoku.yaml")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set model.hidden_size=256 (repeatable)",
+    )  # fmt: skip
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from hrm_mega.models.summary import describe
+
+    config = load_config(args.config, args.overrides)
+    print(describe(config, world_size=args.world_size))
+    return 0
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from data_prep.__main__ import main as prep_main
+
+    return prep_main(args.prep_args)
+
+
+def cmd_import_hrm(args: argparse.Namespace) -> int:
+    from hrm_mega.convert.hrm_official import import_hrm
+
+    config = load_config(args.config, args.overrides)
+    out = import_hrm(args.checkpoint, args.out, config)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hrm-mega", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="print parameter counts, FLOPs and memory estimate of a recipe")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=1, help="number of ranks for the memory estimate")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prep", help="build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy} --out DIR ...")
+    p.add_argument("prep_args", nargs=argparse.REMAINDER, help="arguments for python -m data_prep")
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("import-hrm", help="convert an official HRM checkpoint into an hrm-mega model directory")
+    p.add_argument("checkpoint", help="file saved by the official HRM pretrain.py")
+    p.add_argument("out", help="output directory (model.safetensors + config.yaml)")
+    p.add_argument("--config", default="configs/puzzle/hrm_sudoku.yaml", help="recipe the checkpoint matches")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_import_hrm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Every user-facing error class in hrm-mega derives from ValueError and carries a one-line message.
+        print(f"hrm-mega {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

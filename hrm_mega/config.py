@@ -1,0 +1,397 @@
+"""Typed run configuration: YAML files mapped onto dataclasses, `--set a.b=c` overrides, validation.
+
+A run config has one section per concern (model, parallel, data, optim, train, log). YAML files may
+name a `base:` file (relative to themselves) whose values they override. Unknown keys are rejected
+with a did-you-mean hint, and every check names the dotted field and the fix in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PuzzleModelConfig:
+    """RecursiveReasoner: the HRM-ACT-v1 / TRM puzzle model (DESIGN section 5)."""
+
+    family: Literal["puzzle"] = "puzzle"
+    # Data-dependent sizes; recipes state them and training checks them against the manifest.
+    vocab_size: int = 11
+    seq_len: int = 81
+    num_puzzle_identifiers: int = 1
+    # Transformer
+    hidden_size: int = 512
+    num_heads: int = 8
+    expansion: float = 4.0
+    rms_norm_eps: float = 1e-5
+    pos_encoding: Literal["rope", "learned", "none"] = "rope"
+    rope_theta: float = 10000.0
+    token_mixer: Literal["attention", "mlp"] = "attention"  # TRM's attention-free "mlp_t" variant
+    # Recurrence: a CycleBlock with an L module run l_cycles times per H update, h_cycles times.
+    h_layers: int = 4
+    l_layers: int = 4
+    h_cycles: int = 2
+    l_cycles: int = 2
+    shared_net: bool = False  # TRM: one network serves as both L and H
+    grad_mode: Literal["one_step", "last_cycle", "full"] = "one_step"
+    injection: Literal["add", "gated"] = "add"
+    # Puzzle embedding prefix: puzzle_emb_ndim values spread over puzzle_emb_len positions.
+    puzzle_emb_ndim: int = 512
+    puzzle_emb_len: int = 0  # 0 = ceil(puzzle_emb_ndim / hidden_size), as HRM; TRM uses 16
+    # ACT
+    halt_max_steps: int = 16
+    halt_exploration_prob: float = 0.1
+    q_target: Literal["bootstrap", "halt_only"] = "bootstrap"
+    loss: Literal["stablemax", "softmax"] = "stablemax"
+
+    @property
+    def prefix_len(self) -> int:
+        if self.puzzle_emb_len > 0:
+            return self.puzzle_emb_len
+        return -(self.puzzle_emb_ndim // -self.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        _positive(self, "model", "vocab_size", "seq_len", "num_puzzle_identifiers", "hidden_size", "num_heads")
+        _positive(self, "model", "h_cycles", "l_cycles", "l_layers", "halt_max_steps")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.hidden_size/num_heads={self.head_dim} must be even for rope")
+        if not self.shared_net and self.h_layers < 1:
+            raise ConfigError("model.h_layers must be >= 1 unless model.shared_net=true (TRM)")
+        if self.expansion <= 0:
+            raise ConfigError(f"model.expansion={self.expansion} must be > 0")
+        if self.puzzle_emb_ndim < 0 or self.puzzle_emb_len < 0:
+            raise ConfigError("model.puzzle_emb_ndim and model.puzzle_emb_len must be >= 0")
+        if self.puzzle_emb_ndim > self.prefix_len * self.hidden_size:
+            raise ConfigError(
+                f"model.puzzle_emb_ndim={self.puzzle_emb_ndim} does not fit in model.puzzle_emb_len="
+                f"{self.puzzle_emb_len} positions of model.hidden_size={self.hidden_size}"
+            )
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise ConfigError(f"model.halt_exploration_prob={self.halt_exploration_prob} must be in [0, 1]")
+        if self.rms_norm_eps <= 0:
+            raise ConfigError(f"model.rms_norm_eps={self.rms_norm_eps} must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    timeout_minutes: float = 10.0  # distributed collectives give up after this
+
+    def validate(self) -> None:
+        _positive(self, "parallel", "tp", "pp")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} cannot combine with parallel.pp={self.pp}; "
+                "DeepSpeed pipeline parallelism supports ZeRO stage 0 or 1"
+            )
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset directory with manifest.json (see docs/data_format.md)
+    train_split: str = "train"
+    eval_split: str = "test"
+    partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    corrupt_policy: Literal["skip", "fail"] = "fail"
+    augment: bool = False  # on-the-fly augmentation keyed by sample id
+
+    def validate(self) -> None:
+        _positive(self, "data", "partitions")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam_atan2", "adamw"] = "adam_atan2"
+    lr: float = 1e-4
+    lr_min_ratio: float = 1.0
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    puzzle_emb_lr: float = 1e-2
+    puzzle_emb_weight_decay: float = 0.1
+    ema_decay: float = 0.0  # 0 disables EMA; TRM uses 0.999
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ConfigError(f"optim.lr_min_ratio={self.lr_min_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    global_batch: int = 768
+    micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
+    steps: int = 1000  # optimizer steps; one step is one ACT segment
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_interval: int = 0  # 0 = only at the end
+    eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
+    eval_max_samples: int = 0  # 0 = the whole eval split
+    checkpoint_interval: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 3  # abort after this many non-finite losses in a row
+
+    def validate(self) -> None:
+        _positive(self, "train", "global_batch", "steps", "keep_checkpoints", "max_nonfinite_steps")
+        if self.micro_batch < 0:
+            raise ConfigError(f"train.micro_batch={self.micro_batch} must be >= 0")
+        if self.micro_batch and self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.micro_batch={self.micro_batch} does not divide train.global_batch={self.global_batch}"
+            )
+        for mode in self.eval_modes:
+            if mode not in ("fixed", "adaptive"):
+                raise ConfigError(f"train.eval_modes has {mode!r}; use 'fixed' and/or 'adaptive'")
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/default"
+    log_interval: int = 10
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "hrm-mega"
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "log", "log_interval")
+        if not self.out_dir:
+            raise ConfigError("log.out_dir must not be empty")
+
+
+MODEL_FAMILIES: dict[str, type] = {"puzzle": PuzzleModelConfig}
+ModelConfig = PuzzleModelConfig
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=PuzzleModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        if self.model.family == "puzzle" and self.parallel.pp > 1:
+            raise ConfigError(
+                f"parallel.pp={self.parallel.pp} is not supported for model.family=puzzle "
+                "(a single CycleBlock cannot be split into stages); use parallel.tp or data parallelism"
+            )
+        if self.model.family == "puzzle" and self.model.num_heads % self.parallel.tp:
+            raise ConfigError(
+                f"parallel.tp={self.parallel.tp} does not divide model.num_heads={self.model.num_heads}"
+            )
+        if self.train.global_batch % self.data.partitions:
+            raise ConfigError(
+                f"data.partitions={self.data.partitions} does not divide train.global_batch={self.train.global_batch}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads a YAML file (following `base:` links), applies `a.b=c` overrides and validates."""
+    raw = _read_yaml_with_bases(Path(path)) if path is not None else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return config_from_dict(raw).validate()
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Builds a Config from nested dicts, rejecting unknown keys (does not validate)."""
+    raw = dict(raw)
+    model_raw = dict(raw.pop("model", {}) or {})
+    family = model_raw.get("family", "puzzle")
+    if family not in MODEL_FAMILIES:
+        raise ConfigError(f"model.family={family!r} is unknown{_suggest(family, MODEL_FAMILIES)}")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    _reject_unknown(raw, sections, prefix="")
+    kwargs = {"model": _build(MODEL_FAMILIES[family], model_raw, "model")}
+    for name, value in raw.items():
+        kwargs[name] = _build(sections[name].default_factory(), value or {}, name)  # type: ignore[misc]
+    return Config(**kwargs)
+
+
+def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_yaml_with_bases(path.parent / base, (*seen, path)), data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+    dotted, _, text = item.partition("=")
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set {item!r}: key must be SECTION.FIELD, e.g. train.steps")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(instance_or_cls: Any, values: dict[str, Any], prefix: str) -> Any:
+    cls = instance_or_cls if isinstance(instance_or_cls, type) else type(instance_or_cls)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(values, fields, prefix=prefix + ".")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{dotted}={value!r} must be one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [v for v in str(value).split(",") if v]
+        (item_type,) = typing.get_args(hint)[:1]
+        return [_coerce(v, item_type, dotted) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{dotted}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{dotted}={value!r} must be an integer")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{dotted}={value!r} must be an integer") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{dotted}={value!r} must be an integer")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{dotted}={value!r} must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{dotted}={value!r} must be a number") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{dotted} must be a string")
+        return str(value)
+    return value
+
+
+def _reject_unknown(values: dict[str, Any], known: dict[str, Any], prefix: str) -> None:
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key}{_suggest(key, known, prefix)}")
+
+
+def _suggest(word: str, options: Any, prefix: str = "") -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def _positive(section: Any, name: str, *fields: str) -> None:
+    for f in fields:
+        value = getattr(section, f)
+        if value < 1:
+            raise ConfigError(f"{name}.{f}={value} must be >= 1")
+
+
+def save_resolved(config: Config, path: str | Path) -> Path:
+    """Writes the fully resolved config, so that a run can be reproduced from its directory alone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_yaml())
+    return path

@@ -1,0 +1,124 @@
+"""Transformer block with post, pre or sandwich norm placement, and a stack of blocks.
+
+- post (HRM): h = norm(h + attn(h)); h = norm(h + mlp(h))
+- pre: h = h + attn(norm(h)); h = h + mlp(norm(h))
+- sandwich (Gemma 3): h = h + norm(attn(norm(h))); h = h + norm(mlp(norm(h)))
+
+The token mixer is attention, or TRM's "mlp_t": a gated MLP applied across the sequence axis, which
+in post-norm form is normalised over that axis too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hrm_mega.models.attention import Attention
+from hrm_mega.models.layers import GatedMLP, RMSNorm
+
+
+@dataclass
+class SeqContext:
+    """Per-forward tensors shared by all blocks: RoPE tables and masks, keyed by attention kind."""
+
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(
+        self,
+        mixer: nn.Module,
+        mlp: nn.Module,
+        hidden_size: int,
+        *,
+        norm_placement: str = "post",
+        norm_weight: str = "none",
+        eps: float = 1e-5,
+        kind: str = "global",
+        mixes_sequence: bool = False,
+    ) -> None:
+        super().__init__()
+        if norm_placement not in ("post", "pre", "sandwich"):
+            raise ValueError(f"norm_placement={norm_placement!r} must be post, pre or sandwich")
+        self.norm_placement, self.kind, self.mixes_sequence = norm_placement, kind, mixes_sequence
+        self.mixer, self.mlp = mixer, mlp
+        mixer_dim = hidden_size if not mixes_sequence else None
+        n_norms = {"post": 2, "pre": 2, "sandwich": 4}[norm_placement]
+        dims = [mixer_dim, hidden_size, hidden_size, hidden_size][:n_norms]
+        self.norms = nn.ModuleList(RMSNorm(d or 1, eps, norm_weight if d else "none") for d in dims)
+
+    def _mix(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        if self.mixes_sequence:
+            return self.mixer(x.transpose(1, 2)).transpose(1, 2)
+        return self.mixer(x, ctx.ropes.get(self.kind), ctx.masks.get(self.kind))
+
+    def forward(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        n = self.norms
+        if self.norm_placement == "post":
+            if self.mixes_sequence:  # TRM mlp_t: residual and norm along the sequence axis
+                xt = x.transpose(1, 2)
+                x = n[0](xt + self.mixer(xt)).transpose(1, 2)
+            else:
+                x = n[0](x + self._mix(x, ctx))
+            return n[1](x + self.mlp(x))
+        if self.norm_placement == "pre":
+            x = x + self._mix(n[0](x), ctx)
+            return x + self.mlp(n[1](x))
+        x = x + n[1](self._mix(n[0](x), ctx))
+        return x + n[3](self.mlp(n[2](x)))
+
+
+class BlockStack(nn.Module):
+    """A sequence of blocks; `forward(h, injection)` runs them on h + injection (HRM's input injection)."""
+
+    def __init__(self, blocks: list[TransformerBlock]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, hidden: torch.Tensor, injection: torch.Tensor | None, ctx: SeqContext) -> torch.Tensor:
+        if injection is not None:
+            hidden = hidden + injection
+        for layer in self.layers:
+            hidden = layer(hidden, ctx)
+        return hidden
+
+
+def attention_block(
+    hidden_size: int,
+    num_heads: int,
+    intermediate: int,
+    *,
+    num_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    norm_placement: str = "post",
+    norm_weight: str = "none",
+    eps: float = 1e-5,
+    causal: bool = False,
+    window: int | None = None,
+    qk_norm: bool = False,
+    scale: float | None = None,
+    activation: str = "silu",
+    kind: str = "global",
+) -> TransformerBlock:
+    head_dim = head_dim or hidden_size // num_heads
+    attn = Attention(
+        hidden_size, num_heads, num_kv_heads or num_heads, head_dim, causal=causal, window=window,
+        qk_norm=qk_norm, scale=scale, norm_eps=eps, norm_weight=norm_weight,
+    )  # fmt: skip
+    mlp = GatedMLP(hidden_size, intermediate, activation)
+    return TransformerBlock(
+        attn, mlp, hidden_size, norm_placement=norm_placement, norm_weight=norm_weight, eps=eps, kind=kind
+    )
+
+
+def sequence_mlp_block(
+    hidden_size: int, seq_len: int, seq_intermediate: int, intermediate: int, *, eps: float = 1e-5
+) -> TransformerBlock:
+    """TRM's attention-free block: a SwiGLU across the sequence axis, then one across features."""
+    return TransformerBlock(
+        GatedMLP(seq_len, seq_intermediate), GatedMLP(hidden_size, intermediate), hidden_size,
+        norm_placement="post", norm_weight="none", eps=eps, mixes_sequence=True,
+    )  # fmt: skip

@@ -1,0 +1,285 @@
+"""Building blocks shared by every model family: norms, RoPE, gated MLPs, and TP-aware linears.
+
+Tensor layout is [batch, seq, hidden] throughout. Linear layers come from two factories,
+`column_linear` and `row_linear`: plain `nn.Linear` when tensor parallelism is off, megatron-core
+Column/RowParallelLinear when it is on. Model code never branches on which one it got.
+
+Weights are not initialised in `__init__`. Each parameter carries an init rule (`set_init`), and
+`init_parameters` fills every tensor from a generator seeded by (seed, parameter name), generating
+the full unsharded tensor and keeping this rank's slice. So the same seed gives the same model at any
+TP or PP layout, whatever order the modules were built in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrm_mega import distributed
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Init:
+    kind: str  # "trunc_normal" | "constant"
+    value: float  # std for trunc_normal, the constant otherwise
+
+
+def set_init(tensor: torch.Tensor, kind: str, value: float) -> torch.Tensor:
+    tensor._hrm_init = Init(kind, value)  # type: ignore[attr-defined]
+    return tensor
+
+
+def lecun_init(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """Truncated LeCun normal, as in HRM: std 1/sqrt(fan_in), truncated at 2 std."""
+    return set_init(weight, "trunc_normal", 1.0 / math.sqrt(fan_in))
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float, generator: torch.Generator, bound: float = 2.0) -> torch.Tensor:
+    """Normal truncated to [-bound*std, bound*std], rescaled so the result really has std `std`.
+
+    torch.nn.init.trunc_normal_ truncates without rescaling, so its std is smaller than asked.
+    Inverse-CDF sampling: uniform in [cdf(-bound), cdf(bound)], mapped back through erfinv.
+    """
+    if std == 0:
+        return tensor.zero_()
+    lo = math.erf(-bound / math.sqrt(2))
+    hi = math.erf(bound / math.sqrt(2))
+    pdf_at_bound = math.exp(-0.5 * bound**2) / math.sqrt(2 * math.pi)
+    z = (hi - lo) / 2
+    truncated_var = 1 - 2 * bound * pdf_at_bound / z
+    scale = std / math.sqrt(truncated_var)
+    with torch.no_grad():
+        tensor.uniform_(lo, hi, generator=generator).erfinv_().mul_(math.sqrt(2) * scale)
+        tensor.clamp_(-bound * scale, bound * scale)
+    return tensor
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, seed: int, prefix: str = "") -> None:
+    """Initialises every parameter and buffer that carries an init rule, deterministically by name."""
+    tensors = list(module.named_parameters(prefix=prefix)) + list(module.named_buffers(prefix=prefix))
+    for name, tensor in tensors:
+        rule: Init | None = getattr(tensor, "_hrm_init", None)
+        if rule is None or tensor.is_meta:
+            continue
+        if rule.kind == "constant":
+            tensor.fill_(rule.value)
+            continue
+        full_shape, dim, rank = _full_shape(tensor)
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        full = trunc_normal_(torch.empty(full_shape, dtype=torch.float32), rule.value, generator)
+        if dim is not None:
+            full = full.chunk(full_shape[dim] // tensor.shape[dim], dim=dim)[rank]
+        tensor.copy_(full)
+
+
+def _full_shape(tensor: torch.Tensor) -> tuple[list[int], int | None, int]:
+    """Unsharded shape of a (possibly tensor-parallel) parameter, its split dim and this rank's index."""
+    if not getattr(tensor, "tensor_model_parallel", False):
+        return list(tensor.shape), None, 0
+    dim = tensor.partition_dim  # type: ignore[attr-defined]
+    shape = list(tensor.shape)
+    shape[dim] *= distributed.tp_size()
+    return shape, dim, distributed.tp_rank()
+
+
+# --------------------------------------------------------------------------------------------------
+# Norms
+# --------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm, computed in fp32."""
+    dtype = x.dtype
+    x = x.float()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in three forms: `none` (weightless, HRM), `plain` (x*w), `gemma` (x*(1+w), w starts at 0)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, weight: str = "plain") -> None:
+        super().__init__()
+        if weight not in ("none", "plain", "gemma"):
+            raise ValueError(f"RMSNorm weight={weight!r} must be none, plain or gemma")
+        self.eps, self.form = eps, weight
+        if weight != "none":
+            self.weight = nn.Parameter(set_init(torch.empty(dim), "constant", 1.0 if weight == "plain" else 0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "none":
+            return rms_norm(x, self.eps)
+        normed = rms_norm(x.float(), self.eps)
+        scale = self.weight.float() + 1.0 if self.form == "gemma" else self.weight.float()
+        return (normed * scale).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------------
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE in the rotate-half convention; `scaling` divides positions (linear scaling)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0, scaling: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        cos, sin = self._tables(max_positions)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        positions = torch.arange(n, dtype=torch.float32) / self.scaling
+        freqs = torch.outer(positions, inv_freq)  # [n, head_dim/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [n, head_dim]
+        return angles.cos(), angles.sin()
+
+    def forward(self, positions: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Returns (cos, sin) for `positions` ([seq] or [batch, seq]) or for 0..length-1."""
+        if positions is None:
+            n = length if length is not None else self.cos.shape[0]
+            return self.cos[:n], self.sin[:n]
+        if int(positions.max()) >= self.cos.shape[0]:
+            cos, sin = self._tables(int(positions.max()) + 1)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self.cos[positions], self.sin[positions]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim] or [batch, seq, head_dim]."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    dtype = x.dtype
+    x = x.float()
+    return (x * cos + rotate_half(x) * sin).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear factories (TP-aware)
+# --------------------------------------------------------------------------------------------------
+
+
+class _MegatronLinear(nn.Module):
+    """Adapts megatron-core's (output, bias) return value to a plain tensor."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+def _megatron_config():  # -> ModelParallelConfig
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    # use_cpu_initialization: the full weight is created and split on the CPU (works without CUDA);
+    # perform_initialization=False: init_parameters() fills weights afterwards, by name.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=distributed.tp_size(),
+        use_cpu_initialization=True,
+        perform_initialization=False,
+    )
+
+
+def _no_init(_: torch.Tensor) -> None:
+    return None
+
+
+def column_linear(in_features: int, out_features: int, bias: bool = False, gather_output: bool = False) -> nn.Module:
+    """A linear whose output features are split across TP ranks (e.g. q/k/v, gate/up)."""
+    if distributed.tp_size() == 1:
+        layer = nn.Linear(in_features, out_features, bias=bias)
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        inner = ColumnParallelLinear(
+            in_features, out_features, config=_megatron_config(), init_method=_no_init, bias=bias,
+            gather_output=gather_output,
+        )  # fmt: skip
+        layer = _MegatronLinear(inner)
+    _init_linear(layer, in_features)
+    return layer
+
+
+def row_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+    """A linear whose input features are split across TP ranks (e.g. attention output, down projection)."""
+    if distributed.tp_size() == 1:
+        layer = nn.Linear(in_features, out_features, bias=bias)
+    else:
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        inner = RowParallelLinear(
+            in_features, out_features, config=_megatron_config(), init_method=_no_init, bias=bias,
+            input_is_parallel=True, skip_bias_add=False,
+        )  # fmt: skip
+        layer = _MegatronLinear(inner)
+    _init_linear(layer, in_features)
+    return layer
+
+
+def _init_linear(layer: nn.Module, fan_in: int) -> None:
+    for name, p in layer.named_parameters():
+        if name.endswith("bias"):
+            set_init(p, "constant", 0.0)
+        else:
+            lecun_init(p, fan_in)
+
+
+def linear_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of a layer built by column_linear/row_linear, whichever implementation it is."""
+    return layer.inner.weight if isinstance(layer, _MegatronLinear) else layer.weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated MLP
+# --------------------------------------------------------------------------------------------------
+
+
+def swiglu_intermediate(hidden: int, expansion: float, multiple: int = 256) -> int:
+    """HRM's SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
+    inter = round(expansion * hidden * 2 / 3)
+    return -(inter // -multiple) * multiple
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with act=silu (HRM), GeGLU with act=gelu_tanh (Gemma)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str = "silu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {sorted(ACTIVATIONS)}")
+        tp = distributed.tp_size()
+        if intermediate % tp:
+            raise ValueError(f"MLP width {intermediate} is not divisible by parallel.tp={tp}")
+        self.act = ACTIVATIONS[activation]
+        self.gate_proj = column_linear(hidden, intermediate)
+        self.up_proj = column_linear(hidden, intermediate)
+        self.down_proj = row_linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

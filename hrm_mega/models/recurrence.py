@@ -1,0 +1,112 @@
+"""CycleBlock: the HRM/TRM cycle wrapper, one abstraction for every model family.
+
+One segment of reasoning, for N = h_cycles slow updates with T = l_cycles fast updates each:
+
+    repeat N times:
+        repeat T times:  z_L = L(z_L + z_H + x)        # fast module, sees the input x
+        z_H = H(z_H + z_L)                             # slow module
+
+TRM is the same loop with one network shared as L and H (z_L is TRM's z, z_H its y).
+
+Which updates are differentiated is the grad mode:
+- one_step (HRM): only the final L and the final H update; everything before runs under no_grad, so
+  training memory does not grow with N*T (the 1-step gradient approximation of the HRM paper);
+- last_cycle (TRM): the whole last H cycle, i.e. its T L updates and its H update;
+- full: every update (backprop through the whole segment; for tests and ablations).
+The carry handed back is always detached: segments are separate optimisation problems (deep supervision).
+
+Injection `gated` replaces the fixed sums with learned per-channel gates that start at zero:
+
+    z_L = L(x + g_LL * z_L + g_LH * z_H);   z_H = H(z_L + g_HH * z_H)
+
+With zero gates every cycle computes exactly H(L(x)), the wrapped layers on their own, however many
+cycles run. That lets a pretrained stack (e.g. a Gemma 3 local-global group) be imported unchanged and
+then learn to use extra cycles. (`add` is the same with all gates fixed at one.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hrm_mega.models.block import BlockStack, SeqContext
+from hrm_mega.models.layers import set_init
+
+GRAD_MODES = ("one_step", "last_cycle", "full")
+INJECTIONS = ("add", "gated")
+
+
+@dataclass
+class Carry:
+    """Recurrent state of one CycleBlock: z_H, z_L of shape [batch, seq, hidden]."""
+
+    z_H: torch.Tensor
+    z_L: torch.Tensor
+
+    def detach(self) -> Carry:
+        return Carry(self.z_H.detach(), self.z_L.detach())
+
+
+class CycleBlock(nn.Module):
+    def __init__(
+        self,
+        L: BlockStack,
+        H: BlockStack | None,
+        *,
+        hidden_size: int,
+        h_cycles: int,
+        l_cycles: int,
+        grad_mode: str = "one_step",
+        injection: str = "add",
+    ) -> None:
+        """H=None shares L as the slow module too (TRM)."""
+        super().__init__()
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode={grad_mode!r} must be one of {GRAD_MODES}")
+        if injection not in INJECTIONS:
+            raise ValueError(f"injection={injection!r} must be one of {INJECTIONS}")
+        if h_cycles < 1 or l_cycles < 1:
+            raise ValueError(f"h_cycles={h_cycles} and l_cycles={l_cycles} must be >= 1")
+        self.L, self.H = L, H
+        self.h_cycles, self.l_cycles = h_cycles, l_cycles
+        self.grad_mode, self.injection = grad_mode, injection
+        if injection == "gated":
+            self.gate_LL = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
+            self.gate_LH = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
+            self.gate_HH = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
+
+    @property
+    def slow(self) -> BlockStack:
+        return self.L if self.H is None else self.H
+
+    def forward(self, x: torch.Tensor, carry: Carry, ctx: SeqContext) -> tuple[torch.Tensor, Carry]:
+        """Runs one segment. Returns (z_H, new detached carry)."""
+        z_H, z_L = carry.z_H, carry.z_L
+        for n in range(self.h_cycles):
+            for t in range(self.l_cycles):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, t)):
+                    z_L = self._fast_update(x, z_L, z_H, ctx)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, None)):
+                z_H = self._slow_update(z_H, z_L, ctx)
+        return z_H, Carry(z_H, z_L).detach()
+
+    def _differentiates(self, n: int, t: int | None) -> bool:
+        """Whether update (h-cycle n, l-step t; t=None is the H update) is part of the graph."""
+        if self.grad_mode == "full":
+            return True
+        last_cycle = n == self.h_cycles - 1
+        if self.grad_mode == "last_cycle":
+            return last_cycle
+        return last_cycle and (t is None or t == self.l_cycles - 1)
+
+    def _fast_update(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        if self.injection == "add":
+            return self.L(z_L, z_H + x, ctx)
+        return self.L(x, self.gate_LL * z_L + self.gate_LH * z_H, ctx)
+
+    def _slow_update(self, z_H: torch.Tensor, z_L: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+        if self.injection == "add":
+            return self.slow(z_H, z_L, ctx)
+        return self.slow(z_L, self.gate_HH * z_H, ctx)

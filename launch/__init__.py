@@ -1,0 +1,1 @@
+"""Launch helpers for torchrun, the deepspeed launcher and Slurm."""

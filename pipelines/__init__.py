@@ -1,0 +1,1 @@
+"""Entry scripts that launchers start (torchrun, deepspeed, srun). They only wire library parts together."""
