@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prep_args", nargs=argparse.REMAINDER, help="arguments for python -m data_prep")
     p.set_defaults(func=cmd_prep)
 
-    p = sub.add_parser("import-hrm", help="convert an official HRM checkpoint into an hrm-mega model directory")
+    p = sub.add_parser(
+        "import-hrm", help="convert an official HRM checkpoint into an hrm-mega model directory"
+    )
     p.add_argument("checkpoint", help="file saved by the official HRM pretrain.py")
     p.add_argument("out", help="output directory (model.safetensors + config.yaml)")
     p.add_argument("--config", default="configs/puzzle/hrm_sudoku.yaml", help="recipe the checkpoint matches")

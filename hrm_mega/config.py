@@ -72,7 +72,9 @@ class PuzzleModelConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
-        _positive(self, "model", "vocab_size", "seq_len", "num_puzzle_identifiers", "hidden_size", "num_heads")
+        _positive(
+            self, "model", "vocab_size", "seq_len", "num_puzzle_identifiers", "hidden_size", "num_heads"
+        )
         _positive(self, "model", "h_cycles", "l_cycles", "l_layers", "halt_max_steps")
         if self.hidden_size % self.num_heads:
             raise ConfigError(

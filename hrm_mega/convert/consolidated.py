@@ -53,7 +53,9 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
     if missing:
         raise CheckpointError(f"{source}: missing key {missing[0]} ({len(missing)} missing in all)")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)")
+        raise CheckpointError(
+            f"{source}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)"
+        )
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(

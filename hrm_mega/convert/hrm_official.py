@@ -48,14 +48,18 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise CheckpointError(f"{path}: refused to load, the file holds more than tensors ({reason})") from None
+        raise CheckpointError(
+            f"{path}: refused to load, the file holds more than tensors ({reason})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in raw)), None)
     if prefix is None:
-        raise CheckpointError(f"{path}: keys do not start with any of {', '.join(PREFIXES)}; not an HRM checkpoint")
+        raise CheckpointError(
+            f"{path}: keys do not start with any of {', '.join(PREFIXES)}; not an HRM checkpoint"
+        )
     return {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
 
 
@@ -74,7 +78,11 @@ def from_official(official: dict[str, torch.Tensor], model: RecursiveReasoner) -
         if rest == "self_attn.qkv_proj.weight":
             kv_rows = (tensor.shape[0] - q_rows) // 2
             q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
-            ours |= {base + "mixer.q_proj.weight": q, base + "mixer.k_proj.weight": k, base + "mixer.v_proj.weight": v}
+            ours |= {
+                base + "mixer.q_proj.weight": q,
+                base + "mixer.k_proj.weight": k,
+                base + "mixer.v_proj.weight": v,
+            }
         elif rest == "self_attn.o_proj.weight":
             ours[base + "mixer.o_proj.weight"] = tensor
         elif rest == "mlp.gate_up_proj.weight":
@@ -105,7 +113,9 @@ def to_official(state: dict[str, torch.Tensor], prefix: str = PREFIXES[0]) -> di
         elif rest == "mixer.o_proj.weight":
             out[base + "self_attn.o_proj.weight"] = tensor
         elif rest == "mlp.gate_proj.weight":
-            out[base + "mlp.gate_up_proj.weight"] = torch.cat([tensor, state[key.replace("gate", "up")]], dim=0)
+            out[base + "mlp.gate_up_proj.weight"] = torch.cat(
+                [tensor, state[key.replace("gate", "up")]], dim=0
+            )
         elif rest == "mlp.down_proj.weight":
             out[base + "mlp.down_proj.weight"] = tensor
     return out

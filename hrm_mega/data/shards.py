@@ -78,7 +78,7 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        key = "%09d" % self.next_key
+        key = f"{self.next_key:09d}"
         for field in sorted(sample):
             ext, payload = encode_member(sample[field])
             info = tarfile.TarInfo(f"{key}.{field}.{ext}")
@@ -102,7 +102,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._path = self.split_dir / (SHARD_PATTERN % self.next_shard)
-        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed in _finish)
         self._count = 0
 
     def _finish(self) -> None:

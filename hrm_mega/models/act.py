@@ -46,7 +46,9 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = 
         logp = log_stablemax(logits.double())
         loss = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     elif kind == "softmax":
-        loss = F.cross_entropy(logits.float().flatten(0, 1), safe.flatten(), reduction="none").view(labels.shape)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), safe.flatten(), reduction="none").view(
+            labels.shape
+        )
     else:
         raise ValueError(f"loss={kind!r} must be stablemax or softmax")
     return torch.where(valid, loss, 0).float()
@@ -153,7 +155,9 @@ def decide_halting(
         return is_last, is_last
     halted = is_last | q_says_halt(config, out)
     if config.halt_exploration_prob > 0:
-        explore = keyed_uniform(seed, *sample_keys, steps, torch.zeros_like(steps)) < config.halt_exploration_prob
+        explore = (
+            keyed_uniform(seed, *sample_keys, steps, torch.zeros_like(steps)) < config.halt_exploration_prob
+        )
         u = keyed_uniform(seed, *sample_keys, steps, torch.ones_like(steps))
         min_steps = 2 + (u * (config.halt_max_steps - 1)).long()  # U{2..halt_max_steps}
         halted = halted & (steps >= torch.where(explore, min_steps, 0))
@@ -209,7 +213,9 @@ def act_loss(
     loss = lm_loss + 0.5 * q_halt_loss
     metrics["lm_loss"], metrics["q_halt_loss"] = lm_loss.detach(), q_halt_loss.detach()
     if q_continue_target is not None:
-        q_cont_loss = F.binary_cross_entropy_with_logits(out.q_continue, q_continue_target, reduction="sum") / b
+        q_cont_loss = (
+            F.binary_cross_entropy_with_logits(out.q_continue, q_continue_target, reduction="sum") / b
+        )
         loss = loss + 0.5 * q_cont_loss
         metrics["q_continue_loss"] = q_cont_loss.detach()
     return loss, metrics

@@ -71,7 +71,9 @@ class Attention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
         if num_heads % tp or num_kv_heads % tp:
-            raise ValueError(f"parallel.tp={tp} must divide num_heads={num_heads} and num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"parallel.tp={tp} must divide num_heads={num_heads} and num_kv_heads={num_kv_heads}"
+            )
         self.num_heads, self.num_kv_heads = num_heads // tp, num_kv_heads // tp  # this rank's share
         self.head_dim, self.causal, self.window = head_dim, causal, window
         self.scale = scale if scale is not None else head_dim**-0.5
@@ -83,7 +85,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps, norm_weight) if qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default."""
         b, s, _ = x.shape
@@ -97,18 +102,24 @@ class Attention(nn.Module):
         out = self.attend(q, k, v, mask)  # [b, h, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """q: [b, h, q_len, d]; k, v: [b, kv, k_len, d] -> [b, h, q_len, d]."""
         kernel = flash_attn_func()
         if kernel is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            window = (-1, -1) if self.window is None else (self.window - 1, -1 if self.causal else self.window - 1)
+            window = (
+                (-1, -1) if self.window is None else (self.window - 1, -1 if self.causal else self.window - 1)
+            )
             out = kernel(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 softmax_scale=self.scale, causal=self.causal, window_size=window,
             )  # fmt: skip
             return out.transpose(1, 2)
         if mask is None:
-            mask = attention_mask(q.shape[2], k.shape[2], causal=self.causal, window=self.window, device=q.device)
+            mask = attention_mask(
+                q.shape[2], k.shape[2], causal=self.causal, window=self.window, device=q.device
+            )
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -34,6 +34,7 @@ class Init:
 
 
 def set_init(tensor: torch.Tensor, kind: str, value: float) -> torch.Tensor:
+    """Attaches an init rule to a parameter or buffer (call it on the nn.Parameter itself, not its data)."""
     tensor._hrm_init = Init(kind, value)  # type: ignore[attr-defined]
     return tensor
 
@@ -43,7 +44,9 @@ def lecun_init(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
     return set_init(weight, "trunc_normal", 1.0 / math.sqrt(fan_in))
 
 
-def trunc_normal_(tensor: torch.Tensor, std: float, generator: torch.Generator, bound: float = 2.0) -> torch.Tensor:
+def trunc_normal_(
+    tensor: torch.Tensor, std: float, generator: torch.Generator, bound: float = 2.0
+) -> torch.Tensor:
     """Normal truncated to [-bound*std, bound*std], rescaled so the result really has std `std`.
 
     torch.nn.init.trunc_normal_ truncates without rescaling, so its std is smaller than asked.
@@ -71,8 +74,11 @@ def _name_seed(seed: int, name: str) -> int:
 @torch.no_grad()
 def init_parameters(module: nn.Module, seed: int, prefix: str = "") -> None:
     """Initialises every parameter and buffer that carries an init rule, deterministically by name."""
-    tensors = list(module.named_parameters(prefix=prefix)) + list(module.named_buffers(prefix=prefix))
-    for name, tensor in tensors:
+    params = list(module.named_parameters(prefix=prefix))
+    unruled = [name for name, p in params if getattr(p, "_hrm_init", None) is None]
+    if unruled:
+        raise ValueError(f"parameter {unruled[0]} has no init rule; give it one with set_init()")
+    for name, tensor in params + list(module.named_buffers(prefix=prefix)):
         rule: Init | None = getattr(tensor, "_hrm_init", None)
         if rule is None or tensor.is_meta:
             continue
@@ -118,7 +124,9 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm weight={weight!r} must be none, plain or gemma")
         self.eps, self.form = eps, weight
         if weight != "none":
-            self.weight = nn.Parameter(set_init(torch.empty(dim), "constant", 1.0 if weight == "plain" else 0.0))
+            self.weight = set_init(
+                nn.Parameter(torch.empty(dim)), "constant", 1.0 if weight == "plain" else 0.0
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "none":
@@ -136,7 +144,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE in the rotate-half convention; `scaling` divides positions (linear scaling)."""
 
-    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0, scaling: float = 1.0) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, base: float = 10000.0, scaling: float = 1.0
+    ) -> None:
         super().__init__()
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
         cos, sin = self._tables(max_positions)
@@ -144,13 +154,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        )
         positions = torch.arange(n, dtype=torch.float32) / self.scaling
         freqs = torch.outer(positions, inv_freq)  # [n, head_dim/2]
         angles = torch.cat((freqs, freqs), dim=-1)  # [n, head_dim]
         return angles.cos(), angles.sin()
 
-    def forward(self, positions: torch.Tensor | None = None, length: int | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, positions: torch.Tensor | None = None, length: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Returns (cos, sin) for `positions` ([seq] or [batch, seq]) or for 0..length-1."""
         if positions is None:
             n = length if length is not None else self.cos.shape[0]
@@ -207,7 +221,9 @@ def _no_init(_: torch.Tensor) -> None:
     return None
 
 
-def column_linear(in_features: int, out_features: int, bias: bool = False, gather_output: bool = False) -> nn.Module:
+def column_linear(
+    in_features: int, out_features: int, bias: bool = False, gather_output: bool = False
+) -> nn.Module:
     """A linear whose output features are split across TP ranks (e.g. q/k/v, gate/up)."""
     if distributed.tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)

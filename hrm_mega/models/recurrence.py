@@ -73,9 +73,9 @@ class CycleBlock(nn.Module):
         self.h_cycles, self.l_cycles = h_cycles, l_cycles
         self.grad_mode, self.injection = grad_mode, injection
         if injection == "gated":
-            self.gate_LL = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
-            self.gate_LH = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
-            self.gate_HH = nn.Parameter(set_init(torch.empty(hidden_size), "constant", 0.0))
+            self.gate_LL = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
+            self.gate_LH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
+            self.gate_HH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
 
     @property
     def slow(self) -> BlockStack:
@@ -101,7 +101,9 @@ class CycleBlock(nn.Module):
             return last_cycle
         return last_cycle and (t is None or t == self.l_cycles - 1)
 
-    def _fast_update(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+    def _fast_update(
+        self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor, ctx: SeqContext
+    ) -> torch.Tensor:
         if self.injection == "add":
             return self.L(z_L, z_H + x, ctx)
         return self.L(x, self.gate_LL * z_L + self.gate_LH * z_H, ctx)

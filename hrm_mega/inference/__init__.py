@@ -1,0 +1,1 @@
+"""Inference runtimes: puzzle evaluation (fixed and adaptive halting)."""

@@ -1,0 +1,133 @@
+"""Puzzle inference in the two evaluation modes.
+
+- fixed: every row runs exactly halt_max_steps segments, as the HRM and TRM papers report;
+- adaptive: batched per-row halting. A row leaves as soon as its Q-head says halt (or at
+  halt_max_steps), and a new sample takes its place, so the batch stays full while samples remain.
+
+Both return one record per sample; `puzzle_metrics` turns records into the reported numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from hrm_mega.config import PuzzleModelConfig
+from hrm_mega.models.act import IGNORE_LABEL, q_says_halt
+from hrm_mega.models.recurrence import Carry
+
+_ROW_KEYS = ("inputs", "labels", "puzzle_identifiers", "sample_id")
+
+
+@dataclass
+class PuzzleRecord:
+    sample_id: int
+    prediction: torch.Tensor  # [seq_len] argmax tokens of the final segment
+    labels: torch.Tensor  # [seq_len]
+    segments: int
+    q_halt: float  # final q_halt logit
+
+
+def _records(
+    batch: dict[str, torch.Tensor], logits: torch.Tensor, segments: torch.Tensor, q_halt: torch.Tensor
+):
+    pred = logits.argmax(-1).cpu()
+    ids = batch.get("sample_id", torch.full((pred.shape[0],), -1))
+    for i in range(pred.shape[0]):
+        yield PuzzleRecord(int(ids[i]), pred[i], batch["labels"][i].cpu(), int(segments[i]), float(q_halt[i]))
+
+
+@torch.no_grad()
+def run_fixed(
+    model: torch.nn.Module, config: PuzzleModelConfig, batches: Iterable[dict[str, torch.Tensor]]
+) -> Iterator[PuzzleRecord]:
+    """Runs every row for exactly halt_max_steps segments."""
+    for batch in batches:
+        b = batch["inputs"].shape[0]
+        carry = model.initial_carry(b)
+        for _ in range(config.halt_max_steps):
+            out = model(carry, batch)
+            carry = out.carry
+        yield from _records(batch, out.logits, torch.full((b,), config.halt_max_steps), out.q_halt)
+
+
+@torch.no_grad()
+def run_adaptive(
+    model: torch.nn.Module,
+    config: PuzzleModelConfig,
+    samples: Iterable[dict[str, torch.Tensor]],
+    batch_size: int,
+) -> Iterator[PuzzleRecord]:
+    """Per-row halting: finished rows leave the batch and new samples join until the source is empty.
+
+    `samples` yields batches of any size (e.g. from a loader); rows are taken from them one by one.
+    """
+    source = _rows(samples)
+    batch = _take(source, batch_size)
+    if batch is None:
+        return
+    carry, steps = model.initial_carry(batch["inputs"].shape[0]), torch.zeros(batch["inputs"].shape[0])
+    while batch is not None:
+        out = model(carry, batch)
+        steps = steps + 1
+        done = q_says_halt(config, out) | (steps >= config.halt_max_steps)
+        if done.any():
+            idx = done.nonzero().squeeze(-1)
+            yield from _records(_index(batch, idx), out.logits[idx], steps[idx], out.q_halt[idx])
+        keep = (~done).nonzero().squeeze(-1)
+        batch, carry, steps = (
+            _index(batch, keep),
+            Carry(out.carry.z_H[keep], out.carry.z_L[keep]),
+            steps[keep],
+        )
+        new = _take(source, int(done.sum()))
+        if new is not None:
+            n = new["inputs"].shape[0]
+            fresh = model.initial_carry(n)
+            batch = {k: torch.cat([batch[k], new[k].to(batch[k].device)]) for k in batch}
+            carry = Carry(torch.cat([carry.z_H, fresh.z_H]), torch.cat([carry.z_L, fresh.z_L]))
+            steps = torch.cat([steps, torch.zeros(n)])
+        if batch["inputs"].shape[0] == 0:
+            batch = None
+
+
+def _rows(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        for i in range(batch["inputs"].shape[0]):
+            yield {k: batch[k][i] for k in _ROW_KEYS if k in batch}
+
+
+def _take(rows: Iterator[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor] | None:
+    taken = [row for _, row in zip(range(n), rows)]
+    if not taken:
+        return None
+    return {k: torch.stack([r[k] for r in taken]) for k in taken[0]}
+
+
+def _index(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def puzzle_metrics(records: Iterable[PuzzleRecord]) -> dict[str, float]:
+    """exact_accuracy, token_accuracy, q_halt_accuracy (q_halt >= 0 iff solved) and mean_segments."""
+    n = exact = token = q_right = segments = 0.0
+    for r in records:
+        valid = r.labels != IGNORE_LABEL
+        correct = (r.prediction == r.labels) & valid
+        solved = bool(correct.sum() == valid.sum())
+        n += 1
+        exact += solved
+        token += float(correct.sum()) / max(1, int(valid.sum()))
+        q_right += (r.q_halt >= 0) == solved
+        segments += r.segments
+    if n == 0:
+        raise ValueError("no samples were evaluated; is the eval split empty?")
+    return {
+        "samples": int(n),
+        "exact_accuracy": exact / n,
+        "token_accuracy": token / n,
+        "q_halt_accuracy": q_right / n,
+        "mean_segments": segments / n,
+    }

@@ -1,0 +1,115 @@
+"""Config loading: YAML inheritance, overrides with type coercion, unknown keys, cross-field validation."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hrm_mega.cli import main as cli_main
+from hrm_mega.config import ConfigError, load_config, save_resolved
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs" / "puzzle").glob("*.yaml"))
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = write(
+        tmp_path, "base.yaml", {"model": {"hidden_size": 64, "num_heads": 4}, "train": {"steps": 10}}
+    )
+    child = write(tmp_path, "child.yaml", {"base": "base.yaml", "model": {"num_heads": 2}})
+    cfg = load_config(
+        child, ["train.steps=25", "optim.lr=3e-4", "data.augment=true", "train.eval_modes=fixed"]
+    )
+    assert cfg.model.hidden_size == 64 and cfg.model.num_heads == 2  # child overrides base, keeps the rest
+    assert cfg.train.steps == 25 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.augment is True
+    assert cfg.train.eval_modes == ["fixed"]
+    assert base.exists()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/puzzle/trm_sudoku.yaml", ["train.seed=7"])
+    path = save_resolved(cfg, tmp_path / "resolved.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert again.model.shared_net and again.model.grad_mode == "last_cycle" and again.train.seed == 7
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.family == "puzzle"
+
+
+BAD = [
+    (["model.num_heads=6"], "model.num_heads=6 does not divide model.hidden_size=512"),
+    (["model.hiden_size=256"], "unknown config key model.hiden_size; did you mean model.hidden_size?"),
+    (["trian.steps=5"], "unknown config key trian; did you mean train?"),
+    (["model.grad_mode=two_step"], "model.grad_mode='two_step' must be one of"),
+    (["train.steps=ten"], "train.steps='ten' must be an integer"),
+    (["train.steps=2.5"], "train.steps=2.5 must be an integer"),
+    (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
+    (["optim.beta2=1.0"], "optim.beta2=1.0 must be in [0, 1)"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be one of 0, 1, 2, 3"),
+    (["parallel.pp=2"], "parallel.pp=2 is not supported for model.family=puzzle"),
+    (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_heads=8"),
+    (["model.halt_exploration_prob=1.5"], "model.halt_exploration_prob=1.5 must be in [0, 1]"),
+    (["train.micro_batch=100"], "train.micro_batch=100 does not divide train.global_batch=768"),
+    (["data.partitions=5"], "data.partitions=5 does not divide train.global_batch=768"),
+    (["model.family=vision"], "model.family='vision' is unknown"),
+    (["model.puzzle_emb_ndim=2048", "model.puzzle_emb_len=2"], "model.puzzle_emb_ndim=2048 does not fit"),
+    (["train.eval_modes=fixed,sometimes"], "train.eval_modes has 'sometimes'"),
+    (["data.augment=maybe"], "data.augment='maybe' must be true or false"),
+    (
+        ["model.shared_net=false", "model.h_layers=0"],
+        "model.h_layers must be >= 1 unless model.shared_net=true",
+    ),
+    (["trainsteps"], "expected KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_configs_give_one_line_errors_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/puzzle/hrm_sudoku.yaml", overrides)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_pipeline_parallel_with_zero2_is_rejected():
+    with pytest.raises(ConfigError, match="parallel.zero_stage=2 cannot combine with parallel.pp=2"):
+        load_config(None, ["parallel.pp=2", "parallel.zero_stage=2"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    loop = write(tmp_path, "loop.yaml", {"base": "loop.yaml"})
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(loop)
+
+
+def test_info_reports_the_official_hrm_parameter_count(capsys):
+    assert cli_main(["info", str(ROOT / "configs/puzzle/hrm_sudoku.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters (excluding the puzzle-embedding table): 27,275,266" in out
+    assert "FLOPs per sample per segment" in out and "memory per rank" in out
+
+
+def test_info_error_is_one_line_on_stderr(capsys):
+    code = cli_main(["info", str(ROOT / "configs/puzzle/hrm_sudoku.yaml"), "--set", "model.num_heads=7"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "model.num_heads=7" in err
