@@ -1,0 +1,146 @@
+"""Adam-atan2: Adam with the division m / (sqrt(v) + eps) replaced by atan2(m, sqrt(v)).
+
+atan2 is bounded and scale-invariant, so the update needs no epsilon and cannot blow up when v is tiny
+(HRM trains with it). This is a pure-PyTorch version: no CUDA extension, so it runs on CPU and GPU, for
+fp32, fp16 and bf16 parameters.
+
+Per parameter, with the step count t starting at 1:
+
+    m = b1*m + (1-b1)*g
+    v = b2*v + (1-b2)*g^2
+    p *= 1 - lr*wd                                   (decoupled weight decay, as AdamW)
+    p -= lr/(1-b1^t) * a * atan2(m, b * sqrt(v) / sqrt(1-b2^t))
+
+`a` scales the update and `b` scales the denominator inside atan2. For small |m| / (b*sqrt(v)) we have
+a*atan2(m, b*sqrt(v)) ~ (a/b) * m/sqrt(v), i.e. plain Adam with lr*a/b; for large ratios the update
+saturates at a*pi/2. The defaults a=1.27, b=1 follow the published `adam-atan2` package; a=1, b=1 gives
+the unscaled form `p -= lr/(1-b1^t) * atan2(m, sqrt(v)/sqrt(1-b2^t))`.
+
+It is a plain `torch.optim.Optimizer`, so DeepSpeed accepts it as a client optimizer under ZeRO 0-3
+(with `zero_allow_untested_optimizer: true`). State per parameter: "step" (python int), "exp_avg" and
+"exp_avg_sq".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    # Moments of bf16/fp16 parameters are kept in fp32; fp32/fp64 parameters keep their own precision.
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+class AdamATan2(torch.optim.Optimizer):
+    """Adam-atan2 (see the module docstring for the update rule).
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        lr: learning rate, a float or a 0-dim tensor (so a schedule can change it without recompiling).
+        betas: (b1, b2), the decay rates of the first and second moments, each in [0, 1).
+        weight_decay: decoupled weight decay; each step multiplies the parameter by 1 - lr*weight_decay.
+        a: scale of the atan2 update (the update is bounded by a*pi/2 per unit lr).
+        b: scale of the denominator inside atan2; a/b is the effective Adam step in the small-ratio regime.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        a: float = 1.27,
+        b: float = 1.0,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Validate every group (defaults merged in), so per-group overrides are checked too.
+        group = {**self.defaults, **param_group}
+        _check_hparams(group["lr"], group["betas"], group["weight_decay"], group["a"], group["b"])
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            a, b = group["a"], group["b"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdamATan2: sparse gradients are not supported (use SparseSignSGD)")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+
+                g = p.grad.to(m.dtype)  # no copy when the dtypes already agree
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+
+                bias1 = 1 - b1**t
+                denom = v.sqrt().mul_(b / math.sqrt(1 - b2**t))
+                update = torch.atan2(m, denom).mul_(lr * a / bias1)  # lr may be a 0-dim tensor
+
+                # Low-precision parameters are updated in fp32 and rounded once.
+                master = p if p.dtype == m.dtype else p.to(m.dtype)
+                if wd != 0:
+                    master.mul_(1 - lr * wd)
+                master.sub_(update)
+                if master is not p:
+                    p.copy_(master)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads as torch does, but keeps the moments in fp32 for low-precision parameters.
+
+        torch casts every floating state tensor to its parameter's dtype on load, which would silently
+        round the moments of a bf16 parameter to bf16. We reload them from the saved tensors instead.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in saved]
+            if missing:
+                raise ValueError(f"AdamATan2.load_state_dict: state of parameter {saved_id} lacks {missing}")
+            self.state[p]["step"] = int(saved["step"])  # tolerate tensor steps from other Adam variants
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.state[p][key] = saved[key].to(device=p.device, dtype=_state_dtype(p), copy=True)
+
+
+def _check_hparams(
+    lr: float | torch.Tensor, betas: tuple[float, float], weight_decay: float, a: float, b: float
+) -> None:
+    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+        raise ValueError(f"AdamATan2: lr must be a float or a 0-dim tensor, got shape {tuple(lr.shape)}")
+    if not float(lr) >= 0.0:
+        raise ValueError(f"AdamATan2: lr must be >= 0, got {float(lr)}")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"AdamATan2: betas must be two numbers in [0, 1), got {tuple(betas)}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"AdamATan2: weight_decay must be >= 0, got {weight_decay}")
+    if not a > 0.0:
+        raise ValueError(f"AdamATan2: a must be > 0, got {a}")
+    if not b > 0.0:
+        raise ValueError(f"AdamATan2: b must be > 0, got {b}")
