@@ -40,6 +40,36 @@ def cmd_import_hrm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
+    if args.nproc > 1:
+        import os
+        import subprocess
+
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "pipelines.pretrain", *argv]  # fmt: skip
+        return subprocess.call(cmd, env=env)
+    from pipelines.pretrain import main as pretrain_main
+
+    return pretrain_main(argv)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import main as evaluate_main
+
+    return evaluate_main(args.eval_args)
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from hrm_mega.convert.consolidate import consolidate_checkpoint, save_consolidated
+
+    state, config = consolidate_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+    out = save_consolidated(state, config, args.out)
+    print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} values)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hrm-mega", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=1, help="number of ranks for the memory estimate")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="pretrain a model (DeepSpeed); --nproc N runs N ranks through torchrun")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
+    p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint: hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]"
+    )
+    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="arguments for pipelines.evaluate")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "consolidate", help="merge a (ZeRO-sharded) checkpoint into one fp32 .safetensors file"
+    )
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step-00001000")
+    p.add_argument("out", help="output .safetensors file (the config travels in its metadata)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("prep", help="build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy} --out DIR ...")
     p.add_argument("prep_args", nargs=argparse.REMAINDER, help="arguments for python -m data_prep")

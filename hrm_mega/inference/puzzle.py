@@ -32,11 +32,16 @@ class PuzzleRecord:
 
 def _records(
     batch: dict[str, torch.Tensor], logits: torch.Tensor, segments: torch.Tensor, q_halt: torch.Tensor
-):
+) -> Iterator[PuzzleRecord]:
+    """One record per row; padding rows (`valid` False, as loaders emit to keep batches full) are dropped."""
     pred = logits.argmax(-1).cpu()
     ids = batch.get("sample_id", torch.full((pred.shape[0],), -1))
+    valid = batch.get("valid", torch.ones(pred.shape[0], dtype=torch.bool))
     for i in range(pred.shape[0]):
-        yield PuzzleRecord(int(ids[i]), pred[i], batch["labels"][i].cpu(), int(segments[i]), float(q_halt[i]))
+        if valid[i]:
+            yield PuzzleRecord(
+                int(ids[i]), pred[i], batch["labels"][i].cpu(), int(segments[i]), float(q_halt[i])
+            )
 
 
 @torch.no_grad()
@@ -95,8 +100,10 @@ def run_adaptive(
 
 def _rows(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     for batch in batches:
+        valid = batch.get("valid", torch.ones(batch["inputs"].shape[0], dtype=torch.bool))
         for i in range(batch["inputs"].shape[0]):
-            yield {k: batch[k][i] for k in _ROW_KEYS if k in batch}
+            if valid[i]:
+                yield {k: batch[k][i] for k in _ROW_KEYS if k in batch}
 
 
 def _take(rows: Iterator[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor] | None:
@@ -110,24 +117,35 @@ def _index(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch
     return {k: v[idx] for k, v in batch.items()}
 
 
-def puzzle_metrics(records: Iterable[PuzzleRecord]) -> dict[str, float]:
-    """exact_accuracy, token_accuracy, q_halt_accuracy (q_halt >= 0 iff solved) and mean_segments."""
-    n = exact = token = q_right = segments = 0.0
+METRIC_SUMS = ("samples", "exact", "token", "q_right", "segments")
+
+
+def metric_sums(records: Iterable[PuzzleRecord]) -> torch.Tensor:
+    """Sums over records, in the order of METRIC_SUMS (a tensor, so ranks can all-reduce it)."""
+    sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64)
     for r in records:
         valid = r.labels != IGNORE_LABEL
         correct = (r.prediction == r.labels) & valid
         solved = bool(correct.sum() == valid.sum())
-        n += 1
-        exact += solved
-        token += float(correct.sum()) / max(1, int(valid.sum()))
-        q_right += (r.q_halt >= 0) == solved
-        segments += r.segments
+        token = float(correct.sum()) / max(1, int(valid.sum()))
+        sums += torch.tensor([1, solved, token, (r.q_halt >= 0) == solved, r.segments], dtype=torch.float64)
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """exact_accuracy, token_accuracy, q_halt_accuracy (q_halt >= 0 iff solved) and mean_segments."""
+    n = float(sums[0])
     if n == 0:
         raise ValueError("no samples were evaluated; is the eval split empty?")
+    exact, token, q_right, segments = (float(v) / n for v in sums[1:])
     return {
         "samples": int(n),
-        "exact_accuracy": exact / n,
-        "token_accuracy": token / n,
-        "q_halt_accuracy": q_right / n,
-        "mean_segments": segments / n,
+        "exact_accuracy": exact,
+        "token_accuracy": token,
+        "q_halt_accuracy": q_right,
+        "mean_segments": segments,
     }
+
+
+def puzzle_metrics(records: Iterable[PuzzleRecord]) -> dict[str, float]:
+    return metrics_from_sums(metric_sums(records))

@@ -1,0 +1,95 @@
+"""Consolidation: a (possibly ZeRO-sharded) training checkpoint -> one full fp32 state dict.
+
+ZeRO stages 0-2 keep full module weights in `mp_rank_00_model_states.pt`, which loads with
+`torch.load(weights_only=True)`. Stage 3 partitions parameters; DeepSpeed's zero_to_fp32 merges the
+partitions, and the buffers (puzzle-embedding table, H_init/L_init) come from the module states file.
+The output is a safetensors file whose metadata carries the resolved config, so it is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hrm_mega.config import Config, config_from_dict
+from hrm_mega.convert.consolidated import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
+from hrm_mega.models.puzzle import RecursiveReasoner
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def checkpoint_config(checkpoint: Path) -> Config:
+    client = checkpoint / "client" / "rank-00000.json"
+    if not client.is_file():
+        raise CheckpointError(
+            f"{checkpoint}: not an hrm-mega training checkpoint (no client/rank-00000.json)"
+        )
+    return config_from_dict(json.loads(client.read_text())["config"]).validate()
+
+
+def consolidate_checkpoint(
+    checkpoint: str | Path, use_ema: bool = True
+) -> tuple[dict[str, torch.Tensor], Config]:
+    """Full fp32 weights and buffers. With EMA enabled in the run, its weights replace the raw ones
+    (they are what the run evaluated), unless use_ema=False."""
+    checkpoint = Path(checkpoint)
+    config = checkpoint_config(checkpoint)
+    states_file = checkpoint / MODEL_STATES
+    if not states_file.is_file():
+        raise CheckpointError(f"{checkpoint}: missing {MODEL_STATES}; the checkpoint is incomplete")
+    states = torch.load(states_file, map_location="cpu", weights_only=True)
+    module = states["module"]
+    if config.parallel.zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        params = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        buffers = {k: module[k] for k in states.get("buffer_names", []) if k in module}
+        module = {**buffers, **params}
+    state = {k: v.float().contiguous() for k, v in module.items()}
+    client_tensors = checkpoint / "client" / "rank-00000.safetensors"
+    if use_ema and config.optim.ema_decay > 0 and client_tensors.is_file():
+        with safe_open(str(client_tensors), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key.startswith("ema."):
+                    state[key[len("ema.") :]] = f.get_tensor(key).float()
+    return state, config
+
+
+def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, out, metadata={"format": "hrm-mega/model/1", "config": config.to_yaml()})
+    return out
+
+
+def load_model(path: str | Path) -> tuple[RecursiveReasoner, Config]:
+    """Loads a model from a training checkpoint, a model directory, or a consolidated .safetensors file."""
+    path = Path(path)
+    if path.is_dir() and (path / "client").is_dir():
+        state, config = consolidate_checkpoint(path)
+    elif path.is_dir() and (path / WEIGHTS).is_file():
+        from hrm_mega.convert.consolidated import load_model_dir
+
+        return load_model_dir(path)
+    elif path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "config" not in meta:
+                raise CheckpointError(
+                    f"{path}: no config in its metadata; was it written by hrm-mega consolidate?"
+                )
+            config = config_from_dict(yaml.safe_load(meta["config"])).validate()
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    else:
+        raise CheckpointError(
+            f"{path}: expected a training checkpoint (step-*/), a model directory ({WEIGHTS} + {CONFIG}) "
+            "or a .safetensors file from hrm-mega consolidate"
+        )
+    model = RecursiveReasoner(config.model)
+    load_state_dict_strict(model, state, source=str(path))
+    return model, config

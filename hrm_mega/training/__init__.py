@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine set-up, the ACT pretraining loop, checkpoints and logging."""

@@ -1,0 +1,121 @@
+"""Checkpoints: DeepSpeed engine state plus our client state, published atomically.
+
+Layout of `RUN/checkpoints/`:
+
+    step-00000100/                  one complete checkpoint
+        mp_rank_00_model_states.pt  ... DeepSpeed's files (module, optimizer, ZeRO partitions)
+        client/rank-00000.json      step, loader state, resolved config, counters (one per rank)
+        client/rank-00000.safetensors  ACT carry and current rows, RNG state, EMA weights
+    latest                          the name of the newest complete checkpoint
+    .staging/                       a checkpoint being written
+
+A checkpoint is written into `.staging/`, then renamed into place, and only then does `latest` change
+(write a temp file, `os.replace`). A run killed at any moment leaves `latest` naming a complete
+checkpoint. Our client state is JSON and safetensors only; DeepSpeed's own files are written and read by
+DeepSpeed (they contain pickles, so only load checkpoints you or your cluster wrote).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hrm_mega.convert.consolidated import CheckpointError
+
+STAGING, LATEST = ".staging", "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, rank: int, keep: int) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank, self.keep = rank, keep
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def save(self, engine: Any, step: int, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+        """Collective: every rank calls it. Returns the published checkpoint directory."""
+        tag, staging = tag_for(step), self.root / STAGING
+        if self.rank == 0:
+            shutil.rmtree(staging / tag, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        client_dir = staging / tag / "client"
+        client_dir.mkdir(parents=True, exist_ok=True)
+        name = f"rank-{self.rank:05d}"
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, client_dir / f"{name}.safetensors"
+        )
+        (client_dir / f"{name}.json").write_text(json.dumps(client, sort_keys=True))
+        _barrier()
+        final = self.root / tag
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging / tag, final)
+            _write_atomic(self.root / LATEST, tag)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def load(self, engine: Any, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Loads engine state and this rank's client state from a checkpoint directory."""
+        path = Path(path)
+        name = f"rank-{self.rank:05d}"
+        client_json = path / "client" / f"{name}.json"
+        client_tensors = path / "client" / f"{name}.safetensors"
+        if not client_json.is_file() or not client_tensors.is_file():
+            raise CheckpointError(
+                f"{path}: no client state for rank {self.rank}; was it saved with a different number of ranks?"
+            )
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+        return json.loads(client_json.read_text()), load_file(client_tensors)
+
+
+def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:
+    """`--resume auto` -> the latest complete checkpoint, if any; a path -> that checkpoint; None -> start fresh."""
+    if not spec or spec == "none":
+        return None
+    if spec == "auto":
+        return manager.latest()
+    path = Path(spec)
+    if path.is_dir() and (path / LATEST).is_file():  # a checkpoints/ directory: take its latest
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "client").is_dir():
+        raise CheckpointError(f"--resume {spec}: not a checkpoint directory (no client/ inside)")
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

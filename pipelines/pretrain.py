@@ -1,0 +1,42 @@
+"""Pretraining entry point; started by torchrun, the deepspeed launcher, srun, or `hrm-mega train`.
+
+torchrun --nproc-per-node 2 -m pipelines.pretrain configs/puzzle/hrm_sudoku_tiny.yaml --set train.steps=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from hrm_mega.config import load_config
+from pipelines.common import add_config_args, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipelines.pretrain", description="ACT pretraining on DeepSpeed")
+    add_config_args(p)
+    p.add_argument(
+        "--resume", default="auto",
+        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
+    )  # fmt: skip
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from hrm_mega.training.trainer import PuzzleTrainer
+
+    config = load_config(args.config, args.overrides)
+    trainer = PuzzleTrainer(config, resume=args.resume)
+    results = trainer.train()
+    if trainer.world.rank == 0:
+        print(json.dumps({"step": trainer.step, **results}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("train", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
