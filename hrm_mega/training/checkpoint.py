@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ class CheckpointManager:
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, client_dir / f"{name}.safetensors"
         )
         (client_dir / f"{name}.json").write_text(json.dumps(client, sort_keys=True))
+        fault_point("checkpoint-staged")
         _barrier()
         final = self.root / tag
         if self.rank == 0:
@@ -108,6 +110,12 @@ def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:
     if not (path / "client").is_dir():
         raise CheckpointError(f"--resume {spec}: not a checkpoint directory (no client/ inside)")
     return path
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for crash tests: HRM_MEGA_FAULT=<name> kills this process here with SIGKILL."""
+    if os.environ.get("HRM_MEGA_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -39,7 +39,7 @@ METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """Training cannot continue (e.g. repeated non-finite losses); the message is one line."""
 
 

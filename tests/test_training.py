@@ -1,0 +1,216 @@
+"""End-to-end training on DeepSpeed (CPU, gloo): DP equivalence, exact resume after SIGKILL, crash during
+checkpoint writes, evaluation reproducibility, and one-line errors. Each run is a real subprocess."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrm_mega.data.shards import ShardWriter, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.hidden_size=32", "model.num_heads=2", "model.puzzle_emb_ndim=32", "model.h_layers=1",
+    "model.l_layers=1", "model.halt_max_steps=4", "train.global_batch=8", "data.partitions=2",
+    "optim.warmup_steps=2", "optim.lr=3e-3", "log.wandb=disabled", "log.log_interval=1",
+    "log.progress_bar=false", "train.eval_modes=fixed,adaptive", "data.shuffle_buffer=16",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small sudoku-shaped dataset (random digits; enough for loss and equivalence checks)."""
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 96), ("test", 24)):
+        writer = ShardWriter(out / split, samples_per_shard=12)
+        for i in range(n):
+            labels = rng.integers(2, 11, 81).astype(np.int16)
+            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
+            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
+        splits[split] = writer.close()
+    write_manifest(
+        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
+        num_puzzle_identifiers=1, splits=splits,
+    )  # fmt: skip
+    return out
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
+    sets = [f"--set={o}" for o in [*TINY, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]]
+    script = [
+        "-m",
+        "pipelines.pretrain",
+        str(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml"),
+        *sets,
+        "--resume",
+        resume,
+    ]
+    if nproc == 1:
+        return [sys.executable, *script]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *script,
+    ]
+
+
+def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss; for steps logged twice (re-run after a resume) the last value counts."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float):
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_dp2_matches_dp1_per_step(tmp_path, dataset, stage):
+    common = ("train.steps=10", f"parallel.zero_stage={stage}", "train.eval_max_samples=8")
+    single = run(train_cmd(tmp_path / "dp1", dataset, *common))
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run(train_cmd(tmp_path / "dp2", dataset, *common, nproc=2))
+    assert double.returncode == 0, double.stderr[-2000:]
+    a, b = losses(tmp_path / "dp1"), losses(tmp_path / "dp2")
+    assert len(a) == 10
+    assert_same_losses(a, b, rel=1e-5)
+    grad_a = [
+        json.loads(x)["grad_norm"]
+        for x in (tmp_path / "dp1/metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    grad_b = [
+        json.loads(x)["grad_norm"]
+        for x in (tmp_path / "dp2/metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x
+    ]
+    np.testing.assert_allclose(grad_a, grad_b, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path, dataset):
+    common = ("train.steps=14", "train.checkpoint_interval=3", "train.eval_max_samples=8")
+    reference = run(train_cmd(tmp_path / "ref", dataset, *common))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    kill_after = random.Random(int(time.time())).randint(4, 12)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(run_dir, dataset, *common), env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert max(losses(run_dir)) < 14, "the run finished before it could be killed"
+
+    resumed = run(train_cmd(run_dir, dataset, *common))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_same_losses(losses(tmp_path / "ref"), losses(run_dir), rel=0.0)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, dataset):
+    common = ("train.steps=6", "train.checkpoint_interval=3", "train.eval_max_samples=8")
+    run_dir = tmp_path / "crash"
+    first = run(train_cmd(run_dir, dataset, "train.steps=3", *common[1:]))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000003"
+
+    # Continue to step 6, dying inside the checkpoint write (after the files are staged, before publishing).
+    crashed = subprocess.run(train_cmd(run_dir, dataset, *common), env={**env(), "HRM_MEGA_FAULT": "checkpoint-staged"},
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints/.staging/step-00000006").is_dir()  # the partial write is there...
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000003"  # ...but not published
+
+    resumed = run(train_cmd(run_dir, dataset, *common))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        "resumed from" in resumed.stdout + resumed.stderr
+        and "step-00000003" in resumed.stdout + resumed.stderr
+    )
+    reference = run(train_cmd(tmp_path / "ref", dataset, *common))
+    assert reference.returncode == 0
+    assert_same_losses(losses(tmp_path / "ref"), losses(run_dir), rel=0.0)
+
+
+@pytest.mark.slow
+def test_eval_command_reproduces_the_logged_evaluation(tmp_path, dataset):
+    run_dir = tmp_path / "run"
+    done = run(train_cmd(run_dir, dataset, "train.steps=5"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = [
+        json.loads(x)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval_fixed/samples" in x
+    ][-1]
+    checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints/latest").read_text().strip()
+    for mode in ("fixed", "adaptive"):
+        out = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(checkpoint), "--mode", mode])
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        for key in ("samples", "exact_accuracy", "token_accuracy", "q_halt_accuracy", "mean_segments"):
+            assert result[key] == pytest.approx(logged[f"eval_{mode}/{key}"], abs=1e-9), (mode, key)
+
+    consolidated = tmp_path / "model.safetensors"
+    out = run([sys.executable, "-m", "hrm_mega.cli", "consolidate", str(checkpoint), str(consolidated)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    again = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(consolidated), "--data", str(dataset)])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["token_accuracy"] == pytest.approx(
+        logged["eval_fixed/token_accuracy"], abs=1e-9
+    )
+
+
+@pytest.mark.slow
+def test_repeated_nonfinite_losses_abort_with_a_clear_message(tmp_path, dataset):
+    out = run(train_cmd(tmp_path / "nan", dataset, "train.steps=20", "optim.lr=1e30", "optim.warmup_steps=0",
+                        "optim.grad_clip=0", "train.max_nonfinite_steps=2"))  # fmt: skip
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert "non-finite loss in 2 consecutive steps" in last and "train.max_nonfinite_steps=2" in last
+    records = [json.loads(x) for x in (tmp_path / "nan/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped_step") == 1 for r in records)
+
+
+def test_bad_data_path_is_a_one_line_error(tmp_path):
+    out = run(train_cmd(tmp_path / "x", tmp_path / "nowhere", "train.steps=1"), timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("hrm-mega train: error:")
+    assert "manifest.json" in out.stderr.strip().splitlines()[-1]
+
+
+def test_manifest_mismatch_names_the_field(tmp_path, dataset):
+    out = run(train_cmd(tmp_path / "x", dataset, "train.steps=1", "model.vocab_size=12"), timeout=120)
+    assert out.returncode == 2
+    assert "model.vocab_size=12 but" in out.stderr.strip().splitlines()[-1]
