@@ -26,9 +26,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prep(args: argparse.Namespace) -> int:
-    from data_prep.__main__ import main as prep_main
+    from data_prep.cli import main as prep_main
 
-    return prep_main(args.prep_args)
+    return prep_main(args.prep_args, prog="hrm-mega prep")
 
 
 def cmd_import_hrm(args: argparse.Namespace) -> int:

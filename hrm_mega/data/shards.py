@@ -193,6 +193,7 @@ def split_shards(data_dir: str | Path, split: str, manifest: dict[str, Any] | No
 def verify_shards(data_dir: str | Path, split: str) -> None:
     """Checks every shard of `split` against the sha256 recorded in the manifest."""
     manifest = read_manifest(data_dir)
-    for entry, path in zip(manifest["splits"][split]["shards"], split_shards(data_dir, split, manifest)):
+    paths = split_shards(data_dir, split, manifest)  # checks that the split exists
+    for entry, path in zip(manifest["splits"][split]["shards"], paths):
         if sha256_file(path) != entry["sha256"]:
             raise DataFormatError(f"{path}: sha256 does not match manifest.json (corrupt or modified shard)")
