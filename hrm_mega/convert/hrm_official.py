@@ -47,7 +47,9 @@ def read_official(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        # torch's message spans many lines and suggests weights_only=False; name only the offending global
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it references {found.group(1)}" if found else "unsupported content"
         raise CheckpointError(
             f"{path}: refused to load, the file holds more than tensors ({reason})"
         ) from None

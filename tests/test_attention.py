@@ -1,0 +1,178 @@
+"""Attention against a naive einsum-softmax implementation with masks built element by element here."""
+
+import math
+
+import pytest
+import torch
+
+from hrm_mega.models.attention import Attention, attention_mask, flash_attn_func
+from hrm_mega.models.layers import RotaryEmbedding, init_parameters
+
+B, S, HIDDEN = 2, 9, 32
+
+
+def allowed(i: int, j: int, causal: bool, window: int | None) -> bool:
+    """May query position i see key position j?"""
+    if causal and j > i:
+        return False
+    return window is None or abs(i - j) < window
+
+
+def naive_mask(q_len: int, k_len: int, causal: bool, window: int | None) -> torch.Tensor:
+    offset = k_len - q_len  # queries are the last q_len positions
+    return torch.tensor(
+        [[allowed(offset + i, j, causal, window) for j in range(k_len)] for i in range(q_len)]
+    )
+
+
+def naive_rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """x: [b, s, h, d] rotated in the rotate-half convention, angles computed from scratch."""
+    d = x.shape[-1]
+    half = d // 2
+    pos = torch.arange(x.shape[1], dtype=torch.float64).view(1, -1, 1, 1)
+    theta = base ** (-2 * torch.arange(half, dtype=torch.float64) / d)
+    c, s = torch.cos(pos * theta), torch.sin(pos * theta)
+    a, b = x[..., :half].double(), x[..., half:].double()
+    return torch.cat((a * c - b * s, b * c + a * s), dim=-1).float()
+
+
+def naive_attention(attn: Attention, x: torch.Tensor, mask: torch.Tensor | None, rope: bool) -> torch.Tensor:
+    h, kv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = torch.einsum("bsi,oi->bso", x, attn.q_proj.weight).unflatten(-1, (h, d))  # [b, s, h, d]
+    k = torch.einsum("bsi,oi->bso", x, attn.k_proj.weight).unflatten(-1, (kv, d))
+    v = torch.einsum("bsi,oi->bso", x, attn.v_proj.weight).unflatten(-1, (kv, d))
+    if attn.q_norm is not None:  # gemma form: x / rms(x) * (1 + w), per head
+        eps = attn.q_norm.eps
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + eps) * (1 + attn.q_norm.weight)
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + eps) * (1 + attn.k_norm.weight)
+    if rope:
+        q, k = naive_rope(q), naive_rope(k)
+    group = h // kv
+    out = torch.zeros_like(q)
+    for head in range(h):
+        kv_head = head // group  # query heads [g*group, (g+1)*group) share kv head g
+        scores = torch.einsum("bqd,bkd->bqk", q[:, :, head], k[:, :, kv_head]) * attn.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out[:, :, head] = torch.einsum("bqk,bkd->bqd", scores.softmax(-1), v[:, :, kv_head])
+    return torch.einsum("bsi,oi->bso", out.flatten(2), attn.o_proj.weight)
+
+
+def make(num_heads=4, num_kv_heads=4, seed=0, **kwargs) -> Attention:
+    attn = Attention(HIDDEN, num_heads, num_kv_heads, HIDDEN // num_heads, **kwargs)
+    init_parameters(attn, seed)
+    return attn
+
+
+def inputs(seed=1) -> torch.Tensor:
+    return torch.randn(B, S, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "bidirectional": dict(causal=False, window=None),
+    "causal": dict(causal=True, window=None),
+    "causal_window": dict(causal=True, window=3),
+    "bidirectional_window": dict(causal=False, window=3),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_matches_naive(case, rope):
+    kw = CASES[case]
+    attn = make(**kw)
+    x = inputs()
+    rope_tables = RotaryEmbedding(attn.head_dim, S)() if rope else None
+    got = attn(x, rope_tables)
+    want = naive_attention(attn, x, naive_mask(S, S, **kw) if kw["causal"] or kw["window"] else None, rope)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_kinds_give_different_outputs():
+    """Guards the comparisons above: each mask really changes the result."""
+    x = inputs()
+    outs = [make(**kw)(x) for kw in CASES.values()]
+    for i in range(len(outs)):
+        for j in range(i + 1, len(outs)):
+            assert not torch.allclose(outs[i], outs[j], atol=1e-4)
+
+
+def test_causal_output_ignores_the_future():
+    attn = make(causal=True)
+    x = inputs()
+    y = x.clone()
+    y[:, 5:] += 1.0
+    torch.testing.assert_close(attn(x)[:, :5], attn(y)[:, :5])
+    assert not torch.allclose(attn(x)[:, 5:], attn(y)[:, 5:])
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_grouped_query_attention(num_kv_heads):
+    attn = make(num_heads=4, num_kv_heads=num_kv_heads, causal=True, window=4)
+    assert attn.k_proj.weight.shape == (num_kv_heads * 8, HIDDEN)
+    x = inputs()
+    want = naive_attention(attn, x, naive_mask(S, S, causal=True, window=4), rope=False)
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_and_custom_scale():
+    attn = make(num_heads=4, num_kv_heads=2, qk_norm=True, scale=0.3, norm_eps=1e-6)
+    with torch.no_grad():  # gemma-form norms start at identity; give them a real scale
+        attn.q_norm.weight.copy_(torch.linspace(-0.5, 0.5, 8))
+        attn.k_norm.weight.copy_(torch.linspace(0.8, -0.2, 8))
+    assert attn.scale == 0.3
+    x = inputs()
+    rope_tables = RotaryEmbedding(8, S)()
+    torch.testing.assert_close(
+        attn(x, rope_tables), naive_attention(attn, x, None, rope=True), rtol=1e-5, atol=1e-5
+    )
+
+    default = make(num_heads=4, num_kv_heads=2, qk_norm=True)
+    assert default.scale == pytest.approx(1 / math.sqrt(8))
+    with torch.no_grad():
+        default.load_state_dict(attn.state_dict())
+    assert not torch.allclose(default(x, rope_tables), attn(x, rope_tables))  # the scale is used
+
+
+def test_explicit_mask_overrides_the_default():
+    attn = make(causal=False)
+    x = inputs()
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(S, S, generator=g) < 0.5
+    mask |= torch.eye(S, dtype=torch.bool)  # every query keeps at least itself
+    torch.testing.assert_close(
+        attn(x, mask=mask), naive_attention(attn, x, mask, rope=False), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, 1, 3, 20])
+@pytest.mark.parametrize("q_len,k_len", [(6, 6), (2, 7), (1, 5)])
+def test_attention_mask_semantics(causal, window, q_len, k_len):
+    mask = attention_mask(q_len, k_len, causal=causal, window=window)
+    if not causal and window is None:
+        assert mask is None  # every pair may attend: no mask at all
+        return
+    assert mask.dtype == torch.bool and mask.shape == (q_len, k_len)
+    assert torch.equal(mask, naive_mask(q_len, k_len, causal, window))
+
+
+def test_attention_mask_by_hand():
+    # causal window 2 over 4 positions: each query sees itself and the one before
+    assert attention_mask(4, 4, causal=True, window=2).int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 1],
+    ]
+    # bidirectional window 2: itself and both neighbours
+    assert attention_mask(3, 3, causal=False, window=2).int().tolist() == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    # one new query after 3 cached keys, causal: it sees all 4
+    assert attention_mask(1, 4, causal=True, window=None).int().tolist() == [[1, 1, 1, 1]]
+
+
+def test_bad_head_counts_and_cpu_backend():
+    with pytest.raises(ValueError, match="num_kv_heads=3 does not divide num_heads=4"):
+        Attention(HIDDEN, 4, 3, 8)
+    if not torch.cuda.is_available():
+        assert flash_attn_func() is None  # CPU: always the SDPA path
