@@ -100,6 +100,86 @@ class PuzzleModelConfig:
 
 
 @dataclass
+class LMModelConfig:
+    """HRMGemma: the Gemma 3 text decoder with each local-global group wrapped in a CycleBlock (DESIGN 5).
+
+    Defaults are Gemma 3 1B at N = T = 1, i.e. exactly Gemma 3; recipes under configs/lm/ set the rest.
+    """
+
+    family: Literal["hrm_gemma"] = "hrm_gemma"
+    vocab_size: int = 262144
+    hidden_size: int = 1152
+    intermediate_size: int = 6912
+    num_layers: int = 26
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    query_pre_attn_scalar: int = 256  # attention scores are scaled by query_pre_attn_scalar**-0.5
+    sliding_window: int = 512  # local layers see keys at distance < sliding_window
+    local_per_global: int = 5  # the layer pattern: this many local layers, then one global layer
+    rope_local_base: float = 10000.0
+    rope_global_base: float = 1000000.0
+    rope_scaling: float = 1.0  # linear RoPE scaling factor of the global layers (1 = none; 8 for 4B+)
+    rms_norm_eps: float = 1e-6
+    max_position: int = 32768
+    tie_embeddings: bool = True
+    # Recurrence: every group runs its local layers (L) l_cycles times per global-layer (H) update, h_cycles times.
+    h_cycles: int = 1
+    l_cycles: int = 1
+    # "full" backpropagates through every cycle (exact gradient; at N = T = 1 all modes coincide);
+    # "one_step" / "last_cycle" keep training memory flat in the number of cycles.
+    grad_mode: Literal["one_step", "last_cycle", "full"] = "full"
+    injection: Literal["add", "gated"] = "gated"  # gated (zero-init) keeps an imported Gemma 3 exact
+    # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
+    # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
+    halt_tolerance: float = 0.01
+    halt_loss_weight: float = 0.1
+    compute_cost_weight: float = 0.01
+    value_head: bool = False  # a scalar head on the final hidden states (PPO critic)
+
+    @property
+    def group_size(self) -> int:
+        return self.local_per_global + 1
+
+    @property
+    def num_groups(self) -> int:
+        """Complete local-global groups; each becomes one CycleBlock."""
+        return self.num_layers // self.group_size
+
+    @property
+    def num_tail_layers(self) -> int:
+        """Trailing local layers after the last global one (Gemma 3 1B: 26 = 4 x 6 + 2)."""
+        return self.num_layers % self.group_size
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """The kind of every layer, in order: "local" or "global"."""
+        return ["global" if (i + 1) % self.group_size == 0 else "local" for i in range(self.num_layers)]
+
+    def validate(self) -> None:
+        _positive(self, "model", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        _positive(self, "model", "num_kv_heads", "head_dim", "query_pre_attn_scalar", "sliding_window")
+        _positive(self, "model", "local_per_global", "max_position", "h_cycles", "l_cycles")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope")
+        if self.num_layers < self.group_size:
+            raise ConfigError(
+                f"model.num_layers={self.num_layers} is fewer than one local-global group "
+                f"(model.local_per_global+1={self.group_size})"
+            )
+        for name in ("rope_local_base", "rope_global_base", "rope_scaling", "rms_norm_eps", "halt_tolerance"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+        for name in ("halt_loss_weight", "compute_cost_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
 class ParallelConfig:
     """Parallel layout. dp is derived: world_size / (tp * pp)."""
 
@@ -207,7 +287,7 @@ class LogConfig:
             raise ConfigError("log.out_dir must not be empty")
 
 
-MODEL_FAMILIES: dict[str, type] = {"puzzle": PuzzleModelConfig}
+MODEL_FAMILIES: dict[str, type] = {"puzzle": PuzzleModelConfig, "hrm_gemma": LMModelConfig}
 ModelConfig = PuzzleModelConfig
 
 

@@ -1,0 +1,227 @@
+"""Gemma 3 (Hugging Face transformers `Gemma3ForCausalLM`) <-> HRMGemma: configs and state dicts.
+
+One explicit key map, HF name -> ours, with `{i}` the HF layer index and `{layer}` where that layer
+lives in HRMGemma: HF layer i is position j = i mod (k+1) of group g = i div (k+1); j < k is
+`blocks.{g}.L.layers.{j}`, j = k is the group's global layer `blocks.{g}.H.layers.0`, and layers past
+the last complete group are `tail.layers.{j}`. No tensor is permuted: both sides use the rotate-half
+RoPE convention and the same [out, in] linear layout, so every weight is copied as is.
+
+HRMGemma's own parameters (the CycleBlock gates, halting heads, value head) have no HF counterpart.
+Import fills them with their initial constants (all zero: the imported model is exactly Gemma 3);
+export drops them, which is exact only with h_cycles = l_cycles = 1 and is refused otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from hrm_mega.config import LMModelConfig
+from hrm_mega.models.lm import HRMGemma, is_hrm_only
+
+TOP_KEYS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",  # only when the head is not tied to the embedding
+}
+LAYER_KEYS = {
+    "model.layers.{i}.self_attn.q_proj.weight": "{layer}.mixer.q_proj.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "{layer}.mixer.k_proj.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "{layer}.mixer.v_proj.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "{layer}.mixer.o_proj.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "{layer}.mixer.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "{layer}.mixer.k_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "{layer}.mlp.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "{layer}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "{layer}.mlp.down_proj.weight",
+    # sandwich norms, in the order TransformerBlock keeps them
+    "model.layers.{i}.input_layernorm.weight": "{layer}.norms.0.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "{layer}.norms.1.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "{layer}.norms.2.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "{layer}.norms.3.weight",
+}
+HF_ACTIVATION = "gelu_pytorch_tanh"
+
+
+def layer_prefix(i: int, config: LMModelConfig) -> str:
+    """Where HF layer i lives in HRMGemma."""
+    g, j = divmod(i, config.group_size)
+    if g >= config.num_groups:
+        return f"tail.layers.{i - config.num_groups * config.group_size}"
+    return f"blocks.{g}.H.layers.0" if j == config.local_per_global else f"blocks.{g}.L.layers.{j}"
+
+
+def key_map(config: LMModelConfig) -> dict[str, str]:
+    """Every HF key of a Gemma3ForCausalLM of this shape -> our key (the tied lm_head excluded)."""
+    mapping = {
+        hf: ours for hf, ours in TOP_KEYS.items() if hf != "lm_head.weight" or not config.tie_embeddings
+    }
+    for i in range(config.num_layers):
+        layer = layer_prefix(i, config)
+        for hf, ours in LAYER_KEYS.items():
+            mapping[hf.format(i=i)] = ours.format(layer=layer)
+    return mapping
+
+
+def _our_parameters(config: LMModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameters by name, on the meta device (shapes and init rules, no storage)."""
+    with torch.device("meta"):
+        return dict(HRMGemma(config).named_parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------------
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: LMModelConfig) -> dict[str, torch.Tensor]:
+    """A Gemma3ForCausalLM state dict -> a complete HRMGemma state dict (load it with strict=True)."""
+    mapping, ours = key_map(config), _our_parameters(config)
+    hf_sd = dict(hf_sd)
+    if config.tie_embeddings:
+        hf_sd.pop("lm_head.weight", None)  # HF lists the tied head under its own name too
+    for key in hf_sd:
+        if key not in mapping:
+            raise ValueError(
+                f"from_hf_state_dict: unexpected key {key} for a {config.num_layers}-layer Gemma 3"
+            )
+    out: dict[str, torch.Tensor] = {}
+    for hf_key, our_key in mapping.items():
+        if hf_key not in hf_sd:
+            raise ValueError(f"from_hf_state_dict: missing key {hf_key}")
+        tensor, want = hf_sd[hf_key], ours[our_key].shape
+        if tensor.shape != want:
+            raise ValueError(
+                f"from_hf_state_dict: {hf_key} has shape {tuple(tensor.shape)} but {our_key} "
+                f"needs {tuple(want)}; does the config match the checkpoint?"
+            )
+        out[our_key] = tensor
+    dtype = out["embed_tokens.weight"].dtype
+    for name, param in ours.items():
+        if name in out:
+            continue
+        rule = getattr(param, "_hrm_init", None)
+        if not is_hrm_only(name) or rule is None or rule.kind != "constant":
+            raise ValueError(f"from_hf_state_dict: {name} has no Gemma 3 source and no constant init")
+        out[name] = torch.full(param.shape, rule.value, dtype=dtype)
+    if len(out) != len(ours):
+        raise ValueError(f"from_hf_state_dict: built {len(out)} tensors, HRMGemma has {len(ours)}")
+    return out
+
+
+def to_hf_state_dict(our_sd: dict[str, torch.Tensor], config: LMModelConfig) -> dict[str, torch.Tensor]:
+    """An HRMGemma state dict -> a Gemma3ForCausalLM state dict (exact only at N = T = 1, so required)."""
+    if config.h_cycles != 1 or config.l_cycles != 1:
+        raise ValueError(
+            f"to_hf_state_dict: model.h_cycles={config.h_cycles}, model.l_cycles={config.l_cycles}; "
+            "a plain Gemma3ForCausalLM computes the model only at h_cycles=l_cycles=1"
+        )
+    mapping, ours = key_map(config), _our_parameters(config)
+    for key in our_sd:
+        if key not in ours:
+            raise ValueError(f"to_hf_state_dict: unexpected key {key} for this HRMGemma config")
+    out: dict[str, torch.Tensor] = {}
+    for hf_key, our_key in mapping.items():
+        if our_key not in our_sd:
+            raise ValueError(f"to_hf_state_dict: missing key {our_key}")
+        tensor, want = our_sd[our_key], ours[our_key].shape
+        if tensor.shape != want:
+            raise ValueError(
+                f"to_hf_state_dict: {our_key} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
+            )
+        out[hf_key] = tensor
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    dropped = [k for k in ours if k not in mapping.values()]
+    if any(not is_hrm_only(k) for k in dropped):
+        raise ValueError(f"to_hf_state_dict: {dropped[0]} has no Gemma 3 counterpart")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf_config: Any, **hrm_fields: Any) -> LMModelConfig:
+    """A Gemma3TextConfig (or a multimodal Gemma3Config's text part) -> LMModelConfig.
+
+    hrm_fields set the HRM-only fields (h_cycles, l_cycles, halting, value_head, ...); the Gemma fields
+    come from the HF config, which must describe a model HRMGemma computes exactly.
+    """
+    hf = getattr(hf_config, "text_config", None) or hf_config
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise ValueError(
+                f"config_from_hf: {name}={getattr(hf, name)} is not supported (Gemma 3 has none)"
+            )
+    if getattr(hf, "attention_bias", False) or getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError("config_from_hf: attention_bias and use_bidirectional_attention must be false")
+    if hf.hidden_activation != HF_ACTIVATION:
+        raise ValueError(
+            f"config_from_hf: hidden_activation={hf.hidden_activation!r}; expected {HF_ACTIVATION!r}"
+        )
+    k = _local_per_global(list(hf.layer_types))
+    local, full = hf.rope_parameters["sliding_attention"], hf.rope_parameters["full_attention"]
+    local_type, full_type = local.get("rope_type", "default"), full.get("rope_type", "default")
+    if local_type != "default" or full_type not in ("default", "linear"):
+        raise ValueError(
+            f"config_from_hf: rope types sliding={local_type!r} full={full_type!r}; "
+            "supported: default for sliding layers, default or linear for full layers"
+        )
+    rope_scaling = float(full.get("factor", 1.0)) if full_type == "linear" else 1.0
+    fields = dict(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
+        head_dim=hf.head_dim, query_pre_attn_scalar=int(hf.query_pre_attn_scalar),
+        sliding_window=hf.sliding_window, local_per_global=k, rope_local_base=float(local["rope_theta"]),
+        rope_global_base=float(full["rope_theta"]), rope_scaling=rope_scaling, rms_norm_eps=hf.rms_norm_eps,
+        max_position=hf.max_position_embeddings, tie_embeddings=bool(hf.tie_word_embeddings),
+    )  # fmt: skip
+    unknown = [name for name in hrm_fields if name not in {f.name for f in dataclasses.fields(LMModelConfig)}]
+    if unknown:
+        raise ValueError(f"config_from_hf: unknown LMModelConfig field {unknown[0]}")
+    config = LMModelConfig(**{**fields, **hrm_fields})
+    config.validate()
+    return config
+
+
+def _local_per_global(layer_types: list[str]) -> int:
+    """k for a layer_types list of the form (k sliding, 1 full) repeated, then up to k sliding."""
+    if "full_attention" not in layer_types:
+        raise ValueError("config_from_hf: layer_types has no full_attention layer")
+    k = layer_types.index("full_attention")
+    expected = [
+        "full_attention" if (i + 1) % (k + 1) == 0 else "sliding_attention" for i in range(len(layer_types))
+    ]
+    if k == 0 or layer_types != expected:
+        raise ValueError(
+            f"config_from_hf: layer_types is not a repeated pattern of k sliding layers then 1 full layer "
+            f"(first full layer at index {k})"
+        )
+    return k
+
+
+def hf_config_from(config: LMModelConfig) -> Any:
+    """The Gemma3TextConfig of the Gemma 3 that HRMGemma computes at N = T = 1."""
+    from transformers import Gemma3TextConfig
+
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_global_base}
+    if config.rope_scaling != 1.0:
+        full = {"rope_type": "linear", "factor": config.rope_scaling, "rope_theta": config.rope_global_base}
+    return Gemma3TextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+        query_pre_attn_scalar=config.query_pre_attn_scalar, sliding_window=config.sliding_window,
+        layer_types=[f"{'full' if kind == 'global' else 'sliding'}_attention" for kind in config.layer_kinds],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_local_base},
+            "full_attention": full,
+        },
+        rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position,
+        tie_word_embeddings=config.tie_embeddings, hidden_activation=HF_ACTIVATION,
+        final_logit_softcapping=None, attn_logit_softcapping=None,
+    )  # fmt: skip

@@ -1,0 +1,354 @@
+"""HRMGemma: the Gemma 3 text decoder, with every local-global group wrapped in a CycleBlock.
+
+Gemma 3 is a stack of layers in the pattern k local (sliding-window) layers, then 1 global layer
+(k = local_per_global = 5). HRMGemma groups the layers the same way and runs each group as a CycleBlock
+with L = the k local layers and H = the global layer:
+
+    x = embed(ids) * sqrt(hidden)                              # scale cast to the weight dtype, as Gemma
+    for each group g = 0..G-1:                                 # G = num_layers // (k+1)
+        z_H = z_L = 0
+        repeat N = h_cycles times:
+            repeat T = l_cycles times:  z_L = L_g(x + g_LL * z_L + g_LH * z_H)
+            z_H = H_g(z_L + g_HH * z_H)
+            halt_logit[g, n] = halt_head_g(rmsnorm(z_H))       # "would another cycle change z_H?"
+        x = z_H
+    x = tail(x)                                                # trailing local layers, run once
+    logits = norm(x) @ embed.weight^T                          # tied head, no softcapping
+
+Every layer is a sandwich-norm block (1+w RMSNorm) with GQA, QK-norm, scale query_pre_attn_scalar**-0.5
+and a gelu-tanh GeGLU. Local layers attend causally within `sliding_window` with RoPE base 1e4;
+global layers attend causally to everything with RoPE base 1e6 and optional linear scaling.
+
+Exactness. The gates start at zero, so every cycle computes exactly H_g(L_g(x)): with zero gates (or
+with N = T = 1, whatever the gates) the model *is* Gemma 3, and a pretrained checkpoint imports unchanged
+(hrm_mega.convert.hf_gemma) and can then be given more cycles.
+
+Trailing partial group. When num_layers is not a multiple of k+1 (1B: 26 = 4 x 6 + 2; 4B: 34 = 5 x 6 + 4;
+27B: 62 = 10 x 6 + 2) the leftover layers are all local and have no global layer to act as H. They form
+`tail`, a plain BlockStack run once after the last CycleBlock, with no recurrence and no halting head.
+(A CycleBlock with no H would be TRM's shared form, which is a different model.)
+
+Halting. After every H update the block's halting head reads rms_norm(z_H) (weightless: the residual
+stream of a Gemma model has a large, depth-dependent scale) and predicts, per token, whether the state
+has converged. The target for the reading after update n is whether update n+1 changes z_H by less
+than halt_tolerance relative to its norm, i.e. whether stopping after update n would have lost nothing.
+That is the decision the head makes at inference, and it is defined for every cycle but the last
+(whose reading has no target). Training adds the BCE of these predictions and a compute cost (the
+expected fraction of optional cycles run if a token stops when the head fires) to the next-token loss;
+see `lm_loss`. In training forwards every block runs all N cycles; early exit at inference (with per-
+query max_cycles and KV caches per cycle step) belongs to the inference increment.
+
+Pipeline stages hold whole CycleBlocks (`blocks` is a ModuleDict keyed by group index, so names are
+stable under a split): the embedding goes with the first stage, `tail`, `norm` and the head with the
+last. Attention calls take (x, rope, mask) for the positions being computed, with masks in the
+KV-cache convention (queries are the last q_len of the keys), so a cache can be threaded through later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrm_mega import distributed
+from hrm_mega.config import LMModelConfig
+from hrm_mega.models.attention import attention_mask as causal_mask
+from hrm_mega.models.attention import flash_attn_func
+from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
+from hrm_mega.models.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    column_linear,
+    init_parameters,
+    rms_norm,
+    set_init,
+)
+from hrm_mega.models.recurrence import CycleBlock
+
+ROPE_TABLE_LEN = 8192  # initial cos/sin table length; RotaryEmbedding grows it when positions go further
+HRM_ONLY_PARAMS = ("gate_LL", "gate_LH", "gate_HH", "halt_head", "value_head")
+
+
+def is_hrm_only(name: str) -> bool:
+    """Whether a parameter exists only in HRMGemma (gates and heads), not in Gemma 3."""
+    return any(part in HRM_ONLY_PARAMS for part in name.split("."))
+
+
+class HaltingCycleBlock(CycleBlock):
+    """A gated CycleBlock around one local-global group that reads a halting head after every H update.
+
+    It starts from a zero state on every call: a language model's sequence is one segment, so no carry
+    crosses calls. Its forward therefore takes (x, ctx) and returns the halting readouts besides z_H.
+    """
+
+    def __init__(
+        self,
+        L: BlockStack,
+        H: BlockStack,
+        *,
+        hidden_size: int,
+        h_cycles: int,
+        l_cycles: int,
+        grad_mode: str,
+        injection: str,
+        halt_tolerance: float,
+        eps: float,
+    ) -> None:
+        super().__init__(
+            L, H, hidden_size=hidden_size, h_cycles=h_cycles, l_cycles=l_cycles, grad_mode=grad_mode,
+            injection=injection,
+        )  # fmt: skip
+        self.halt_tolerance, self.eps = halt_tolerance, eps
+        self.halt_head = nn.Linear(hidden_size, 1)
+        set_init(self.halt_head.weight, "constant", 0.0)  # starts undecided: sigmoid(0) = 0.5
+        set_init(self.halt_head.bias, "constant", 0.0)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, ctx: SeqContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [b, s, h] -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s] bool)."""
+        z_H = z_L = torch.zeros_like(x)
+        halt_logits, converged = [], []
+        previous: torch.Tensor | None = None
+        for n in range(self.h_cycles):
+            for t in range(self.l_cycles):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, t)):
+                    z_L = self._fast_update(x, z_L, z_H, ctx)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, None)):
+                z_H = self._slow_update(z_H, z_L, ctx)
+            halt_logits.append(self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float())
+            if previous is not None:  # target of the previous reading: did this update change z_H?
+                converged.append(self._converged(previous, z_H))
+            previous = z_H.detach()
+        converged_t = (
+            torch.stack(converged) if converged else x.new_zeros((0, *x.shape[:2]), dtype=torch.bool)
+        )
+        return z_H, torch.stack(halt_logits), converged_t
+
+    @torch.no_grad()
+    def _converged(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Per token: ||new - old|| < tolerance * ||old|| (norms over the hidden dim, in fp32)."""
+        change = (new.float() - old.float()).norm(dim=-1)
+        return change < self.halt_tolerance * old.float().norm(dim=-1)
+
+
+class HRMGemma(nn.Module):
+    def __init__(self, config: LMModelConfig) -> None:
+        super().__init__()
+        if distributed.tp_size() > 1:
+            raise ValueError(
+                f"HRMGemma does not support parallel.tp={distributed.tp_size()} yet "
+                "(its vocab-parallel embedding and tied head are not built); use parallel.tp=1"
+            )
+        config.validate()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / math.sqrt(c.hidden_size))
+        self.rope_local, self.rope_global = self._ropes()
+
+        self.blocks = nn.ModuleDict()
+        for g in range(c.num_groups):
+            L = BlockStack([self._layer("local") for _ in range(c.local_per_global)])
+            H = BlockStack([self._layer("global")])
+            self.blocks[str(g)] = HaltingCycleBlock(
+                L, H, hidden_size=c.hidden_size, h_cycles=c.h_cycles, l_cycles=c.l_cycles,
+                grad_mode=c.grad_mode, injection=c.injection, halt_tolerance=c.halt_tolerance,
+                eps=c.rms_norm_eps,
+            )  # fmt: skip
+        self.tail = (
+            BlockStack([self._layer("local") for _ in range(c.num_tail_layers)])
+            if c.num_tail_layers
+            else None
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, weight="gemma")
+        self.lm_head = None if c.tie_embeddings else column_linear(c.hidden_size, c.vocab_size)
+        self.value_head = nn.Linear(c.hidden_size, 1) if c.value_head else None
+        if self.value_head is not None:
+            set_init(self.value_head.weight, "constant", 0.0)
+            set_init(self.value_head.bias, "constant", 0.0)
+
+    def _layer(self, kind: str) -> TransformerBlock:
+        c = self.config
+        return attention_block(
+            c.hidden_size, c.num_heads, c.intermediate_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            norm_placement="sandwich", norm_weight="gemma", eps=c.rms_norm_eps, causal=True,
+            window=c.sliding_window if kind == "local" else None, qk_norm=True,
+            scale=c.query_pre_attn_scalar**-0.5, activation="gelu_tanh", kind=kind,
+        )  # fmt: skip
+
+    def _ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding]:
+        c = self.config
+        n = min(c.max_position, ROPE_TABLE_LEN)
+        local = RotaryEmbedding(c.head_dim, n, base=c.rope_local_base)
+        return local, RotaryEmbedding(c.head_dim, n, base=c.rope_global_base, scaling=c.rope_scaling)
+
+    def materialize(self, device: torch.device | str) -> HRMGemma:
+        """`to_empty(device)` for a model built on the meta device, keeping the parameters' init rules
+        (to_empty replaces the meta parameters, and with them the rules set_init attached). Follow it with
+        init_weights(seed)."""
+        rules = {name: p._hrm_init for name, p in self.named_parameters()}  # type: ignore[attr-defined]
+        self.to_empty(device=device)
+        for name, p in self.named_parameters():
+            p._hrm_init = rules[name]  # type: ignore[attr-defined]
+        return self
+
+    def init_weights(self, seed: int) -> HRMGemma:
+        """Fills every parameter by its init rule (deterministic by name) and rebuilds the RoPE tables,
+        so a model built on the meta device and then `materialize`d is complete."""
+        init_parameters(self, seed)
+        device = self.embed_tokens.weight.device
+        with device:
+            self.rope_local, self.rope_global = self._ropes()
+        return self
+
+    # ---------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] ids -> [b, s, h]; the sqrt(hidden) scale is rounded to the weight dtype first, as Gemma does."""
+        weight = self.embed_tokens.weight
+        return self.embed_tokens(input_ids) * torch.tensor(
+            math.sqrt(self.config.hidden_size), dtype=weight.dtype
+        )
+
+    def seq_context(
+        self, x: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> SeqContext:
+        """RoPE tables and masks for one forward, shared by every layer and every cycle."""
+        b, s, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=x.device)
+        elif position_ids.shape[-1] != s:
+            raise ValueError(
+                f"position_ids has shape {tuple(position_ids.shape)}; expected [batch, {s}] or [{s}]"
+            )
+        ropes = {"local": self.rope_local(position_ids), "global": self.rope_global(position_ids)}
+        windows = {"local": self.config.sliding_window, "global": None}
+        if attention_mask is None and self._kernel_masks(x):
+            return SeqContext(ropes=ropes, masks=dict.fromkeys(windows))  # the kernel applies causal/window
+        if attention_mask is not None and attention_mask.shape != (b, s):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{b}, {s}]")
+        masks = {}
+        for kind, window in windows.items():
+            mask = causal_mask(s, s, causal=True, window=window, device=x.device)  # [s, s]
+            if attention_mask is not None:
+                # Padding keys are hidden; each query keeps itself so no softmax row is empty (pad outputs
+                # are garbage but finite, and no real token attends to them).
+                keep = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]
+                mask = (mask & keep) | torch.eye(s, dtype=torch.bool, device=x.device)  # [b, 1, s, s]
+            masks[kind] = mask
+        return SeqContext(ropes=ropes, masks=masks)
+
+    @staticmethod
+    def _kernel_masks(x: torch.Tensor) -> bool:
+        return flash_attn_func() is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (already normed) -> logits, with the tied or separate LM head."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Causal LM forward.
+
+        input_ids [b, s], or inputs_embeds [b, s, h] (already scaled, e.g. text embeddings with image
+        features spliced in); position_ids [b, s] or [s] (default 0..s-1) drive RoPE; attention_mask
+        [b, s] (1 = token, 0 = padding) hides padding keys. Masks are by index, RoPE by position id.
+
+        Returns logits [b, s, vocab] and aux: halt_logits [G, N, b, s] (fp32), converged [G, N-1, b, s]
+        (the halting targets), cycles_used [G] (H cycles each block ran), and values [b, s] (fp32) with
+        the value head.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("HRMGemma.forward: pass exactly one of input_ids or inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        ctx = self.seq_context(x, position_ids, attention_mask)
+        halt_logits, converged = [], []
+        for block in self.blocks.values():
+            x, block_halt, block_converged = block(x, ctx)
+            halt_logits.append(block_halt)
+            converged.append(block_converged)
+        if self.tail is not None:
+            x = self.tail(x, None, ctx)
+        hidden = self.norm(x)
+        aux = {
+            "halt_logits": torch.stack(halt_logits),
+            "converged": torch.stack(converged),
+            "cycles_used": torch.full((len(self.blocks),), self.config.h_cycles, dtype=torch.long),
+        }
+        if self.value_head is not None:
+            aux["values"] = self.value_head(hidden).squeeze(-1).float()
+        return self.head(hidden), aux
+
+    def parameter_counts(self) -> dict[str, int]:
+        """total; gemma (what a Gemma3ForCausalLM of the same shape holds); hrm_only (gates and heads)."""
+        total = hrm = 0
+        for name, p in self.named_parameters():
+            total += p.numel()
+            hrm += p.numel() if is_hrm_only(name) else 0
+        return {"total": total, "gemma": total - hrm, "hrm_only": hrm}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    config: LMModelConfig,
+    token_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Next-token CE + halt_loss_weight * halting BCE + compute_cost_weight * compute cost.
+
+    labels [b, s] are aligned with the inputs (position i predicts labels[i+1]); -100 is ignored.
+    token_mask [b, s] (True = real token) restricts the halting terms; default: every token.
+
+    The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged`. The
+    compute cost is the expected fraction of optional cycles (the N-1 after the first) that a token
+    runs if it stops at the first reading whose halt probability fires:
+        E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
+    """
+    vocab = logits.shape[-1]
+    ce = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
+    n_cycles = halt_logits.shape[1]
+    mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)
+    if n_cycles > 1:
+        decisions = halt_logits[:, :-1]
+        bce_all = F.binary_cross_entropy_with_logits(
+            decisions, converged.to(decisions.dtype), reduction="none"
+        )
+        halt_bce = _masked_mean(bce_all.mean(dim=(0, 1)), mask)
+        keep_going = torch.cumprod(1 - torch.sigmoid(decisions), dim=1)  # P(cycle n+2 runs), n = 0..N-2
+        expected_cycles = 1 + keep_going.sum(dim=1)  # [G, b, s]
+        cost = _masked_mean(((expected_cycles - 1) / (n_cycles - 1)).mean(dim=0), mask)
+        mean_cycles = _masked_mean(expected_cycles.mean(dim=0), mask).detach()
+    else:
+        halt_bce = cost = halt_logits.new_zeros(())
+        mean_cycles = halt_logits.new_ones(())
+    loss = ce + config.halt_loss_weight * halt_bce + config.compute_cost_weight * cost
+    return {
+        "loss": loss,
+        "ce": ce,
+        "halt_bce": halt_bce,
+        "compute_cost": cost,
+        "expected_cycles": mean_cycles,
+    }
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
