@@ -113,3 +113,9 @@ def test_info_error_is_one_line_on_stderr(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().count("\n") == 0 and "model.num_heads=7" in err
+
+
+def test_info_on_an_lm_recipe_reports_gemma_counts(capsys):
+    assert cli_main(["info", str(ROOT / "configs/lm/hrmgemma_1b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "Gemma 3: 999,885,952" in out  # transformers' Gemma3ForCausalLM count for the 1B shape

@@ -101,8 +101,33 @@ def memory_per_rank(config: Config, world_size: int = 1) -> MemoryEstimate:
     return MemoryEstimate(param_bytes, grad_bytes, optim_bytes, emb_bytes, act_bytes)
 
 
+def describe_lm(config: Config) -> str:
+    """`hrm-mega info` for HRMGemma: parameter counts (Gemma part and HRM additions) and FLOPs per token."""
+    from hrm_mega.models.lm import HRMGemma
+
+    c = config.model
+    with torch.device("meta"):
+        model = HRMGemma(c)
+    counts = model.parameter_counts()
+    embed = c.vocab_size * c.hidden_size
+    per_layer = counts["gemma"] - embed - c.hidden_size  # minus the embedding and the final norm
+    layer_params = per_layer / c.num_layers
+    layer_runs = c.num_groups * c.h_cycles * (c.l_cycles * c.local_per_global + 1) + c.num_tail_layers
+    flops = 2 * layer_params * layer_runs + 2 * embed  # matmuls per token (tied head included), scores aside
+    return "\n".join(
+        [
+            f"model: hrm_gemma  hidden={c.hidden_size} layers={c.num_layers} ({c.num_groups} CycleBlocks of "
+            f"{c.local_per_global} local + 1 global, {c.num_tail_layers} tail)  cycles N={c.h_cycles} T={c.l_cycles}",
+            f"parameters: {counts['total']:,} (Gemma 3: {counts['gemma']:,}; HRM gates and heads: {counts['hrm_only']:,})",
+            f"forward FLOPs per token (matmuls, excluding attention scores): {flops / 1e9:.2f} GFLOP",
+        ]
+    )
+
+
 def describe(config: Config, world_size: int = 1) -> str:
     """The text `hrm-mega info` prints."""
+    if config.model.family == "hrm_gemma":
+        return describe_lm(config)
     c = config.model
     counts = count_parameters(build_on_meta(c))
     flops = segment_flops(c)
