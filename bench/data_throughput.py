@@ -49,7 +49,9 @@ def generation_rate(tmp: Path, puzzles: int, givens: list[str]) -> float:
 
     out = tmp / ("gen-" + "-".join(givens))
     start = time.perf_counter()
-    code = prep_main(["sudoku", "--out", str(out), "--train", str(puzzles), "--test", "0", "--quiet", *givens])
+    code = prep_main(
+        ["sudoku", "--out", str(out), "--train", str(puzzles), "--test", "0", "--quiet", *givens]
+    )
     if code != 0:
         raise SystemExit("data_prep failed")
     return puzzles / (time.perf_counter() - start)
@@ -98,9 +100,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for givens in (["--givens", "50"], ["--min-givens", "22", "--max-givens", "30"]):
             rate_gen = generation_rate(Path(tmp), args.puzzles, givens)
-            print(f"generation  sudoku {' '.join(givens):<30} {rate_gen:8.1f} puzzles/s (all cores, incl. start-up)")
+            print(
+                f"generation  sudoku {' '.join(givens):<30} {rate_gen:8.1f} puzzles/s (all cores, incl. start-up)"
+            )
         consumed = training_consumption()
-        print(f"training    hrm_sudoku_tiny step                {consumed:8.1f} rows/s (upper bound on samples/s)")
+        print(
+            f"training    hrm_sudoku_tiny step                {consumed:8.1f} rows/s (upper bound on samples/s)"
+        )
         build(Path(tmp), args.samples, args.per_shard)
         print(f"samples={args.samples} seq_len=81 global_batch={args.batch} partitions={args.partitions} "
               f"shuffle_buffer={args.shuffle_buffer}")  # fmt: skip

@@ -117,6 +117,9 @@ class RecursiveReasoner(nn.Module):
         if puzzle_emb is None:
             puzzle_emb = self.puzzle_emb[batch["puzzle_identifiers"]]
         x = self.embed(batch["inputs"], puzzle_emb)
+        carry = Carry(
+            carry.z_H.to(x.dtype), carry.z_L.to(x.dtype)
+        )  # compute in the weights' dtype (bf16 runs)
         ctx = SeqContext(ropes={"global": self.rotary() if self.rotary is not None else None})
         z_H, new_carry = self.cycle(x, carry, ctx)
         logits = self.lm_head(z_H)[:, self.prefix_len :]

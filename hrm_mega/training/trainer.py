@@ -73,6 +73,10 @@ class PuzzleTrainer:
         self.engine = ds.initialize(
             self.model, optimizer, ds.deepspeed_config(config, self.world, self.local_batch)
         )
+        if (
+            self.model.puzzle_emb.dtype != torch.float32
+        ):  # bf16 engines cast buffers; sign-SGD needs fp32 rows
+            self.model.puzzle_emb = self.model.puzzle_emb.float()
         self.sign_sgd = SparseSignSGD(
             self.model.puzzle_emb,
             lr=config.optim.puzzle_emb_lr,
@@ -392,12 +396,15 @@ def _limit(batches, max_rows: int):
 def _augmentation(task: str):
     if task != "sudoku":
         raise ConfigError(f"data.augment=true is only available for sudoku data, not {task!r}")
+    return augment_sudoku_sample
+
+
+def augment_sudoku_sample(sample: dict[str, Any], rng) -> dict[str, Any]:
+    """Loader transform: one random validity-preserving symmetry (module level, so workers can pickle it)."""
     from hrm_mega.data.augment import sudoku_augment
 
-    return lambda sample, rng: {
-        **sample,
-        **dict(zip(("inputs", "labels"), sudoku_augment(sample["inputs"], sample["labels"], rng))),
-    }
+    inputs, labels = sudoku_augment(sample["inputs"], sample["labels"], rng)
+    return {**sample, "inputs": inputs, "labels": labels}
 
 
 def _select(state: ACTState, rows: torch.Tensor) -> ACTState:
