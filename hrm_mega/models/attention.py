@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrm_mega import distributed
-from hrm_mega.models.layers import RMSNorm, apply_rope, column_linear, row_linear
+from hrm_mega.models.layers import RMSNorm, apply_rope, column_linear, fused_linear, row_linear
 
 
 @functools.cache
@@ -92,9 +92,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, s, d]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, s, d]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [b, h, s, d]
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [b, kv, s, d]
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
