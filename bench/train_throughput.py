@@ -64,7 +64,8 @@ def make_dataset(root: Path, samples: int = 2048) -> Path:
 
 
 def time_steps(step, steps: int) -> float:
-    step()  # warm-up (allocations, first-call overheads)
+    for _ in range(2):  # warm-up: allocations, first calls, and (with --compile) the compilations
+        step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -74,6 +75,8 @@ def time_steps(step, steps: int) -> float:
 def bare_loop(config, dtype: torch.dtype, steps: int) -> float:
     c, b = config.model, config.train.global_batch
     model = RecursiveReasoner(c).init_weights(0).to(dtype)
+    if config.train.compile:
+        model.compile()
     opt = AdamATan2(model.parameters(), lr=1e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -108,6 +111,9 @@ def main() -> None:
     p.add_argument("--tiny-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-trainer", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
+    p.add_argument("--recipes", default="hrm_sudoku_tiny,hrm_sudoku", help="comma-separated recipe names")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     peaks = {torch.float32: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
@@ -117,13 +123,18 @@ def main() -> None:
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
-        for recipe, batch in (("hrm_sudoku_tiny", args.tiny_batch), ("hrm_sudoku", args.paper_batch)):
-            for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        batches = {"hrm_sudoku_tiny": args.tiny_batch, "hrm_sudoku": args.paper_batch}
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        for recipe in args.recipes.split(","):
+            batch = batches[recipe]
+            for precision in args.precisions.split(","):
+                dtype = dtypes[precision]
                 for target in ("bootstrap", "halt_only"):
                     overrides = [
                         f"train.global_batch={batch}", f"data.path={data}", "data.partitions=8",
                         f"log.out_dir={tmp}/run", "log.wandb=disabled", "log.progress_bar=false",
                         f"train.precision={precision}", f"model.q_target={target}", "train.steps=1000",
+                        f"train.compile={str(args.compile).lower()}",
                     ]  # fmt: skip
                     config = load_config(ROOT / f"configs/puzzle/{recipe}.yaml", overrides)
                     flops = segment_flops(config.model).train_per_segment * batch

@@ -253,6 +253,7 @@ class TrainConfig:
     micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
     steps: int = 1000  # optimizer steps; one step is one ACT segment
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the model (fuses norms/activations; the first steps compile)
     eval_interval: int = 0  # 0 = only at the end
     eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
     eval_max_samples: int = 0  # 0 = the whole eval split

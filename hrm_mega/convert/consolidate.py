@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hrm_mega.config import Config, config_from_dict
-from hrm_mega.convert.consolidated import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
+from hrm_mega.convert.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
 from hrm_mega.models.puzzle import RecursiveReasoner
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -73,7 +73,7 @@ def load_model(path: str | Path) -> tuple[RecursiveReasoner, Config]:
     if path.is_dir() and (path / "client").is_dir():
         state, config = consolidate_checkpoint(path)
     elif path.is_dir() and (path / WEIGHTS).is_file():
-        from hrm_mega.convert.consolidated import load_model_dir
+        from hrm_mega.convert.model_dir import load_model_dir
 
         return load_model_dir(path)
     elif path.is_file() and path.suffix == ".safetensors":

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hrm_mega.convert.consolidated import CheckpointError
+from hrm_mega.convert.model_dir import CheckpointError
 
 STAGING, LATEST = ".staging", "latest"
 

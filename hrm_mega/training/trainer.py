@@ -68,6 +68,8 @@ class PuzzleTrainer:
         self.manifest = self._check_data()
         seed_everything(config.train.seed)
         self.model = RecursiveReasoner(config.model).init_weights(config.train.seed).to(self.world.device)
+        if config.train.compile:
+            self.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
         self.local_batch = config.train.global_batch // self.world.dp_size
         optimizer = self.build_optimizer()
         self.engine = ds.initialize(
