@@ -7,14 +7,7 @@ import sys
 from collections.abc import Callable
 
 from hrm_mega.config import ConfigError, load_config
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML recipe, e.g. configs/puzzle/hrm_sudoku.yaml")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set model.hidden_size=256 (repeatable)",
-    )  # fmt: skip
+from pipelines.common import add_config_args
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -75,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="print parameter counts, FLOPs and memory estimate of a recipe")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--world-size", type=int, default=1, help="number of ranks for the memory estimate")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="pretrain a model (DeepSpeed); --nproc N runs N ranks through torchrun")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
     p.set_defaults(func=cmd_train)
