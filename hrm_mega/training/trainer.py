@@ -15,6 +15,7 @@ and a resumed run continues exactly as the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -358,7 +359,7 @@ def evaluate_puzzles(
     was_training = model.training
     model.eval()
     try:
-        with ema.swapped(model) if ema is not None else _nullcontext():
+        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
             batches = iterate_split(
                 d.path, d.eval_split, batch_size=batch_size, dp_rank=world.dp_rank, dp_size=world.dp_size,
                 corrupt_policy=d.corrupt_policy,
@@ -373,14 +374,6 @@ def evaluate_puzzles(
     finally:
         model.train(was_training)
     return metrics_from_sums(sums)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _limit(batches, max_rows: int):
