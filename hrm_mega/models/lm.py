@@ -65,7 +65,7 @@ from hrm_mega.models.layers import (
     rms_norm,
     set_init,
 )
-from hrm_mega.models.recurrence import CycleBlock
+from hrm_mega.models.recurrence import Carry, CycleBlock
 
 ROPE_TABLE_LEN = 8192  # initial cos/sin table length; RotaryEmbedding grows it when positions go further
 HRM_ONLY_PARAMS = ("gate_LL", "gate_LH", "gate_HH", "halt_head", "value_head")
@@ -109,19 +109,17 @@ class HaltingCycleBlock(CycleBlock):
         self, x: torch.Tensor, ctx: SeqContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [b, s, h] -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s] bool)."""
-        z_H = z_L = torch.zeros_like(x)
         halt_logits, converged = [], []
-        previous: torch.Tensor | None = None
-        for n in range(self.h_cycles):
-            for t in range(self.l_cycles):
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, t)):
-                    z_L = self._fast_update(x, z_L, z_H, ctx)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, None)):
-                z_H = self._slow_update(z_H, z_L, ctx)
+        previous: list[torch.Tensor] = []
+
+        def read_halting(n: int, z_H: torch.Tensor) -> None:
             halt_logits.append(self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float())
-            if previous is not None:  # target of the previous reading: did this update change z_H?
-                converged.append(self._converged(previous, z_H))
-            previous = z_H.detach()
+            if previous:  # target of the previous reading: did this update change z_H?
+                converged.append(self._converged(previous[-1], z_H))
+            previous[:] = [z_H.detach()]
+
+        zeros = torch.zeros_like(x)
+        z_H, _ = super().forward(x, Carry(zeros, zeros), ctx, after_slow_update=read_halting)
         converged_t = (
             torch.stack(converged) if converged else x.new_zeros((0, *x.shape[:2]), dtype=torch.bool)
         )

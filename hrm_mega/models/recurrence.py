@@ -26,6 +26,7 @@ then learn to use extra cycles. (`add` is the same with all gates fixed at one.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,16 @@ class CycleBlock(nn.Module):
     def slow(self) -> BlockStack:
         return self.L if self.H is None else self.H
 
-    def forward(self, x: torch.Tensor, carry: Carry, ctx: SeqContext) -> tuple[torch.Tensor, Carry]:
-        """Runs one segment. Returns (z_H, new detached carry)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        carry: Carry,
+        ctx: SeqContext,
+        after_slow_update: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, Carry]:
+        """Runs one segment. Returns (z_H, new detached carry).
+
+        `after_slow_update(n, z_H)`, if given, sees z_H after every H update (e.g. for halting heads)."""
         z_H, z_L = carry.z_H, carry.z_L
         for n in range(self.h_cycles):
             for t in range(self.l_cycles):
@@ -90,6 +99,8 @@ class CycleBlock(nn.Module):
                     z_L = self._fast_update(x, z_L, z_H, ctx)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, None)):
                 z_H = self._slow_update(z_H, z_L, ctx)
+            if after_slow_update is not None:
+                after_slow_update(n, z_H)
         return z_H, Carry(z_H, z_L).detach()
 
     def _differentiates(self, n: int, t: int | None) -> bool:
