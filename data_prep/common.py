@@ -106,6 +106,29 @@ def _run_chunk(fn: Callable[[Job], Result], chunk: Sequence[Job]) -> list[Result
     return [fn(job) for job in chunk]
 
 
+def generate_splits(
+    job: Callable[[Job], Result], spec: Any, args: Any, name: str, splits: Sequence[str]
+) -> dict[str, list[Result]]:
+    """Runs `job((spec, split, index))` for every index of every split (counts from --train/--test,
+    default 1000/200), in order, on --workers processes."""
+    counts = {
+        "train": 1000 if args.train is None else args.train,
+        "test": 200 if args.test is None else args.test,
+    }
+    return {
+        split: list(
+            ordered_map(
+                job,
+                [(spec, split, i) for i in range(counts[split])],
+                args.workers,
+                f"{name} {split}",
+                args.quiet,
+            )
+        )
+        for split in splits
+    }
+
+
 def ordered_map(
     fn: Callable[[Job], Result], jobs: Sequence[Job], workers: int, desc: str = "", quiet: bool = True
 ) -> Iterator[Result]:

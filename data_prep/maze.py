@@ -33,9 +33,9 @@ from data_prep.common import (
     Sample,
     add_common_arguments,
     fraction,
+    generate_splits,
     item_rng,
     non_negative_int,
-    ordered_map,
     pick_rows,
     positive_int,
     write_order,
@@ -254,22 +254,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
     if args.from_csv is None:
         if args.test_csv is not None:
             raise DataPrepError("--test-csv: needs --from-csv")
-        counts = {
-            "train": 1000 if args.train is None else args.train,
-            "test": 200 if args.test is None else args.test,
-        }
-        mazes = {
-            split: list(
-                ordered_map(
-                    generate_job,
-                    [(spec, split, i) for i in range(counts[split])],
-                    args.workers,
-                    f"maze {split}",
-                    args.quiet,
-                )
-            )
-            for split in SPLITS
-        }
+        mazes = generate_splits(generate_job, spec, args, "maze", SPLITS)
         extra.update(source="generated", min_path_len=args.min_path_len, loop_fraction=args.loop_fraction)
     else:
         tables = {"train": read_csv(args.from_csv, args.size)}

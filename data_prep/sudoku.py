@@ -27,9 +27,9 @@ from data_prep.common import (
     Sample,
     add_common_arguments,
     fraction,
+    generate_splits,
     item_rng,
     non_negative_int,
-    ordered_map,
     pick_rows,
     positive_int,
     write_order,
@@ -277,22 +277,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
             raise DataPrepError("--test-csv: needs --from-csv")
         lo, hi = _givens_range(args)
         spec = Spec(args.seed, args.num_aug, lo, hi, args.min_rating or 0, args.max_attempts)
-        counts = {
-            "train": 1000 if args.train is None else args.train,
-            "test": 200 if args.test is None else args.test,
-        }
-        puzzles = {
-            split: list(
-                ordered_map(
-                    generate_job,
-                    [(spec, split, i) for i in range(counts[split])],
-                    args.workers,
-                    f"sudoku {split}",
-                    args.quiet,
-                )
-            )
-            for split in SPLITS
-        }
+        puzzles = generate_splits(generate_job, spec, args, "sudoku", SPLITS)
         extra: dict[str, Any] = {
             "source": "generated",
             "min_givens": lo,
