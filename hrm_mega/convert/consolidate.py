@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from hrm_mega.config import Config, config_from_dict
 from hrm_mega.convert.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
-from hrm_mega.models.puzzle import RecursiveReasoner
+from hrm_mega.models import build_model
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -67,7 +67,7 @@ def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str |
     return out
 
 
-def load_model(path: str | Path) -> tuple[RecursiveReasoner, Config]:
+def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """Loads a model from a training checkpoint, a model directory, or a consolidated .safetensors file."""
     path = Path(path)
     if path.is_dir() and (path / "client").is_dir():
@@ -90,6 +90,6 @@ def load_model(path: str | Path) -> tuple[RecursiveReasoner, Config]:
             f"{path}: expected a training checkpoint (step-*/), a model directory ({WEIGHTS} + {CONFIG}) "
             "or a .safetensors file from hrm-mega consolidate"
         )
-    model = RecursiveReasoner(config.model)
+    model = build_model(config.model)
     load_state_dict_strict(model, state, source=str(path))
     return model, config

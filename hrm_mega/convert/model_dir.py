@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hrm_mega.config import Config, ConfigError, load_config, save_resolved
-from hrm_mega.models.puzzle import RecursiveReasoner
+from hrm_mega.models import build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
 
@@ -30,7 +30,7 @@ def save_model_dir(state_dict: dict[str, torch.Tensor], config: Config, out_dir:
     return out
 
 
-def load_model_dir(model_dir: str | Path) -> tuple[RecursiveReasoner, Config]:
+def load_model_dir(model_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     """Builds the model described by `config.yaml` and loads `model.safetensors` into it, strictly."""
     d = Path(model_dir)
     for name in (WEIGHTS, CONFIG):
@@ -40,7 +40,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[RecursiveReasoner, Config]:
         config = load_config(d / CONFIG)
     except ConfigError as e:
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
-    model = RecursiveReasoner(config.model)
+    model = build_model(config.model)
     load_state_dict_strict(model, load_file(d / WEIGHTS), source=str(d / WEIGHTS))
     return model, config
 
