@@ -98,7 +98,7 @@ def bare_loop(config, dtype: torch.dtype, steps: int) -> float:
 
 
 def trainer_loop(config, steps: int) -> float:
-    from hrm_mega.training.trainer import PuzzleTrainer
+    from hrm_mega.training.puzzle import PuzzleTrainer
 
     trainer = PuzzleTrainer(config, resume="none")
     return time_steps(trainer.train_step, steps)

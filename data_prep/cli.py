@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from data_prep import arc, hrm_npy, maze, sudoku
+from data_prep import arc, corpus, hrm_npy, maze, sudoku, text
 from data_prep.common import DataPrepError
 from hrm_mega.data.shards import DataFormatError
 
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Build puzzle datasets as WebDataset shards + manifest.json.")
     subparsers = parser.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
-    for module in (sudoku, maze, arc, hrm_npy):
+    for module in (sudoku, maze, arc, hrm_npy, corpus, text):
         module.add_parser(subparsers)
     return parser
 

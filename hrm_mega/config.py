@@ -248,6 +248,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    task: Literal["auto", "puzzle", "lm"] = "auto"  # auto: puzzle for model.family=puzzle, lm for hrm_gemma
     seed: int = 0
     global_batch: int = 768
     micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
@@ -260,6 +261,14 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 3  # abort after this many non-finite losses in a row
+    # task lm: draw the H cycles of each step uniformly from [lo, hi] (same on every rank), so the model
+    # stays robust when cycles are raised at test time; [] trains at model.h_cycles.
+    cycles_range: list[int] = field(default_factory=list)
+    # task lm: distil from a teacher (any checkpoint `hrm-mega eval` reads, same vocabulary):
+    # loss += distill_weight * T^2 * KL(teacher || student) at temperature T on the labelled tokens.
+    distill_from: str = ""
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
 
     def validate(self) -> None:
         _positive(self, "train", "global_batch", "steps", "keep_checkpoints", "max_nonfinite_steps")
@@ -272,6 +281,16 @@ class TrainConfig:
         for mode in self.eval_modes:
             if mode not in ("fixed", "adaptive"):
                 raise ConfigError(f"train.eval_modes has {mode!r}; use 'fixed' and/or 'adaptive'")
+        if self.cycles_range and (
+            len(self.cycles_range) != 2 or not 1 <= self.cycles_range[0] <= self.cycles_range[1]
+        ):
+            raise ConfigError(
+                f"train.cycles_range={self.cycles_range} must be [lo, hi] with 1 <= lo <= hi, or []"
+            )
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ConfigError("train.distill_weight must be >= 0 and train.distill_temperature > 0")
+        if self.distill_weight > 0 and not self.distill_from:
+            raise ConfigError("train.distill_weight > 0 needs train.distill_from (a teacher checkpoint)")
 
 
 @dataclass
@@ -301,6 +320,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    @property
+    def task(self) -> str:
+        """What the trainer runs: "puzzle" (ACT segments) or "lm" (next-token prediction)."""
+        return "lm" if self.model.family == "hrm_gemma" else "puzzle"
+
     def validate(self) -> Config:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
@@ -313,6 +337,12 @@ class Config:
             raise ConfigError(
                 f"parallel.tp={self.parallel.tp} does not divide model.num_heads={self.model.num_heads}"
             )
+        if self.train.task not in ("auto", self.task):
+            raise ConfigError(
+                f"train.task={self.train.task} does not fit model.family={self.model.family} (use {self.task})"
+            )
+        if self.task == "puzzle" and (self.train.cycles_range or self.train.distill_weight):
+            raise ConfigError("train.cycles_range and train.distill_* apply to train.task=lm only")
         if self.train.global_batch % self.data.partitions:
             raise ConfigError(
                 f"data.partitions={self.data.partitions} does not divide train.global_batch={self.train.global_batch}"

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume == "none":
         shutil.rmtree(args.out, ignore_errors=True)
-    from hrm_mega.training.trainer import PuzzleTrainer, evaluate_puzzles
+    from hrm_mega.training.puzzle import PuzzleTrainer, evaluate_puzzles
 
     print(f"[demo] training {RECIPE.name} for {config.train.steps} steps on the CPU", flush=True)
     t1 = time.perf_counter()

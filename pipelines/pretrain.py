@@ -14,7 +14,9 @@ from pipelines.common import add_config_args, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.pretrain", description="ACT pretraining on DeepSpeed")
+    p = argparse.ArgumentParser(
+        prog="pipelines.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
+    )
     add_config_args(p)
     p.add_argument(
         "--resume", default="auto",
@@ -24,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.trainer import PuzzleTrainer
+    from hrm_mega.training.trainer import build_trainer
 
     config = load_config(args.config, args.overrides)
-    trainer = PuzzleTrainer(config, resume=args.resume)
+    trainer = build_trainer(config, resume=args.resume)
     results = trainer.train()
     if trainer.world.rank == 0:
         print(json.dumps({"step": trainer.step, **results}), flush=True)

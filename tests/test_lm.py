@@ -18,7 +18,7 @@ from hrm_mega.convert.hf_gemma import (
     key_map,
     to_hf_state_dict,
 )
-from hrm_mega.models.lm import HRMGemma, is_hrm_only, lm_loss
+from hrm_mega.models.lm import HRMGemma, document_positions, is_hrm_only, lm_loss
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "lm"
 SEQ = 12  # longer than the window (4), so local and global layers see different keys
@@ -154,6 +154,41 @@ def test_inputs_embeds_and_explicit_positions_equal_the_defaults() -> None:
         model(ids, inputs_embeds=model.embed(ids))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\)"):
         model(ids, attention_mask=torch.ones(2, 5))
+
+
+def test_packed_row_equals_each_document_alone() -> None:
+    """doc_ids: each document of a packed row (with padding, documents longer than the window, and
+    open gates so the cycles matter) gives the logits it gives alone."""
+    config = tiny_config(num_layers=10, h_cycles=2, l_cycles=2)
+    model = HRMGemma(config).init_weights(seed=8).eval()
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for block in model.blocks.values():
+            for name in ("gate_LL", "gate_LH", "gate_HH"):
+                getattr(block, name).copy_(torch.randn(config.hidden_size, generator=generator) * 0.5)
+    lengths = [[5, 9, 4], [3, 6, 9]]  # row 1 starts with 3 padding tokens
+    ids = torch.randint(0, 128, (2, 18), generator=generator)
+    doc_ids = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(row)) for row in lengths])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    positions = document_positions(doc_ids)
+    assert positions[0].tolist() == [*range(5), *range(9), *range(4)]
+    with torch.no_grad():
+        packed, _ = model(ids, doc_ids=doc_ids, attention_mask=mask)
+        explicit, _ = model(ids, doc_ids=doc_ids, attention_mask=mask, position_ids=positions)
+        unmasked, _ = model(ids, attention_mask=mask)
+        assert torch.equal(packed, explicit)  # positions restart at every document by default
+        for row, row_lengths in enumerate(lengths):
+            starts = [0, *torch.tensor(row_lengths).cumsum(0).tolist()]
+            for doc in range(1 if row == 1 else 0, 3):  # row 1's first "document" is the padding
+                a, b = starts[doc], starts[doc + 1]
+                alone, _ = model(ids[row : row + 1, a:b])
+                assert (packed[row, a:b] - alone[0]).abs().max() < 1e-5, (row, doc)
+    assert (packed[0, 5:14] - unmasked[0, 5:14]).abs().max() > 1e-2  # the document mask made them equal
+    # a document is a run of equal ids: an id that comes back starts a new document
+    assert document_positions(torch.tensor([[7, 7, 3, 3, 3, 7]])).tolist() == [[0, 1, 0, 1, 2, 0]]
+    with pytest.raises(ValueError, match=r"doc_ids has shape \(2, 3\); expected \[2, 18\]"):
+        model(ids, doc_ids=doc_ids[:, :3])
 
 
 def test_embedding_scale_is_rounded_to_the_weight_dtype() -> None:

@@ -1,4 +1,5 @@
-"""Data: shard format (shards.py), record reading and decoding (decode.py, collate.py), streaming (stream.py).
+"""Data: shard format (shards.py), record reading and puzzle/text decoding (decode.py, collate.py), streaming
+(stream.py).
 
 Exports are resolved lazily, so that `import hrm_mega.data.shards` (used by the shard builders) does not
 import torch and webdataset.
@@ -11,6 +12,8 @@ _EXPORTS = {
     "CorruptDataWarning": "hrm_mega.data.decode",
     "SampleSpec": "hrm_mega.data.decode",
     "decode_puzzle": "hrm_mega.data.decode",
+    "decode_text": "hrm_mega.data.decode",
+    "decoder_for": "hrm_mega.data.decode",
     "DataFormatError": "hrm_mega.data.shards",
     "ShardWriter": "hrm_mega.data.shards",
     "read_manifest": "hrm_mega.data.shards",

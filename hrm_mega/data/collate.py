@@ -13,15 +13,13 @@ from hrm_mega.data.decode import SampleSpec
 def collate(samples: list[dict[str, Any]], spec: SampleSpec, **extra: list[Any]) -> dict[str, torch.Tensor]:
     """Stacks samples field by field: integer arrays and ints become int64, floats float32, bools bool.
 
-    `extra` adds per-row fields (e.g. `rows=[...]`). With no samples, returns empty tensors of the
-    puzzle layout (`inputs`/`labels` [0, seq_len], ids [0]).
+    `extra` adds per-row fields (e.g. `rows=[...]`). With no samples, returns empty tensors with the
+    fields and shapes of the dataset's layout (those of pad_sample: [0, seq_len] arrays, [0] ids).
     """
     if not samples:
-        batch = {
-            "inputs": torch.zeros(0, spec.seq_len, dtype=torch.long),
-            "labels": torch.zeros(0, spec.seq_len, dtype=torch.long),
-        }
-        for name in ("puzzle_identifiers", "group_id", "sample_id", "epoch", *extra):
+        layout = pad_sample(spec)
+        batch = {name: torch.zeros(0, *np.shape(value), dtype=torch.long) for name, value in layout.items()}
+        for name in extra:
             batch[name] = torch.zeros(0, dtype=torch.bool if name == "valid" else torch.long)
         return batch
     names = samples[0].keys()
@@ -48,7 +46,19 @@ def _stack(name: str, values: list[Any]) -> torch.Tensor:
 
 
 def pad_sample(spec: SampleSpec) -> dict[str, Any]:
-    """A filler row for fixed-size evaluation batches: pad inputs, no loss anywhere, sample_id -1."""
+    """A filler row for fixed-size evaluation batches: pad inputs, no loss anywhere, sample_id -1.
+
+    A text filler row is one padding run, as decode_text makes it: doc_ids 0, position_ids 0..seq_len-1.
+    """
+    if spec.kind == "text":
+        return {
+            "input_ids": np.full(spec.seq_len, spec.pad_id, dtype=np.int64),
+            "labels": np.full(spec.seq_len, spec.ignore_label_id, dtype=np.int64),
+            "position_ids": np.arange(spec.seq_len, dtype=np.int64),
+            "doc_ids": np.zeros(spec.seq_len, dtype=np.int64),
+            "sample_id": -1,
+            "epoch": 0,
+        }
     return {
         "inputs": np.full(spec.seq_len, spec.pad_id, dtype=np.int64),
         "labels": np.full(spec.seq_len, spec.ignore_label_id, dtype=np.int64),

@@ -1,8 +1,9 @@
-"""From shard bytes to samples: reading tar records with webdataset, then decoding puzzle samples.
+"""From shard bytes to samples: reading tar records with webdataset, then decoding puzzle or text samples.
 
 Reading and decoding are separate steps so that the stream can pass over records without decoding
-them (a fast resume) and decodes only the samples it hands out. A text (LM) decoder for `tokens.npy`
-samples (docs/data_format.md) belongs next to `decode_puzzle`, chosen by `decoder_for`.
+them (a fast resume) and decodes only the samples it hands out. `decoder_for(manifest)` picks
+`decode_puzzle` (inputs/labels/meta) or `decode_text` (packed LM rows: tokens/docs), see
+docs/data_format.md.
 """
 
 from __future__ import annotations
@@ -101,15 +102,19 @@ def read_segment(
 # ---- decoding -------------------------------------------------------------------------------------
 
 
+TEXT_TASK = "text"  # manifest task of packed LM datasets; every other task holds puzzle samples
+
+
 @dataclass(frozen=True)
 class SampleSpec:
-    """What a valid sample of this dataset looks like (from manifest.json)."""
+    """What a valid sample of this dataset looks like (from manifest.json). `kind` is "puzzle" or "text"."""
 
     seq_len: int
     vocab_size: int
     num_puzzle_identifiers: int
     pad_id: int = 0
     ignore_label_id: int = -100
+    kind: str = "puzzle"
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> SampleSpec:
@@ -119,6 +124,7 @@ class SampleSpec:
             num_puzzle_identifiers=int(manifest["num_puzzle_identifiers"]),
             pad_id=int(manifest.get("pad_id", 0)),
             ignore_label_id=int(manifest.get("ignore_label_id", -100)),
+            kind="text" if manifest.get("task") == TEXT_TASK else "puzzle",
         )
 
 
@@ -199,13 +205,46 @@ def decode_puzzle(record: Record, spec: SampleSpec) -> dict[str, Any]:
     }
 
 
+def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
+    """Decodes one packed LM row (`tokens.npy` ids, `docs.npy` document index per token, -1 = padding)
+    into numpy int64 arrays [seq_len], HF-style (labels aligned with the inputs; the loss shifts them):
+
+    - input_ids: the tokens;
+    - labels: the token itself where it continues the document of the position before it, else
+      ignore_label_id: at the first token of every document piece (a BOS, or a split document's
+      continuation at the row start) and on padding;
+    - position_ids: 0, 1, 2, ... restarting at every document piece (and at the padding);
+    - doc_ids: 0, 1, 2, ... per document piece in the row; the padding gets the next id.
+
+    Raises DataFormatError with a short reason (the caller adds the shard and key).
+    """
+    key = record["__key__"]
+    if not key.isdigit():
+        raise DataFormatError(f"key {key!r} is not a decimal sample index")
+    tokens = _int_array(record, "tokens.npy", spec)
+    docs = _int_array(record, "docs.npy", spec)
+    if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
+        raise DataFormatError(f"tokens.npy token id outside [0, vocab_size={spec.vocab_size})")
+    real = docs >= 0
+    if docs.min() < -1 or (not real[0]) or (real[1:] & ~real[:-1]).any():
+        raise DataFormatError("docs.npy: document indices must be >= 0, with -1 (padding) only at the end")
+    starts = np.ones(spec.seq_len, dtype=bool)
+    starts[1:] = docs[1:] != docs[:-1]
+    doc_ids = np.cumsum(starts) - 1
+    if len(np.unique(docs[real])) != int(doc_ids[real][-1]) + 1:
+        raise DataFormatError("docs.npy: a document's tokens must be contiguous within a row")
+    return {
+        "input_ids": tokens,
+        "labels": np.where(real & ~starts, tokens, spec.ignore_label_id),
+        "position_ids": np.arange(spec.seq_len) - np.flatnonzero(starts)[doc_ids],
+        "doc_ids": doc_ids,
+        "sample_id": int(key),
+    }
+
+
 Decoder = Callable[[Record, SampleSpec], dict[str, Any]]
 
 
 def decoder_for(manifest: dict[str, Any]) -> Decoder:
-    """The decoder for a dataset's samples. Only puzzle samples (inputs/labels/meta) exist so far."""
-    if manifest.get("task") == "text":
-        raise DataFormatError(
-            f"task {manifest['task']!r}: text (tokens.npy) shards are not supported by PuzzleStream"
-        )
-    return decode_puzzle
+    """The decoder for a dataset's samples: decode_text for task "text", else decode_puzzle."""
+    return decode_text if manifest.get("task") == TEXT_TASK else decode_puzzle

@@ -1,4 +1,8 @@
-"""Resumable, deterministic streaming of puzzle shards for ACT training. The design is in docs/data.md.
+"""Resumable, deterministic streaming of puzzle or text shards for training. The design is in docs/data.md.
+
+Samples are whatever `decoder_for(manifest)` makes of a record: puzzle rows (inputs, labels, ids) or
+packed text rows (input_ids, labels, position_ids, doc_ids; docs/data_format.md). Everything below
+works on slots and records and is the same for both.
 
 A split's shards are dealt to P logical *partitions* (shard i -> partition i % P). Global batch row r
 only ever reads partition r * P // B, so what a row sees depends neither on the data-parallel size nor on
@@ -169,6 +173,12 @@ class ShardSource:
         if corrupt_policy not in CORRUPT_POLICIES:
             raise ValueError(f"corrupt_policy={corrupt_policy!r} must be one of {CORRUPT_POLICIES}")
         manifest = read_manifest(data_dir)
+        spec = SampleSpec.from_manifest(manifest)
+        if transform is not None and spec.kind == "text":
+            raise ValueError(
+                f"transform: augmentation does not apply to text datasets ({data_dir} has task "
+                f"{manifest['task']!r}); set data.augment=false"
+            )
         paths = split_shards(data_dir, split, manifest)
         entries = manifest["splits"][split]["shards"]
         digest = hashlib.sha256("".join(e.get("sha256", "") for e in entries).encode()).hexdigest()[:16]
@@ -176,7 +186,7 @@ class ShardSource:
             paths=tuple(str(p) for p in paths),
             counts=tuple(int(e["num_samples"]) for e in entries),
             digest=digest,
-            spec=SampleSpec.from_manifest(manifest),
+            spec=spec,
             decode=decoder_for(manifest),
             seed=seed,
             fail=corrupt_policy == "fail",
@@ -339,7 +349,10 @@ def check_layout(
 
 
 class PuzzleStream:
-    """Hands out puzzle samples row by row: `take(rows)` returns a new sample for each given batch row.
+    """Hands out samples row by row: `take(rows)` returns a new sample for each given batch row.
+
+    The name is historical: text datasets (task "text") stream the same way, one packed row per sample;
+    a transform (augmentation) is refused for them.
 
     Rows are local to this DP rank (0 .. global_batch/dp_size - 1). With `loop=True` (training) each
     partition cycles through shuffled epochs forever. With `loop=False` (adaptive evaluation) the
@@ -426,10 +439,12 @@ class PuzzleStream:
     def take(self, rows: Iterable[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """New samples for the given local rows, stacked in the given order.
 
-        Returns {"inputs": Long[k, seq], "labels": Long[k, seq], "puzzle_identifiers", "group_id",
-        "sample_id", "epoch", "rows": Long[k]} (plus anything the transform adds). Rows of one partition
-        get its samples in ascending row order, whatever order they are passed in. k < len(rows) only
-        with loop=False, when partitions are used up: `rows` lists the rows that got a sample.
+        Puzzles: {"inputs": Long[k, seq], "labels": Long[k, seq], "puzzle_identifiers", "group_id",
+        "sample_id", "epoch", "rows": Long[k]} (plus anything the transform adds). Text: {"input_ids",
+        "labels", "position_ids", "doc_ids": Long[k, seq], "sample_id", "epoch", "rows": Long[k]}.
+        Rows of one partition get its samples in ascending row order, whatever order they are passed
+        in. k < len(rows) only with loop=False, when partitions are used up: `rows` lists the rows that
+        got a sample.
         """
         rows = self._check_rows(rows)
         got: dict[int, dict] = {}

@@ -8,6 +8,7 @@ the same function, so the choice never changes results beyond kernel rounding.
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,16 @@ def attention_mask(
     if window is not None:
         allowed &= (q_pos - k_pos).abs() < window
     return allowed
+
+
+class KVCacheSlot(Protocol):
+    """Keys and values of earlier positions for one attention call site (e.g. one layer at one cycle step).
+
+    `update` takes the new positions' k, v [b, kv, q_len, d], remembers them, and returns the keys and
+    values to attend to: the cached earlier positions followed by the new ones, [b, kv, k_len, d]. The
+    caller's mask must then follow the KV-cache convention (queries are the last q_len keys)."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class Attention(nn.Module):
@@ -89,8 +100,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | None = None,
+        kv_cache: KVCacheSlot | None = None,
     ) -> torch.Tensor:
-        """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default."""
+        """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default;
+        kv_cache: earlier positions' keys/values to attend to as well (and to extend with this call's)."""
         b, s, _ = x.shape
         q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [b, h, s, d]
@@ -100,6 +113,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # [b, kv, k_len, d]: cached positions, then these
         out = self.attend(q, k, v, mask)  # [b, h, s, d]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hrm_mega.models.attention import Attention
+from hrm_mega.models.attention import Attention, KVCacheSlot
 from hrm_mega.models.layers import GatedMLP, RMSNorm
 
 
@@ -50,24 +50,27 @@ class TransformerBlock(nn.Module):
         dims = [mixer_dim, hidden_size, hidden_size, hidden_size][:n_norms]
         self.norms = nn.ModuleList(RMSNorm(d or 1, eps, norm_weight if d else "none") for d in dims)
 
-    def _mix(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor, ctx: SeqContext, kv_cache: KVCacheSlot | None) -> torch.Tensor:
         if self.mixes_sequence:
             return self.mixer(x.transpose(1, 2)).transpose(1, 2)
-        return self.mixer(x, ctx.ropes.get(self.kind), ctx.masks.get(self.kind))
+        return self.mixer(x, ctx.ropes.get(self.kind), ctx.masks.get(self.kind), kv_cache=kv_cache)
 
-    def forward(self, x: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: SeqContext, kv_cache: KVCacheSlot | None = None) -> torch.Tensor:
+        """kv_cache (attention blocks only): keys/values of earlier positions, see attention.KVCacheSlot."""
+        if kv_cache is not None and self.mixes_sequence:
+            raise ValueError("a sequence-MLP block mixes whole sequences and cannot use a KV cache")
         n = self.norms
         if self.norm_placement == "post":
             if self.mixes_sequence:  # TRM mlp_t: residual and norm along the sequence axis
                 xt = x.transpose(1, 2)
                 x = n[0](xt + self.mixer(xt)).transpose(1, 2)
             else:
-                x = n[0](x + self._mix(x, ctx))
+                x = n[0](x + self._mix(x, ctx, kv_cache))
             return n[1](x + self.mlp(x))
         if self.norm_placement == "pre":
-            x = x + self._mix(n[0](x), ctx)
+            x = x + self._mix(n[0](x), ctx, kv_cache)
             return x + self.mlp(n[1](x))
-        x = x + n[1](self._mix(n[0](x), ctx))
+        x = x + n[1](self._mix(n[0](x), ctx, kv_cache))
         return x + n[3](self.mlp(n[2](x)))
 
 

@@ -35,18 +35,39 @@ than halt_tolerance relative to its norm, i.e. whether stopping after update n w
 That is the decision the head makes at inference, and it is defined for every cycle but the last
 (whose reading has no target). Training adds the BCE of these predictions and a compute cost (the
 expected fraction of optional cycles run if a token stops when the head fires) to the next-token loss;
-see `lm_loss`. In training forwards every block runs all N cycles; early exit at inference (with per-
-query max_cycles and KV caches per cycle step) belongs to the inference increment.
+see `lm_loss`. Training forwards (`forward`) run all N cycles in every block.
+
+Inference with per-token halting (`infer`). Each block runs at most max_cycles H cycles (per batch row;
+it may exceed the trained h_cycles). After H update n (n = 0, 1, ...) a token stops cycling in the block
+when sigmoid(halt_logit) >= halt_threshold (its row's), or when n + 1 = max_cycles; padding tokens stop
+after their first cycle. A token that stopped ("halted") after c cycles is frozen for the rest of the
+block: its z_H and z_L, and the input of every layer of the block, keep the values of the token's last
+run of that layer. Keys and values are a function of a layer's input and the position, so at every
+later step a halted token offers the keys/values of its last computed step of that layer (L step
+c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to earlier
+positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted. With
+halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and `infer`
+computes exactly `forward` (padding positions differ, but nothing attends to them). A token reads keys
+of positions <= its own only, and whether it halts depends on those positions only, so a sequence gives
+the same logits whether it runs in one call or in chunks (prefill, then one token at a time) against a
+KVCache.
+
+Document-causal masking. Packed training rows hold several documents; `forward(doc_ids=...)` lets a
+token attend only to earlier tokens of its own document (a document is a maximal run of equal ids in the
+row), with the sliding window still applied on local layers. Without explicit position_ids the
+positions restart at 0 at the start of every document, so each document is computed exactly as if it
+ran alone.
 
 Pipeline stages hold whole CycleBlocks (`blocks` is a ModuleDict keyed by group index, so names are
 stable under a split): the embedding goes with the first stage, `tail`, `norm` and the head with the
-last. Attention calls take (x, rope, mask) for the positions being computed, with masks in the
-KV-cache convention (queries are the last q_len of the keys), so a cache can be threaded through later.
+last. Attention calls take (x, rope, mask, kv_cache) for the positions being computed, with masks in the
+KV-cache convention (queries are the last q_len of the keys).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +87,9 @@ from hrm_mega.models.layers import (
     set_init,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
+
+if TYPE_CHECKING:
+    from hrm_mega.inference.kv_cache import KVCache
 
 ROPE_TABLE_LEN = 8192  # initial cos/sin table length; RotaryEmbedding grows it when positions go further
 HRM_ONLY_PARAMS = ("gate_LL", "gate_LH", "gate_HH", "halt_head", "value_head")
@@ -124,6 +148,89 @@ class HaltingCycleBlock(CycleBlock):
             torch.stack(converged) if converged else x.new_zeros((0, *x.shape[:2]), dtype=torch.bool)
         )
         return z_H, torch.stack(halt_logits), converged_t
+
+    def infer(
+        self,
+        x: torch.Tensor,
+        ctx: SeqContext,
+        *,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+        padding: torch.Tensor | None,
+        cache: KVCache | None,
+        name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block with per-token halting (module docstring). x: [b, s, h]; max_cycles [b] long;
+        halt_threshold [b] fp32 or None (no early halting); padding [b, s] bool (stops after one cycle);
+        cache: keys/values of earlier positions, read and extended under the layer names `{name}.L.i`
+        and `{name}.H.i`. Returns z_H [b, s, h] and the H cycles each token ran [b, s] (long)."""
+        b, s, _ = x.shape
+        z_H = z_L = torch.zeros_like(x)
+        running = torch.ones(b, s, dtype=torch.bool, device=x.device)
+        cycles = torch.zeros(b, s, dtype=torch.long, device=x.device)
+        frozen: dict[str, torch.Tensor] = {}  # layer name -> its input in each token's latest run
+        ran = 0  # H cycles this call ran (for the tokens that were still running)
+        for n in range(int(max_cycles.max())):
+            keep = running[..., None]  # [b, s, 1]
+            for t in range(self.l_cycles):
+                fast = self._run_stack(self.L, f"{name}.L", self._fast_input(x, z_L, z_H), keep, frozen,
+                                       ctx, cache, step=n * self.l_cycles + t)  # fmt: skip
+                z_L = torch.where(keep, fast, z_L)
+            slow = self._run_stack(
+                self.slow, f"{name}.H", self._slow_input(z_H, z_L), keep, frozen, ctx, cache, step=n
+            )
+            z_H = torch.where(keep, slow, z_H)
+            cycles += running
+            stop = n + 1 >= max_cycles[:, None]  # [b, 1]
+            if halt_threshold is not None:
+                p_halt = torch.sigmoid(self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float())
+                stop = stop | (p_halt >= halt_threshold[:, None])
+            if padding is not None:
+                stop = stop | padding
+            running = running & ~stop
+            ran = n + 1
+            if not bool(running.any()):
+                break
+        if cache is not None:  # slots of steps this call did not reach get the new tokens' last K/V
+            for i in range(len(self.L.layers)):
+                cache.fill_unrun(f"{name}.L.{i}", ran * self.l_cycles - 1, s)
+            for i in range(len(self.slow.layers)):
+                cache.fill_unrun(f"{name}.H.{i}", ran - 1, s)
+        return z_H, cycles
+
+    def _run_stack(
+        self,
+        stack: BlockStack,
+        name: str,
+        hidden: torch.Tensor,
+        keep: torch.Tensor,
+        frozen: dict[str, torch.Tensor],
+        ctx: SeqContext,
+        cache: KVCache | None,
+        step: int,
+    ) -> torch.Tensor:
+        """Runs `stack` at cycle step `step`; tokens outside `keep` get their frozen layer inputs back,
+        so the keys/values they offer are their last computed ones."""
+        for i, layer in enumerate(stack.layers):
+            key = f"{name}.{i}"
+            if key in frozen:
+                hidden = torch.where(keep, hidden, frozen[key])
+            frozen[key] = hidden
+            slot = None if cache is None else cache.slot(key, step, layer.mixer.window)
+            hidden = layer(hidden, ctx, kv_cache=slot)
+        return hidden
+
+    def _fast_input(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor) -> torch.Tensor:
+        """What CycleBlock's L update feeds its stack (BlockStack adds the injection to the hidden)."""
+        if self.injection == "add":
+            return z_L + (z_H + x)
+        return x + (self.gate_LL * z_L + self.gate_LH * z_H)
+
+    def _slow_input(self, z_H: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+        """What CycleBlock's H update feeds its stack."""
+        if self.injection == "add":
+            return z_H + z_L
+        return z_L + self.gate_HH * z_H
 
     @torch.no_grad()
     def _converged(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -211,31 +318,67 @@ class HRMGemma(nn.Module):
         )
 
     def seq_context(
-        self, x: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        doc_ids: torch.Tensor | None = None,
+        past_valid: torch.Tensor | None = None,
     ) -> SeqContext:
-        """RoPE tables and masks for one forward, shared by every layer and every cycle."""
+        """RoPE tables and masks for one forward, shared by every layer and every cycle.
+
+        x [b, s, h] are the positions being computed. past_valid [b, P] (with a KV cache) flags which of
+        the P cached positions before them are real tokens; masks then cover the cached keys too: all P
+        for global layers, the last min(P, window-1) (what a local layer's cache keeps) for local ones.
+        """
         b, s, _ = x.shape
+        past = 0 if past_valid is None else past_valid.shape[1]
+        for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids)):
+            if t is not None and t.shape != (b, s):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{b}, {s}]")
+        if past_valid is not None and past_valid.shape[0] != b:
+            raise ValueError(f"the KV cache holds {past_valid.shape[0]} rows but the input has {b}")
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
         if position_ids is None:
-            position_ids = torch.arange(s, device=x.device)
+            position_ids = (
+                document_positions(doc_ids)
+                if doc_ids is not None
+                else torch.arange(past, past + s, device=x.device)
+            )
         elif position_ids.shape[-1] != s:
             raise ValueError(
                 f"position_ids has shape {tuple(position_ids.shape)}; expected [batch, {s}] or [{s}]"
             )
         ropes = {"local": self.rope_local(position_ids), "global": self.rope_global(position_ids)}
         windows = {"local": self.config.sliding_window, "global": None}
-        if attention_mask is None and self._kernel_masks(x):
+        if attention_mask is None and doc_ids is None and past_valid is None and self._kernel_masks(x):
             return SeqContext(ropes=ropes, masks=dict.fromkeys(windows))  # the kernel applies causal/window
-        if attention_mask is not None and attention_mask.shape != (b, s):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{b}, {s}]")
+        valid = None  # [b, past + s]: which keys are real tokens
+        if attention_mask is not None or past_valid is not None:
+            valid = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(b, s, dtype=torch.bool, device=x.device)
+            )
+            if past_valid is not None:
+                valid = torch.cat((past_valid, valid), dim=1)
+        same_doc = None
+        if doc_ids is not None:
+            documents = document_starts(doc_ids).cumsum(dim=1)  # [b, s]: index of each token's document
+            same_doc = documents[:, :, None] == documents[:, None, :]  # [b, s, s]
         masks = {}
         for kind, window in windows.items():
-            mask = causal_mask(s, s, causal=True, window=window, device=x.device)  # [s, s]
-            if attention_mask is not None:
+            keys = s + (past if window is None else min(past, window - 1))
+            mask = causal_mask(s, keys, causal=True, window=window, device=x.device)  # [s, keys]
+            if same_doc is not None:
+                mask = mask & same_doc  # [b, s, s]
+            if valid is not None:
                 # Padding keys are hidden; each query keeps itself so no softmax row is empty (pad outputs
                 # are garbage but finite, and no real token attends to them).
-                keep = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, s]
-                mask = (mask & keep) | torch.eye(s, dtype=torch.bool, device=x.device)  # [b, 1, s, s]
-            masks[kind] = mask
+                itself = causal_mask(s, keys, causal=True, window=1, device=x.device)
+                mask = (mask & valid[:, None, valid.shape[1] - keys :]) | itself  # [b, s, keys]
+            masks[kind] = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [s, keys] or [b, 1, s, keys]
         return SeqContext(ropes=ropes, masks=masks)
 
     @staticmethod
@@ -255,12 +398,15 @@ class HRMGemma(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Causal LM forward.
+        """Causal LM forward (training semantics: every block runs all N cycles).
 
         input_ids [b, s], or inputs_embeds [b, s, h] (already scaled, e.g. text embeddings with image
-        features spliced in); position_ids [b, s] or [s] (default 0..s-1) drive RoPE; attention_mask
-        [b, s] (1 = token, 0 = padding) hides padding keys. Masks are by index, RoPE by position id.
+        features spliced in); position_ids [b, s] or [s] (default 0..s-1, or restarting at every document
+        with doc_ids) drive RoPE; attention_mask [b, s] (1 = token, 0 = padding) hides padding keys;
+        doc_ids [b, s] (packed rows) keeps attention within each document. Masks are by index, RoPE by
+        position id.
 
         Returns logits [b, s, vocab] and aux: halt_logits [G, N, b, s] (fp32), converged [G, N-1, b, s]
         (the halting targets), cycles_used [G] (H cycles each block ran), and values [b, s] (fp32) with
@@ -269,7 +415,7 @@ class HRMGemma(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HRMGemma.forward: pass exactly one of input_ids or inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        ctx = self.seq_context(x, position_ids, attention_mask)
+        ctx = self.seq_context(x, position_ids, attention_mask, doc_ids)
         halt_logits, converged = [], []
         for block in self.blocks.values():
             x, block_halt, block_converged = block(x, ctx)
@@ -287,6 +433,69 @@ class HRMGemma(nn.Module):
             aux["values"] = self.value_head(hidden).squeeze(-1).float()
         return self.head(hidden), aux
 
+    def infer(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        max_cycles: int | torch.Tensor | None = None,
+        halt_threshold: float | torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference forward with per-token halting (module docstring).
+
+        Without a cache this is the full-sequence reference. With a KVCache, input_ids [b, s] are the
+        positions after the cached ones (a prompt, a chunk of one, or one new token per row); the cache
+        is read and extended. attention_mask [b, s] (1 = token, 0 = padding) for these positions;
+        position_ids [b, s] or [s] (default: continuing after the cache); max_cycles: an int or one per
+        row [b], >= 1 (default: the blocks' h_cycles); halt_threshold: None (no early halting) or a
+        probability in (0, 1], or one per row [b].
+
+        Returns logits [b, s, vocab] and cycles [G, b, s]: the H cycles each block ran for each token.
+        """
+        b, s = input_ids.shape
+        device = input_ids.device
+        cycles_t, threshold_t = self.halting_limits(max_cycles, halt_threshold, b, device)
+        x = self.embed(input_ids)
+        past_valid = None if cache is None else cache.valid  # None before the first call
+        ctx = self.seq_context(x, position_ids, attention_mask, past_valid=past_valid)
+        padding = None if attention_mask is None else ~attention_mask.bool()
+        if cache is not None:
+            cache.start(torch.ones(b, s, dtype=torch.bool, device=device) if padding is None else ~padding)
+        cycles = []
+        for g, block in self.blocks.items():
+            x, block_cycles = block.infer(
+                x, ctx, max_cycles=cycles_t, halt_threshold=threshold_t, padding=padding, cache=cache,
+                name=f"blocks.{g}",
+            )  # fmt: skip
+            cycles.append(block_cycles)
+        if self.tail is not None:
+            for i, layer in enumerate(self.tail.layers):
+                slot = None if cache is None else cache.slot(f"tail.{i}", 0, layer.mixer.window)
+                x = layer(x, ctx, kv_cache=slot)
+        return self.head(self.norm(x)), torch.stack(cycles)
+
+    def halting_limits(
+        self,
+        max_cycles: int | torch.Tensor | None,
+        halt_threshold: float | torch.Tensor | None,
+        batch: int,
+        device: torch.device | str,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`infer`'s max_cycles and halt_threshold as checked per-row tensors: [b] long, [b] fp32 or None."""
+        if max_cycles is None:
+            max_cycles = next(iter(self.blocks.values())).h_cycles
+        cycles = per_row(max_cycles, batch, "max_cycles", torch.long, device)
+        if bool((cycles < 1).any()):
+            raise ValueError(f"max_cycles={cycles.tolist()} must be >= 1")
+        if halt_threshold is None:
+            return cycles, None
+        threshold = per_row(halt_threshold, batch, "halt_threshold", torch.float32, device)
+        if bool(((threshold <= 0) | (threshold > 1)).any()):
+            raise ValueError(f"halt_threshold={threshold.tolist()} must be in (0, 1]")
+        return cycles, threshold
+
     def parameter_counts(self) -> dict[str, int]:
         """total; gemma (what a Gemma3ForCausalLM of the same shape holds); hrm_only (gates and heads)."""
         total = hrm = 0
@@ -294,6 +503,32 @@ class HRMGemma(nn.Module):
             total += p.numel()
             hrm += p.numel() if is_hrm_only(name) else 0
         return {"total": total, "gemma": total - hrm, "hrm_only": hrm}
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, s] bool, True where a document (a maximal run of equal ids) begins."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, s] position of every token within its document (0 at each start)."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    start_index = torch.where(document_starts(doc_ids), index, 0).cummax(dim=1).values
+    return index - start_index
+
+
+def per_row(
+    value: float | torch.Tensor, batch: int, name: str, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """A number, or one per row, as a [batch] tensor."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected a number or one per row [{batch}]")
+    return t
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""KV cache for HRMGemma: one slot of keys/values per (layer, cycle step).
+
+A CycleBlock runs its layers many times per token: the local layers of group g at L step k = n*T + t
+(H cycle n, L cycle t), its global layer at H step n. Each run sees the other positions' keys/values
+*of the same run*, so the cache keeps one slot per (layer, step) and a decode step reads, for every
+layer at every step, the earlier positions' keys/values of that same (layer, step).
+
+Halting makes tokens run different numbers of steps. A token that stopped before step k contributes
+its last computed keys/values of that layer instead (HRMGemma's halting semantics, see models/lm.py),
+so every slot covers every position and all slots of a layer have the same length ("rectangular"):
+
+- a slot for a step no earlier token ever ran is created from the layer's last slot as it stood before
+  the current forward (`start`), i.e. from the earlier positions' last keys/values;
+- when a forward stops before steps that earlier tokens ran, `fill_unrun` appends the new positions'
+  keys/values of their last run step to those slots.
+
+Local (sliding-window) layers keep only the last window-1 positions: a query sees keys at distance
+< window, so the next query needs no more than that. Slots hold references to immutable tensors (every
+update concatenates), so creating a slot from another copies nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVSlot:
+    """Keys and values [b, kv_heads, length, head_dim] of earlier positions for one (layer, step)."""
+
+    def __init__(self, k: torch.Tensor | None, v: torch.Tensor | None, window: int | None) -> None:
+        self.k, self.v = k, v
+        self.keep = None if window is None else window - 1  # positions a later query can still see
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the new positions; returns earlier + new keys/values for this call's attention."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = self._trim(k), self._trim(v)
+        return k, v
+
+    def append_last(self, other: KVSlot, count: int) -> None:
+        """Appends `other`'s last `count` positions (fewer if `other` keeps fewer: they were trimmed away
+        because they are out of every later query's window)."""
+        assert other.k is not None and other.v is not None
+        take = min(count, other.length)
+        self.update(other.k[:, :, other.length - take :], other.v[:, :, other.length - take :])
+
+    def _trim(self, t: torch.Tensor) -> torch.Tensor:
+        if self.keep is None or t.shape[2] <= self.keep:
+            return t
+        return t[:, :, t.shape[2] - self.keep :].clone()  # a copy, so the dropped positions are freed
+
+
+class KVCache:
+    """All slots of one model, keyed by (layer name, step), plus which cached positions are real tokens.
+
+    Use: `start(valid)` at the beginning of every forward over new positions (it returns the key-padding
+    mask of all positions so far), then `slot(layer, step, window)` for each attention call, and
+    `fill_unrun(layer, last_step, count)` once a layer's loop is over.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, list[KVSlot]] = {}
+        self.valid: torch.Tensor | None = None  # [b, length] bool: False at padding positions
+        self._frontier: dict[str, KVSlot] = {}
+
+    @property
+    def length(self) -> int:
+        """Positions seen so far (including the current forward's, once `start` was called)."""
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def start(self, valid: torch.Tensor) -> torch.Tensor:
+        """Begins a forward over new positions with key-padding flags `valid` [b, q_len] (True = token).
+        Returns the flags of all positions so far [b, length]."""
+        if self.valid is not None and self.valid.shape[0] != valid.shape[0]:
+            raise ValueError(
+                f"the KV cache holds {self.valid.shape[0]} rows but the input has {valid.shape[0]}"
+            )
+        self.valid = valid if self.valid is None else torch.cat((self.valid, valid), dim=1)
+        # Each layer's last slot as it stands now: what earlier positions contribute to a step they never ran.
+        self._frontier = {layer: KVSlot(s[-1].k, s[-1].v, None) for layer, s in self.slots.items()}
+        return self.valid
+
+    def slot(self, layer: str, step: int, window: int | None) -> KVSlot:
+        """The slot of `layer` at cycle step `step`, created (with every earlier step) if new."""
+        slots = self.slots.setdefault(layer, [])
+        while len(slots) <= step:
+            frontier = self._frontier.get(layer)
+            k, v = (None, None) if frontier is None else (frontier.k, frontier.v)
+            slots.append(KVSlot(k, v, window))
+        return slots[step]
+
+    def fill_unrun(self, layer: str, last_step: int, count: int) -> None:
+        """The current forward ran `layer` up to `last_step`: give every later slot the new `count`
+        positions' keys/values of that step (their last computed ones)."""
+        slots = self.slots[layer]
+        for later in slots[last_step + 1 :]:
+            later.append_last(slots[last_step], count)
+
+    def steps(self, layer: str) -> int:
+        return len(self.slots.get(layer, []))
+
+    def nbytes(self) -> int:
+        """Bytes held by keys and values (slots that share a tensor count it once)."""
+        seen: dict[int, int] = {}
+        for slots in self.slots.values():
+            for s in slots:
+                for t in (s.k, s.v):
+                    if t is not None:
+                        seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())

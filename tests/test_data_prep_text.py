@@ -1,0 +1,386 @@
+"""Text builder: the synthetic corpus, SentencePiece training/reuse, packing, determinism, the unigram
+baseline (checked by an independent computation) and one-line errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep.cli import main
+from data_prep.common import read_samples
+from data_prep.corpus import TASKS, generate_documents
+from data_prep.text import train_tokenizer
+from hrm_mega.data.shards import read_manifest, verify_shards
+
+VOCAB = 340
+SEQ_LEN = 40
+# Documents the generated corpus lacks: one longer than SEQ_LEN (split across rows), characters outside
+# the tokenizer's alphabet (byte fallback), and runs of spaces (kept verbatim).
+SPECIAL = [
+    "sort: " + " ".join("7294810536" * 6) + " -> " + " ".join(sorted("7294810536" * 6)),
+    "unicode: naïve café ✓ -> ok",
+    "spaces:   three  two -> kept",
+]
+
+
+# ---- an independent checker for the corpus ------------------------------------------------------------
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(x) for x in text.split()]
+
+
+CHECKS = {
+    "add": (r"(\d+)\+(\d+)=(\d+)", lambda a, b, c: int(a) + int(b) == int(c)),
+    "sub": (r"(\d+)-(\d+)=(-?\d+)", lambda a, b, c: int(a) - int(b) == int(c)),
+    "mul": (r"(\d+)\*(\d+)=(\d+)", lambda a, b, c: int(a) * int(b) == int(c)),
+    "reverse": (r"reverse: ([a-z]+) -> ([a-z]+)", lambda a, b: a[::-1] == b),
+    "copy": (r"copy: ([a-z]+) -> ([a-z]+)", lambda a, b: a == b),
+    "sort": (r"sort: ([\d ]+) -> ([\d ]+)", lambda a, b: sorted(_numbers(a)) == _numbers(b)),
+    "count": (r"count ([abc]): ([abc]+) -> (\d+)", lambda x, s, n: s.count(x) == int(n)),
+    "parity": (r"parity: ([01 ]+) -> ([01])", lambda bits, p: sum(_numbers(bits)) % 2 == int(p)),
+}
+
+
+def check_document(doc: str) -> str:
+    """The task of a corpus document, after checking that its answer is right."""
+    for task, (pattern, is_right) in CHECKS.items():
+        match = re.fullmatch(pattern, doc)
+        if match:
+            assert is_right(*match.groups()), doc
+            return task
+    raise AssertionError(f"not a corpus document: {doc!r}")
+
+
+def test_corpus_is_deterministic_mixed_correct_and_fast(tmp_path):
+    assert main(["corpus", "--out", str(tmp_path / "a"), "--docs", "2000", "--seed", "3", "--quiet"]) == 0
+    assert main(["corpus", "--out", str(tmp_path / "b"), "--docs", "2000", "--seed", "3", "--quiet"]) == 0
+    assert main(["corpus", "--out", str(tmp_path / "c"), "--docs", "2000", "--seed", "4", "--quiet"]) == 0
+    for split, count in (("train", 2000), ("test", 200)):
+        a = (tmp_path / "a" / f"{split}.txt").read_bytes()
+        assert a == (tmp_path / "b" / f"{split}.txt").read_bytes()
+        assert a != (tmp_path / "c" / f"{split}.txt").read_bytes()
+        docs = a.decode().split("\n")
+        assert docs[-1] == "" and len(docs) == count + 1
+        tasks = Counter(check_document(doc) for doc in docs[:-1])
+        assert set(tasks) == set(TASKS) == set(CHECKS)
+        assert min(tasks.values()) > count / len(TASKS) / 2  # mixed roughly uniformly
+    train, test = (tmp_path / "a/train.txt").read_text(), (tmp_path / "a/test.txt").read_text()
+    assert train != test
+    assert generate_documents(3, "train", 100) == generate_documents(3, "train", 200)[:100]
+
+    start = time.process_time()
+    assert len(generate_documents(0, "train", 20_000)) == 20_000
+    assert time.process_time() - start < 5.0
+
+
+def test_corpus_refuses_to_overwrite(tmp_path, capsys):
+    out = str(tmp_path / "c")
+    assert main(["corpus", "--out", out, "--docs", "5", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["corpus", "--out", out, "--docs", "5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert main(["corpus", "--out", out, "--docs", "7", "--test-docs", "3", "--overwrite", "--quiet"]) == 0
+    assert len((tmp_path / "c/test.txt").read_text().splitlines()) == 3
+
+
+# ---- building text datasets ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    assert (
+        main(["corpus", "--out", str(root), "--docs", "400", "--test-docs", "60", "--seed", "1", "--quiet"])
+        == 0
+    )
+    with open(root / "train.txt", "a", encoding="utf-8") as f:
+        f.write("\n\n" + "\n".join(SPECIAL) + "\n")  # blank lines are skipped
+    return {"train": root / "train.txt", "test": root / "test.txt"}
+
+
+def build(out: Path, corpus: dict[str, Path], *args: str) -> dict:
+    argv = ["text", "--input", str(corpus["train"]), "--test-input", str(corpus["test"])]
+    argv += ["--seq-len", str(SEQ_LEN), "--out", str(out), "--quiet", "--samples-per-shard", "50", *args]
+    assert main(argv) == 0
+    return read_manifest(out)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, corpus) -> Path:
+    out = tmp_path_factory.mktemp("text") / "data"
+    build(out, corpus, "--vocab-size", str(VOCAB), "--workers", "1")
+    return out
+
+
+def documents(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def shard_hashes(manifest: dict) -> dict[str, list[str]]:
+    return {s: [x["sha256"] for x in v["shards"]] for s, v in manifest["splits"].items()}
+
+
+def reassemble(data_dir: Path, split: str) -> dict[int, list[int]]:
+    """Document index -> its tokens, gathered from the rows in key order."""
+    tokens: dict[int, list[int]] = {}
+    for sample in read_samples(data_dir, split):
+        for token, doc in zip(sample["tokens"].tolist(), sample["docs"].tolist()):
+            if doc >= 0:
+                tokens.setdefault(doc, []).append(token)
+    return tokens
+
+
+def test_trained_tokenizer_and_manifest(dataset, corpus):
+    manifest = read_manifest(dataset)
+    sp = spm.SentencePieceProcessor(model_file=str(dataset / manifest["tokenizer"]))
+    assert manifest["task"] == "text" and manifest["tokenizer"] == "tokenizer.model"
+    assert manifest["vocab_size"] == sp.get_piece_size() == VOCAB
+    assert manifest["seq_len"] == SEQ_LEN
+    assert (manifest["pad_id"], manifest["eos_id"], manifest["bos_id"]) == (
+        sp.pad_id(),
+        sp.eos_id(),
+        sp.bos_id(),
+    )
+    assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert len({sp.pad_id(), sp.eos_id(), sp.bos_id()}) == 3
+    # byte fallback: text the tokenizer never saw encodes without <unk> and decodes verbatim
+    for text in ["✓ 漢字 😀", *SPECIAL, "tab\there  "]:
+        ids = sp.encode(text)
+        assert sp.unk_id() not in ids and sp.decode(ids) == text
+    assert sp.encode("123") == [sp.piece_to_id(d) for d in "123"]  # digits split
+    extra = manifest["extra"]
+    docs = {split: documents(corpus[split]) for split in ("train", "test")}
+    assert extra["documents"] == {split: len(docs[split]) for split in docs} == {"train": 403, "test": 60}
+    assert extra["tokens"] == {split: sum(len(sp.encode(d)) + 2 for d in docs[split]) for split in docs}
+    assert extra["split_documents"] == {"train": 1, "test": 0}
+    assert extra["unk_tokens"] == {"train": 0, "test": 0}
+    for split in ("train", "test"):
+        verify_shards(dataset, split)
+        rows = manifest["splits"][split]["num_samples"]
+        assert rows * SEQ_LEN == extra["tokens"][split] + extra["padding_tokens"][split]
+
+
+def test_every_document_reconstructs_from_the_shards(dataset, corpus):
+    manifest = read_manifest(dataset)
+    sp = spm.SentencePieceProcessor(model_file=str(dataset / "tokenizer.model"))
+    bos, eos = manifest["bos_id"], manifest["eos_id"]
+    for split in ("train", "test"):
+        docs = documents(corpus[split])
+        rebuilt = reassemble(dataset, split)
+        assert sorted(rebuilt) == list(range(len(docs)))
+        for index, doc in enumerate(docs):
+            assert rebuilt[index] == [bos, *sp.encode(doc), eos], (split, index)
+            assert sp.decode(rebuilt[index][1:-1]) == doc
+        rows_of: dict[int, set[int]] = {}
+        for sample in read_samples(dataset, split):
+            docs_row, tokens = sample["docs"], sample["tokens"]
+            assert sample["tokens"].dtype == np.int32 and docs_row.shape == (SEQ_LEN,)
+            pad = docs_row < 0
+            assert not pad[0] and not (pad[:-1] & ~pad[1:]).any()  # padding only ends a row
+            assert (tokens[pad] == manifest["pad_id"]).all()
+            for doc in set(docs_row[~pad].tolist()):
+                rows_of.setdefault(doc, set()).add(int(sample["key"]))
+        for index, rows in rows_of.items():  # only a document longer than a row spans rows, consecutively
+            assert len(rows) == 1 or len(rebuilt[index]) > SEQ_LEN
+            assert sorted(rows) == list(range(min(rows), max(rows) + 1))
+        if split == "train":
+            long_doc = docs.index(SPECIAL[0])
+            assert len(rebuilt[long_doc]) > 2 * SEQ_LEN and len(rows_of[long_doc]) >= 3
+
+
+def test_train_rows_are_shuffled_test_rows_keep_input_order(dataset):
+    first_docs = {}
+    for split in ("train", "test"):
+        order = [doc for s in read_samples(dataset, split) for doc in s["docs"].tolist() if doc >= 0]
+        first_docs[split] = list(dict.fromkeys(order))  # document order of appearance
+    assert first_docs["test"] == sorted(first_docs["test"])
+    assert first_docs["train"] != sorted(first_docs["train"])
+
+
+def test_unigram_entropy_matches_an_independent_computation(dataset, corpus):
+    manifest = read_manifest(dataset)
+    sp = spm.SentencePieceProcessor(model_file=str(dataset / "tokenizer.model"))
+    eos, vocab = sp.eos_id(), sp.get_piece_size()
+    train = Counter()
+    for doc in documents(corpus["train"]):
+        train.update(sp.encode(doc) + [eos])
+    total = sum(train.values())
+    nll, count = 0.0, 0
+    for doc in documents(corpus["test"]):
+        for token in sp.encode(doc) + [eos]:
+            nll -= math.log((train[token] + 1) / (total + vocab))
+            count += 1
+    expected = nll / count
+    assert manifest["extra"]["unigram_entropy_nats"] == pytest.approx(expected, rel=1e-12)
+    assert 0 < expected < math.log(vocab)  # a unigram beats uniform on this text
+
+
+@pytest.mark.slow  # a 2-process pool
+def test_same_seed_same_bytes_whatever_workers_and_other_seed_reorders(tmp_path, corpus, dataset):
+    two = build(tmp_path / "w2", corpus, "--vocab-size", str(VOCAB), "--workers", "2")
+    assert shard_hashes(two) == shard_hashes(read_manifest(dataset))
+    assert (tmp_path / "w2/tokenizer.model").read_bytes() == (dataset / "tokenizer.model").read_bytes()
+    other = build(tmp_path / "s1", corpus, "--vocab-size", str(VOCAB), "--seed", "1", "--workers", "1")
+    assert shard_hashes(other)["train"] != shard_hashes(two)["train"]
+    assert shard_hashes(other)["test"] == shard_hashes(two)["test"]  # same tokenizer, test keeps input order
+
+
+@pytest.mark.slow  # a 2-process pool
+def test_reused_tokenizer_is_copied_and_gives_the_same_shards(tmp_path, corpus, dataset):
+    model = dataset / "tokenizer.model"
+    manifest = build(tmp_path / "reuse", corpus, "--tokenizer", str(model), "--workers", "2")
+    assert (tmp_path / "reuse/tokenizer.model").read_bytes() == model.read_bytes()
+    assert shard_hashes(manifest) == shard_hashes(read_manifest(dataset))
+    assert manifest["extra"]["tokenizer_source"] == str(model)
+    # a foreign tokenizer (trained elsewhere, another vocab) is used as it is
+    foreign = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents(corpus["test"]) * 3), model_writer=foreign, vocab_size=60,
+        model_type="char", pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+    )  # fmt: skip
+    (tmp_path / "char.model").write_bytes(foreign.getvalue())
+    manifest = build(tmp_path / "char", corpus, "--tokenizer", str(tmp_path / "char.model"))
+    sp = spm.SentencePieceProcessor(model_proto=foreign.getvalue())
+    assert manifest["vocab_size"] == sp.get_piece_size()
+    assert manifest["extra"]["unk_tokens"]["train"] > 0  # no byte fallback: unseen characters are <unk>
+    assert reassemble(tmp_path / "char", "test")[5] == [2, *sp.encode(documents(corpus["test"])[5]), 1]
+
+
+def test_tokenizer_trains_on_a_seeded_sample_of_documents(corpus):
+    docs = documents(corpus["train"])
+    sample = train_tokenizer(docs, VOCAB, seed=0, max_documents=100)
+    assert sample == train_tokenizer(docs, VOCAB, seed=0, max_documents=100)
+    assert sample != train_tokenizer(docs, VOCAB, seed=1, max_documents=100)
+    assert sample != train_tokenizer(docs, VOCAB, seed=0, max_documents=len(docs))
+    assert train_tokenizer(docs, VOCAB, seed=1, max_documents=len(docs)) == train_tokenizer(
+        docs, VOCAB, seed=0, max_documents=len(docs)
+    )  # all documents: the seed does not matter
+    assert spm.SentencePieceProcessor(model_proto=sample).get_piece_size() == VOCAB
+
+
+def test_test_fraction_and_jsonl_input(tmp_path):
+    texts = [f"doc {i}\nwith a second line ✓ {i * i}" for i in range(50)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)) + "\n\n")
+    out = tmp_path / "out"
+    argv = ["text", "--input", str(path), "--test-fraction", "0.2", "--vocab-size", "300", "--seq-len", "16"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["extra"]["documents"] == {"train": 40, "test": 10}
+    assert manifest["extra"]["test_fraction"] == 0.2
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    decoded = [sp.decode(ids[1:-1]) for split in ("train", "test") for ids in reassemble(out, split).values()]
+    assert sorted(decoded) == sorted(texts)  # multi-line documents survive verbatim, each in one split
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def char_tokenizer(path: Path, pad_id: int) -> Path:
+    """A tiny character-level SentencePiece model (SentencePiece's own default: no pad piece)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["abc def 123+=>"] * 20), model_writer=model, vocab_size=20, model_type="char",
+        pad_id=pad_id, minloglevel=2,
+    )  # fmt: skip
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "{tmp}/missing.txt"], "--input {tmp}/missing.txt: no such file"),
+        (["--input", "{tmp}/empty.txt"], "--input {tmp}/empty.txt: holds no documents"),
+        (["--input", "{tmp}/latin1.txt"], "--input {tmp}/latin1.txt: not UTF-8 text"),
+        (["--input", "{tmp}/bad.jsonl"], "{tmp}/bad.jsonl:2: not valid JSON"),
+        (
+            ["--input", "{tmp}/notext.jsonl"],
+            '{tmp}/notext.jsonl:1: expected an object with a string field "text"',
+        ),
+        (["--test-input", "{tmp}/missing.txt"], "--test-input {tmp}/missing.txt: no such file"),
+        (["--vocab-size", "50"], "--vocab-size 50: too small for this text; it needs at least"),
+        (["--vocab-size", "100000"], "--vocab-size 100000: too big for this text"),
+        (["--vocab-size", "0"], "argument --vocab-size: 0 must be >= 1"),
+        (["--seq-len", "1"], "--seq-len 1: must be >= 2"),
+        (["--seq-len", "x"], "argument --seq-len: invalid positive_int value"),
+        (["--tokenizer", "{tmp}/missing.model"], "--tokenizer {tmp}/missing.model: no such file"),
+        (
+            ["--tokenizer", "{tmp}/garbage.model"],
+            "--tokenizer {tmp}/garbage.model: not a SentencePiece model",
+        ),
+        (["--tokenizer", "{tmp}/empty.txt"], "--tokenizer {tmp}/empty.txt: not a SentencePiece model"),
+        (
+            ["--tokenizer", "{tmp}/nopad.model"],
+            "--tokenizer {tmp}/nopad.model: the tokenizer defines no pad piece",
+        ),
+        (
+            ["--tokenizer", "{tmp}/char.model", "--vocab-size", "999"],
+            "--vocab-size 999: --tokenizer {tmp}/char.model has",
+        ),
+        ([], "--vocab-size: required unless --tokenizer"),
+        (["--test-fraction", "0"], "--test-fraction 0.0: holds out 0 of 3 documents"),
+        (["--test-fraction", "0.5", "--test-input", "{tmp}/ok.txt"], "not allowed with argument"),
+    ],
+)
+def test_bad_input_gives_one_line_naming_the_field(tmp_path, capsys, args, message):
+    (tmp_path / "ok.txt").write_text("1+1=2\n2+2=4\nabc\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "notext.jsonl").write_text('{"body": "a"}\n')
+    (tmp_path / "garbage.model").write_bytes(b"\x00not a model\xff" * 10)
+    char_tokenizer(tmp_path / "nopad.model", pad_id=-1)
+    char_tokenizer(tmp_path / "char.model", pad_id=3)
+    fill = [a.format(tmp=tmp_path) for a in args]
+    argv = ["text", "--input", str(tmp_path / "ok.txt"), "--seq-len", "8", "--out", str(tmp_path / "out")]
+    if "--test-input" not in fill and "--test-fraction" not in fill:
+        argv += ["--test-input", str(tmp_path / "ok.txt")]
+    if "--vocab-size" not in fill and "--tokenizer" not in fill and args:
+        argv += ["--vocab-size", "300"]
+    assert main([*argv, "--quiet", *fill]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("python -m data_prep text: error: ")
+    assert message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "out/manifest.json").exists()
+
+
+def test_errors_surface_through_hrm_mega_prep_and_keep_an_existing_dataset(tmp_path, capsys, dataset):
+    from hrm_mega.cli import main as hrm_main
+
+    (tmp_path / "garbage.model").write_bytes(b"junk")
+    before = (dataset / "manifest.json").read_bytes()
+    argv = ["prep", "text", "--input", str(tmp_path / "missing.txt"), "--seq-len", "8", "--vocab-size", "300"]
+    assert hrm_main([*argv, "--out", str(dataset), "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hrm-mega prep text: error: --input {tmp_path}/missing.txt: no such file\n"
+    argv = ["prep", "text", "--input", str(dataset / "tokenizer.model"), "--seq-len", "8"]
+    assert (
+        hrm_main(
+            [*argv, "--tokenizer", str(tmp_path / "garbage.model"), "--out", str(dataset), "--overwrite"]
+        )
+        == 2
+    )
+    assert "hrm-mega prep text: error: " in capsys.readouterr().err
+    assert (dataset / "manifest.json").read_bytes() == before  # a failed build leaves the old one alone
+
+
+def test_existing_dataset_needs_overwrite(tmp_path, corpus, capsys):
+    build(tmp_path / "d", corpus, "--vocab-size", str(VOCAB), "--workers", "1")
+    argv = ["text", "--input", str(corpus["train"]), "--vocab-size", str(VOCAB), "--seq-len", "8"]
+    assert main([*argv, "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "d"), "--quiet", "--overwrite"]) == 0
+    assert read_manifest(tmp_path / "d")["seq_len"] == 8
