@@ -18,12 +18,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prep(args: argparse.Namespace) -> int:
-    from data_prep.cli import main as prep_main
-
-    return prep_main(args.prep_args, prog="hrm-mega prep")
-
-
 def cmd_import_hrm(args: argparse.Namespace) -> int:
     from hrm_mega.convert.hrm_official import import_hrm
 
@@ -48,12 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return pretrain_main(argv)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import main as evaluate_main
-
-    return evaluate_main(args.eval_args)
-
-
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from hrm_mega.convert.consolidate import consolidate_checkpoint, save_consolidated
 
@@ -61,6 +49,38 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     out = save_consolidated(state, config, args.out)
     print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} values)")
     return 0
+
+
+# Commands whose arguments belong to an entry script: everything after the command name is handed to its
+# main(argv), so `hrm-mega eval --help` shows that script's own help.
+PASS_THROUGH: dict[str, tuple[str, str]] = {
+    "prep": (
+        "data_prep.cli",
+        "build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy,corpus,text} --out DIR ...",
+    ),
+    "eval": (
+        "pipelines.evaluate",
+        "evaluate a checkpoint: hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]",
+    ),
+    "generate": (
+        "pipelines.generate",
+        "sample text from an HRMGemma checkpoint: hrm-mega generate CKPT --prompt TEXT",
+    ),
+    "export-hf": ("pipelines.export_hf", "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT"),
+    "import-hf": (
+        "pipelines.import_hf",
+        "read a Gemma 3 text checkpoint into HRMGemma: hrm-mega import-hf HF_DIR OUT",
+    ),
+}
+
+
+def run_pass_through(command: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(PASS_THROUGH[command][0])
+    if command == "prep":
+        return module.main(argv, prog="hrm-mega prep")
+    return module.main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "eval", help="evaluate a checkpoint: hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]"
-    )
-    p.add_argument("eval_args", nargs=argparse.REMAINDER, help="arguments for pipelines.evaluate")
-    p.set_defaults(func=cmd_eval)
+    for name, (_, usage) in PASS_THROUGH.items():
+        p = sub.add_parser(name, help=usage, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=f"see hrm-mega {name} --help")
 
     p = sub.add_parser(
         "consolidate", help="merge a (ZeRO-sharded) checkpoint into one fp32 .safetensors file"
@@ -91,10 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .safetensors file (the config travels in its metadata)")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even if the run kept an EMA")
     p.set_defaults(func=cmd_consolidate)
-
-    p = sub.add_parser("prep", help="build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy} --out DIR ...")
-    p.add_argument("prep_args", nargs=argparse.REMAINDER, help="arguments for python -m data_prep")
-    p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser(
         "import-hrm", help="convert an official HRM checkpoint into an hrm-mega model directory"
@@ -108,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASS_THROUGH:
+        return run_pass_through(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -8,7 +8,12 @@ RoPE convention and the same [out, in] linear layout, so every weight is copied 
 
 HRMGemma's own parameters (the CycleBlock gates, halting heads, value head) have no HF counterpart.
 Import fills them with their initial constants (all zero: the imported model is exactly Gemma 3);
-export drops them, which is exact only with h_cycles = l_cycles = 1 and is refused otherwise.
+export drops them, which is exact only with h_cycles = l_cycles = 1 (or all gates zero, see
+`plain_gemma3_blocker`) and is refused otherwise.
+
+A multimodal Gemma3ForConditionalGeneration checkpoint holds the same text decoder under other
+prefixes; `text_state_dict` renames it to the Gemma3ForCausalLM names and leaves the vision tower out.
+Reading checkpoint directories and writing exports is in hf_import.py and hf_export.py.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ LAYER_KEYS = {
     "model.layers.{i}.post_feedforward_layernorm.weight": "{layer}.norms.3.weight",
 }
 HF_ACTIVATION = "gelu_pytorch_tanh"
+# Gemma3ForConditionalGeneration: text decoder prefixes (transformers 5 layout, then the 4.x one) -> ours
+MULTIMODAL_TEXT_PREFIXES = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+MULTIMODAL_VISION_PREFIXES = (
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "vision_tower.",
+    "multi_modal_projector.",
+)
 
 
 def layer_prefix(i: int, config: LMModelConfig) -> str:
@@ -65,6 +82,23 @@ def key_map(config: LMModelConfig) -> dict[str, str]:
     return mapping
 
 
+def plain_gemma3_blocker(state: dict[str, torch.Tensor], config: LMModelConfig) -> str | None:
+    """Why these weights are not exactly a Gemma3ForCausalLM, or None when they are.
+
+    They are with h_cycles = l_cycles = 1, or with gated injection and every gate exactly zero: then each
+    cycle recomputes H(L(x)) bit for bit and the extra cycles change nothing.
+    """
+    if config.h_cycles == 1 and config.l_cycles == 1:
+        return None
+    cycles = f"model.h_cycles={config.h_cycles}, model.l_cycles={config.l_cycles}"
+    if config.injection != "gated":
+        return f"{cycles} with model.injection={config.injection} feeds z_H back into every cycle"
+    for name, tensor in state.items():
+        if name.rsplit(".", 1)[-1] in ("gate_LL", "gate_LH", "gate_HH") and bool(tensor.any()):
+            return f"{cycles} and {name} is nonzero, so the cycles change the output"
+    return None
+
+
 def _our_parameters(config: LMModelConfig) -> dict[str, torch.Tensor]:
     """Our parameters by name, on the meta device (shapes and init rules, no storage)."""
     with torch.device("meta"):
@@ -74,6 +108,20 @@ def _our_parameters(config: LMModelConfig) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------------------
+
+
+def text_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Gemma3ForConditionalGeneration state dict -> its text decoder under Gemma3ForCausalLM names.
+
+    The vision tower and projector are left out; any other key is kept as is (so an unexpected one is
+    still reported by from_hf_state_dict)."""
+    out = {}
+    for key, tensor in hf_sd.items():
+        if key.startswith(MULTIMODAL_VISION_PREFIXES):
+            continue
+        prefix = next((p for p in MULTIMODAL_TEXT_PREFIXES if key.startswith(p)), None)
+        out[key if prefix is None else MULTIMODAL_TEXT_PREFIXES[prefix] + key[len(prefix) :]] = tensor
+    return out
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: LMModelConfig) -> dict[str, torch.Tensor]:
