@@ -1,7 +1,9 @@
 """Evaluation entry point: `hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]`.
 
-Prints one JSON line with exact_accuracy, token_accuracy, q_halt_accuracy and mean_segments. CKPT is a
-training checkpoint (runs/.../checkpoints/step-*), a consolidated .safetensors file or a model directory.
+Puzzle models: one JSON line with exact_accuracy, token_accuracy, q_halt_accuracy and mean_segments.
+Language models (HRMGemma): one JSON line with loss, ppl and mean_cycles on the eval split, at the
+trained H cycles or at `--cycles N`. CKPT is a training checkpoint (runs/.../checkpoints/step-*), a
+consolidated .safetensors file or a model directory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pipelines.common import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.evaluate", description="evaluate a puzzle model")
+    p = argparse.ArgumentParser(prog="hrm-mega eval", description="evaluate a puzzle model or an HRMGemma")
     p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
     p.add_argument("--data", help="dataset directory (default: the data.path the model was trained on)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: train.global_batch)")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0 = all)")
     p.add_argument("--predictions", help="write one JSON line per sample (id, prediction, segments) here")
+    p.add_argument("--cycles", type=int, default=0, help="HRMGemma: H cycles per block (default: as trained)")
     return p
 
 
@@ -38,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     data = replace(
         config.data, path=args.data or config.data.path, eval_split=args.split or config.data.eval_split
     )
+    if config.task == "lm":
+        return evaluate_lm_checkpoint(model, replace(config, data=data), args)
+    if args.cycles:
+        raise ValueError("--cycles applies to HRMGemma checkpoints; puzzle models run model.h_cycles")
     manifest = read_manifest(data.path)
     for field in ("vocab_size", "seq_len"):
         if manifest[field] != getattr(config.model, field):
@@ -63,6 +70,26 @@ def run(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"sample_id": r.sample_id, "prediction": r.prediction.tolist(),
                                     "segments": r.segments, "q_halt": r.q_halt}) + "\n")  # fmt: skip
     print(json.dumps({"mode": args.mode, "split": data.eval_split, **metrics}), flush=True)
+    return 0
+
+
+def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
+    import torch
+
+    from hrm_mega.training.engine import World
+    from hrm_mega.training.lm import evaluate_lm, h_cycles_set
+
+    if args.mode != "fixed" or args.predictions:
+        raise ValueError("--mode adaptive and --predictions apply to puzzle models, not HRMGemma")
+    if args.cycles < 0:
+        raise ValueError(f"--cycles={args.cycles} must be >= 1")
+    train = replace(config.train, global_batch=args.batch_size or config.train.global_batch,
+                    eval_max_samples=args.max_samples)  # fmt: skip
+    world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    cycles = args.cycles or config.model.h_cycles
+    with h_cycles_set(model, cycles):
+        metrics = evaluate_lm(model, replace(config, train=train), world)
+    print(json.dumps({"split": config.data.eval_split, "cycles": cycles, **metrics}), flush=True)
     return 0
 
 

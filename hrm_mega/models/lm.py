@@ -542,11 +542,15 @@ def lm_loss(
     aux: dict[str, torch.Tensor],
     config: LMModelConfig,
     token_mask: torch.Tensor | None = None,
+    normalizers: tuple[float, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Next-token CE + halt_loss_weight * halting BCE + compute_cost_weight * compute cost.
 
     labels [b, s] are aligned with the inputs (position i predicts labels[i+1]); -100 is ignored.
     token_mask [b, s] (True = real token) restricts the halting terms; default: every token.
+    normalizers (labelled tokens, token_mask tokens): what the summed terms are divided by instead of
+    this batch's own counts. A trainer passes the counts of the whole step (all ranks and micro-batches),
+    so the loss is the same token mean at any data-parallel size and micro-batching.
 
     The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged`. The
     compute cost is the expected fraction of optional cycles (the N-1 after the first) that a token
@@ -554,22 +558,29 @@ def lm_loss(
         E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
     """
     vocab = logits.shape[-1]
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100
+    targets = labels[:, 1:].reshape(-1)
+    ce_sum = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), targets, ignore_index=-100, reduction="sum"
     )
     halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
     n_cycles = halt_logits.shape[1]
     mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)
+    n_labelled, n_masked = normalizers or (float((targets != -100).sum()), float(mask.sum()))
+    ce = ce_sum / max(n_labelled, 1.0)
+
+    def token_mean(values: torch.Tensor) -> torch.Tensor:  # [b, s] -> mean over the token_mask tokens
+        return (values * mask).sum() / max(n_masked, 1.0)
+
     if n_cycles > 1:
         decisions = halt_logits[:, :-1]
         bce_all = F.binary_cross_entropy_with_logits(
             decisions, converged.to(decisions.dtype), reduction="none"
         )
-        halt_bce = _masked_mean(bce_all.mean(dim=(0, 1)), mask)
+        halt_bce = token_mean(bce_all.mean(dim=(0, 1)))
         keep_going = torch.cumprod(1 - torch.sigmoid(decisions), dim=1)  # P(cycle n+2 runs), n = 0..N-2
         expected_cycles = 1 + keep_going.sum(dim=1)  # [G, b, s]
-        cost = _masked_mean(((expected_cycles - 1) / (n_cycles - 1)).mean(dim=0), mask)
-        mean_cycles = _masked_mean(expected_cycles.mean(dim=0), mask).detach()
+        cost = token_mean(((expected_cycles - 1) / (n_cycles - 1)).mean(dim=0))
+        mean_cycles = token_mean(expected_cycles.mean(dim=0)).detach()
     else:
         halt_bce = cost = halt_logits.new_zeros(())
         mean_cycles = halt_logits.new_ones(())
@@ -582,6 +593,3 @@ def lm_loss(
         "expected_cycles": mean_cycles,
     }
 
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)

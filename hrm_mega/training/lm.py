@@ -101,21 +101,24 @@ class LMTrainer(Trainer):
         lr = self.set_lr()
         cycles = self.cycles_for_step()
         micro = cfg.train.micro_batch or self.local_batch
+        n_micro = self.world.dp_size * math.ceil(self.local_batch / micro)
+        # Every term is a mean over the tokens of the whole step (all ranks and micro-batches), so a step
+        # is the same at any DP size; DeepSpeed divides gradients by dp x accumulation, undone here.
+        normalizers = self._token_counts(batch)
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         with h_cycles_set(self.model, cycles):
             for rows in torch.arange(self.local_batch).split(micro):
                 mb = {k: v[rows] for k, v in batch.items()}
-                parts = self.loss(mb)
+                parts = self.loss(mb, normalizers)
                 if all_finite(parts["loss"]):
-                    self.engine.backward(parts["loss"])
-                sums += _sum_vector(parts, int((mb["labels"] != -100).sum()))
-        n_micro = self.world.dp_size * math.ceil(self.local_batch / micro)
+                    self.engine.backward(parts["loss"] * n_micro)
+                sums += _sum_vector(parts, int((mb["labels"][:, 1:] != -100).sum()))
         sums = all_reduce(sums)
         finite = bool(sums[-1] == n_micro)
         grad_norm = self.apply_update(finite)
         self.step += 1
         self._tokens_last_step = int(sums[SUM_KEYS.index("tokens")])
-        means = {k: float(v) / n_micro for k, v in zip(SUM_KEYS[:-2], sums[:-2].tolist())}
+        means = dict(zip(SUM_KEYS[:-2], sums[:-2].tolist()))  # the micro-batches' shares add up to the means
         if not finite:
             means["loss"] = float("nan")
         out = {**means, "ppl": math.exp(min(means["ce"], 50.0)), "cycles": cycles, "lr": lr}
@@ -123,19 +126,32 @@ class LMTrainer(Trainer):
             del out["distill"]
         return {**out, "grad_norm": grad_norm, "skipped_step": int(not finite)}
 
-    def loss(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """lm_loss of one micro-batch, plus distillation when a teacher is configured."""
+    def _token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["input_ids"] != int(self.manifest.get("pad_id", 0))
+
+    def _token_counts(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(labelled targets, real tokens) of the whole step, over every rank."""
+        local = [float((batch["labels"][:, 1:] != -100).sum()), float(self._token_mask(batch).sum())]
+        labelled, real = all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+        return labelled, real
+
+    def loss(self, mb: dict[str, torch.Tensor], normalizers: tuple[float, float]) -> dict[str, torch.Tensor]:
+        """One micro-batch's share of the step's token-mean losses (lm_loss), plus distillation when a
+        teacher is configured."""
         c, t = self.config.model, self.config.train
         logits, aux = self.engine(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
-        token_mask = mb["input_ids"] != int(self.manifest.get("pad_id", 0))
-        parts = lm_loss(logits, mb["labels"], aux, c, token_mask=token_mask)
+        parts = lm_loss(
+            logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
+        )
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits, _ = self.teacher(
                     mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"]
                 )
-            parts["distill"] = distillation_loss(logits, teacher_logits, mb["labels"], t.distill_temperature)
+            parts["distill"] = distillation_loss(
+                logits, teacher_logits, mb["labels"], t.distill_temperature, normalizer=normalizers[0]
+            )
             parts["loss"] = parts["loss"] + t.distill_weight * parts["distill"]
         return parts
 
@@ -181,15 +197,20 @@ def h_cycles_set(model: HRMGemma, cycles: int) -> Iterator[None]:
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    normalizer: float | None = None,
 ) -> torch.Tensor:
     """T^2 * KL(teacher || student) at temperature T, averaged over the tokens that have a label
-    (position i predicts labels[i+1], as in lm_loss)."""
+    (position i predicts labels[i+1], as in lm_loss); `normalizer` replaces this batch's count of them."""
     mask = labels[:, 1:] != -100
     s = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    kl_sum = F.kl_div(s, t, log_target=True, reduction="sum")
+    count = normalizer if normalizer is not None else float(mask.sum())
+    return kl_sum / max(count, 1.0) * temperature**2
 
 
 def _sum_vector(parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
