@@ -250,6 +250,9 @@ class OptimConfig:
 class TrainConfig:
     task: Literal["auto", "puzzle", "lm"] = "auto"  # auto: puzzle for model.family=puzzle, lm for hrm_gemma
     seed: int = 0
+    # Start a fresh run from these weights (any checkpoint `hrm-mega eval` reads, e.g. an `import-hf`
+    # model directory); the recipe may change what leaves shapes alone, such as the cycle counts.
+    init_from: str = ""
     global_batch: int = 768
     micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
     steps: int = 1000  # optimizer steps; one step is one ACT segment

@@ -158,3 +158,31 @@ def test_distillation_from_a_teacher_checkpoint(text_data: Path, tmp_path: Path)
         assert r["loss"] == pytest.approx(
             r["ce"] + 0.1 * r["halt_bce"] + 0.01 * r["compute_cost"] + 0.5 * r["distill"], rel=1e-5
         )
+
+
+def test_init_from_copies_weights_strictly_and_allows_more_cycles(tmp_path: Path) -> None:
+    import torch
+
+    from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
+    from hrm_mega.models import build_model
+    from hrm_mega.training.trainer import load_init_weights
+
+    lm = ROOT / "configs/lm/hrmgemma_tiny.yaml"
+    source_config = load_config(lm, ["model.h_cycles=1", "model.l_cycles=1"])
+    source = build_model(source_config.model).init_weights(seed=7)
+    save_model_dir(source.state_dict(), source_config, tmp_path / "src")
+
+    config = load_config(lm, [f"train.init_from={tmp_path / 'src'}", "model.h_cycles=3"])
+    model = build_model(config.model).init_weights(seed=0)
+    load_init_weights(model, config)
+    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    with pytest.raises(CheckpointError, match="train.init_from=.*: embed_tokens.weight has shape"):
+        wider = load_config(lm, [f"train.init_from={tmp_path / 'src'}", "model.vocab_size=600"])
+        load_init_weights(build_model(wider.model).init_weights(seed=0), wider)
+    puzzle = load_config(
+        ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", [f"train.init_from={tmp_path / 'src'}"]
+    )
+    with pytest.raises(ConfigError, match="holds a hrm_gemma model; this recipe is model.family=puzzle"):
+        load_init_weights(build_model(puzzle.model).init_weights(seed=0), puzzle)

@@ -592,4 +592,3 @@ def lm_loss(
         "compute_cost": cost,
         "expected_cycles": mean_cycles,
     }
-

@@ -50,6 +50,8 @@ class Trainer(ABC):
         self.manifest = self.check_data()
         seed_everything(config.train.seed)
         self.model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
+        if config.train.init_from:
+            load_init_weights(self.model, config)
         if config.train.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
         self.local_batch = config.train.global_batch // self.world.dp_size
@@ -273,6 +275,21 @@ class Trainer(ABC):
             + (f"resumed from {resumed_from} at step {self.step}" if resumed_from else "fresh start"),
         ]
         return "\n".join(lines)
+
+
+def load_init_weights(model: torch.nn.Module, config: Config) -> None:
+    """Copies the weights of train.init_from into the freshly built model (strictly: every key, every
+    shape). A resumed run then overwrites them with its checkpoint."""
+    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.convert.model_dir import load_state_dict_strict
+
+    source, source_config = load_model(config.train.init_from)
+    if source_config.model.family != config.model.family:
+        raise ConfigError(
+            f"train.init_from={config.train.init_from} holds a {source_config.model.family} model; "
+            f"this recipe is model.family={config.model.family}"
+        )
+    load_state_dict_strict(model, source.state_dict(), source=f"train.init_from={config.train.init_from}")
 
 
 def build_trainer(config: Config, resume: str | None = "auto") -> Trainer:
