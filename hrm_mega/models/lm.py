@@ -173,11 +173,11 @@ class HaltingCycleBlock(CycleBlock):
         for n in range(int(max_cycles.max())):
             keep = running[..., None]  # [b, s, 1]
             for t in range(self.l_cycles):
-                fast = self._run_stack(self.L, f"{name}.L", self._fast_input(x, z_L, z_H), keep, frozen,
+                fast = self._run_stack(self.L, f"{name}.L", self.fast_input(x, z_L, z_H), keep, frozen,
                                        ctx, cache, step=n * self.l_cycles + t)  # fmt: skip
                 z_L = torch.where(keep, fast, z_L)
             slow = self._run_stack(
-                self.slow, f"{name}.H", self._slow_input(z_H, z_L), keep, frozen, ctx, cache, step=n
+                self.slow, f"{name}.H", self.slow_input(z_H, z_L), keep, frozen, ctx, cache, step=n
             )
             z_H = torch.where(keep, slow, z_H)
             cycles += running
@@ -219,18 +219,6 @@ class HaltingCycleBlock(CycleBlock):
             slot = None if cache is None else cache.slot(key, step, layer.mixer.window)
             hidden = layer(hidden, ctx, kv_cache=slot)
         return hidden
-
-    def _fast_input(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor) -> torch.Tensor:
-        """What CycleBlock's L update feeds its stack (BlockStack adds the injection to the hidden)."""
-        if self.injection == "add":
-            return z_L + (z_H + x)
-        return x + (self.gate_LL * z_L + self.gate_LH * z_H)
-
-    def _slow_input(self, z_H: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
-        """What CycleBlock's H update feeds its stack."""
-        if self.injection == "add":
-            return z_H + z_L
-        return z_L + self.gate_HH * z_H
 
     @torch.no_grad()
     def _converged(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

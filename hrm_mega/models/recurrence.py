@@ -112,14 +112,22 @@ class CycleBlock(nn.Module):
             return last_cycle
         return last_cycle and (t is None or t == self.l_cycles - 1)
 
+    def fast_input(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor) -> torch.Tensor:
+        """What the L update feeds its stack: z_L + z_H + x, or x + g_LL * z_L + g_LH * z_H (gated)."""
+        if self.injection == "add":
+            return z_L + (z_H + x)
+        return x + (self.gate_LL * z_L + self.gate_LH * z_H)
+
+    def slow_input(self, z_H: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
+        """What the H update feeds its stack: z_H + z_L, or z_L + g_HH * z_H (gated)."""
+        if self.injection == "add":
+            return z_H + z_L
+        return z_L + self.gate_HH * z_H
+
     def _fast_update(
         self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor, ctx: SeqContext
     ) -> torch.Tensor:
-        if self.injection == "add":
-            return self.L(z_L, z_H + x, ctx)
-        return self.L(x, self.gate_LL * z_L + self.gate_LH * z_H, ctx)
+        return self.L(self.fast_input(x, z_L, z_H), None, ctx)
 
     def _slow_update(self, z_H: torch.Tensor, z_L: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
-        if self.injection == "add":
-            return self.slow(z_H, z_L, ctx)
-        return self.slow(z_L, self.gate_HH * z_H, ctx)
+        return self.slow(self.slow_input(z_H, z_L), None, ctx)
