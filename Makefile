@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint format install clean
+.PHONY: demo demo-lm test lint format install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo
+
+demo-lm: $(STAMP)
+	$(PY) -m pipelines.lm_demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

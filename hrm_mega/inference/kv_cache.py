@@ -39,7 +39,9 @@ class KVSlot:
         """Appends the new positions; returns earlier + new keys/values for this call's attention."""
         if self.k is not None:
             k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        self.k, self.v = self._trim(k), self._trim(v)
+            self.k, self.v = self._trim(k), self._trim(v)
+        else:  # the first keys/values are views of the fused q/k/v output: own them, or it all stays alive
+            self.k, self.v = _owned(self._trim(k)), _owned(self._trim(v))
         return k, v
 
     def append_last(self, other: KVSlot, count: int) -> None:
@@ -113,3 +115,10 @@ class KVCache:
                     if t is not None:
                         seen[id(t)] = t.numel() * t.element_size()
         return sum(seen.values())
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if it owns exactly its storage, else a compact copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone()
