@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import env, losses
+from test_training import env, losses, pretrain_cmd
 
 from data_prep.cli import main as prep_main
 from hrm_mega.config import ConfigError, load_config
@@ -39,25 +39,8 @@ def text_data(tmp_path_factory) -> Path:
 
 
 def lm_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
-    sets = [f"--set={o}" for o in [*TINY_LM, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]]
-    script = [
-        "-m",
-        "pipelines.pretrain",
-        str(ROOT / "configs/lm/hrmgemma_tiny.yaml"),
-        *sets,
-        "--resume",
-        resume,
-    ]
-    if nproc == 1:
-        return [sys.executable, *script]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *script,
-    ]
+    sets = [*TINY_LM, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]
+    return pretrain_cmd(ROOT / "configs/lm/hrmgemma_tiny.yaml", sets, nproc, resume)
 
 
 def run_ok(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -48,16 +48,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
-    sets = [f"--set={o}" for o in [*TINY, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]]
-    script = [
-        "-m",
-        "pipelines.pretrain",
-        str(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml"),
-        *sets,
-        "--resume",
-        resume,
-    ]
+def pretrain_cmd(recipe: Path, overrides: list[str], nproc: int = 1, resume: str = "auto") -> list[str]:
+    """pipelines.pretrain with --set overrides: one process, or nproc ranks under torchrun."""
+    script = ["-m", "pipelines.pretrain", str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume]
     if nproc == 1:
         return [sys.executable, *script]
     return [
@@ -68,6 +61,11 @@ def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume
         f"--nproc-per-node={nproc}",
         *script,
     ]
+
+
+def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
+    sets = [*TINY, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]
+    return pretrain_cmd(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", sets, nproc, resume)
 
 
 def run(cmd: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:

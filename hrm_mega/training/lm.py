@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.data.stream import PuzzleStream, iterate_split
+from hrm_mega.data.stream import PuzzleStream
 from hrm_mega.models.lm import HRMGemma, lm_loss
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
-from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, limit_rows
+from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, evaluation
 
 # Per micro-batch sums, all-reduced over ranks: losses are means over the micro-batch's labelled tokens.
 SUM_KEYS = ("loss", "ce", "halt_bce", "compute_cost", "expected_cycles", "distill", "tokens", "finite")
@@ -223,32 +223,20 @@ def _sum_vector(parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
 def evaluate_lm(model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None) -> dict[str, float]:
     """Token-level loss and perplexity on the eval split (every rank takes its share), and the expected
     cycles the halting heads would spend."""
-    d, t = config.data, config.train
-    batch_size = max(1, t.global_batch // world.dp_size)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # nll sum, labelled tokens, expected-cycles sum over tokens
-    try:
-        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-            batches = iterate_split(
-                d.path, d.eval_split, batch_size=batch_size, dp_rank=world.dp_rank, dp_size=world.dp_size,
-                corrupt_policy=d.corrupt_policy,
-            )  # fmt: skip
-            for b in limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0):
-                b = {k: v.to(world.device) for k, v in b.items()}
-                labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-                logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
-                target = labels[:, 1:]
-                nll = F.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
-                )
-                tokens = int((target != -100).sum())
-                parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)
-                sums += torch.tensor(
-                    [float(nll), tokens, float(parts["expected_cycles"]) * tokens], dtype=torch.float64
-                )
-    finally:
-        model.train(was_training)
+    with evaluation(model, config, world, ema) as batches:
+        for b in batches:
+            labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
+            logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            target = labels[:, 1:]
+            nll = F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
+            )
+            tokens = int((target != -100).sum())
+            parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)
+            sums += torch.tensor(
+                [float(nll), tokens, float(parts["expected_cycles"]) * tokens], dtype=torch.float64
+            )
     nll, tokens, cycles = all_reduce(sums).tolist()
     loss = nll / max(tokens, 1.0)
     return {

@@ -15,7 +15,6 @@ and a resumed run continues exactly as the uninterrupted one would have.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import replace
 from typing import Any
@@ -23,14 +22,14 @@ from typing import Any
 import torch
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.data.stream import PuzzleStream, iterate_split
+from hrm_mega.data.stream import PuzzleStream
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 from hrm_mega.models.act import ACTState, initial_state, refill, step_segment
 from hrm_mega.models.puzzle import RecursiveReasoner
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.optim import EMA, SparseSignSGD
 from hrm_mega.training import engine as ds
-from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, limit_rows
+from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, eval_batch_size, evaluation
 
 METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
@@ -181,25 +180,12 @@ def evaluate_puzzles(
     model: RecursiveReasoner, config: Config, world: ds.World, mode: str, ema: EMA | None = None
 ) -> dict[str, float]:
     """Evaluates on the eval split in `mode` (fixed | adaptive); every rank takes its share."""
-    d, t = config.data, config.train
-    batch_size = max(1, t.global_batch // world.dp_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-            batches = iterate_split(
-                d.path, d.eval_split, batch_size=batch_size, dp_rank=world.dp_rank, dp_size=world.dp_size,
-                corrupt_policy=d.corrupt_policy,
-            )  # fmt: skip
-            batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
-            batches = ({k: v.to(world.device) for k, v in b.items()} for b in batches)
-            if mode == "fixed":
-                records = run_fixed(model, config.model, batches)
-            else:
-                records = run_adaptive(model, config.model, batches, batch_size)
-            sums = all_reduce(metric_sums(records))
-    finally:
-        model.train(was_training)
+    with evaluation(model, config, world, ema) as batches:
+        if mode == "fixed":
+            records = run_fixed(model, config.model, batches)
+        else:
+            records = run_adaptive(model, config.model, batches, eval_batch_size(config, world))
+        sums = all_reduce(metric_sums(records))
     return metrics_from_sums(sums)
 
 

@@ -8,8 +8,10 @@ its checkpoints must carry. `build_trainer` picks the task from the config.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.data.shards import read_manifest
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import PuzzleStream, iterate_split
 from hrm_mega.distributed import seed_everything
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
@@ -342,3 +344,28 @@ def limit_rows(batches, max_rows: int):
             b = {**b, "valid": torch.zeros_like(b["valid"])}
         yield b
         seen += b["valid"].shape[0]
+
+
+def eval_batch_size(config: Config, world: ds.World) -> int:
+    return max(1, config.train.global_batch // world.dp_size)
+
+
+@contextlib.contextmanager
+def evaluation(
+    model: torch.nn.Module, config: Config, world: ds.World, ema: EMA | None = None
+) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+    """Eval mode, and the EMA weights if the run keeps them, for the duration; yields this rank's share
+    of the eval split as device batches (rows past train.eval_max_samples marked not valid)."""
+    d, t = config.data, config.train
+    was_training = model.training
+    model.eval()
+    try:
+        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+            batches = iterate_split(
+                d.path, d.eval_split, batch_size=eval_batch_size(config, world), dp_rank=world.dp_rank,
+                dp_size=world.dp_size, corrupt_policy=d.corrupt_policy,
+            )  # fmt: skip
+            batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
+            yield ({k: v.to(world.device) for k, v in b.items()} for b in batches)
+    finally:
+        model.train(was_training)
