@@ -29,7 +29,8 @@ from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, evaluation
 
-# Per micro-batch sums, all-reduced over ranks: losses are means over the micro-batch's labelled tokens.
+# Per micro-batch sums, all-reduced over ranks: each loss term is the micro-batch's share of the step's
+# token mean, so the sums are the means of the whole step.
 SUM_KEYS = ("loss", "ce", "halt_bce", "compute_cost", "expected_cycles", "distill", "tokens", "finite")
 
 
