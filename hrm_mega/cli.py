@@ -67,6 +67,10 @@ PASS_THROUGH: dict[str, tuple[str, str]] = {
         "sample text from an HRMGemma checkpoint: hrm-mega generate CKPT --prompt TEXT",
     ),
     "export-hf": ("pipelines.export_hf", "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT"),
+    "launch": (
+        "pipelines.launch",
+        "plan and start a run on torchrun, the deepspeed launcher or Slurm: hrm-mega launch ... CONFIG",
+    ),
     "import-hf": (
         "pipelines.import_hf",
         "read a Gemma 3 text checkpoint into HRMGemma: hrm-mega import-hf HF_DIR OUT",

@@ -257,6 +257,15 @@ def partition_samples(
 # ---- loader workers ---------------------------------------------------------------------------------
 
 
+def _ignore_stop_signals(_: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process: launchers signal the whole process
+    group, and the trainer must outlive the signal long enough to write its checkpoint."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _keep(item: Any) -> Any:  # DataLoader collate_fn: pass items through (numpy pickles cheaper than tensors)
     return item
 
@@ -543,6 +552,7 @@ class PuzzleStream:
             collate_fn=_keep,
             prefetch_factor=prefetch_factor,
             in_order=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         self._loader_iter = iter(loader)  # long-lived: workers run until close() or load_state_dict()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,22 @@ def setup_distributed(config: Config) -> World:
     dp = world_size // (par.tp * par.pp)
     # Rank order: tensor-parallel fastest, then data-parallel, then pipeline stages.
     return World(rank, world_size, local_rank, (rank // par.tp) % dp, dp, device)
+
+
+def collective_failure(error: BaseException, config: Config) -> str | None:
+    """One line on a failed collective: another rank, or its host, died (the connection drops at once) or
+    stopped answering (after parallel.timeout_minutes). None when `error` is something else. gloo names
+    the peer's address; the launcher's summary names the rank."""
+    text = str(error).strip()
+    if not isinstance(error, torch.distributed.DistError) and "gloo" not in text:
+        return None
+    reason = text.splitlines()[0] if text else type(error).__name__
+    reason = re.sub(r"^\[[^\]]*:\d+\] ", "", reason)  # gloo's source location
+    reason = reason.split(". This is typically caused")[0]
+    return (
+        f"a collective failed ({reason}): another rank or its host died or stopped answering "
+        f"(parallel.timeout_minutes={config.parallel.timeout_minutes:g}); the launcher's summary names the rank"
+    )
 
 
 def bf16_supported() -> bool:

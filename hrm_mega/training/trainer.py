@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -24,12 +26,53 @@ from hrm_mega.distributed import seed_everything
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
-from hrm_mega.training.checkpoint import CheckpointManager, resolve_resume
+from hrm_mega.training.checkpoint import CheckpointManager, resolve_resume, tag_for
 from hrm_mega.training.metrics import MetricsLogger, Throughput
 
 
 class TrainingError(ValueError):
     """Training cannot continue (e.g. repeated non-finite losses); the message is one line."""
+
+
+# EX_TEMPFAIL (sysexits.h): the run stopped early on SIGTERM with a complete checkpoint; run the same
+# command again (--resume auto) to continue. Distinct from 0 (finished) and from failures.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(SystemExit):
+    """Raised by Trainer.train once the checkpoint after a SIGTERM is written. A SystemExit, so that every
+    entry point exits with PREEMPTED_EXIT_CODE and no `except Exception` swallows it."""
+
+
+class SigtermFlag:
+    """SIGTERM becomes a request to stop after the current step. Ranks get the signal at different
+    moments (or only some of them get it), so the decision is collective: on_any_rank() all-reduces the
+    flag after every step, and all ranks stop after the same one."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    @classmethod
+    def install(cls) -> SigtermFlag:
+        flag = cls()
+        if threading.current_thread() is threading.main_thread():  # Python runs handlers only there
+            flag._previous = signal.signal(signal.SIGTERM, flag._handle)
+            flag._installed = True
+        return flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def on_any_rank(self, device: torch.device | str = "cpu") -> bool:
+        """Collective. `device`: where the backend reduces (the rank's GPU under NCCL)."""
+        return bool(all_reduce(torch.tensor([float(self.received)], device=device))[0] > 0)
 
 
 class Trainer(ABC):
@@ -190,9 +233,12 @@ class Trainer(ABC):
     # --- the loop --------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
+        """Runs to train.steps; on SIGTERM it stops after the current step instead (stop_preempted)."""
         cfg = self.config
+        interval = cfg.train.checkpoint_interval
         rate = Throughput()
         final_eval: dict[str, float] = {}
+        sigterm = SigtermFlag.install()
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
@@ -207,15 +253,34 @@ class Trainer(ABC):
                     and self.step < cfg.train.steps
                 ):
                     self.log_evaluation()
-                if cfg.train.checkpoint_interval and self.step % cfg.train.checkpoint_interval == 0:
+                saved = bool(interval) and self.step % interval == 0
+                if saved:
                     self.save_checkpoint()
+                if sigterm.on_any_rank(self.world.device):
+                    self.stop_preempted(saved)
             final_eval = self.log_evaluation()
-            if not cfg.train.checkpoint_interval or self.step % cfg.train.checkpoint_interval:
+            if not interval or self.step % interval:
                 self.save_checkpoint()
+        except RuntimeError as e:
+            if (failure := ds.collective_failure(e, cfg)) is None:
+                raise
+            raise TrainingError(f"after step {self.step}: {failure}") from None
         finally:
+            sigterm.uninstall()
             self.logger.close()
             self.stream.close()
         return final_eval
+
+    def stop_preempted(self, saved: bool) -> NoReturn:
+        """After SIGTERM (Slurm preemption or time limit, a launcher shutting down): every rank is here
+        after the same step. Writes a complete checkpoint (unless this step's was just written) and exits
+        the process with PREEMPTED_EXIT_CODE; `--resume auto` continues exactly from it."""
+        path = self.checkpoints.root / tag_for(self.step) if saved else self.save_checkpoint()
+        self.logger.print(
+            f"preempted: SIGTERM received, stopped after step {self.step} with a complete checkpoint {path}; "
+            f"exit code {PREEMPTED_EXIT_CODE}, resume with --resume auto"
+        )
+        raise Preempted(PREEMPTED_EXIT_CODE)
 
     def log_evaluation(self) -> dict[str, float]:
         results = self.evaluate_all()
@@ -311,17 +376,20 @@ def build_trainer(config: Config, resume: str | None = "auto") -> Trainer:
 def all_finite(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank. Decided together: a backward pass on some ranks
     only would hang the others."""
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag[0] == 1)
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the input is left alone)."""
+    """Sum over ranks (a copy; the input is left alone). NCCL reduces on the GPU, so CPU tensors make
+    a round trip there."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        t = t.clone()
+        device = t.device
+        t = t.to("cuda") if torch.distributed.get_backend() == "nccl" else t.clone()
         torch.distributed.all_reduce(t)
+        t = t.to(device)
     return t
 
 
