@@ -387,7 +387,7 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     a round trip there."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         device = t.device
-        t = t.to("cuda") if torch.distributed.get_backend() == "nccl" else t.clone()
+        t = t.to("cuda", copy=True) if torch.distributed.get_backend() == "nccl" else t.clone()
         torch.distributed.all_reduce(t)
         t = t.to(device)
     return t
