@@ -23,7 +23,8 @@ from launch.hosts import deepspeed_hostfile, expand_hostlist
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
 DEFAULT_PORT = 29500
 # Seconds a rank gets between SIGTERM and SIGKILL to finish its step and write the last checkpoint.
-# The sbatch scripts ask for SIGTERM 120 s before the time limit (--signal=B:TERM@120): 90 s leaves slack.
+# The sbatch scripts get USR1 120 s before the time limit (--signal=B:USR1@120) and turn it into SIGTERM
+# for the ranks: 90 s leaves slack.
 DEFAULT_SHUTDOWN_TIMEOUT = 90
 SLURM_SCRIPTS = Path(__file__).resolve().parent / "slurm"
 WIDTH = 104  # printed commands are wrapped (with `\`) at option boundaries to this width
