@@ -414,19 +414,6 @@ def test_a_killed_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, da
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp2_reference):
-    run_dir = tmp_path / "run"
-    command = launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--max-restarts", "1"))
-    proc = start(command)
-    wait_for_step(proc, run_dir, 6)
-    rank_process(proc.pid, 1).send_signal(signal.SIGKILL)
-    out = finish(proc, timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert re.search(r"resumed from \S+step-0000000[48] at step [48]", out), out[-3000:]
-    assert losses(run_dir) == dp2_reference
-
-
-@pytest.mark.slow
 def test_deepspeed_launcher_trains_two_ranks_on_cpu(tmp_path, dataset, dp2_reference):
     run_dir = tmp_path / "run"
     done = run(
