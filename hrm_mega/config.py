@@ -185,6 +185,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    pp_blocks: list[int] = field(default_factory=list)  # CycleBlocks per pipeline stage; [] = even split
     zero_stage: int = 0
     timeout_minutes: float = 10.0  # distributed collectives give up after this
 

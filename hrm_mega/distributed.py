@@ -1,4 +1,13 @@
-"""Process-group layout, seeding and rank-aware logging.
+"""The 3D layout (tensor x data x pipeline), its checks and process groups; seeding; rank helpers.
+
+Rank order is tensor-parallel fastest, then data-parallel, then pipeline stage:
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model) and megatron-core's parallel_state
+(order tp-cp-ep-dp-pp) both describe exactly this layout; `init_model_parallel` builds the two and
+checks that they agree. `check_layout` runs before any process-group work, so a bad layout costs one
+line of error, not a hang.
 
 Model code asks only two questions of this module: how many tensor-parallel ranks there are and
 which one this is. With no distributed setup both answers describe a single process, so every model
@@ -9,9 +18,15 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from hrm_mega.config import Config
 
 _tp_size = 1
 _tp_rank = 0
@@ -48,3 +63,174 @@ def global_rank() -> int:
 
 def is_main_process() -> bool:
     return global_rank() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The 3D layout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
+
+
+def check_layout(config: Config, world_size: int) -> Layout:
+    """The layout of `world_size` ranks under config.parallel, or a one-line ConfigError naming the
+    fields. Pure: call it before any process-group work."""
+    from hrm_mega.config import ConfigError
+
+    par, m = config.parallel, config.model
+    tp, pp = par.tp, par.pp
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not parallel.tp x parallel.pp x dp: tp {tp} x pp {pp} = {tp * pp} "
+            "does not divide it; launch a multiple of tp x pp ranks"
+        )
+    for name, value in _tp_split_sizes(config).items():
+        if value % tp:
+            raise ConfigError(f"model.{name}={value} is not divisible by parallel.tp={tp}")
+    if m.vocab_size % tp:
+        padded = -(m.vocab_size // -tp) * tp
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}; pad it: set "
+            f"model.vocab_size={padded} (the data's token ids stay below it)"
+        )
+    if pp > 1:
+        if m.family != "hrm_gemma":
+            raise ConfigError(
+                f"parallel.pp={pp}: the {m.family} family is a single CycleBlock and cannot be split into "
+                "pipeline stages; use parallel.pp=1 (and tp/dp for scale)"
+            )
+        pipeline_stage_blocks(config)  # raises on a bad partition
+    return Layout(tp, pp, world_size // (tp * pp))
+
+
+def _tp_split_sizes(config: Config) -> dict[str, int]:
+    """Model sizes that tensor parallelism splits, by config field name."""
+    from hrm_mega.models.layers import swiglu_intermediate
+
+    m = config.model
+    if m.family == "hrm_gemma":
+        return {
+            "num_heads": m.num_heads,
+            "num_kv_heads": m.num_kv_heads,
+            "intermediate_size": m.intermediate_size,
+        }
+    sizes = {"expansion (MLP width)": swiglu_intermediate(m.hidden_size, m.expansion)}
+    if m.token_mixer == "attention":
+        sizes["num_heads"] = m.num_heads
+    else:
+        total_len = m.seq_len + m.prefix_len
+        sizes["expansion (sequence-MLP width)"] = swiglu_intermediate(total_len, m.expansion)
+    return sizes
+
+
+def pipeline_stage_blocks(config: Config) -> list[int]:
+    """How many CycleBlocks each pipeline stage holds: parallel.pp_blocks if given, else an even split."""
+    from hrm_mega.config import ConfigError
+
+    pp, groups = config.parallel.pp, config.model.num_groups
+    given = config.parallel.pp_blocks
+    if given:
+        if len(given) != pp or sum(given) != groups or min(given) < 1:
+            raise ConfigError(
+                f"parallel.pp_blocks={given} must list {pp} positive CycleBlock counts (one per stage) "
+                f"summing to the model's {groups} CycleBlocks"
+            )
+        return list(given)
+    if groups % pp:
+        raise ConfigError(
+            f"parallel.pp={pp} does not divide the model's {groups} CycleBlocks "
+            f"(model.num_layers // (model.local_per_global + 1)); change parallel.pp or give "
+            "parallel.pp_blocks, e.g. [2, 1]"
+        )
+    return [groups // pp] * pp
+
+
+# --------------------------------------------------------------------------------------------------
+# Process groups
+# --------------------------------------------------------------------------------------------------
+
+_layout: Layout | None = None
+
+
+def init_model_parallel(layout: Layout) -> Any:
+    """Builds megatron-core's parallel_state and DeepSpeed's topology over the initialised default
+    process group, checks that they put this rank at the same coordinates, and records the TP rank
+    for the model code. Returns the topology (for a PipelineModule)."""
+    global _layout
+    # megatron-core's notes about GPU-only extras and CUDA streams say nothing about a CPU/gloo run
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="When using async grad allreduce")
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            create_gloo_process_groups=False,
+        )
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    rank = torch.distributed.get_rank()
+    coord = topology.get_coord(rank)
+    ours = layout.coordinates(rank)
+    megatron = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+    )
+    if not ours == (coord.pipe, coord.data, coord.model) == megatron:
+        raise RuntimeError(
+            f"rank {rank}: layout coordinates disagree (pp, dp, tp): ours {ours}, DeepSpeed "
+            f"{(coord.pipe, coord.data, coord.model)}, megatron-core {megatron}"
+        )
+    set_tensor_parallel(layout.tp, ours[2])
+    _layout = layout
+    return topology
+
+
+def data_parallel_group() -> Any:
+    """The process group of this rank's data-parallel replicas (None: the whole world, no model
+    parallelism set up)."""
+    if _layout is None or _layout.tp * _layout.pp == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def tensor_parallel_group() -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+class MegatronMPU:
+    """The model-parallel-unit interface DeepSpeed's engine asks (`mpu=`), answered by megatron-core's
+    parallel_state. Without pipeline stages, DeepSpeed's "model parallel" is tensor parallel."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.get_model_parallel_rank = ps.get_tensor_model_parallel_rank
+        self.get_model_parallel_world_size = ps.get_tensor_model_parallel_world_size
+        self.get_model_parallel_group = ps.get_tensor_model_parallel_group
+        self.get_tensor_model_parallel_rank = ps.get_tensor_model_parallel_rank
+        self.get_tensor_model_parallel_world_size = ps.get_tensor_model_parallel_world_size
+        self.get_tensor_model_parallel_group = ps.get_tensor_model_parallel_group
+        self.get_tensor_model_parallel_src_rank = ps.get_tensor_model_parallel_src_rank
+        self.get_data_parallel_rank = ps.get_data_parallel_rank
+        self.get_data_parallel_world_size = ps.get_data_parallel_world_size
+        self.get_data_parallel_group = ps.get_data_parallel_group

@@ -12,7 +12,6 @@ from hrm_mega.models.act import (
     decide_halting,
     initial_state,
     keyed_uniform,
-    log_stablemax,
     q_continue_target,
     refill,
     step_segment,
@@ -20,6 +19,7 @@ from hrm_mega.models.act import (
 )
 from hrm_mega.models.puzzle import RecursiveReasoner, SegmentOutput
 from hrm_mega.models.recurrence import Carry
+from hrm_mega.models.vocab import log_stablemax
 
 
 def make_batch(config, n, start_id=0, seed=0):

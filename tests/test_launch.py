@@ -422,3 +422,17 @@ def test_deepspeed_launcher_trains_two_ranks_on_cpu(tmp_path, dataset, dp2_refer
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(run_dir) == dp2_reference
     assert (latest_checkpoint(run_dir) / "client/rank-00001.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp2_reference):
+    run_dir = tmp_path / "run"
+    command = launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--max-restarts", "1"))
+    proc = start(command)
+    wait_for_step(proc, run_dir, 6)
+    rank_process(proc.pid, 1).send_signal(signal.SIGKILL)
+    out = finish(proc, timeout=240)
+    (Path("/tmp/restart_out.txt")).write_text(out)
+    assert proc.returncode == 0, out[-3000:]
+    assert re.search(r"resumed from \S+step-0000000[48] at step [48]", out), out[-3000:]
+    assert losses(run_dir) == dp2_reference

@@ -16,7 +16,6 @@ from hrm_mega.models.layers import (
     column_linear,
     init_parameters,
     lecun_init,
-    linear_weight,
     rms_norm,
     row_linear,
     set_init,
@@ -281,7 +280,7 @@ def test_trunc_normal_has_the_requested_std_and_truncation():
 def test_lecun_rule_on_linear_layers_and_missing_rules():
     layer = column_linear(400, 600)
     init_parameters(layer, seed=0)
-    w = linear_weight(layer)
+    w = layer.weight
     assert w.std().item() == pytest.approx(1 / math.sqrt(400), rel=0.01)
     biased = row_linear(16, 4, bias=True)
     with torch.no_grad():
@@ -304,7 +303,6 @@ def test_tp1_factories_return_plain_linear_without_process_groups():
     assert type(col) is nn.Linear and type(row) is nn.Linear
     assert (col.in_features, col.out_features, col.bias) == (8, 12, None)
     assert (row.in_features, row.out_features, row.bias.shape) == (12, 8, (8,))
-    assert linear_weight(col) is col.weight
     assert not torch.distributed.is_initialized()
 
 

@@ -209,9 +209,12 @@ def test_bad_data_path_is_a_one_line_error(tmp_path):
 
 
 def test_manifest_mismatch_names_the_field(tmp_path, dataset):
-    out = run(train_cmd(tmp_path / "x", dataset, "train.steps=1", "model.vocab_size=12"), timeout=120)
+    out = run(train_cmd(tmp_path / "x", dataset, "train.steps=1", "model.vocab_size=10"), timeout=120)
     assert out.returncode == 2
-    assert "model.vocab_size=12 but" in out.stderr.strip().splitlines()[-1]
+    assert "model.vocab_size=10 is smaller than" in out.stderr.strip().splitlines()[-1]
+    out = run(train_cmd(tmp_path / "y", dataset, "train.steps=1", "model.seq_len=80"), timeout=120)
+    assert out.returncode == 2
+    assert "model.seq_len=80 but" in out.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import torch
 from hrm_mega.config import PuzzleModelConfig
 from hrm_mega.models.act import IGNORE_LABEL, q_says_halt
 from hrm_mega.models.recurrence import Carry
+from hrm_mega.models.vocab import gather_vocab
 
 _ROW_KEYS = ("inputs", "labels", "puzzle_identifiers", "sample_id")
 
@@ -34,7 +35,7 @@ def _records(
     batch: dict[str, torch.Tensor], logits: torch.Tensor, segments: torch.Tensor, q_halt: torch.Tensor
 ) -> Iterator[PuzzleRecord]:
     """One record per row; padding rows (`valid` False, as loaders emit to keep batches full) are dropped."""
-    pred = logits.argmax(-1).cpu()
+    pred = gather_vocab(logits).argmax(-1).cpu()  # the full vocabulary under TP
     ids = batch.get("sample_id", torch.full((pred.shape[0],), -1))
     valid = batch.get("valid", torch.ones(pred.shape[0], dtype=torch.bool))
     for i in range(pred.shape[0]):

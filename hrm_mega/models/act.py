@@ -24,34 +24,17 @@ import torch.nn.functional as F
 from hrm_mega.config import PuzzleModelConfig
 from hrm_mega.models.puzzle import SegmentOutput
 from hrm_mega.models.recurrence import Carry
-
-IGNORE_LABEL = -100
+from hrm_mega.models.vocab import IGNORE_LABEL, cross_entropy, gather_vocab
 
 # --------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------
 
 
-def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """log of stablemax: s(x) / sum s(x), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below."""
-    s = torch.where(x < 0, 1 / (1 - x + 1e-30), x + 1)
-    return torch.log(s / s.sum(dim=dim, keepdim=True))
-
-
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = "stablemax") -> torch.Tensor:
-    """Per-token loss [b, seq]; 0 where labels == IGNORE_LABEL. Stablemax runs in fp64, as in HRM."""
-    valid = labels != IGNORE_LABEL
-    safe = torch.where(valid, labels, 0)
-    if kind == "stablemax":
-        logp = log_stablemax(logits.double())
-        loss = -logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    elif kind == "softmax":
-        loss = F.cross_entropy(logits.float().flatten(0, 1), safe.flatten(), reduction="none").view(
-            labels.shape
-        )
-    else:
-        raise ValueError(f"loss={kind!r} must be stablemax or softmax")
-    return torch.where(valid, loss, 0).float()
+    """Per-token loss [b, seq]; 0 where labels == IGNORE_LABEL. Stablemax runs in fp64, as in HRM.
+    Under tensor parallelism logits are this rank's vocabulary slice (models/vocab.py)."""
+    return cross_entropy(logits, labels, kind)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +180,7 @@ def act_loss(
     with torch.no_grad():
         valid = labels != IGNORE_LABEL
         n_valid = valid.sum(-1)
-        correct = valid & (out.logits.argmax(-1) == labels)
+        correct = valid & (gather_vocab(out.logits).argmax(-1) == labels)
         seq_correct = correct.sum(-1) == n_valid
         counted = halted & (n_valid > 0)
         metrics = {

@@ -2,7 +2,8 @@
 
 Tensor layout is [batch, seq, hidden] throughout. Linear layers come from two factories,
 `column_linear` and `row_linear`: plain `nn.Linear` when tensor parallelism is off, megatron-core
-Column/RowParallelLinear when it is on. Model code never branches on which one it got.
+Column/RowParallelLinear when it is on; parameter names are `weight`/`bias` either way. Model code never
+branches on which one it got. `vocab_embedding` is nn.Embedding or megatron-core's VocabParallelEmbedding.
 
 Weights are not initialised in `__init__`. Each parameter carries an init rule (`set_init`), and
 `init_parameters` fills every tensor from a generator seeded by (seed, parameter name), generating
@@ -194,18 +195,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-class _MegatronLinear(nn.Module):
-    """Adapts megatron-core's (output, bias) return value to a plain tensor."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)[0]
-
-
-def _megatron_config():  # -> ModelParallelConfig
+def megatron_parallel_config():  # -> ModelParallelConfig
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     # use_cpu_initialization: the full weight is created and split on the CPU (works without CUDA);
@@ -217,24 +207,30 @@ def _megatron_config():  # -> ModelParallelConfig
     )
 
 
-def _no_init(_: torch.Tensor) -> None:
+def mark_split(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Marks a megatron-core weight as split over TP ranks along `dim`. megatron-core sets these
+    attributes only when it initialises the weight itself, which init_parameters() does instead."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
+    return weight
+
+
+def skip_init(_: torch.Tensor) -> None:
+    """megatron-core's init_method when init_parameters() fills the weights afterwards."""
     return None
 
 
-def column_linear(
-    in_features: int, out_features: int, bias: bool = False, gather_output: bool = False
-) -> nn.Module:
+def column_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
     """A linear whose output features are split across TP ranks (e.g. q/k/v, gate/up)."""
     if distributed.tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
-        inner = ColumnParallelLinear(
-            in_features, out_features, config=_megatron_config(), init_method=_no_init, bias=bias,
-            gather_output=gather_output,
+        layer = _column_parallel_class()(
+            in_features, out_features, config=megatron_parallel_config(), init_method=skip_init, bias=bias,
+            gather_output=False,
         )  # fmt: skip
-        layer = _MegatronLinear(inner)
+        mark_split(layer.weight, dim=0)
     _init_linear(layer, in_features)
     return layer
 
@@ -244,15 +240,37 @@ def row_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Mo
     if distributed.tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
-        from megatron.core.tensor_parallel import RowParallelLinear
-
-        inner = RowParallelLinear(
-            in_features, out_features, config=_megatron_config(), init_method=_no_init, bias=bias,
+        layer = _row_parallel_class()(
+            in_features, out_features, config=megatron_parallel_config(), init_method=skip_init, bias=bias,
             input_is_parallel=True, skip_bias_add=False,
         )  # fmt: skip
-        layer = _MegatronLinear(inner)
+        mark_split(layer.weight, dim=1)
     _init_linear(layer, in_features)
     return layer
+
+
+def _column_parallel_class() -> type[nn.Module]:
+    """megatron-core's ColumnParallelLinear returning a plain tensor. A subclass, not a wrapper, so the
+    parameters keep the names nn.Linear gives them (`weight`, `bias`) at every TP size."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class ColumnLinear(ColumnParallelLinear):
+        is_column_parallel = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return ColumnLinear
+
+
+def _row_parallel_class() -> type[nn.Module]:
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class RowLinear(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return RowLinear
 
 
 def _init_linear(layer: nn.Module, fan_in: int) -> None:
@@ -264,17 +282,19 @@ def _init_linear(layer: nn.Module, fan_in: int) -> None:
 
 
 def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
-    """Several projections of the same input. Plain bias-free Linears (TP=1) run as one matmul over their
-    concatenated weights, which is faster on every backend; parallel layers run one by one."""
+    """Several projections of the same input, run as one matmul over their concatenated weights (faster on
+    every backend). Bias-free plain Linears (TP=1) or column-parallel ones; under TP the input goes through
+    one copy-to-TP region, so backward all-reduces its gradient once rather than once per layer."""
     if all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
         weight = torch.cat([layer.weight for layer in layers])
         return list(F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1))
+    if all(getattr(layer, "is_column_parallel", False) and layer.bias is None for layer in layers):
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        weight = torch.cat([layer.weight for layer in layers])  # this rank's rows of each
+        sizes = [layer.weight.shape[0] for layer in layers]
+        return list(F.linear(copy_to_tensor_model_parallel_region(x), weight).split(sizes, dim=-1))
     return [layer(x) for layer in layers]
-
-
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight of a layer built by column_linear/row_linear, whichever implementation it is."""
-    return layer.inner.weight if isinstance(layer, _MegatronLinear) else layer.weight
 
 
 # --------------------------------------------------------------------------------------------------

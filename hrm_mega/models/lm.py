@@ -73,7 +73,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_mega import distributed
 from hrm_mega.config import LMModelConfig
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.attention import flash_attn_func
@@ -87,6 +86,7 @@ from hrm_mega.models.layers import (
     set_init,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
+from hrm_mega.models.vocab import cross_entropy, tied_logits, vocab_embedding
 
 if TYPE_CHECKING:
     from hrm_mega.inference.kv_cache import KVCache
@@ -230,14 +230,9 @@ class HaltingCycleBlock(CycleBlock):
 class HRMGemma(nn.Module):
     def __init__(self, config: LMModelConfig) -> None:
         super().__init__()
-        if distributed.tp_size() > 1:
-            raise ValueError(
-                f"HRMGemma does not support parallel.tp={distributed.tp_size()} yet "
-                "(its vocab-parallel embedding and tied head are not built); use parallel.tp=1"
-            )
         config.validate()
         self.config = c = config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / math.sqrt(c.hidden_size))
         self.rope_local, self.rope_global = self._ropes()
 
@@ -374,9 +369,10 @@ class HRMGemma(nn.Module):
         return flash_attn_func() is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (already normed) -> logits, with the tied or separate LM head."""
+        """Final hidden states (already normed) -> logits, with the tied or separate LM head (this rank's
+        vocabulary slice under tensor parallelism: models/vocab.py)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
+            return tied_logits(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def forward(
@@ -545,11 +541,8 @@ def lm_loss(
     runs if it stops at the first reading whose halt probability fires:
         E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
     """
-    vocab = logits.shape[-1]
-    targets = labels[:, 1:].reshape(-1)
-    ce_sum = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), targets, ignore_index=-100, reduction="sum"
-    )
+    targets = labels[:, 1:]
+    ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()  # vocab-parallel under TP
     halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
     n_cycles = halt_logits.shape[1]
     mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)

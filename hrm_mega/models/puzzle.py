@@ -32,12 +32,13 @@ from hrm_mega.models.layers import (
     swiglu_intermediate,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
+from hrm_mega.models.vocab import vocab_embedding
 
 
 @dataclass
 class SegmentOutput:
     carry: Carry  # detached, for the next segment
-    logits: torch.Tensor  # [batch, seq_len, vocab]
+    logits: torch.Tensor  # [batch, seq_len, vocab] (this rank's vocabulary slice under TP)
     q_halt: torch.Tensor  # [batch], fp32
     q_continue: torch.Tensor  # [batch], fp32
 
@@ -50,7 +51,7 @@ class RecursiveReasoner(nn.Module):
         self.total_len = c.seq_len + self.prefix_len
         self.embed_scale = math.sqrt(c.hidden_size)
 
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / self.embed_scale)
         self.register_buffer("puzzle_emb", torch.zeros(c.num_puzzle_identifiers, c.puzzle_emb_ndim))
         if c.pos_encoding == "learned":
@@ -69,7 +70,7 @@ class RecursiveReasoner(nn.Module):
         self.register_buffer("H_init", set_init(torch.empty(c.hidden_size), "trunc_normal", 1.0))
         self.register_buffer("L_init", set_init(torch.empty(c.hidden_size), "trunc_normal", 1.0))
 
-        self.lm_head = column_linear(c.hidden_size, c.vocab_size, gather_output=True)
+        self.lm_head = column_linear(c.hidden_size, c.vocab_size)  # vocab-parallel logits under TP
         self.q_head = nn.Linear(c.hidden_size, 2)
         set_init(self.q_head.weight, "constant", 0.0)  # Q starts near zero: sigmoid(-5) ~ 0.007
         set_init(self.q_head.bias, "constant", -5.0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from hrm_mega.config import Config, ConfigError
+from hrm_mega.distributed import Layout, MegatronMPU, check_layout, init_model_parallel
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class World:
     dp_rank: int
     dp_size: int
     device: torch.device
+    tp_rank: int = 0
+    pp_rank: int = 0
+    layout: Layout | None = None
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.layout is not None and self.layout.tp * self.layout.pp > 1
 
 
 def _free_port() -> int:
@@ -35,18 +43,15 @@ def _free_port() -> int:
 
 
 def setup_distributed(config: Config) -> World:
-    """Initialises torch.distributed (through DeepSpeed) and checks the layout against the world size."""
+    """Checks the layout against the world size (before any process-group work), then initialises
+    torch.distributed (through DeepSpeed) and, with tp or pp > 1, the model-parallel groups."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    world_size = int(os.environ["WORLD_SIZE"])
+    layout = check_layout(config, int(os.environ["WORLD_SIZE"]))
     par = config.parallel
-    if world_size % (par.tp * par.pp):
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {par.tp} x {par.pp}"
-        )
     import deepspeed
 
     if not torch.distributed.is_initialized():
@@ -57,11 +62,10 @@ def setup_distributed(config: Config) -> World:
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if par.tp > 1:
-        raise ConfigError("parallel.tp > 1 is not wired into the trainer yet; use parallel.tp=1")
-    dp = world_size // (par.tp * par.pp)
-    # Rank order: tensor-parallel fastest, then data-parallel, then pipeline stages.
-    return World(rank, world_size, local_rank, (rank // par.tp) % dp, dp, device)
+    if layout.tp * layout.pp > 1:
+        init_model_parallel(layout)
+    pp_rank, dp_rank, tp_rank = layout.coordinates(rank)
+    return World(rank, layout.world_size, local_rank, dp_rank, layout.dp, device, tp_rank, pp_rank, layout)
 
 
 def collective_failure(error: BaseException, config: Config) -> str | None:
@@ -109,9 +113,14 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
     return ds
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
-    """`deepspeed.initialize` with a client optimizer; returns the engine."""
+def initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any], world: World
+):
+    """`deepspeed.initialize` with a client optimizer; returns the engine. Under tensor parallelism
+    DeepSpeed gets megatron-core's groups (`mpu`): gradients average over the data-parallel group, and
+    the gradient norm counts split parameters on every TP rank and replicated ones once."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    mpu = MegatronMPU() if world.layout is not None and world.layout.tp > 1 else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.stream import PuzzleStream
 from hrm_mega.models.lm import HRMGemma, lm_loss
+from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, evaluation
@@ -47,10 +48,6 @@ class LMTrainer(Trainer):
                 f"{path} holds {manifest.get('task')!r} data; train.task=lm needs a text dataset "
                 "(build one with `hrm-mega prep text`)"
             )
-        if manifest["vocab_size"] > c.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={c.vocab_size} is smaller than the tokenizer's {manifest['vocab_size']} ({path})"
-            )
         if manifest["seq_len"] > c.max_position:
             raise ConfigError(
                 f"model.max_position={c.max_position} is shorter than {path}'s seq_len {manifest['seq_len']}"
@@ -58,10 +55,15 @@ class LMTrainer(Trainer):
         return manifest
 
     def manifest_fields(self) -> tuple[str, ...]:
-        return ()  # checked in check_data: the model's vocabulary may be padded beyond the tokenizer's
+        return ()  # an LM's sequence length is the data's; max_position is checked in check_data
 
     def after_engine(self) -> None:
         t = self.config.train
+        if t.distill_weight > 0 and self.world.model_parallel:
+            raise ConfigError(
+                "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
+                "single-process model); distil first, or set train.distill_weight=0"
+            )
         if t.distill_weight > 0:
             from hrm_mega.convert.consolidate import load_model
 
@@ -230,9 +232,7 @@ def evaluate_lm(model: HRMGemma, config: Config, world: ds.World, ema: EMA | Non
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
             logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
             target = labels[:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="sum"
-            )
+            nll = cross_entropy(logits[:, :-1], target, "softmax").sum()
             tokens = int((target != -100).sum())
             parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)
             sums += torch.tensor(

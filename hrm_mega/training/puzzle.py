@@ -23,6 +23,7 @@ import torch
 
 from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.distributed import data_parallel_group
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 from hrm_mega.models.act import ACTState, initial_state, refill, step_segment
 from hrm_mega.models.puzzle import RecursiveReasoner
@@ -41,15 +42,16 @@ class PuzzleTrainer(Trainer):
     act: ACTState | None = None
 
     def manifest_fields(self) -> tuple[str, ...]:
-        return ("vocab_size", "seq_len", "num_puzzle_identifiers")
+        return ("seq_len", "num_puzzle_identifiers")
 
     def after_engine(self) -> None:
         if self.model.puzzle_emb.dtype != torch.float32:  # bf16 engines cast buffers; sign-SGD needs fp32
             self.model.puzzle_emb = self.model.puzzle_emb.float()
         o = self.config.optim
         self.sign_sgd = SparseSignSGD(
-            self.model.puzzle_emb, lr=o.puzzle_emb_lr, weight_decay=o.puzzle_emb_weight_decay
-        )
+            self.model.puzzle_emb, lr=o.puzzle_emb_lr, weight_decay=o.puzzle_emb_weight_decay,
+            group=data_parallel_group(),
+        )  # fmt: skip
 
     def build_stream(self) -> PuzzleStream:
         d, t = self.config.data, self.config.train

@@ -22,7 +22,7 @@ import torch
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.data.shards import read_manifest
 from hrm_mega.data.stream import PuzzleStream, iterate_split
-from hrm_mega.distributed import seed_everything
+from hrm_mega.distributed import data_parallel_group, seed_everything, tensor_parallel_group
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
@@ -72,7 +72,8 @@ class SigtermFlag:
 
     def on_any_rank(self, device: torch.device | str = "cpu") -> bool:
         """Collective. `device`: where the backend reduces (the rank's GPU under NCCL)."""
-        return bool(all_reduce(torch.tensor([float(self.received)], device=device))[0] > 0)
+        received = torch.tensor([float(self.received)], device=device)
+        return bool(all_reduce(received, group=torch.distributed.group.WORLD)[0] > 0)
 
 
 class Trainer(ABC):
@@ -101,7 +102,10 @@ class Trainer(ABC):
             self.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
         self.local_batch = config.train.global_batch // self.world.dp_size
         self.engine = ds.initialize(
-            self.model, self.build_optimizer(), ds.deepspeed_config(config, self.world, self.local_batch)
+            self.model,
+            self.build_optimizer(),
+            ds.deepspeed_config(config, self.world, self.local_batch),
+            self.world,
         )
         self.after_engine()
         self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
@@ -118,8 +122,9 @@ class Trainer(ABC):
     # --- what a task provides --------------------------------------------------------------------
 
     def manifest_fields(self) -> tuple[str, ...]:
-        """Fields of manifest.json that must equal the model config's fields of the same name."""
-        return ("vocab_size", "seq_len")
+        """Fields of manifest.json that must equal the model config's fields of the same name (the
+        model's vocab_size may exceed the data's: padded, e.g. to a multiple of parallel.tp)."""
+        return ("seq_len",)
 
     def after_engine(self) -> None:
         """Set-up that needs the engine (e.g. optimizers living outside it)."""
@@ -161,6 +166,11 @@ class Trainer(ABC):
                 "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
             )
         manifest = read_manifest(d.path)
+        if manifest["vocab_size"] > c.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={c.vocab_size} is smaller than {d.path}/manifest.json's vocab_size "
+                f"{manifest['vocab_size']}"
+            )
         for name in self.manifest_fields():
             if manifest[name] != getattr(c, name):
                 raise ConfigError(
@@ -224,11 +234,21 @@ class Trainer(ABC):
 
     def _grad_norm_before_step(self) -> float:
         """Global L2 norm of the DP-averaged gradients before clipping. ZeRO optimizers compute it in
-        their step (read it from the engine afterwards); without ZeRO the gradients sit in .grad."""
+        their step (read it from the engine afterwards); without ZeRO the gradients sit in .grad. Under
+        tensor parallelism split parameters add up over the TP group; replicated ones count once."""
         if self.config.parallel.zero_stage > 0:
             return float("nan")
-        norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+        split = replicated = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                square = p.grad.detach().double().square().sum().cpu()
+                if getattr(p, "tensor_model_parallel", False):
+                    split = split + square
+                else:
+                    replicated = replicated + square
+        if self.world.model_parallel:
+            split = all_reduce(split, group=tensor_parallel_group())
+        return float((split + replicated).sqrt())
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -382,13 +402,15 @@ def all_finite(loss: torch.Tensor) -> bool:
     return bool(flag[0] == 1)
 
 
-def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the input is left alone). NCCL reduces on the GPU, so CPU tensors make
-    a round trip there."""
+def all_reduce(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum over the data-parallel replicas, or over `group` (a copy; the input is left alone). Metrics
+    sum over DP only: the tensor-parallel ranks of a replica hold the same values. NCCL reduces on the
+    GPU, so CPU tensors make a round trip there."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        group = data_parallel_group() if group is None else group
         device = t.device
         t = t.to("cuda", copy=True) if torch.distributed.get_backend() == "nccl" else t.clone()
-        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(t, group=group)
         t = t.to(device)
     return t
 

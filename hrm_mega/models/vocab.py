@@ -1,0 +1,109 @@
+"""The vocabulary under tensor parallelism: embedding, LM-head logits and cross-entropy.
+
+With parallel.tp = T > 1 each rank holds V/T consecutive rows of the embedding (and of an untied LM
+head), and logits stay split over the vocabulary: rank r holds logits[..., r*V/T : (r+1)*V/T]. The
+cross-entropy never gathers them. For a normaliser f (softmax: exp(x - max); stablemax: s(x) = x + 1
+for x >= 0, 1 / (1 - x) below)
+
+    log p(y) = log f(x_y) - log sum_v f(x_v)
+
+needs two numbers per token from every rank: its partial sum of f, and f(x_y) if y is in its range
+(0 otherwise). Both are summed over the TP group by megatron-core's reduce region, whose backward is
+the identity: every rank then computes the same loss, and each one's gradient reaches exactly its own
+logits. At T = 1 everything here is the plain single-process operation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrm_mega import distributed
+
+IGNORE_LABEL = -100
+
+
+def vocab_embedding(vocab_size: int, hidden_size: int) -> nn.Module:
+    """nn.Embedding, or megatron-core's VocabParallelEmbedding (rows split over TP ranks; the weight is
+    still called `weight`). Initialisation is left to init_parameters."""
+    if distributed.tp_size() == 1:
+        return nn.Embedding(vocab_size, hidden_size)
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    from hrm_mega.models.layers import mark_split, megatron_parallel_config, skip_init
+
+    embedding = VocabParallelEmbedding(
+        vocab_size, hidden_size, init_method=skip_init, config=megatron_parallel_config()
+    )
+    mark_split(embedding.weight, dim=0)
+    return embedding
+
+
+def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+    """hidden [..., h] @ this rank's embedding rows^T -> this rank's vocabulary slice of the logits. Under
+    TP the input passes a copy region, so its gradient is summed over the ranks' slices."""
+    if distributed.tp_size() > 1:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+    return F.linear(hidden, embedding_weight)
+
+
+@torch.no_grad()
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from every rank's slice, for predictions (argmax, sampling); not
+    differentiable. Identity at TP=1. (megatron-core's gather region allocates on CUDA.)"""
+    if distributed.tp_size() == 1:
+        return logits
+    group = distributed.tensor_parallel_group()
+    slices = [torch.empty_like(logits) for _ in range(distributed.tp_size())]
+    torch.distributed.all_gather(slices, logits.contiguous(), group=group)
+    return torch.cat(slices, dim=-1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+    """Per-token -log p(label) with the same shape as labels, 0 where labels == IGNORE_LABEL.
+
+    logits [..., V/T] are this rank's slice. kind: softmax (in fp32) or stablemax (in fp64, as HRM).
+    """
+    if kind not in ("softmax", "stablemax"):
+        raise ValueError(f"loss={kind!r} must be stablemax or softmax")
+    valid = labels != IGNORE_LABEL
+    safe = torch.where(valid, labels, 0)
+    if distributed.tp_size() > 1:
+        loss = _vocab_parallel_cross_entropy(logits, safe, kind)
+    elif kind == "stablemax":
+        loss = -log_stablemax(logits.double()).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    else:
+        loss = F.cross_entropy(logits.float().flatten(0, -2), safe.flatten(), reduction="none")
+        loss = loss.view(labels.shape)
+    return torch.where(valid, loss, 0).float()
+
+
+def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log of stablemax: s(x) / sum s(x), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below."""
+    s = _stablemax_numerator(x)
+    return torch.log(s / s.sum(dim=dim, keepdim=True))
+
+
+def _stablemax_numerator(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x < 0, 1 / (1 - x + 1e-30), x + 1)
+
+
+def _vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    from megatron.core.tensor_parallel import (
+        reduce_from_tensor_model_parallel_region,
+        vocab_parallel_cross_entropy,
+    )
+
+    if kind == "softmax":  # megatron-core's: max, sum and target with one custom backward; it works in place
+        return vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels)
+    shard = logits.shape[-1]
+    local = labels - distributed.tp_rank() * shard
+    mine = (local >= 0) & (local < shard)
+    s = _stablemax_numerator(logits.double())
+    total = reduce_from_tensor_model_parallel_region(s.sum(-1))
+    picked = s.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
+    target = reduce_from_tensor_model_parallel_region(torch.where(mine, picked, 0))
+    return total.log() - target.log()

@@ -1,0 +1,268 @@
+"""RL rollouts on tiny random models: shapes, seeded reproducibility, log-probs against the training
+forward's, and the ACT segments / H cycles each sample used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrm_mega.config import LMModelConfig, PuzzleModelConfig
+from hrm_mega.inference.generate import generate, left_pad
+from hrm_mega.inference.puzzle import run_adaptive
+from hrm_mega.models.lm import HRMGemma
+from hrm_mega.models.puzzle import RecursiveReasoner
+from hrm_mega.rl.rollout import (
+    lm_policy,
+    lm_rollout,
+    logprob_mismatch,
+    puzzle_policy,
+    puzzle_rollout,
+    recompute_policy,
+)
+
+SEQ, VOCAB, MAX_STEPS = 16, 11, 4
+
+# --------------------------------------------------------------------------------------------------
+# Puzzles
+# --------------------------------------------------------------------------------------------------
+
+
+def puzzle_model(loss: str = "softmax", q_target: str = "bootstrap", seed: int = 0) -> RecursiveReasoner:
+    """A tiny RecursiveReasoner whose Q-head is random, so rows halt after different segments."""
+    config = PuzzleModelConfig(
+        vocab_size=VOCAB, seq_len=SEQ, num_puzzle_identifiers=4, hidden_size=32, num_heads=2, h_layers=1,
+        l_layers=1, h_cycles=2, l_cycles=1, puzzle_emb_ndim=32, halt_max_steps=MAX_STEPS, loss=loss,
+        q_target=q_target,
+    )  # fmt: skip
+    model = RecursiveReasoner(config).init_weights(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        model.q_head.weight.copy_(torch.randn(2, 32, generator=generator))
+        model.q_head.bias.zero_()
+        model.puzzle_emb.copy_(torch.randn(model.puzzle_emb.shape, generator=generator))
+    return model
+
+
+def puzzle_batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "inputs": torch.randint(1, VOCAB, (b, SEQ), generator=generator),
+        "labels": torch.randint(2, VOCAB, (b, SEQ), generator=generator),
+        "puzzle_identifiers": torch.arange(b) % 4,
+        "sample_id": torch.arange(100, 100 + b),
+    }
+
+
+def test_puzzle_rollout_shapes_and_seeds() -> None:
+    model, batch = puzzle_model(), puzzle_batch()
+    ro = puzzle_rollout(model, batch, group_size=4, seed=7)
+    assert ro.tokens.shape == (12, SEQ) and ro.logprobs.shape == ro.mask.shape == (12, SEQ + MAX_STEPS)
+    assert ro.segments.shape == (12,) and bool(((ro.segments >= 1) & (ro.segments <= MAX_STEPS)).all())
+    assert bool(((ro.tokens >= 0) & (ro.tokens < VOCAB)).all())
+    assert torch.equal(ro.batch["inputs"], batch["inputs"].repeat_interleave(4, dim=0))  # group-major
+    assert torch.equal(ro.batch["sample_id"][:4], torch.full((4,), 100))
+    assert bool((ro.cell_logprobs < 0).all()) and bool(ro.mask[:, :SEQ].all())
+    again = puzzle_rollout(model, batch, group_size=4, seed=7)
+    assert torch.equal(again.tokens, ro.tokens) and torch.equal(again.segments, ro.segments)
+    assert torch.equal(again.logprobs, ro.logprobs)
+    other = puzzle_rollout(model, batch, group_size=4, seed=8)
+    assert not torch.equal(other.tokens, ro.tokens)
+    assert not torch.equal(ro.tokens[0], ro.tokens[1])  # samples of one group differ
+
+
+@pytest.mark.parametrize("loss", ["softmax", "stablemax"])
+@pytest.mark.parametrize("halting", ["sample", "greedy", "fixed"])
+def test_puzzle_logprobs_equal_the_training_forward(loss: str, halting: str) -> None:
+    model = puzzle_model(loss)
+    ro = puzzle_rollout(model, puzzle_batch(), group_size=3, halting=halting, seed=1)
+    new = puzzle_policy(model, ro)
+    assert new.logprobs.shape == ro.logprobs.shape == new.entropy.shape
+    assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-5
+    assert float(logprob_mismatch(ro.logprobs, new.logprobs, ro.mask)["logprob_diff_max_abs"]) < 1e-5
+    assert bool((new.logprobs[~ro.mask] == 0).all()) and bool((new.entropy[:, :SEQ] > 0).all())
+
+
+def test_greedy_segments_match_adaptive_evaluation() -> None:
+    """Greedy halting is the evaluation rule: the segments agree with inference/puzzle.run_adaptive."""
+    model, batch = puzzle_model(), puzzle_batch(b=6, seed=3)
+    ro = puzzle_rollout(model, batch, group_size=1, halting="greedy")
+    with torch.no_grad():
+        records = {r.sample_id: r.segments for r in run_adaptive(model, model.config, [batch], batch_size=6)}
+    assert ro.segments.tolist() == [records[int(i)] for i in batch["sample_id"]]
+    assert len(set(ro.segments.tolist())) > 1  # the random Q-head halts rows at different segments
+    assert not bool(ro.mask[:, SEQ:].any())  # no decision is an action
+
+
+def test_sampled_halting_decisions_and_segments() -> None:
+    model = puzzle_model()
+    ro = puzzle_rollout(model, puzzle_batch(), group_size=8, halting="sample", seed=2)
+    decisions = ro.mask[:, SEQ:]
+    # A row that ran k segments decided after segments 1..k (continue, ..., halt), except at the last one.
+    assert decisions.sum(dim=1).tolist() == torch.clamp(ro.segments, max=MAX_STEPS - 1).tolist()
+    assert bool((ro.halt_logprobs[decisions] < 0).all()) and bool((ro.halt_logprobs[~decisions] == 0).all())
+    assert len(set(ro.segments[:8].tolist())) > 1  # one puzzle's samples use different compute
+    fixed = puzzle_rollout(model, puzzle_batch(), group_size=2, halting="fixed")
+    assert bool((fixed.segments == MAX_STEPS).all()) and not bool(fixed.mask[:, SEQ:].any())
+
+
+def test_halt_only_q_target_samples_from_q_halt() -> None:
+    """halt_only: P(halt) = sigmoid(q_halt); a large positive q_halt bias halts every row after one segment."""
+    model = puzzle_model(q_target="halt_only")
+    with torch.no_grad():
+        model.q_head.weight.zero_()
+        model.q_head.bias.copy_(torch.tensor([30.0, -30.0]))
+    ro = puzzle_rollout(model, puzzle_batch(), group_size=2)
+    assert bool((ro.segments == 1).all()) and bool(ro.mask[:, SEQ].all())
+    assert ro.halt_logprobs[:, 0].abs().max().item() < 1e-6  # log sigmoid(30) ~ 0
+
+
+def test_rollouts_do_not_depend_on_batch_position() -> None:
+    """Draws are keyed by sample id: the same puzzles in another order (another rank) get the same samples."""
+    model, batch = puzzle_model(), puzzle_batch(b=4, seed=5)
+    order = torch.tensor([2, 0, 3, 1])
+    ro = puzzle_rollout(model, batch, group_size=2, seed=3)
+    permuted = puzzle_rollout(model, {k: v[order] for k, v in batch.items()}, group_size=2, seed=3)
+    rows = (order[:, None] * 2 + torch.arange(2)).reshape(-1)  # where each permuted row sits in `ro`
+    assert torch.equal(permuted.tokens, ro.tokens[rows]) and torch.equal(permuted.segments, ro.segments[rows])
+
+
+def test_cells_are_drawn_from_the_final_segment_distribution() -> None:
+    model, batch = puzzle_model(), puzzle_batch(b=1)
+    n = 400
+    ro = puzzle_rollout(model, batch, group_size=n, halting="fixed", seed=11)
+    with torch.no_grad():
+        carry = model.initial_carry(1)
+        for _ in range(MAX_STEPS):
+            out = model(carry, batch)
+            carry = out.carry
+    probs = out.logits[0].softmax(-1)  # [SEQ, VOCAB]
+    freq = torch.nn.functional.one_hot(ro.tokens, VOCAB).float().mean(dim=0)
+    assert (freq - probs).abs().max().item() < 0.1  # 4 standard errors at n = 400
+    cold = puzzle_rollout(model, batch, group_size=2, halting="fixed", temperature=1e-4, seed=11)
+    assert torch.equal(cold.tokens, out.logits.argmax(-1).expand(2, -1))
+
+
+def test_puzzle_recompute_has_gradients_and_micro_batches() -> None:
+    model = puzzle_model()
+    ro = puzzle_rollout(model, puzzle_batch(), group_size=4, seed=4)
+    new = recompute_policy(model, ro)
+    (new.logprobs * ro.mask).sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+    assert model.q_head.weight.grad.abs().sum() > 0  # sampled halting decisions are actions
+    part = puzzle_policy(model, ro.select(slice(4, 8)))
+    assert (part.logprobs - new.logprobs[4:8]).abs().max().item() < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Language (HRMGemma)
+# --------------------------------------------------------------------------------------------------
+
+LM_VOCAB = 64
+
+
+def lm_model(seed: int = 0, **overrides) -> HRMGemma:
+    """One local-global group (3 local + 1 global) plus a trailing local layer; open gates and a random
+    halting head, so more cycles change the result and tokens halt at different cycles."""
+    fields = dict(
+        vocab_size=LM_VOCAB, hidden_size=32, intermediate_size=48, num_layers=5, num_heads=2, num_kv_heads=1,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, local_per_global=3, max_position=64,
+        h_cycles=2, l_cycles=1,
+    )  # fmt: skip
+    model = HRMGemma(LMModelConfig(**{**fields, **overrides})).init_weights(seed).eval()
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for block in model.blocks.values():
+            for name in ("gate_LL", "gate_LH", "gate_HH"):
+                getattr(block, name).copy_(torch.randn(32, generator=generator) * 0.5)
+            block.halt_head.weight.copy_(torch.randn(1, 32, generator=generator) * 2.0)
+    return model
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    return left_pad([[5, 9, 13, 20, 7], [30, 31], [8, 44, 3]])
+
+
+def test_lm_rollout_shapes_and_seeds() -> None:
+    model = lm_model()
+    ids, mask = prompts()
+    ro = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=5, seed=3)
+    assert ro.completion_ids.shape == ro.logprobs.shape == ro.completion_mask.shape == (6, 5)
+    assert ro.cycles.shape == (6, 5, 1) and ro.prompt_ids.shape == (6, 5)
+    assert torch.equal(ro.prompt_mask, mask.repeat_interleave(2, dim=0))  # group-major rows
+    assert bool(ro.completion_mask.all()) and not bool(ro.finished.any())  # no eos_id: every step is real
+    assert bool((ro.logprobs < 0).all())
+    again = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=5, seed=3)
+    assert torch.equal(again.completion_ids, ro.completion_ids) and torch.equal(again.logprobs, ro.logprobs)
+    other = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=5, seed=4)
+    assert not torch.equal(other.completion_ids, ro.completion_ids)
+    none = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=0)
+    assert none.completion_ids.shape == none.logprobs.shape == (6, 0) and none.cycles.shape == (6, 0, 1)
+    assert lm_policy(model, none).logprobs.shape == (6, 0)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"top_p": 0.8, "vocab_limit": 40}], ids=["plain", "top_p+vocab_limit"]
+)
+def test_lm_logprobs_equal_the_training_forward(options: dict) -> None:
+    """No halting and max_cycles = h_cycles: cached decoding computes the training forward, so the
+    log-probs agree (top-p truncation changes which tokens are drawn, not the policy's log-probs)."""
+    model = lm_model(value_head=True)
+    ids, mask = prompts()
+    ro = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=6, seed=5, **options)
+    assert bool((ro.cycles == 2).all())  # every block ran h_cycles for every token
+    if "vocab_limit" in options:
+        assert int(ro.completion_ids.max()) < 40
+    new = lm_policy(model, ro)
+    assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-5
+    assert new.values is not None and new.values.shape == (6, 6) and new.entropy.shape == (6, 6)
+    part = lm_policy(model, ro.select(slice(2, 4)))
+    assert (part.logprobs - new.logprobs[2:4]).abs().max().item() < 1e-5
+
+
+def test_lm_cycles_with_dynamic_halting() -> None:
+    """With a halting threshold the cycles per token are generate()'s, vary between tokens, and the
+    training forward (all h_cycles) no longer reproduces the rollout's log-probs: the mismatch shows it."""
+    model = lm_model()
+    ids, mask = prompts()
+    ro = lm_rollout(model, ids, attention_mask=mask, group_size=2, max_new_tokens=6, seed=6, max_cycles=3,
+                    halt_threshold=0.5)  # fmt: skip
+    reference = generate(model, ids.repeat_interleave(2, dim=0), attention_mask=mask.repeat_interleave(2, dim=0),
+                         max_new_tokens=6, seed=6, max_cycles=3, halt_threshold=0.5)  # fmt: skip
+    assert torch.equal(ro.completion_ids, reference.tokens) and torch.equal(ro.cycles, reference.cycles)
+    assert len(set(ro.cycles.flatten().tolist())) > 1 and int(ro.cycles.max()) <= 3
+    mismatch = logprob_mismatch(ro.logprobs, lm_policy(model, ro).logprobs, ro.completion_mask)
+    assert float(mismatch["logprob_diff_max_abs"]) > 1e-3
+
+
+def test_lm_rollout_stops_rows_at_eos() -> None:
+    model = lm_model()
+    ids, mask = prompts()
+    free = lm_rollout(model, ids, attention_mask=mask, group_size=1, max_new_tokens=6, seed=9)
+    eos = int(free.completion_ids[0, 2])  # row 0 draws it at step 2; the same seed draws the same tokens
+    ro = lm_rollout(
+        model, ids, attention_mask=mask, group_size=1, max_new_tokens=6, seed=9, eos_id=eos, pad_id=0
+    )
+    first = int((free.completion_ids[0] == eos).nonzero()[0])
+    assert ro.completion_mask[0].tolist() == [t <= first for t in range(ro.completion_ids.shape[1])]
+    assert bool(ro.finished[0]) and bool((ro.logprobs[0, first + 1 :] == 0).all())
+    assert ro.completion_lists(eos_id=eos)[0] == free.completion_ids[0, :first].tolist()
+    new = lm_policy(model, ro)
+    assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-5
+    assert bool((new.logprobs[~ro.completion_mask] == 0).all())
+
+
+def test_recompute_policy_takes_rollouts_only() -> None:
+    with pytest.raises(ValueError, match="PuzzleRollout or an LMRollout, not a dict"):
+        recompute_policy(lm_model(), {})
+
+
+def test_rollout_argument_errors() -> None:
+    with pytest.raises(ValueError, match="group_size=0 must be >= 1"):
+        puzzle_rollout(puzzle_model(), puzzle_batch(), group_size=0)
+    with pytest.raises(ValueError, match="halting='always'"):
+        puzzle_rollout(puzzle_model(), puzzle_batch(), group_size=2, halting="always")
+    with pytest.raises(ValueError, match="temperature=0"):
+        puzzle_rollout(puzzle_model(), puzzle_batch(), group_size=2, temperature=0)
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="top_p=0"):
+        lm_rollout(lm_model(), ids, attention_mask=mask, group_size=2, max_new_tokens=2, top_p=0)

@@ -1,0 +1,353 @@
+"""A real Slurm on this machine: munged, slurmctld and two slurmd daemons started by the test, with a
+slurm.conf, state, logs and ports of their own in a temporary directory (nothing global is touched).
+
+The two Slurm nodes are named 127.0.0.1 and 127.0.0.2: both loopback addresses reach this machine, and
+the names resolve without /etc/hosts, so the rendezvous host the sbatch script takes from the allocation
+works for torchrun. (Slurm maps a node named `localhost` to the machine's hostname, so two nodes cannot
+be `localhost` and the hostname.) Each slurmd listens on its own port (`NodeName ... Port=`).
+
+Debian's slurm-wlm and munge are installed with apt-get when they are missing (this needs root); the test
+is skipped only when that is impossible. Run time: about a minute and a half on 2 cores.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hrm_mega.data.shards import ShardWriter, write_manifest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml"
+SBATCH_SCRIPT = ROOT / "launch/slurm/pretrain.sbatch"
+NODES = ("127.0.0.1", "127.0.0.2")
+STEPS = 6
+TINY = [
+    "model.hidden_size=32", "model.num_heads=2", "model.puzzle_emb_ndim=32", "model.h_layers=1",
+    "model.l_layers=1", "model.halt_max_steps=2", "train.global_batch=8", "data.partitions=2",
+    "optim.warmup_steps=2", "log.wandb=disabled", "log.log_interval=1", "log.progress_bar=false",
+    "train.eval_modes=fixed", "train.eval_max_samples=8", "data.shuffle_buffer=16", f"train.steps={STEPS}",
+]  # fmt: skip
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}  # fmt: skip
+
+
+# --- installing and starting Slurm ------------------------------------------------------------------------
+
+
+def find_programs() -> dict[str, str] | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+    found = {name: shutil.which(name, path=path) for name in PROGRAMS}
+    return None if None in found.values() else found  # type: ignore[return-value]
+
+
+def install_slurm() -> dict[str, str]:
+    """Debian's slurm-wlm and munge, installed when missing. The daemons are not started by the install
+    (in a container policy-rc.d forbids it; the test starts its own)."""
+    if (found := find_programs()) is not None:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip("Slurm (slurmctld, slurmd, munged) is not installed and there is no apt-get to install it")
+    if os.geteuid() != 0:
+        pytest.skip("Slurm is not installed, and installing it (apt-get) and running slurmd need root")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "slurm-wlm", "munge"]
+    done = subprocess.run(install, env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # a stale package index: refresh it once
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"apt-get install slurm-wlm munge failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    found = find_programs()
+    assert found is not None, "slurm-wlm and munge are installed but a program is still missing"
+    return found
+
+
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port nothing listens on: any (low = 0), or one drawn from [low, high)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randrange(low, high) if low else 0))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise AssertionError(f"no free port in [{low}, {high})")
+
+
+def slurm_conf(tmp: Path, ctld_port: int, node_ports: list[int], first_job_id: int) -> str:
+    nodes = "\n".join(
+        f"NodeName={name} NodeAddr={name} Port={port} CPUs=1 State=UNKNOWN"
+        for name, port in zip(NODES, node_ports)
+    )
+    return f"""\
+# A two-node Slurm on this machine, for tests/test_slurm.py
+ClusterName=hrmtest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={tmp}/munge/munge.socket
+StateSaveLocation={tmp}/state
+SlurmdSpoolDir={tmp}/spool/%n
+SlurmctldPidFile={tmp}/slurmctld.pid
+SlurmdPidFile={tmp}/slurmd-%n.pid
+SlurmctldLogFile={tmp}/log/slurmctld.log
+SlurmdLogFile={tmp}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+# finished jobs stay visible to `scontrol show job` (there is no accounting database)
+MinJobAge=600
+FirstJobId={first_job_id}
+{nodes}
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@dataclass
+class Cluster:
+    programs: dict[str, str]
+    env: dict[str, str]  # SLURM_CONF and what the ranks need (PYTHONPATH, one OMP thread, ...)
+    logs: Path
+
+    def run(self, *argv: str, check: bool = True, cwd: Path | None = None) -> str:
+        """A Slurm command against this cluster (sbatch submits from `cwd`: its log goes there)."""
+        done = subprocess.run([self.programs.get(argv[0], argv[0]), *argv[1:]], env=self.env, cwd=cwd,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert not check or done.returncode == 0, f"{argv}: {done.stdout}{done.stderr}"
+        return done.stdout
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, NodeList, ...)."""
+        fields = self.run("scontrol", "show", "job", "--oneliner", str(job_id)).split()
+        return dict(f.split("=", 1) for f in fields if "=" in f)
+
+    def wait(self, job_id: int, timeout: float) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while (job := self.job(job_id))["JobState"] not in FINAL_STATES:
+            assert time.time() < deadline, f"job {job_id} still {job['JobState']} after {timeout} s"
+            time.sleep(0.5)
+        return job
+
+    def daemon_logs(self) -> str:
+        return "".join(f"\n== {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.logs.glob("*")))
+
+
+def start_daemon(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """In the foreground (so that its pid is the one to stop) and in its own session."""
+    with open(log, "w") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until_idle(cluster: Cluster, daemons: list[subprocess.Popen], timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        dead = [p.args for p in daemons if p.poll() is not None]
+        assert not dead, f"Slurm daemons died: {dead}{cluster.daemon_logs()}"
+        states = cluster.run("sinfo", "--noheader", "--Node", "--format=%N %t", check=False).split()
+        if states[1::2] == ["idle"] * len(NODES):
+            return
+        assert time.time() < deadline, f"the Slurm nodes are not idle after {timeout} s: {states}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """munged, slurmctld and one slurmd per node; stopped by their pids afterwards, whatever happened."""
+    programs = install_slurm()
+    tmp = tmp_path_factory.mktemp("slurm")
+    for sub in ("munge", "state", "log", "spool"):
+        (tmp / sub).mkdir()
+    (tmp / "munge").chmod(0o755)  # munged wants everyone to be able to reach its socket
+    key = tmp / "munge/munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    # The sbatch script's rendezvous port is 20000 + job id % 20000: the first job id makes it a free one.
+    first_job_id = free_port(20001, 40000) - 20000
+    conf = tmp / "slurm.conf"
+    node_ports = [free_port() for _ in NODES]
+    conf.write_text(slurm_conf(tmp, free_port(), node_ports, first_job_id))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}  # in case pytest runs in a job
+    env.update(SLURM_CONF=str(conf), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT),
+               HRM_MEGA_PYTHON=sys.executable)  # fmt: skip
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    cluster = Cluster(programs, env, tmp / "log")
+    daemons: list[subprocess.Popen] = []
+    try:
+        munge = [programs["munged"], "--force", "--foreground", f"--socket={tmp}/munge/munge.socket",
+                 f"--key-file={key}", f"--pid-file={tmp}/munge/munged.pid", f"--seed-file={tmp}/munge/seed",
+                 f"--log-file={tmp}/log/munged.log"]  # fmt: skip
+        daemons.append(start_daemon(munge, tmp / "log/munged.out", env))
+        daemons.append(start_daemon([programs["slurmctld"], "-D", "-f", str(conf)], tmp / "log/slurmctld.out", env))
+        for node in NODES:
+            slurmd = [programs["slurmd"], "-D", "-N", node, "-f", str(conf)]
+            daemons.append(start_daemon(slurmd, tmp / f"log/slurmd-{node}.out", env))
+        wait_until_idle(cluster, daemons)
+        yield cluster
+    finally:
+        if len(daemons) > 1:  # cancel what is left of our jobs, so that no rank outlives the daemons
+            jobs = cluster.run("squeue", "--noheader", "--format=%i", check=False).split()
+            if jobs:
+                cluster.run("scancel", *jobs, check=False)
+                deadline = time.time() + 30
+                while cluster.run("squeue", "--noheader", check=False).strip() and time.time() < deadline:
+                    time.sleep(0.5)
+        for proc in reversed(daemons):  # the slurmds, slurmctld, then munged
+            stop_daemon(proc)
+
+
+# --- the jobs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small sudoku-shaped dataset (random digits)."""
+    out = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 64), ("test", 16)):
+        writer = ShardWriter(out / split, samples_per_shard=16)
+        for i in range(n):
+            labels = rng.integers(2, 11, 81).astype(np.int16)
+            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
+            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
+        splits[split] = writer.close()
+    write_manifest(
+        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
+        num_puzzle_identifiers=1, splits=splits,
+    )  # fmt: skip
+    return out
+
+
+def sets(*overrides: str) -> list[str]:
+    return [f"--set={o}" for o in overrides]
+
+
+def job_log(submit_dir: Path, job_id: int) -> str:
+    """The script's #SBATCH --output: hrm-mega-pretrain-JOBID.out in the submission directory."""
+    path = submit_dir / f"hrm-mega-pretrain-{job_id}.out"
+    return path.read_text() if path.exists() else f"(no {path.name})"
+
+
+def test_pretrain_sbatch_trains_two_ranks_on_two_slurm_nodes(cluster, dataset, tmp_path):
+    """`hrm-mega launch --launcher slurm --nodes 2` submits pretrain.sbatch; each node runs one torchrun
+    and the two ranks train together, log every step and write a complete checkpoint."""
+    run_dir = tmp_path / "run"
+    submit = subprocess.run(
+        [sys.executable, "-m", "pipelines.launch", "--launcher", "slurm", "--nodes", "2", "--procs-per-node",
+         "1", str(RECIPE), *sets(*TINY, f"data.path={dataset}", f"log.out_dir={run_dir}")],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert f"sbatch --nodes 2 --ntasks-per-node 1 {SBATCH_SCRIPT}" in submit.stdout
+    job_id = int(submit.stdout.split("Submitted batch job")[1].split()[0])
+
+    started = time.time()
+    job = cluster.wait(job_id, timeout=300)
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:] + cluster.daemon_logs()
+    assert job["NumNodes"] == "2" and job["NodeList"] == "127.0.0.[1-2]", job
+    # the plan the script printed: both nodes, the first as rendezvous host, the port from the job id
+    assert "# torchrun on each of the 2 nodes; the rendezvous is on 127.0.0.1" in log
+    assert "# 2 nodes x 1 processes = 2 ranks = tp 1 x pp 1 x dp 2" in log
+    assert f"--rdzv-endpoint 127.0.0.1:{20000 + job_id % 20000}" in log and f"--rdzv-id {job_id}" in log
+    assert "Traceback" not in log
+
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({s for s in steps}) == list(range(1, STEPS + 1)), steps
+    checkpoints = run_dir / "checkpoints"
+    latest = checkpoints / (checkpoints / "latest").read_text().strip()
+    assert latest.name == f"step-{STEPS:08d}" and not list((checkpoints / ".staging").glob("*"))
+    for rank in (0, 1):
+        client = json.loads((latest / f"client/rank-{rank:05d}.json").read_text())
+        assert client["step"] == STEPS and client["world_size"] == 2
+        assert (latest / f"client/rank-{rank:05d}.safetensors").is_file()
+    assert list(latest.glob("*model_states.pt")), sorted(p.name for p in latest.iterdir())
+    print(f"2-node job {job_id} took {time.time() - started:.1f} s")
+
+
+def test_bad_config_fails_the_job_fast_with_a_one_line_error(cluster, dataset, tmp_path):
+    """Submitted by hand (hrm-mega launch would refuse it before sbatch): the script's dry run ends the
+    job at once, and the log says why in one line."""
+    bad = sets(*TINY, "train.global_batch=7", f"data.path={dataset}", f"log.out_dir={tmp_path / 'run'}")
+    submitted = time.time()
+    job_id = int(cluster.run("sbatch", "--parsable", "--nodes", "2", str(SBATCH_SCRIPT), str(RECIPE), *bad,
+                             cwd=tmp_path).strip())  # fmt: skip
+    job = cluster.wait(job_id, timeout=60)
+    elapsed = time.time() - submitted
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), log
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to fail"
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert errors == ["hrm-mega launch: error: data.partitions=2 does not divide train.global_batch=7"], log
+    assert "Traceback" not in log and "torchrun" not in log, log  # it stopped before starting anything
+    assert not (tmp_path / "run").exists()
+
+
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_the_job_resumes(cluster, dataset, tmp_path):
+    """Slurm's warning before the time limit (--signal=B:USR1@120, sent here by hand): the ranks write a
+    checkpoint and stop, the script requeues the job, and the next run resumes and completes."""
+    run_dir, steps = tmp_path / "run", 60
+    overrides = sets(*TINY, f"train.steps={steps}", f"data.path={dataset}", f"log.out_dir={run_dir}")
+    job_id = int(cluster.run("sbatch", "--parsable", "--nodes", "2", str(SBATCH_SCRIPT), str(RECIPE),
+                             *overrides, cwd=tmp_path).strip())  # fmt: skip
+    deadline = time.time() + 240
+    while last_logged_step(run_dir) < 2:
+        job = cluster.job(job_id)
+        assert job["JobState"] in ("PENDING", "RUNNING"), job_log(tmp_path, job_id)[-3000:]
+        assert time.time() < deadline, "no step 2 within 240 s"
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+
+    job = cluster.wait(job_id, timeout=300)
+    log = job_log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-5000:]
+    assert "hrm-mega: time limit or preemption ahead" in log and f"requeueing job {job_id}" in log
+    stopped = int(log.split("preempted: SIGTERM received, stopped after step ")[1].split()[0])
+    assert 2 <= stopped < steps and f"at step {stopped}" in log  # "resumed from ... at step N"
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(logged)) == list(range(1, steps + 1))
+    assert "Traceback" not in log
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """Of a run still writing metrics.jsonl (its last line may be incomplete)."""
+    path, steps = run_dir / "metrics.jsonl", [0]
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            continue
+    return max(steps)
