@@ -259,6 +259,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps; one step is one ACT segment
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model (fuses norms/activations; the first steps compile)
+    activation_checkpointing: bool = False  # pipeline stages recompute each CycleBlock in backward
     eval_interval: int = 0  # 0 = only at the end
     eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
     eval_max_samples: int = 0  # 0 = the whole eval split
@@ -336,10 +337,6 @@ class Config:
             raise ConfigError(
                 f"parallel.pp={self.parallel.pp} is not supported for model.family=puzzle "
                 "(a single CycleBlock cannot be split into stages); use parallel.tp or data parallelism"
-            )
-        if self.model.family == "puzzle" and self.model.num_heads % self.parallel.tp:
-            raise ConfigError(
-                f"parallel.tp={self.parallel.tp} does not divide model.num_heads={self.model.num_heads}"
             )
         if self.train.task not in ("auto", self.task):
             raise ConfigError(

@@ -106,12 +106,7 @@ def check_layout(config: Config, world_size: int) -> Layout:
             f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}; pad it: set "
             f"model.vocab_size={padded} (the data's token ids stay below it)"
         )
-    if pp > 1:
-        if m.family != "hrm_gemma":
-            raise ConfigError(
-                f"parallel.pp={pp}: the {m.family} family is a single CycleBlock and cannot be split into "
-                "pipeline stages; use parallel.pp=1 (and tp/dp for scale)"
-            )
+    if pp > 1:  # (the puzzle family, a single CycleBlock, is rejected by Config.validate)
         pipeline_stage_blocks(config)  # raises on a bad partition
     return Layout(tp, pp, world_size // (tp * pp))
 
@@ -163,13 +158,14 @@ def pipeline_stage_blocks(config: Config) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 _layout: Layout | None = None
+_topology: Any = None
 
 
 def init_model_parallel(layout: Layout) -> Any:
     """Builds megatron-core's parallel_state and DeepSpeed's topology over the initialised default
     process group, checks that they put this rank at the same coordinates, and records the TP rank
     for the model code. Returns the topology (for a PipelineModule)."""
-    global _layout
+    global _layout, _topology
     # megatron-core's notes about GPU-only extras and CUDA streams say nothing about a CPU/gloo run
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="When using async grad allreduce")
@@ -197,8 +193,15 @@ def init_model_parallel(layout: Layout) -> Any:
             f"{(coord.pipe, coord.data, coord.model)}, megatron-core {megatron}"
         )
     set_tensor_parallel(layout.tp, ours[2])
-    _layout = layout
+    _layout, _topology = layout, topology
     return topology
+
+
+def pipeline_topology() -> Any:
+    """The PipeModelDataParallelTopology built by init_model_parallel (for a PipelineModule)."""
+    if _topology is None:
+        raise RuntimeError("pipeline_topology() before init_model_parallel()")
+    return _topology
 
 
 def data_parallel_group() -> Any:

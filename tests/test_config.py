@@ -59,7 +59,6 @@ BAD = [
     (["optim.beta2=1.0"], "optim.beta2=1.0 must be in [0, 1)"),
     (["parallel.zero_stage=4"], "parallel.zero_stage=4 must be one of 0, 1, 2, 3"),
     (["parallel.pp=2"], "parallel.pp=2 is not supported for model.family=puzzle"),
-    (["parallel.tp=3"], "parallel.tp=3 does not divide model.num_heads=8"),
     (["model.halt_exploration_prob=1.5"], "model.halt_exploration_prob=1.5 must be in [0, 1]"),
     (["train.micro_batch=100"], "train.micro_batch=100 does not divide train.global_batch=768"),
     (["data.partitions=5"], "data.partitions=5 does not divide train.global_batch=768"),

@@ -26,7 +26,11 @@ TINY_LM = [
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("text")
+    return build_text_data(tmp_path_factory.mktemp("text"))
+
+
+def build_text_data(root: Path) -> Path:
+    """Generated corpus -> SentencePiece (vocab 320) -> packed rows of 32 tokens."""
     assert prep_main(["corpus", "--out", str(root / "corpus"), "--docs", "400", "--seed", "0"]) == 0
     out = root / "data"
     assert (

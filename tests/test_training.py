@@ -26,8 +26,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
+    return write_random_sudoku(tmp_path_factory.mktemp("data"))
+
+
+def write_random_sudoku(out: Path) -> Path:
     """A small sudoku-shaped dataset (random digits; enough for loss and equivalence checks)."""
-    out = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", 96), ("test", 24)):

@@ -92,8 +92,9 @@ class Attention(nn.Module):
         self.k_proj = column_linear(hidden_size, num_kv_heads * head_dim)
         self.v_proj = column_linear(hidden_size, num_kv_heads * head_dim)
         self.o_proj = row_linear(num_heads * head_dim, hidden_size)
-        self.q_norm = RMSNorm(head_dim, norm_eps, norm_weight) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, norm_eps, norm_weight) if qk_norm else None
+        # one weight for all heads, which TP splits: gradients add up over the TP group
+        self.q_norm = RMSNorm(head_dim, norm_eps, norm_weight, shared_across_tp=True) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps, norm_weight, shared_across_tp=True) if qk_norm else None
 
     def forward(
         self,

@@ -119,11 +119,16 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm in three forms: `none` (weightless, HRM), `plain` (x*w), `gemma` (x*(1+w), w starts at 0)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, weight: str = "plain") -> None:
+    def __init__(
+        self, dim: int, eps: float = 1e-6, weight: str = "plain", shared_across_tp: bool = False
+    ) -> None:
+        """shared_across_tp: the norm is applied to tensor-parallel slices (e.g. per attention head), so
+        each rank's gradient of the (replicated) weight is a partial sum to add up over the TP group."""
         super().__init__()
         if weight not in ("none", "plain", "gemma"):
             raise ValueError(f"RMSNorm weight={weight!r} must be none, plain or gemma")
         self.eps, self.form = eps, weight
+        self.shared_across_tp = shared_across_tp
         if weight != "none":
             self.weight = set_init(
                 nn.Parameter(torch.empty(dim)), "constant", 1.0 if weight == "plain" else 0.0
@@ -133,7 +138,12 @@ class RMSNorm(nn.Module):
         if self.form == "none":
             return rms_norm(x, self.eps)
         normed = rms_norm(x.float(), self.eps)
-        scale = self.weight.float() + 1.0 if self.form == "gemma" else self.weight.float()
+        weight = self.weight.float()
+        if self.shared_across_tp and distributed.tp_size() > 1:
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            weight = copy_to_tensor_model_parallel_region(weight)  # backward: all-reduce over TP
+        scale = weight + 1.0 if self.form == "gemma" else weight
         return (normed * scale).to(x.dtype)
 
 

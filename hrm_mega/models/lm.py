@@ -236,20 +236,8 @@ class HRMGemma(nn.Module):
         set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / math.sqrt(c.hidden_size))
         self.rope_local, self.rope_global = self._ropes()
 
-        self.blocks = nn.ModuleDict()
-        for g in range(c.num_groups):
-            L = BlockStack([self._layer("local") for _ in range(c.local_per_global)])
-            H = BlockStack([self._layer("global")])
-            self.blocks[str(g)] = HaltingCycleBlock(
-                L, H, hidden_size=c.hidden_size, h_cycles=c.h_cycles, l_cycles=c.l_cycles,
-                grad_mode=c.grad_mode, injection=c.injection, halt_tolerance=c.halt_tolerance,
-                eps=c.rms_norm_eps,
-            )  # fmt: skip
-        self.tail = (
-            BlockStack([self._layer("local") for _ in range(c.num_tail_layers)])
-            if c.num_tail_layers
-            else None
-        )
+        self.blocks = nn.ModuleDict({str(g): halting_block(c) for g in range(c.num_groups)})
+        self.tail = tail_stack(c) if c.num_tail_layers else None
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, weight="gemma")
         self.lm_head = None if c.tie_embeddings else column_linear(c.hidden_size, c.vocab_size)
         self.value_head = nn.Linear(c.hidden_size, 1) if c.value_head else None
@@ -257,20 +245,8 @@ class HRMGemma(nn.Module):
             set_init(self.value_head.weight, "constant", 0.0)
             set_init(self.value_head.bias, "constant", 0.0)
 
-    def _layer(self, kind: str) -> TransformerBlock:
-        c = self.config
-        return attention_block(
-            c.hidden_size, c.num_heads, c.intermediate_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            norm_placement="sandwich", norm_weight="gemma", eps=c.rms_norm_eps, causal=True,
-            window=c.sliding_window if kind == "local" else None, qk_norm=True,
-            scale=c.query_pre_attn_scalar**-0.5, activation="gelu_tanh", kind=kind,
-        )  # fmt: skip
-
     def _ropes(self) -> tuple[RotaryEmbedding, RotaryEmbedding]:
-        c = self.config
-        n = min(c.max_position, ROPE_TABLE_LEN)
-        local = RotaryEmbedding(c.head_dim, n, base=c.rope_local_base)
-        return local, RotaryEmbedding(c.head_dim, n, base=c.rope_global_base, scaling=c.rope_scaling)
+        return rope_tables(self.config)
 
     def materialize(self, device: torch.device | str) -> HRMGemma:
         """`to_empty(device)` for a model built on the meta device, keeping the parameters' init rules
@@ -295,10 +271,7 @@ class HRMGemma(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[b, s] ids -> [b, s, h]; the sqrt(hidden) scale is rounded to the weight dtype first, as Gemma does."""
-        weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * torch.tensor(
-            math.sqrt(self.config.hidden_size), dtype=weight.dtype
-        )
+        return embed_scaled(self.embed_tokens, input_ids, self.config.hidden_size)
 
     def seq_context(
         self,
@@ -308,65 +281,11 @@ class HRMGemma(nn.Module):
         doc_ids: torch.Tensor | None = None,
         past_valid: torch.Tensor | None = None,
     ) -> SeqContext:
-        """RoPE tables and masks for one forward, shared by every layer and every cycle.
-
-        x [b, s, h] are the positions being computed. past_valid [b, P] (with a KV cache) flags which of
-        the P cached positions before them are real tokens; masks then cover the cached keys too: all P
-        for global layers, the last min(P, window-1) (what a local layer's cache keeps) for local ones.
-        """
-        b, s, _ = x.shape
-        past = 0 if past_valid is None else past_valid.shape[1]
-        for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids)):
-            if t is not None and t.shape != (b, s):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{b}, {s}]")
-        if past_valid is not None and past_valid.shape[0] != b:
-            raise ValueError(f"the KV cache holds {past_valid.shape[0]} rows but the input has {b}")
-        if doc_ids is not None and past:
-            raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-        if position_ids is None:
-            position_ids = (
-                document_positions(doc_ids)
-                if doc_ids is not None
-                else torch.arange(past, past + s, device=x.device)
-            )
-        elif position_ids.shape[-1] != s:
-            raise ValueError(
-                f"position_ids has shape {tuple(position_ids.shape)}; expected [batch, {s}] or [{s}]"
-            )
-        ropes = {"local": self.rope_local(position_ids), "global": self.rope_global(position_ids)}
-        windows = {"local": self.config.sliding_window, "global": None}
-        if attention_mask is None and doc_ids is None and past_valid is None and self._kernel_masks(x):
-            return SeqContext(ropes=ropes, masks=dict.fromkeys(windows))  # the kernel applies causal/window
-        valid = None  # [b, past + s]: which keys are real tokens
-        if attention_mask is not None or past_valid is not None:
-            valid = (
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones(b, s, dtype=torch.bool, device=x.device)
-            )
-            if past_valid is not None:
-                valid = torch.cat((past_valid, valid), dim=1)
-        same_doc = None
-        if doc_ids is not None:
-            documents = document_starts(doc_ids).cumsum(dim=1)  # [b, s]: index of each token's document
-            same_doc = documents[:, :, None] == documents[:, None, :]  # [b, s, s]
-        masks = {}
-        for kind, window in windows.items():
-            keys = s + (past if window is None else min(past, window - 1))
-            mask = causal_mask(s, keys, causal=True, window=window, device=x.device)  # [s, keys]
-            if same_doc is not None:
-                mask = mask & same_doc  # [b, s, s]
-            if valid is not None:
-                # Padding keys are hidden; each query keeps itself so no softmax row is empty (pad outputs
-                # are garbage but finite, and no real token attends to them).
-                itself = causal_mask(s, keys, causal=True, window=1, device=x.device)
-                mask = (mask & valid[:, None, valid.shape[1] - keys :]) | itself  # [b, s, keys]
-            masks[kind] = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [s, keys] or [b, 1, s, keys]
-        return SeqContext(ropes=ropes, masks=masks)
-
-    @staticmethod
-    def _kernel_masks(x: torch.Tensor) -> bool:
-        return flash_attn_func() is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        """RoPE tables and masks for one forward (see `sequence_context`)."""
+        return sequence_context(
+            self.config, (self.rope_local, self.rope_global), x, position_ids, attention_mask, doc_ids,
+            past_valid,
+        )  # fmt: skip
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states (already normed) -> logits, with the tied or separate LM head (this rank's
@@ -489,6 +408,121 @@ class HRMGemma(nn.Module):
         return {"total": total, "gemma": total - hrm, "hrm_only": hrm}
 
 
+# --------------------------------------------------------------------------------------------------
+# Building blocks, shared with the pipeline-parallel form (models/lm_pipeline.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def gemma_layer(config: LMModelConfig, kind: str) -> TransformerBlock:
+    """One Gemma 3 layer: local (sliding window, RoPE base 1e4) or global."""
+    c = config
+    return attention_block(
+        c.hidden_size, c.num_heads, c.intermediate_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+        norm_placement="sandwich", norm_weight="gemma", eps=c.rms_norm_eps, causal=True,
+        window=c.sliding_window if kind == "local" else None, qk_norm=True,
+        scale=c.query_pre_attn_scalar**-0.5, activation="gelu_tanh", kind=kind,
+    )  # fmt: skip
+
+
+def halting_block(config: LMModelConfig) -> HaltingCycleBlock:
+    """One local-global group as a CycleBlock: L = the local layers, H = the global layer."""
+    c = config
+    L = BlockStack([gemma_layer(c, "local") for _ in range(c.local_per_global)])
+    H = BlockStack([gemma_layer(c, "global")])
+    return HaltingCycleBlock(
+        L, H, hidden_size=c.hidden_size, h_cycles=c.h_cycles, l_cycles=c.l_cycles, grad_mode=c.grad_mode,
+        injection=c.injection, halt_tolerance=c.halt_tolerance, eps=c.rms_norm_eps,
+    )  # fmt: skip
+
+
+def tail_stack(config: LMModelConfig) -> BlockStack:
+    """The trailing local layers of a partial group, run once."""
+    return BlockStack([gemma_layer(config, "local") for _ in range(config.num_tail_layers)])
+
+
+def rope_tables(config: LMModelConfig) -> tuple[RotaryEmbedding, RotaryEmbedding]:
+    """(local, global) RoPE tables."""
+    c = config
+    n = min(c.max_position, ROPE_TABLE_LEN)
+    local = RotaryEmbedding(c.head_dim, n, base=c.rope_local_base)
+    return local, RotaryEmbedding(c.head_dim, n, base=c.rope_global_base, scaling=c.rope_scaling)
+
+
+def embed_scaled(embedding: nn.Module, input_ids: torch.Tensor, hidden_size: int) -> torch.Tensor:
+    """embedding(ids) * sqrt(hidden), the scale rounded to the weight dtype first, as Gemma does."""
+    return embedding(input_ids) * torch.tensor(math.sqrt(hidden_size), dtype=embedding.weight.dtype)
+
+
+def sequence_context(
+    config: LMModelConfig,
+    ropes: tuple[RotaryEmbedding, RotaryEmbedding],
+    x: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    doc_ids: torch.Tensor | None = None,
+    past_valid: torch.Tensor | None = None,
+) -> SeqContext:
+    """RoPE tables and masks for one forward, shared by every layer and every cycle.
+
+    x [b, s, h] are the positions being computed. past_valid [b, P] (with a KV cache) flags which of
+    the P cached positions before them are real tokens; masks then cover the cached keys too: all P
+    for global layers, the last min(P, window-1) (what a local layer's cache keeps) for local ones.
+    """
+    b, s, _ = x.shape
+    past = 0 if past_valid is None else past_valid.shape[1]
+    for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids)):
+        if t is not None and t.shape != (b, s):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{b}, {s}]")
+    if past_valid is not None and past_valid.shape[0] != b:
+        raise ValueError(f"the KV cache holds {past_valid.shape[0]} rows but the input has {b}")
+    if doc_ids is not None and past:
+        raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+    if position_ids is None:
+        position_ids = (
+            document_positions(doc_ids)
+            if doc_ids is not None
+            else torch.arange(past, past + s, device=x.device)
+        )
+    elif position_ids.shape[-1] != s:
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)}; expected [batch, {s}] or [{s}]"
+        )
+    ropes_at = {"local": ropes[0](position_ids), "global": ropes[1](position_ids)}
+    windows = {"local": config.sliding_window, "global": None}
+    if attention_mask is None and doc_ids is None and past_valid is None and _kernel_masks(x):
+        return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))  # the kernel applies causal/window
+    valid = None  # [b, past + s]: which keys are real tokens
+    if attention_mask is not None or past_valid is not None:
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(b, s, dtype=torch.bool, device=x.device)
+        )
+        if past_valid is not None:
+            valid = torch.cat((past_valid, valid), dim=1)
+    same_doc = None
+    if doc_ids is not None:
+        documents = document_starts(doc_ids).cumsum(dim=1)  # [b, s]: index of each token's document
+        same_doc = documents[:, :, None] == documents[:, None, :]  # [b, s, s]
+    masks = {}
+    for kind, window in windows.items():
+        keys = s + (past if window is None else min(past, window - 1))
+        mask = causal_mask(s, keys, causal=True, window=window, device=x.device)  # [s, keys]
+        if same_doc is not None:
+            mask = mask & same_doc  # [b, s, s]
+        if valid is not None:
+            # Padding keys are hidden; each query keeps itself so no softmax row is empty (pad outputs
+            # are garbage but finite, and no real token attends to them).
+            itself = causal_mask(s, keys, causal=True, window=1, device=x.device)
+            mask = (mask & valid[:, None, valid.shape[1] - keys :]) | itself  # [b, s, keys]
+        masks[kind] = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [s, keys] or [b, 1, s, keys]
+    return SeqContext(ropes=ropes_at, masks=masks)
+
+
+def _kernel_masks(x: torch.Tensor) -> bool:
+    return flash_attn_func() is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     """[b, s] document ids -> [b, s] bool, True where a document (a maximal run of equal ids) begins."""
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
@@ -544,32 +578,41 @@ def lm_loss(
     targets = labels[:, 1:]
     ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()  # vocab-parallel under TP
     halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
-    n_cycles = halt_logits.shape[1]
     mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)
     n_labelled, n_masked = normalizers or (float((targets != -100).sum()), float(mask.sum()))
     ce = ce_sum / max(n_labelled, 1.0)
-
-    def token_mean(values: torch.Tensor) -> torch.Tensor:  # [b, s] -> mean over the token_mask tokens
-        return (values * mask).sum() / max(n_masked, 1.0)
-
-    if n_cycles > 1:
-        decisions = halt_logits[:, :-1]
-        bce_all = F.binary_cross_entropy_with_logits(
-            decisions, converged.to(decisions.dtype), reduction="none"
-        )
-        halt_bce = token_mean(bce_all.mean(dim=(0, 1)))
-        keep_going = torch.cumprod(1 - torch.sigmoid(decisions), dim=1)  # P(cycle n+2 runs), n = 0..N-2
-        expected_cycles = 1 + keep_going.sum(dim=1)  # [G, b, s]
-        cost = token_mean(((expected_cycles - 1) / (n_cycles - 1)).mean(dim=0))
-        mean_cycles = token_mean(expected_cycles.mean(dim=0)).detach()
-    else:
-        halt_bce = cost = halt_logits.new_zeros(())
-        mean_cycles = halt_logits.new_ones(())
+    groups = halt_logits.shape[0]
+    sums = sum(halting_token_sums(halt_logits[g], converged[g], mask) for g in range(groups)) / groups
+    halt_bce, cost, mean_cycles = sums / max(n_masked, 1.0)
     loss = ce + config.halt_loss_weight * halt_bce + config.compute_cost_weight * cost
     return {
         "loss": loss,
         "ce": ce,
         "halt_bce": halt_bce,
         "compute_cost": cost,
-        "expected_cycles": mean_cycles,
+        "expected_cycles": mean_cycles.detach(),
     }
+
+
+def halting_token_sums(
+    halt_logits: torch.Tensor, converged: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One CycleBlock's halting terms summed over the masked tokens: [halt BCE, compute cost, expected
+    cycles]. halt_logits [N, b, s], converged [N-1, b, s], mask [b, s] (float). lm_loss averages them
+    over blocks and tokens; a pipeline stage sums its own blocks' and passes on only these numbers.
+
+    The BCE is the mean over the N-1 readings with a target; with N = 1 both loss terms are 0 (kept in
+    the graph, so every stage's halting head takes part in backward) and a token runs 1 cycle."""
+    n = halt_logits.shape[0]
+    if n > 1:
+        decisions = halt_logits[:-1]
+        bce = F.binary_cross_entropy_with_logits(
+            decisions, converged.to(decisions.dtype), reduction="none"
+        ).mean(dim=0)
+        keep_going = torch.cumprod(1 - torch.sigmoid(decisions), dim=0)  # P(cycle n+2 runs), n = 0..N-2
+        expected = 1 + keep_going.sum(dim=0)  # [b, s]
+        cost = (expected - 1) / (n - 1)
+    else:
+        bce = cost = halt_logits[0] * 0.0
+        expected = torch.ones_like(mask)
+    return torch.stack([(bce * mask).sum(), (cost * mask).sum(), (expected.detach() * mask).sum()])

@@ -108,6 +108,14 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if par.pp > 1:
+        # Stage boundaries carry (hidden, ids, mask, halting sums): DeepSpeed's splitting of the first
+        # activation over TP ranks assumes one differentiable tensor, so it stays off.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+    if par.pp > 1 and par.zero_stage == 0:
+        # DeepSpeed's fp32 pipeline path clips without reporting the norm; the pipeline trainer clips
+        # in its optimizer-step hook instead (training/lm_pipeline.py, StepGuard).
+        ds["gradient_clipping"] = 0.0
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     return ds
@@ -121,6 +129,9 @@ def initialize(
     the gradient norm counts split parameters on every TP rank and replicated ones once."""
     import deepspeed
 
-    mpu = MegatronMPU() if world.layout is not None and world.layout.tp > 1 else None
+    # With pipeline stages DeepSpeed takes its groups from the PipelineModule's topology (GPT-NeoX's
+    # pattern: mpu=None); its "model parallel" axis there is the tensor-parallel one.
+    layout = world.layout
+    mpu = MegatronMPU() if layout is not None and layout.tp > 1 and layout.pp == 1 else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine

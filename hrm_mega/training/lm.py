@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.stream import PuzzleStream
-from hrm_mega.models.lm import HRMGemma, lm_loss
+from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
@@ -120,6 +120,12 @@ class LMTrainer(Trainer):
         finite = bool(sums[-1] == n_micro)
         grad_norm = self.apply_update(finite)
         self.step += 1
+        return self.step_metrics(sums, cycles, lr, grad_norm, finite)
+
+    def step_metrics(
+        self, sums: torch.Tensor, cycles: int, lr: float, grad_norm: float, finite: bool
+    ) -> dict[str, float]:
+        """The logged metrics of a step from its SUM_KEYS sums over every rank and micro-batch."""
         self._tokens_last_step = int(sums[SUM_KEYS.index("tokens")])
         means = dict(zip(SUM_KEYS[:-2], sums[:-2].tolist()))  # the micro-batches' shares add up to the means
         if not finite:
@@ -186,9 +192,9 @@ class LMTrainer(Trainer):
 
 
 @contextlib.contextmanager
-def h_cycles_set(model: HRMGemma, cycles: int) -> Iterator[None]:
-    """Runs every CycleBlock of the model with `cycles` H cycles inside the block."""
-    blocks = list(model.blocks.values())
+def h_cycles_set(model: torch.nn.Module, cycles: int) -> Iterator[None]:
+    """Runs every CycleBlock of the model (or of this pipeline stage) with `cycles` H cycles."""
+    blocks = [m for m in model.modules() if isinstance(m, HaltingCycleBlock)]
     saved = [b.h_cycles for b in blocks]
     for b in blocks:
         b.h_cycles = cycles

@@ -95,11 +95,7 @@ class Trainer(ABC):
         self.world = ds.setup_distributed(config)
         self.manifest = self.check_data()
         seed_everything(config.train.seed)
-        self.model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
-        if config.train.init_from:
-            load_init_weights(self.model, config)
-        if config.train.compile:
-            self.model.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        self.model = self.build_model()
         self.local_batch = config.train.global_batch // self.world.dp_size
         self.engine = ds.initialize(
             self.model,
@@ -182,6 +178,16 @@ class Trainer(ABC):
             )
         return manifest
 
+    def build_model(self) -> torch.nn.Module:
+        """The model on this rank's device: initialised from the seed, or from train.init_from."""
+        config = self.config
+        model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
+        if config.train.init_from:
+            load_init_weights(model, config)
+        if config.train.compile:
+            model.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        return model
+
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -210,23 +216,31 @@ class Trainer(ABC):
         Returns the pre-clipping gradient norm (nan when skipped)."""
         if not all_finite:
             self.engine.zero_grad()
-            self.nonfinite_in_a_row += 1
-            limit = self.config.train.max_nonfinite_steps
-            if self.nonfinite_in_a_row >= limit:
-                raise TrainingError(
-                    f"step {self.step}: non-finite loss in {self.nonfinite_in_a_row} consecutive steps "
-                    f"(train.max_nonfinite_steps={limit}); lower optim.lr or check the data"
-                )
+            self.count_skipped_step()
             return float("nan")
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
         if math.isnan(grad_norm):
             grad_norm = float(self.engine.get_global_grad_norm())
         self.after_optimizer_step()
+        self.after_update()
+        return grad_norm
+
+    def count_skipped_step(self) -> None:
+        """A step skipped for a non-finite loss; aborts after train.max_nonfinite_steps in a row."""
+        self.nonfinite_in_a_row += 1
+        limit = self.config.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingError(
+                f"step {self.step}: non-finite loss in {self.nonfinite_in_a_row} consecutive steps "
+                f"(train.max_nonfinite_steps={limit}); lower optim.lr or check the data"
+            )
+
+    def after_update(self) -> None:
+        """After an applied optimizer step: EMA, and the non-finite streak ends."""
         if self.ema is not None:
             self.ema.update(self.model)
         self.nonfinite_in_a_row = 0
-        return grad_norm
 
     def after_optimizer_step(self) -> None:
         """Updates outside the engine that happen with every optimizer step (e.g. sparse embeddings)."""
@@ -381,6 +395,10 @@ def load_init_weights(model: torch.nn.Module, config: Config) -> None:
 
 def build_trainer(config: Config, resume: str | None = "auto") -> Trainer:
     """The trainer of the config's task."""
+    if config.task == "lm" and config.parallel.pp > 1:
+        from hrm_mega.training.lm_pipeline import PipelineLMTrainer
+
+        return PipelineLMTrainer(config, resume=resume)
     if config.task == "lm":
         from hrm_mega.training.lm import LMTrainer
 

@@ -1,0 +1,203 @@
+"""HRMGemma as a DeepSpeed PipelineModule: pipeline stages made of whole CycleBlocks.
+
+The layer list is the model of models/lm.py cut at block boundaries:
+
+    [embed] [block 0] ... [block G-1] [tail] [norm] [head = embed, tied]
+     stage 0 ......................................... last stage
+
+Each stage holds some CycleBlocks (parallel.pp_blocks, or an even split); the embedding goes with the
+first and the trailing local layers, final norm and LM head (tied to the embedding with TiedLayerSpec, so
+DeepSpeed sums the two copies' gradients) with the last. A CycleBlock runs whole, all its cycles, inside
+its stage. What crosses a stage boundary is one tuple of tensors:
+
+    (hidden [b, s, h], position_ids [b, s], doc_ids [b, s], token_mask [b, s] int, halting_sums [3])
+
+halting_sums is the running token sum of each block's halting terms (lm.halting_token_sums: BCE,
+compute cost, expected cycles). The halting logits and targets themselves stay on the stage that made
+them; only these three numbers travel, and their gradient flows back through the pipeline like the
+hidden state's. The last stage turns logits and sums into the loss (training/lm_pipeline.py).
+
+Every layer initialises its own parameters by their names in HRMGemma (init_parameters with a prefix),
+so a pipeline model holds exactly the weights of HRMGemma(config).init_weights(seed), split by stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hrm_mega.config import LMModelConfig
+from hrm_mega.models.layers import RMSNorm, column_linear, init_parameters, set_init
+from hrm_mega.models.lm import (
+    embed_scaled,
+    halting_block,
+    halting_token_sums,
+    rope_tables,
+    sequence_context,
+    tail_stack,
+)
+from hrm_mega.models.vocab import tied_logits, vocab_embedding
+
+Activations = tuple[torch.Tensor, ...]
+
+
+class EmbeddingLayer(nn.Module):
+    """First stage: ids -> scaled embeddings. Tied to the last stage's head when embeddings are tied."""
+
+    def __init__(self, config: LMModelConfig, seed: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
+        set_init(self.embed_tokens.weight, "trunc_normal", config.hidden_size**-0.5)
+        init_parameters(self, seed)  # names as in HRMGemma: embed_tokens.weight
+
+    def forward(self, inputs: Activations) -> Activations:
+        input_ids, position_ids, doc_ids, token_mask = inputs
+        return embed_scaled(self.embed_tokens, input_ids, self.hidden_size), position_ids, doc_ids, token_mask
+
+
+def tied_head(layer: EmbeddingLayer, inputs: Activations) -> Activations:
+    """The tied LM head on the last stage: (normed hidden, sums) -> (logits slice, sums)."""
+    hidden, sums = inputs
+    return tied_logits(hidden, layer.embed_tokens.weight), sums
+
+
+class CycleBlockLayer(nn.Module):
+    """HRMGemma's blocks.{index}: runs the CycleBlock and adds its halting terms to the running sums."""
+
+    def __init__(self, config: LMModelConfig, index: int, seed: int) -> None:
+        super().__init__()
+        self.config, self.index = config, index
+        self.block = halting_block(config)
+        init_parameters(self.block, seed, prefix=f"blocks.{index}")
+        self.rope_local, self.rope_global = rope_tables(config)
+
+    def forward(self, inputs: Activations) -> Activations:
+        x, position_ids, doc_ids, token_mask = inputs[:4]
+        ctx = sequence_context(
+            self.config, (self.rope_local, self.rope_global), x, position_ids, None, doc_ids
+        )
+        x, halt_logits, converged = self.block(x, ctx)
+        sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
+        sums = sums / self.config.num_groups  # lm_loss averages over blocks
+        if len(inputs) == 5:
+            sums = inputs[4] + sums
+        return x, position_ids, doc_ids, token_mask, sums
+
+
+class TailLayer(nn.Module):
+    """HRMGemma's tail: the trailing local layers, run once."""
+
+    def __init__(self, config: LMModelConfig, seed: int) -> None:
+        super().__init__()
+        self.config = config
+        self.tail = tail_stack(config)
+        init_parameters(self.tail, seed, prefix="tail")
+        self.rope_local, self.rope_global = rope_tables(config)
+
+    def forward(self, inputs: Activations) -> Activations:
+        x, position_ids, doc_ids, token_mask, sums = inputs
+        ctx = sequence_context(
+            self.config, (self.rope_local, self.rope_global), x, position_ids, None, doc_ids
+        )
+        return self.tail(x, None, ctx), position_ids, doc_ids, token_mask, sums
+
+
+class FinalNormLayer(nn.Module):
+    """HRMGemma's norm (and value_head, kept so checkpoints match; pretraining does not read it)."""
+
+    def __init__(self, config: LMModelConfig, seed: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight="gemma")
+        self.value_head = nn.Linear(config.hidden_size, 1) if config.value_head else None
+        if self.value_head is not None:
+            set_init(self.value_head.weight, "constant", 0.0)
+            set_init(self.value_head.bias, "constant", 0.0)
+        init_parameters(self, seed)
+
+    def forward(self, inputs: Activations) -> Activations:
+        x, sums = inputs[0], inputs[-1]
+        return self.norm(x), sums
+
+
+class UntiedHeadLayer(nn.Module):
+    def __init__(self, config: LMModelConfig, seed: int) -> None:
+        super().__init__()
+        self.lm_head = column_linear(config.hidden_size, config.vocab_size)
+        init_parameters(self, seed)
+
+    def forward(self, inputs: Activations) -> Activations:
+        hidden, sums = inputs
+        return self.lm_head(hidden), sums
+
+
+def pipeline_layers(config: LMModelConfig, seed: int) -> list[Any]:
+    """The LayerSpecs of the pipeline, in order (each is built only on the stage that holds it)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    c = config
+    layers: list[Any] = []
+    if c.tie_embeddings:
+        layers.append(TiedLayerSpec("embed", EmbeddingLayer, c, seed, tied_weight_attr="embed_tokens.weight"))
+    else:
+        layers.append(LayerSpec(EmbeddingLayer, c, seed))
+    layers += [LayerSpec(CycleBlockLayer, c, g, seed) for g in range(c.num_groups)]
+    if c.num_tail_layers:
+        layers.append(LayerSpec(TailLayer, c, seed))
+    layers.append(LayerSpec(FinalNormLayer, c, seed))
+    if c.tie_embeddings:
+        layers.append(
+            TiedLayerSpec(
+                "embed", EmbeddingLayer, c, seed, forward_fn=tied_head, tied_weight_attr="embed_tokens.weight"
+            )
+        )
+    else:
+        layers.append(LayerSpec(UntiedHeadLayer, c, seed))
+    return layers
+
+
+def stage_boundaries(config: LMModelConfig, blocks_per_stage: list[int]) -> list[int]:
+    """Layer indices where each stage starts (and the end): the embedding joins the first stage's
+    blocks; the tail, norm and head join the last's."""
+    total = 1 + config.num_groups + int(config.num_tail_layers > 0) + 2
+    parts = [0]
+    for n in blocks_per_stage[:-1]:
+        parts.append(parts[-1] + n + (1 if len(parts) == 1 else 0))
+    return parts + [total]
+
+
+def build_pipeline_module(
+    config: LMModelConfig,
+    seed: int,
+    topology: Any,
+    blocks_per_stage: list[int],
+    loss_fn: Any,
+    activation_checkpointing: bool,
+) -> nn.Module:
+    """The PipelineModule of this rank's stage, with stages cut at `blocks_per_stage`."""
+    from deepspeed.pipe import PipelineModule
+
+    parts = stage_boundaries(config, blocks_per_stage)
+
+    class CycleBlockPipeline(PipelineModule):
+        def _partition_layers(self, method: str = "uniform") -> None:  # stages of whole CycleBlocks
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self.parts = parts
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+    return CycleBlockPipeline(
+        layers=pipeline_layers(config, seed),
+        topology=topology,
+        loss_fn=loss_fn,
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_func=_checkpoint,
+        checkpointable_layers=["CycleBlockLayer", "TailLayer"],
+        dynamic_shape=True,  # evaluation batches differ in size from training micro-batches
+    )
+
+
+def _checkpoint(function: Any, *args: Any) -> Any:
+    """torch's activation checkpointing (DeepSpeed's default one needs its CUDA RNG tracker)."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)

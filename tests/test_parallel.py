@@ -1,0 +1,178 @@
+"""3D parallelism end to end on gloo in fp32: tensor-parallel (megatron-core) and data-parallel (ZeRO)
+runs agree with one process step by step, from the same initial weights and data; invalid layouts fail
+with one line before any process-group work. Each run is a real subprocess under torchrun."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_lm_training import build_text_data, lm_cmd
+from test_training import env, train_cmd, write_random_sudoku
+
+from hrm_mega.config import ConfigError, load_config
+from hrm_mega.distributed import check_layout, pipeline_stage_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+REL = 1e-4  # the acceptance tolerance on per-step loss and gradient norm
+PUZZLE = ("model.vocab_size=12", "train.steps=5", "train.eval_max_samples=8")  # 12: divisible by tp=2
+LM = ("model.num_layers=8", "model.num_kv_heads=2", "train.steps=5")  # two CycleBlocks, kv heads split
+
+
+@pytest.fixture(scope="module")
+def sudoku(tmp_path_factory) -> Path:
+    return write_random_sudoku(tmp_path_factory.mktemp("sudoku"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    return build_text_data(tmp_path_factory.mktemp("text"))
+
+
+def run_ok(cmd: list[str], timeout: float = 600) -> str:
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def steps(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad_norm) from metrics.jsonl."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = (record["loss"], record["grad_norm"])
+    return out
+
+
+def assert_agree(reference: Path, other: Path) -> None:
+    a, b = steps(reference), steps(other)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        for name, x, y in zip(("loss", "grad_norm"), a[step], b[step]):
+            assert abs(x - y) <= REL * abs(x), (other.name, step, name, x, y)
+
+
+@pytest.fixture(scope="module")
+def puzzle_reference(sudoku: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("puzzle") / "single"
+    run_ok(train_cmd(run_dir, sudoku, *PUZZLE))
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,nproc,layout",
+    [
+        ("tp2", 2, ("parallel.tp=2",)),
+        ("dp2_zero1", 2, ("parallel.zero_stage=1",)),
+        ("tp2_dp2_zero1", 4, ("parallel.tp=2", "parallel.zero_stage=1")),
+    ],
+)
+def test_puzzle_layouts_agree_with_one_process(puzzle_reference, sudoku, tmp_path, name, nproc, layout):
+    run_dir = tmp_path / name
+    stdout = run_ok(train_cmd(run_dir, sudoku, *PUZZLE, *layout, nproc=nproc))
+    tp = 2 if "parallel.tp=2" in layout else 1
+    assert f"world {nproc} = tp {tp} x pp 1 x dp {nproc // tp}" in stdout
+    assert_agree(puzzle_reference, run_dir)
+
+
+@pytest.fixture(scope="module")
+def lm_reference(text: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("lm") / "single"
+    run_ok(lm_cmd(run_dir, text, *LM))
+    return run_dir
+
+
+def eval_record(run_dir: Path) -> dict[str, float]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][
+        -1
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,nproc,layout",
+    [
+        ("tp2", 2, ("parallel.tp=2",)),
+        ("pp2", 2, ("parallel.pp=2",)),
+        ("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
+        ("pp2_dp2_zero1", 4, ("parallel.pp=2", "parallel.zero_stage=1")),
+    ],
+)
+def test_hrmgemma_layouts_agree_with_one_process(lm_reference, text, tmp_path, name, nproc, layout):
+    """Cycles are drawn per step from [1, 3] (TINY_LM), so some steps run CycleBlocks without halting
+    terms: every stage must still agree."""
+    run_dir = tmp_path / name
+    run_ok(lm_cmd(run_dir, text, *LM, *layout, nproc=nproc))
+    assert_agree(lm_reference, run_dir)
+    cycles = lambda d: [json.loads(x).get("cycles") for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert cycles(lm_reference) == cycles(run_dir)
+    reference, other = eval_record(lm_reference), eval_record(run_dir)
+    for key in ("eval/loss", "eval/mean_cycles"):
+        assert other[key] == pytest.approx(reference[key], rel=REL), key
+
+
+# --- invalid layouts: one line, before any process-group work ------------------------------------------
+
+
+def puzzle_config(*overrides: str):
+    return load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", list(overrides))
+
+
+def lm_config(*overrides: str):
+    tiny = ("model.num_layers=8", "model.local_per_global=3", "model.num_heads=4", "model.num_kv_heads=2")
+    return load_config(ROOT / "configs/lm/hrmgemma_tiny.yaml", [*tiny, *overrides])
+
+
+@pytest.mark.parametrize(
+    "config,world,message",
+    [
+        (lambda: puzzle_config("parallel.tp=2"), 3, "world size 3 is not parallel.tp x parallel.pp x dp"),
+        (lambda: lm_config("parallel.tp=4"), 4, "model.num_kv_heads=2 is not divisible by parallel.tp=4"),
+        (lambda: lm_config("parallel.tp=8"), 8, "model.num_heads=4 is not divisible by parallel.tp=8"),
+        (lambda: puzzle_config("parallel.tp=2"), 2, "model.vocab_size=11 is not divisible by parallel.tp=2; "
+                                                    "pad it: set model.vocab_size=12"),
+        (lambda: lm_config("parallel.pp=3"), 3, "parallel.pp=3 does not divide the model's 2 CycleBlocks"),
+        (lambda: lm_config("parallel.pp=2", "parallel.pp_blocks=[2,1]"), 2,
+         "parallel.pp_blocks=[2, 1] must list 2 positive CycleBlock counts"),
+    ],
+)  # fmt: skip
+def test_invalid_layouts_are_one_line_errors(config, world, message):
+    with pytest.raises(ConfigError) as error:
+        check_layout(config(), world)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_zero_above_1_with_pipeline_stages_and_puzzle_stages_are_rejected_by_the_config():
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=2 cannot combine with parallel.pp=2"):
+        lm_config("parallel.pp=2", "parallel.zero_stage=2")
+    with pytest.raises(
+        ConfigError, match=r"parallel.pp=2 is not supported for model.family=puzzle \(a single"
+    ):
+        puzzle_config("parallel.pp=2")
+
+
+def test_valid_layouts_and_stage_partitions():
+    layout = check_layout(lm_config("parallel.tp=2", "parallel.pp=2"), 8)
+    assert (layout.tp, layout.pp, layout.dp) == (2, 2, 2)
+    # rank = (pp_rank * dp + dp_rank) * tp + tp_rank: TP fastest, then DP, then PP
+    assert [layout.coordinates(r) for r in (0, 1, 2, 5, 7)] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1)
+    ]  # fmt: skip
+    assert pipeline_stage_blocks(lm_config("parallel.pp=2")) == [1, 1]
+    six = lm_config("model.num_layers=12", "parallel.pp=2", "parallel.pp_blocks=[2,1]")
+    assert pipeline_stage_blocks(six) == [2, 1]
+
+
+def test_a_bad_layout_fails_before_process_groups_start(sudoku, tmp_path):
+    out = subprocess.run(
+        train_cmd(tmp_path / "x", sudoku, "parallel.tp=2", "train.steps=1"),
+        env=env(), capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("hrm-mega train: error: world size 1 is not parallel.tp x parallel.pp x dp")
+    assert "Traceback" not in out.stderr
+    assert "Initializing TorchBackend" not in out.stdout + out.stderr  # DeepSpeed's process-group start
