@@ -121,7 +121,6 @@ def shape_for_compute(reward: torch.Tensor, fraction: torch.Tensor, lam: float) 
 # Sudoku
 # --------------------------------------------------------------------------------------------------
 
-SUDOKU_BLANK = 1
 SUDOKU_FIRST_DIGIT = 2  # digits 1-9 are tokens 2-10
 
 
