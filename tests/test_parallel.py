@@ -4,9 +4,12 @@ with one line before any process-group work. Each run is a real subprocess under
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_lm_training import build_text_data, lm_cmd
 from test_training import env, train_cmd, write_random_sudoku
 
@@ -78,10 +81,20 @@ def test_puzzle_layouts_agree_with_one_process(puzzle_reference, sudoku, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def lm_reference(text: Path, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("lm") / "single"
-    run_ok(lm_cmd(run_dir, text, *LM))
-    return run_dir
+def lm_runs(text: Path, tmp_path_factory):
+    """Runs an HRMGemma layout once per module (checkpoints at steps 3 and 5) and returns its run dir."""
+    root, done = tmp_path_factory.mktemp("lm"), {}
+
+    def run(name: str, nproc: int = 1, *layout: str, resume: str = "none") -> Path:
+        if name not in done:
+            cmd = lm_cmd(root / name, text, *LM, "train.checkpoint_interval=3", *layout, resume=resume)
+            if nproc > 1:  # through `hrm-mega train --nproc N`, as a user would
+                cmd = [sys.executable, "-m", "hrm_mega.cli", "train", *cmd[3:], "--nproc", str(nproc)]
+            run_ok(cmd)
+            done[name] = root / name
+        return done[name]
+
+    return run
 
 
 def eval_record(run_dir: Path) -> dict[str, float]:
@@ -90,27 +103,68 @@ def eval_record(run_dir: Path) -> dict[str, float]:
     ]
 
 
+LM_LAYOUTS = {
+    "tp2": (2, "parallel.tp=2"),
+    "pp2": (2, "parallel.pp=2"),
+    "tp2_pp2": (4, "parallel.tp=2", "parallel.pp=2"),
+    "pp2_dp2_zero1": (4, "parallel.pp=2", "parallel.zero_stage=1", "train.activation_checkpointing=true"),
+    "dp2_zero2": (2, "parallel.zero_stage=2"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name,nproc,layout",
-    [
-        ("tp2", 2, ("parallel.tp=2",)),
-        ("pp2", 2, ("parallel.pp=2",)),
-        ("tp2_pp2", 4, ("parallel.tp=2", "parallel.pp=2")),
-        ("pp2_dp2_zero1", 4, ("parallel.pp=2", "parallel.zero_stage=1")),
-    ],
-)
-def test_hrmgemma_layouts_agree_with_one_process(lm_reference, text, tmp_path, name, nproc, layout):
+@pytest.mark.parametrize("name", LM_LAYOUTS)
+def test_hrmgemma_layouts_agree_with_one_process(lm_runs, name):
     """Cycles are drawn per step from [1, 3] (TINY_LM), so some steps run CycleBlocks without halting
     terms: every stage must still agree."""
-    run_dir = tmp_path / name
-    run_ok(lm_cmd(run_dir, text, *LM, *layout, nproc=nproc))
-    assert_agree(lm_reference, run_dir)
+    single, run_dir = lm_runs("single"), lm_runs(name, *LM_LAYOUTS[name])
+    assert_agree(single, run_dir)
     cycles = lambda d: [json.loads(x).get("cycles") for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert cycles(lm_reference) == cycles(run_dir)
-    reference, other = eval_record(lm_reference), eval_record(run_dir)
+    assert cycles(single) == cycles(run_dir)
+    reference, other = eval_record(single), eval_record(run_dir)
     for key in ("eval/loss", "eval/mean_cycles"):
         assert other[key] == pytest.approx(reference[key], rel=REL), key
+
+
+@pytest.mark.slow
+def test_consolidating_a_tp2_pp2_checkpoint_gives_the_single_process_weights(lm_runs, tmp_path):
+    single, split = lm_runs("single"), lm_runs("tp2_pp2", *LM_LAYOUTS["tp2_pp2"])
+    files = {}
+    for name, run_dir in (("single", single), ("split", split)):
+        files[name] = tmp_path / f"{name}.safetensors"
+        checkpoint = run_dir / "checkpoints/step-00000005"
+        run_ok([sys.executable, "-m", "hrm_mega.cli", "consolidate", str(checkpoint), str(files[name])])
+    a, b = load_file(files["single"]), load_file(files["split"])
+    assert a.keys() == b.keys() and len(a) > 20
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.equal(a["embed_tokens.weight"], torch.zeros_like(a["embed_tokens.weight"]))
+    # `hrm-mega eval` (one process) on the split checkpoint reproduces what the 4 ranks logged
+    out = run_ok([sys.executable, "-m", "hrm_mega.cli", "eval", str(split / "checkpoints/step-00000005")])
+    logged = eval_record(split)["eval/loss"]
+    assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(logged, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "source,target,nproc,layout",
+    [
+        ("tp2_pp2", "from_tp2_pp2_to_1", 1, ()),
+        ("tp2_pp2", "from_tp2_pp2_to_dp2", 2, ()),
+        ("dp2_zero2", "from_dp2_zero2_to_1", 1, ()),
+    ],
+)
+def test_resuming_at_another_layout_continues_the_losses(lm_runs, source, target, nproc, layout):
+    """Weights and Adam moments carry over through the layout-free copy: steps 4-5 after resuming from
+    step 3 equal the uninterrupted run's."""
+    origin = lm_runs(source, *LM_LAYOUTS[source])
+    resumed = lm_runs(target, nproc, *layout, resume=str(origin / "checkpoints/step-00000003"))
+    a, b = steps(origin), steps(resumed)
+    assert sorted(b) == [4, 5]
+    for step in (4, 5):
+        for x, y in zip(a[step], b[step]):
+            assert abs(x - y) <= REL * abs(x), (target, step, x, y)
 
 
 # --- invalid layouts: one line, before any process-group work ------------------------------------------

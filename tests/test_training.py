@@ -113,6 +113,14 @@ def test_dp2_matches_dp1_per_step(tmp_path, dataset, stage):
         if '"loss"' in x
     ]
     np.testing.assert_allclose(grad_a, grad_b, rtol=1e-5)
+    # the layout-free copy gathers ZeRO partitions: both runs consolidate to the same weights and buffers
+    from hrm_mega.convert.consolidate import consolidate_checkpoint
+
+    one, _ = consolidate_checkpoint(tmp_path / "dp1/checkpoints/step-00000010")
+    two, _ = consolidate_checkpoint(tmp_path / "dp2/checkpoints/step-00000010")
+    assert one.keys() == two.keys() and "puzzle_emb" in one
+    for key in one:
+        np.testing.assert_allclose(two[key].numpy(), one[key].numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow

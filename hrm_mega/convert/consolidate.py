@@ -1,6 +1,7 @@
-"""Consolidation: a (possibly ZeRO-sharded) training checkpoint -> one full fp32 state dict.
+"""Consolidation: a (possibly ZeRO-sharded, TP- or PP-split) training checkpoint -> one full fp32 state dict.
 
-ZeRO stages 0-2 keep full module weights in `mp_rank_00_model_states.pt`, which loads with
+Checkpoints carry a layout-free copy (universal/, training/universal.py) that is read whatever the
+layout. For checkpoints written before it existed: ZeRO stages 0-2 keep full module weights in `mp_rank_00_model_states.pt`, which loads with
 `torch.load(weights_only=True)`. Stage 3 partitions parameters; DeepSpeed's zero_to_fp32 merges the
 partitions, and the buffers (puzzle-embedding table, H_init/L_init) come from the module states file.
 The output is a safetensors file whose metadata carries the resolved config, so it is self-describing.
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from hrm_mega.config import Config, config_from_dict
 from hrm_mega.convert.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
 from hrm_mega.models import build_model
+from hrm_mega.training.universal import UNIVERSAL, UniversalCheckpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -39,6 +41,9 @@ def consolidate_checkpoint(
     (they are what the run evaluated), unless use_ema=False."""
     checkpoint = Path(checkpoint)
     config = checkpoint_config(checkpoint)
+    if (checkpoint / UNIVERSAL).is_dir():  # any TP/PP/DP layout and ZeRO stage
+        ema = use_ema and config.optim.ema_decay > 0
+        return UniversalCheckpoint(checkpoint / UNIVERSAL).state_dict(use_ema=ema), config
     states_file = checkpoint / MODEL_STATES
     if not states_file.is_file():
         raise CheckpointError(f"{checkpoint}: missing {MODEL_STATES}; the checkpoint is incomplete")

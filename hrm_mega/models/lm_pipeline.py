@@ -70,8 +70,10 @@ class CycleBlockLayer(nn.Module):
     def __init__(self, config: LMModelConfig, index: int, seed: int) -> None:
         super().__init__()
         self.config, self.index = config, index
-        self.block = halting_block(config)
-        init_parameters(self.block, seed, prefix=f"blocks.{index}")
+        self.blocks = nn.ModuleDict(
+            {str(index): halting_block(config)}
+        )  # names: blocks.{index}.*, as in HRMGemma
+        init_parameters(self, seed)
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
@@ -79,7 +81,7 @@ class CycleBlockLayer(nn.Module):
         ctx = sequence_context(
             self.config, (self.rope_local, self.rope_global), x, position_ids, None, doc_ids
         )
-        x, halt_logits, converged = self.block(x, ctx)
+        x, halt_logits, converged = self.blocks[str(self.index)](x, ctx)
         sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
         sums = sums / self.config.num_groups  # lm_loss averages over blocks
         if len(inputs) == 5:
@@ -94,7 +96,7 @@ class TailLayer(nn.Module):
         super().__init__()
         self.config = config
         self.tail = tail_stack(config)
-        init_parameters(self.tail, seed, prefix="tail")
+        init_parameters(self, seed)
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:

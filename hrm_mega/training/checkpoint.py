@@ -6,6 +6,7 @@ Layout of `RUN/checkpoints/`:
         mp_rank_00_model_states.pt  ... DeepSpeed's files (module, optimizer, ZeRO partitions)
         client/rank-00000.json      step, loader state, resolved config, counters (one per rank)
         client/rank-00000.safetensors  ACT carry and current rows, RNG state, EMA weights
+        universal/tp00-pp00.safetensors  full weights, Adam moments, EMA by model name (any layout)
     latest                          the name of the newest complete checkpoint
     .staging/                       a checkpoint being written
 
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hrm_mega.convert.model_dir import CheckpointError
+from hrm_mega.training.universal import UNIVERSAL
 
 STAGING, LATEST = ".staging", "latest"
 
@@ -43,13 +46,23 @@ class CheckpointManager:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def save(self, engine: Any, step: int, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-        """Collective: every rank calls it. Returns the published checkpoint directory."""
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        client: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        write_universal: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Collective: every rank calls it. write_universal(dir) adds the layout-free copy
+        (training/universal.py). Returns the published checkpoint directory."""
         tag, staging = tag_for(step), self.root / STAGING
         if self.rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)
         _barrier()
         engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+        if write_universal is not None:
+            write_universal(staging / tag / UNIVERSAL)
         client_dir = staging / tag / "client"
         client_dir.mkdir(parents=True, exist_ok=True)
         name = f"rank-{self.rank:05d}"
@@ -83,19 +96,23 @@ class CheckpointManager:
         return path if path.is_dir() else None
 
     def load(self, engine: Any, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Loads engine state and this rank's client state from a checkpoint directory."""
+        """Loads engine state (DeepSpeed's files: same layout only) and this rank's client state."""
         path = Path(path)
-        name = f"rank-{self.rank:05d}"
-        client_json = path / "client" / f"{name}.json"
-        client_tensors = path / "client" / f"{name}.safetensors"
-        if not client_json.is_file() or not client_tensors.is_file():
-            raise CheckpointError(
-                f"{path}: no client state for rank {self.rank}; was it saved with a different number of ranks?"
-            )
+        client = read_client_state(path, self.rank)
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-        return json.loads(client_json.read_text()), load_file(client_tensors)
+        return client
+
+
+def read_client_state(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The client state (JSON, tensors) that `rank` saved into checkpoint `path`."""
+    name = f"rank-{rank:05d}"
+    client_json = path / "client" / f"{name}.json"
+    client_tensors = path / "client" / f"{name}.safetensors"
+    if not client_json.is_file() or not client_tensors.is_file():
+        raise CheckpointError(f"{path}: no client state for rank {rank}; the checkpoint is incomplete")
+    return json.loads(client_json.read_text()), load_file(client_tensors)
 
 
 def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:

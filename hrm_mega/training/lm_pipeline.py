@@ -27,7 +27,7 @@ from hrm_mega.distributed import pipeline_stage_blocks, pipeline_topology
 from hrm_mega.models.lm_pipeline import build_pipeline_module
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.training.lm import SUM_KEYS, LMTrainer, h_cycles_set
-from hrm_mega.training.trainer import all_reduce, evaluation
+from hrm_mega.training.trainer import all_reduce, client_optimizer, evaluation
 
 EVAL_KEYS = ("nll", "tokens", "cycles")
 
@@ -129,9 +129,8 @@ class PipelineLMTrainer(LMTrainer):
     def after_engine(self) -> None:
         super().after_engine()
         own_clip = self.config.parallel.zero_stage == 0  # see deepspeed_config
-        client_optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # inside ZeRO
         self.guard = StepGuard(
-            client_optimizer, self.config.optim.grad_clip if own_clip else None, self.world.tp_rank,
+            client_optimizer(self.engine), self.config.optim.grad_clip if own_clip else None, self.world.tp_rank,
             self.world.dp_size,
         )  # fmt: skip
 

@@ -40,6 +40,7 @@ class PuzzleTrainer(Trainer):
     model: RecursiveReasoner
     sign_sgd: SparseSignSGD
     act: ACTState | None = None
+    reshards_data_parallel = False  # the ACT rows in flight belong to their replica
 
     def manifest_fields(self) -> tuple[str, ...]:
         return ("seq_len", "num_puzzle_identifiers")

@@ -20,14 +20,16 @@ from typing import Any, NoReturn
 import torch
 
 from hrm_mega.config import Config, ConfigError, save_resolved
+from hrm_mega.convert.model_dir import CheckpointError
 from hrm_mega.data.shards import read_manifest
 from hrm_mega.data.stream import PuzzleStream, iterate_split
 from hrm_mega.distributed import data_parallel_group, seed_everything, tensor_parallel_group
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
-from hrm_mega.training.checkpoint import CheckpointManager, resolve_resume, tag_for
+from hrm_mega.training.checkpoint import CheckpointManager, read_client_state, resolve_resume, tag_for
 from hrm_mega.training.metrics import MetricsLogger, Throughput
+from hrm_mega.training.universal import UNIVERSAL, load_universal, save_universal
 
 
 class TrainingError(ValueError):
@@ -337,29 +339,76 @@ class Trainer(ABC):
             "config": self.config.to_dict(),
             **extra_client,
         }
-        path = self.checkpoints.save(self.engine, self.step, client, tensors)
+
+        def write_universal(directory: Path) -> None:
+            w = self.world
+            save_universal(
+                directory, self.model, client_optimizer(self.engine), (w.pp_rank, w.dp_rank, w.tp_rank),
+                self.ema.shadow if self.ema is not None else None,
+            )  # fmt: skip
+
+        path = self.checkpoints.save(self.engine, self.step, client, tensors, write_universal)
         self.logger.print(f"saved checkpoint {path}")
         return path
 
+    # A task whose checkpoints hold per-replica state (the puzzle task's ACT rows in flight) cannot
+    # resume at another data-parallel size.
+    reshards_data_parallel: bool = True
+
     def load_checkpoint(self, path: Path) -> None:
-        client, tensors = self.checkpoints.load(self.engine, path)
-        for key, value in client["config"]["model"].items():
+        """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
+        the saved one, from the layout-free copy (training/universal.py) otherwise."""
+        first, _ = read_client_state(path, 0)
+        for key, value in first["config"]["model"].items():
             if getattr(self.config.model, key) != value:
                 raise ConfigError(
                     f"model.{key}={getattr(self.config.model, key)!r} differs from the checkpoint's {value!r} ({path})"
                 )
-        if client["world_size"] != self.world.world_size:
-            raise ConfigError(
-                f"{path} was saved with {client['world_size']} ranks; this run has {self.world.world_size}"
-            )
+        saved = first["config"]["parallel"]
+        par = self.config.parallel
+        same_layout = first["world_size"] == self.world.world_size and all(
+            saved[k] == getattr(par, k) for k in ("tp", "pp", "zero_stage")
+        )
+        if same_layout:
+            client, tensors = self.checkpoints.load(self.engine, path)
+            if self.ema is not None:
+                shadow = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+                self.ema.load_state_dict({"decay": self.config.optim.ema_decay, "shadow": shadow})
+        else:
+            client, tensors = self._load_other_layout(path, first)
         self.step = client["step"]
         self.nonfinite_in_a_row = client["nonfinite_in_a_row"]
         self.stream.load_state_dict(client["stream"])
         torch.set_rng_state(tensors["rng.torch"])
-        if self.ema is not None:
-            shadow = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
-            self.ema.load_state_dict({"decay": self.config.optim.ema_decay, "shadow": shadow})
         self.load_extra_state(client, tensors)
+
+    def _load_other_layout(
+        self, path: Path, first: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        saved, world = first["config"]["parallel"], first["world_size"]
+        saved_dp = world // (saved["tp"] * saved["pp"])
+        described = (
+            f"{world} ranks (tp {saved['tp']} x pp {saved['pp']} x dp {saved_dp}, ZeRO {saved['zero_stage']})"
+        )
+        universal = path / UNIVERSAL
+        if not universal.is_dir():
+            raise CheckpointError(
+                f"{path} was saved with {described} and has no {UNIVERSAL}/ copy; resume it with that layout"
+            )
+        if saved_dp != self.world.dp_size and not self.reshards_data_parallel:
+            raise ConfigError(
+                f"{path} was saved with {described}; the {self.config.task} task keeps per-replica state, so "
+                f"resume it at dp {saved_dp} (tp and pp may change)"
+            )
+        load_universal(
+            universal, self.model, client_optimizer(self.engine), (self.config.parallel.tp, self.world.tp_rank),
+            self.ema.shadow if self.ema is not None else None,
+        )  # fmt: skip
+        if saved_dp == self.world.dp_size:  # the same replica's state (pipeline stage 0, TP rank 0)
+            return read_client_state(path, self.world.dp_rank * saved["tp"])
+        streams = [read_client_state(path, r)[0]["stream"] for r in range(0, world, saved["tp"])]
+        _, tensors = read_client_state(path, 0)
+        return {**first, "stream": PuzzleStream.merge_state_dicts(streams)}, tensors
 
     def summary(self, resumed_from: Path | None) -> str:
         c, w = self.config, self.world
@@ -376,6 +425,11 @@ class Trainer(ABC):
             + (f"resumed from {resumed_from} at step {self.step}" if resumed_from else "fresh start"),
         ]
         return "\n".join(lines)
+
+
+def client_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The optimizer the run built (AdamATan2, AdamW), inside DeepSpeed's ZeRO wrapper if there is one."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def load_init_weights(model: torch.nn.Module, config: Config) -> None:
