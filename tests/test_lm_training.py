@@ -106,7 +106,8 @@ def test_lm_config_errors_are_one_line(text_data: Path, tmp_path: Path) -> None:
     out = subprocess.run(small_vocab, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("hrm-mega train: error: model.vocab_size=100 is smaller than the tokenizer's 320")
+    assert last.startswith("hrm-mega train: error: model.vocab_size=100 is smaller than ")
+    assert last.endswith("manifest.json's vocab_size 320")
 
 
 def test_distillation_loss_is_temperature_scaled_kl_over_labelled_tokens() -> None:
