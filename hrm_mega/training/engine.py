@@ -103,7 +103,7 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": local_batch // micro,
         "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage},
+        "zero_optimization": {"stage": par.zero_stage, **zero_buckets(config.model.hidden_size)},
         "zero_allow_untested_optimizer": True,  # client optimizers (AdamATan2) are plain torch optimizers
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -119,6 +119,18 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     return ds
+
+
+def zero_buckets(hidden: int) -> dict[str, int]:
+    """ZeRO communication buckets (elements) that scale with the model: the "auto" values of the Hugging
+    Face DeepSpeed integration. DeepSpeed's defaults (5e8 elements) hold a 2 GB fp32 reduce buffer per rank
+    under ZeRO-3 whatever the model size (bench/zero_memory.py --default-buckets)."""
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "allgather_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
 
 
 def initialize(
