@@ -104,7 +104,7 @@ def eval_record(run_dir: Path) -> dict[str, float]:
 
 
 LM_LAYOUTS = {
-    "tp2": (2, "parallel.tp=2"),
+    "tp2": (2, "parallel.tp=2", "train.activation_checkpointing=true"),
     "pp2": (2, "parallel.pp=2"),
     "tp2_pp2": (4, "parallel.tp=2", "parallel.pp=2"),
     "pp2_dp2_zero1": (4, "parallel.pp=2", "parallel.zero_stage=1", "train.activation_checkpointing=true"),

@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hrm_mega.config import LMModelConfig
 from hrm_mega.models.attention import attention_mask as causal_mask
@@ -125,6 +126,7 @@ class HaltingCycleBlock(CycleBlock):
             injection=injection,
         )  # fmt: skip
         self.halt_tolerance, self.eps = halt_tolerance, eps
+        self.recompute = False  # activation checkpointing: keep only the input, recompute in backward
         self.halt_head = nn.Linear(hidden_size, 1)
         set_init(self.halt_head.weight, "constant", 0.0)  # starts undecided: sigmoid(0) = 0.5
         set_init(self.halt_head.bias, "constant", 0.0)
@@ -321,7 +323,10 @@ class HRMGemma(nn.Module):
         ctx = self.seq_context(x, position_ids, attention_mask, doc_ids)
         halt_logits, converged = [], []
         for block in self.blocks.values():
-            x, block_halt, block_converged = block(x, ctx)
+            if block.recompute and torch.is_grad_enabled():
+                x, block_halt, block_converged = checkpoint(block, x, ctx, use_reentrant=False)
+            else:
+                x, block_halt, block_converged = block(x, ctx)
             halt_logits.append(block_halt)
             converged.append(block_converged)
         if self.tail is not None:

@@ -57,6 +57,13 @@ class LMTrainer(Trainer):
     def manifest_fields(self) -> tuple[str, ...]:
         return ()  # an LM's sequence length is the data's; max_position is checked in check_data
 
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        for block in model.modules():
+            if isinstance(block, HaltingCycleBlock):
+                block.recompute = self.config.train.activation_checkpointing
+        return model
+
     def after_engine(self) -> None:
         t = self.config.train
         if t.distill_weight > 0 and self.world.model_parallel:
