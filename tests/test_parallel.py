@@ -68,7 +68,7 @@ def puzzle_reference(sudoku: Path, tmp_path_factory) -> Path:
     "name,nproc,layout",
     [
         ("tp2", 2, ("parallel.tp=2",)),
-        ("dp2_zero1", 2, ("parallel.zero_stage=1",)),
+        ("dp2_zero1_micro", 2, ("parallel.zero_stage=1", "train.micro_batch=2")),  # 2 micro-batches
         ("tp2_dp2_zero1", 4, ("parallel.tp=2", "parallel.zero_stage=1")),
     ],
 )
@@ -108,7 +108,7 @@ LM_LAYOUTS = {
     "pp2": (2, "parallel.pp=2"),
     "tp2_pp2": (4, "parallel.tp=2", "parallel.pp=2"),
     "pp2_dp2_zero1": (4, "parallel.pp=2", "parallel.zero_stage=1", "train.activation_checkpointing=true"),
-    "dp2_zero2": (2, "parallel.zero_stage=2"),
+    "dp2_zero2": (2, "parallel.zero_stage=2", "train.micro_batch=1"),  # 2 micro-batches per rank
 }
 
 

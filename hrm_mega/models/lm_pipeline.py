@@ -10,12 +10,14 @@ first and the trailing local layers, final norm and LM head (tied to the embeddi
 DeepSpeed sums the two copies' gradients) with the last. A CycleBlock runs whole, all its cycles, inside
 its stage. What crosses a stage boundary is one tuple of tensors:
 
-    (hidden [b, s, h], position_ids [b, s], doc_ids [b, s], token_mask [b, s] int, halting_sums [3])
+    (packed [b*s*h + k], position_ids [b, s], doc_ids [b, s], token_mask [b, s] int)
 
-halting_sums is the running token sum of each block's halting terms (lm.halting_token_sums: BCE,
-compute cost, expected cycles). The halting logits and targets themselves stay on the stage that made
-them; only these three numbers travel, and their gradient flows back through the pipeline like the
-hidden state's. The last stage turns logits and sums into the loss (training/lm_pipeline.py).
+packed is the hidden state, flattened, followed by the running token sums of each block's halting terms
+(lm.halting_token_sums: BCE, compute cost, expected cycles). The halting logits and targets stay on the
+stage that made them; only these three numbers travel, and their gradient flows back with the hidden
+state's. They ride inside the hidden tensor because DeepSpeed runs one backward pass per floating-point
+tensor a stage sends: two tensors would run the stage's backward twice. The last stage turns logits and
+sums into the loss (training/lm_pipeline.py).
 
 Every layer initialises its own parameters by their names in HRMGemma (init_parameters with a prefix),
 so a pipeline model holds exactly the weights of HRMGemma(config).init_weights(seed), split by stage.
@@ -70,23 +72,42 @@ class CycleBlockLayer(nn.Module):
     def __init__(self, config: LMModelConfig, index: int, seed: int) -> None:
         super().__init__()
         self.config, self.index = config, index
-        self.blocks = nn.ModuleDict(
-            {str(index): halting_block(config)}
-        )  # names: blocks.{index}.*, as in HRMGemma
+        # a one-entry ModuleDict, so the names are HRMGemma's: blocks.{index}.*
+        self.blocks = nn.ModuleDict({str(index): halting_block(config)})
         init_parameters(self, seed)
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, position_ids, doc_ids, token_mask = inputs[:4]
-        ctx = sequence_context(
-            self.config, (self.rope_local, self.rope_global), x, position_ids, None, doc_ids
-        )
+        x, position_ids, doc_ids, token_mask = inputs
+        sums = None
+        if x.dim() == 1:  # packed by the previous CycleBlock (the embedding sends plain hidden states)
+            x, sums = unpack(x, position_ids)
+        ropes = (self.rope_local, self.rope_global)
+        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
         x, halt_logits, converged = self.blocks[str(self.index)](x, ctx)
-        sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
-        sums = sums / self.config.num_groups  # lm_loss averages over blocks
-        if len(inputs) == 5:
-            sums = inputs[4] + sums
-        return x, position_ids, doc_ids, token_mask, sums
+        block_sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
+        block_sums = block_sums / self.config.num_groups  # lm_loss averages over blocks
+        sums = block_sums if sums is None else sums + block_sums
+        return pack(x, sums), position_ids, doc_ids, token_mask
+
+
+def pack(hidden: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """[b, s, h] hidden and [3] fp32 sums -> one flat tensor in the hidden dtype. Below fp32 each sum
+    travels as two numbers, hi + lo, so it keeps about 16 bits (its gradient reaches both)."""
+    if hidden.dtype == torch.float32:
+        tail = sums
+    else:
+        hi = sums.to(hidden.dtype)
+        tail = torch.cat((hi, (sums - hi.float()).to(hidden.dtype)))
+    return torch.cat((hidden.flatten(), tail))
+
+
+def unpack(packed: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack; ids [b, s] give the batch shape."""
+    n = packed.numel() - (3 if packed.dtype == torch.float32 else 6)
+    b, s = ids.shape
+    hidden, tail = packed[:n].view(b, s, -1), packed[n:].float()
+    return hidden, (tail if tail.numel() == 3 else tail[:3] + tail[3:])
 
 
 class TailLayer(nn.Module):
@@ -100,11 +121,11 @@ class TailLayer(nn.Module):
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, position_ids, doc_ids, token_mask, sums = inputs
-        ctx = sequence_context(
-            self.config, (self.rope_local, self.rope_global), x, position_ids, None, doc_ids
-        )
-        return self.tail(x, None, ctx), position_ids, doc_ids, token_mask, sums
+        packed, position_ids, doc_ids, token_mask = inputs
+        x, sums = unpack(packed, position_ids)
+        ropes = (self.rope_local, self.rope_global)
+        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
+        return pack(self.tail(x, None, ctx), sums), position_ids, doc_ids, token_mask
 
 
 class FinalNormLayer(nn.Module):
@@ -120,7 +141,7 @@ class FinalNormLayer(nn.Module):
         init_parameters(self, seed)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, sums = inputs[0], inputs[-1]
+        x, sums = unpack(inputs[0], inputs[1])
         return self.norm(x), sums
 
 

@@ -117,7 +117,9 @@ class LMTrainer(Trainer):
         normalizers = self._token_counts(batch)
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         with h_cycles_set(self.model, cycles):
-            for rows in torch.arange(self.local_batch).split(micro):
+            chunks = torch.arange(self.local_batch).split(micro)
+            for i, rows in enumerate(chunks):
+                self.start_micro_batch(i, len(chunks))
                 mb = {k: v[rows] for k, v in batch.items()}
                 parts = self.loss(mb, normalizers)
                 if all_finite(parts["loss"]):

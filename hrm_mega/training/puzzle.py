@@ -89,7 +89,9 @@ class PuzzleTrainer(Trainer):
         micro = cfg.train.micro_batch or self.local_batch
         sums = torch.zeros(len(METRIC_KEYS) + len(LOSS_KEYS) + 2, dtype=torch.float64)
         chunks = []
-        for rows in torch.arange(self.local_batch).split(micro):
+        micro_batches = torch.arange(self.local_batch).split(micro)
+        for i, rows in enumerate(micro_batches):
+            self.start_micro_batch(i, len(micro_batches))
             sub = _select(state, rows)
             sub = replace(sub, batch={**sub.batch, "puzzle_emb": puzzle_emb[rows]})
             loss, metrics, new_sub, _ = step_segment(

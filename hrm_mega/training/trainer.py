@@ -212,6 +212,12 @@ class Trainer(ABC):
             group["lr"] = lr
         return lr
 
+    def start_micro_batch(self, index: int, count: int) -> None:
+        """Before micro-batch `index` of `count` in a step that calls engine.step() once. DeepSpeed would
+        count one micro-step per engine.step() and step the optimizer only every count-th trainer step;
+        the explicit boundary makes the last micro-batch the one that reduces gradients and steps."""
+        self.engine.set_gradient_accumulation_boundary(index == count - 1)
+
     def apply_update(self, all_finite: bool) -> float:
         """After backward on every micro-batch: the optimizer step and EMA, or, when any rank saw a
         non-finite loss, a skipped step (aborting after train.max_nonfinite_steps in a row).
