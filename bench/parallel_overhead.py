@@ -27,12 +27,7 @@ run with gradients: one_step differentiates one L and one H update of each Cycle
 last H cycle, full everything; trailing layers always):
   TP  layer outputs (fwd)          2 all-reduces of [b, s, h] per layer evaluation (o_proj, down_proj)
       activation grads (bwd)       2 per layer evaluation with gradients (q/k/v and gate/up inputs)
-                                   + the tied LM head's input (HRMGemma) or lm_head's (puzzle);
-                                   x 2 on pipeline stages before the last (this and the qk-norm term):
-                                   DeepSpeed 0.19's PipelineEngine backpropagates each floating
-                                   boundary output separately (hidden, then the halting sums, whose
-                                   graph reaches back through the stage), so those stages run their
-                                   backward twice
+                                   + the tied LM head's input (HRMGemma) or lm_head's (puzzle)
       qk-norm weight grads (bwd)   2 x [head_dim] per layer evaluation with gradients (HRMGemma)
       embedding (fwd)              1 all-reduce of [b, s, h] per forward (VocabParallelEmbedding)
       vocab-parallel CE            softmax: 3 x [b, s-1] fp32 (max, target logit, sum of exp);
@@ -84,7 +79,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURED_STEP = 3  # steps 1-2 warm up (first-step allocations, DeepSpeed's first-send metadata)
 SCALAR_NUMEL = 16  # calls on tensors this small are control traffic (metrics, flags, norms, loss)
 TOLERANCE = 0.01  # a modelled term must match within 1%
-BOUNDARY_FLOAT_OUTPUTS = 2  # HRMGemma's stage outputs with gradients: hidden [b, s, h], halting sums [3]
 
 LM_RECIPE = "configs/lm/hrmgemma_tiny.yaml"
 LM_SETS = [
@@ -353,22 +347,11 @@ def analytic_volume(trainer: Any, case: Case, cycles: int) -> tuple[dict[str, di
         total, grad = layer_evaluations(cycles, c.l_cycles, c.local_per_global, 1, c.grad_mode)
         evals = blocks * total + (c.num_tail_layers if last else 0)
         evals_grad = blocks * grad + (c.num_tail_layers if last else 0)
-        # DeepSpeed's pipeline backward on a stage before the last calls out.backward() once per floating
-        # boundary output (hidden, then the halting sums, whose graph reaches back through every
-        # differentiated layer of the stage's CycleBlocks): the stage's backward runs twice.
-        traversals = BOUNDARY_FLOAT_OUTPUTS if layout.pp > 1 and not last else 1
-        if traversals > 1:
-            once = n_micro * 2 * evals_grad * (act + c.head_dim * f32) if layout.tp > 1 else 0
-            notes.append(
-                f"this stage's backward runs {traversals} times (DeepSpeed backpropagates the hidden state "
-                f"and the halting sums separately): {traversals}x the backward compute"
-                + (f"; one pass would move {fmt((traversals - 1) * once)} B less TP traffic" if once else "")
-            )
         if layout.tp > 1:
             tp = out["TP"]
             tp["layer outputs (fwd)"] = n_micro * 2 * evals * act
-            tp["activation grads (bwd)"] = n_micro * (traversals * 2 * evals_grad + int(last)) * act  # + head
-            tp["qk-norm weight grads (bwd)"] = n_micro * traversals * 2 * evals_grad * c.head_dim * f32
+            tp["activation grads (bwd)"] = n_micro * (2 * evals_grad + int(last)) * act  # + the head's input
+            tp["qk-norm weight grads (bwd)"] = n_micro * 2 * evals_grad * c.head_dim * f32
             if first:
                 tp["embedding (fwd)"] = n_micro * act
             if last:
