@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,9 @@ class LaunchRequest:
     rdzv_id: str = ""  # default: the run directory's name
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
     entry: str = "pipelines.pretrain"
+    local_addr: str = ""  # torchrun: the address this node advertises (default: its hostname)
+    rdzv_host_is_this_node: bool = False  # torchrun: this node hosts the rendezvous store
+    socket_ifname: str = ""  # the network interface gloo and NCCL connect over (default: their pick)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
             raise LaunchError(f"--{name.replace('_', '-')} must be >= 1")
     if not _module_exists(request.entry):
         raise LaunchError(f"--entry {request.entry}: no such module")
+    _check_network_options(request)
     config = load_config(request.config, list(request.overrides))
     layout = check_layout(config, request.nodes, request.procs_per_node)
     if request.launcher == "slurm":
@@ -116,12 +121,15 @@ def check_layout(config: Config, nodes: int, procs_per_node: int) -> str:
     return f"{nodes_text} x {procs_per_node} processes = {world} ranks = tp {tp} x pp {pp} x dp {dp}"
 
 
-def env_defaults(procs_per_node: int) -> list[EnvDefault]:
+def env_defaults(
+    procs_per_node: int, launcher: str = "torchrun", socket_ifname: str = ""
+) -> list[EnvDefault]:
     """OMP threads: the node's cores shared by its ranks (torchrun alone would set 1). NCCL: say why a
-    collective failed (GPU hosts; gloo ignores it). Site-specific settings are in docs/launching.md."""
+    collective failed (GPU hosts; gloo ignores it). torchrun: a fresh store for every restart. With
+    `socket_ifname`, the interface gloo and NCCL use. Site-specific settings are in docs/launching.md."""
     p = procs_per_node
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return [
+    env = [
         EnvDefault(
             "OMP_NUM_THREADS",
             f"${{OMP_NUM_THREADS:-$(( $(nproc) > {p} ? $(nproc) / {p} : 1 ))}}",
@@ -130,6 +138,21 @@ def env_defaults(procs_per_node: int) -> list[EnvDefault]:
         ),
         EnvDefault("NCCL_DEBUG", "${NCCL_DEBUG:-WARN}", "WARN", "NCCL says why a collective failed"),
     ]
+    if launcher == "torchrun":
+        # torchrun's c10d rendezvous shares its store with the ranks and keeps it across restarts, so a
+        # restarted rank can read the previous attempt's addresses and fail to connect (pytorch#135712).
+        # Off, rank 0 hosts a new store on a new port for every attempt.
+        env.append(_default("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1", "a new store for every restart"))
+    if socket_ifname:
+        env += [
+            _default("GLOO_SOCKET_IFNAME", socket_ifname, "the interface gloo connects over"),
+            _default("NCCL_SOCKET_IFNAME", socket_ifname, "the interface NCCL bootstraps over"),
+        ]
+    return env
+
+
+def _default(name: str, value: str, why: str) -> EnvDefault:
+    return EnvDefault(name, f"${{{name}:-{value}}}", value, why)
 
 
 # --- the launchers ------------------------------------------------------------------------------------
@@ -140,19 +163,30 @@ def _plan_torchrun(
 ) -> LaunchPlan:
     r = request
     host = _rendezvous_host(r, environ)
+    # nodes that have not joined after the collective timeout of the config are given up on
+    rdzv_conf = f"join_timeout={timeout_seconds(config)}"
+    # torchrun guesses whether this node hosts the rendezvous store from its hostname and the addresses
+    # that name resolves to; an address on another interface is missed, and then no node hosts it.
+    hosts_store = r.rdzv_host_is_this_node or (r.nodes > 1 and r.local_addr == host)
+    if hosts_store:
+        rdzv_conf += ",is_host=true"
     argv = [
         "torchrun", "--nnodes", str(r.nodes), "--nproc-per-node", str(r.procs_per_node),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host}:{r.master_port}",
-        "--rdzv-id", r.rdzv_id or Path(config.log.out_dir).name,
-        # nodes that have not joined after the collective timeout of the config are given up on
-        "--rdzv-conf", f"join_timeout={timeout_seconds(config)}",
+        "--rdzv-id", r.rdzv_id or Path(config.log.out_dir).name, "--rdzv-conf", rdzv_conf,
+        *(["--local-addr", r.local_addr] if r.local_addr else []),
         "--max-restarts", str(r.max_restarts), "--shutdown-timeout", str(r.shutdown_timeout),
         "-m", r.entry, *_entry_args(r),
     ]  # fmt: skip
+    env = env_defaults(r.procs_per_node, "torchrun", r.socket_ifname)
     if r.nodes == 1:
-        return LaunchPlan(argv, "here", "torchrun on this machine", layout, env_defaults(r.procs_per_node))
+        return LaunchPlan(argv, "here", "torchrun on this machine", layout, env)
     summary = f"torchrun on each of the {r.nodes} nodes; the rendezvous is on {host}"
-    return LaunchPlan(argv, "each-node", summary, layout, env_defaults(r.procs_per_node))
+    if r.local_addr:
+        summary += f"; this node is {r.local_addr}"
+    if hosts_store:
+        summary += " and hosts the rendezvous" if r.local_addr else "; this node hosts it"
+    return LaunchPlan(argv, "each-node", summary, layout, env)
 
 
 def _plan_deepspeed(
@@ -185,9 +219,10 @@ def _plan_deepspeed(
     argv += ["--master_port", str(r.master_port), "--no_local_rank", "--module", r.entry, *_entry_args(r)]
     if r.nodes == 1:
         summary = "deepspeed launcher on this machine"
-        return LaunchPlan(argv, "here", summary, layout, env_defaults(r.procs_per_node))
+        return LaunchPlan(argv, "here", summary, layout, env_defaults(r.procs_per_node, "deepspeed"))
     summary = "deepspeed launcher on the first host; it starts every node over pdsh/ssh"
-    return LaunchPlan(argv, "first-host", summary, layout, env_defaults(r.procs_per_node), files)
+    env = env_defaults(r.procs_per_node, "deepspeed")
+    return LaunchPlan(argv, "first-host", summary, layout, env, files)
 
 
 def _plan_slurm(request: LaunchRequest, layout: str) -> LaunchPlan:
@@ -251,7 +286,28 @@ def _changed_options(r: LaunchRequest) -> list[str]:
         out += ["--rdzv-id", r.rdzv_id]
     if r.entry != LaunchRequest.entry:
         out += ["--entry", r.entry]
+    if r.socket_ifname:
+        out += ["--socket-ifname", r.socket_ifname]
     return out
+
+
+def _check_network_options(r: LaunchRequest) -> None:
+    """The per-node network options are torchrun's; an interface name must look like one."""
+    for option, given in (
+        ("--local-addr", r.local_addr),
+        ("--rdzv-host-is-this-node", r.rdzv_host_is_this_node),
+    ):
+        if given and r.launcher != "torchrun":
+            raise LaunchError(f"{option} is for --launcher torchrun, which runs on each node itself")
+    if r.socket_ifname and r.launcher == "deepspeed":
+        raise LaunchError(
+            "--socket-ifname is for --launcher torchrun or slurm; with deepspeed, put GLOO_SOCKET_IFNAME and "
+            "NCCL_SOCKET_IFNAME into ~/.deepspeed_env, which the launcher hands to every node"
+        )
+    if r.socket_ifname and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", r.socket_ifname):
+        raise LaunchError(
+            f"--socket-ifname {r.socket_ifname!r} is not a network interface name (e.g. eth0, ib0)"
+        )
 
 
 def _rendezvous_host(r: LaunchRequest, environ: dict[str, str]) -> str:

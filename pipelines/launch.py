@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--this-node", action="store_true",
         help="torchrun, --nodes > 1: run this node's share here (every node runs the same command)",
     )  # fmt: skip
+    p.add_argument(
+        "--local-addr", default="",
+        help="torchrun: the address this node advertises to the others (default: its hostname); the node "
+        "whose --local-addr is --master-addr hosts the rendezvous",
+    )  # fmt: skip
+    p.add_argument(
+        "--rdzv-host-is-this-node", action="store_true",
+        help="torchrun: this node hosts the rendezvous (when torchrun cannot tell from --master-addr)",
+    )  # fmt: skip
+    p.add_argument(
+        "--socket-ifname", default="",
+        help="network interface the ranks connect over (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME)",
+    )  # fmt: skip
     return p
 
 
@@ -76,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         procs_per_node=args.procs_per_node, resume=args.resume, master_addr=args.master_addr,
         master_port=args.master_port, hostfile=args.hostfile, max_restarts=args.max_restarts,
         rdzv_id=args.rdzv_id, shutdown_timeout=args.shutdown_timeout, entry=args.entry,
+        local_addr=args.local_addr, rdzv_host_is_this_node=args.rdzv_host_is_this_node,
+        socket_ifname=args.socket_ifname,
     )  # fmt: skip
     plan = plan_launch(request)
     if args.this_node and args.launcher != "torchrun":

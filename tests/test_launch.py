@@ -4,6 +4,7 @@ ending a run with a checkpoint from which --resume auto continues exactly, a kil
 within the timeout, torchrun restarts, and the deepspeed launcher."""
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -87,6 +88,56 @@ def test_torchrun_plan_uses_c10d_the_config_timeout_and_resume_auto():
         plan_launch(LaunchRequest(RECIPE, nodes=2), environ={})
 
 
+def test_each_node_names_its_address_interface_and_whether_it_hosts_the_rendezvous():
+    """--local-addr is handed to torchrun; the node whose address is --master-addr hosts the rendezvous
+    store (torchrun's own guess misses addresses not behind the hostname); --socket-ifname sets the
+    interface of gloo and NCCL."""
+    nodes = {"nodes": 2, "master_addr": "10.1.0.1", "socket_ifname": "veth0"}
+    first = plan_launch(LaunchRequest(RECIPE, local_addr="10.1.0.1", **nodes), environ={})
+    options = dict(zip(first.argv[1:], first.argv[2:]))
+    assert options["--local-addr"] == "10.1.0.1" and options["--rdzv-conf"] == "join_timeout=600,is_host=true"
+    assert first.summary.endswith("this node is 10.1.0.1 and hosts the rendezvous")
+    env = {e.name: e.value for e in first.env}
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "veth0"
+    second = plan_launch(LaunchRequest(RECIPE, local_addr="10.1.0.2", **nodes), environ={})
+    options = dict(zip(second.argv[1:], second.argv[2:]))
+    assert options["--local-addr"] == "10.1.0.2" and options["--rdzv-conf"] == "join_timeout=600"
+    # A rendezvous host named differently from the address this node advertises: say so explicitly.
+    named = plan_launch(
+        LaunchRequest(RECIPE, nodes=2, master_addr="head", rdzv_host_is_this_node=True), environ={}
+    )
+    assert "join_timeout=600,is_host=true" in named.argv and "--local-addr" not in named.argv
+    plain = plan_launch(LaunchRequest(RECIPE, nodes=2, master_addr="head"), environ={})
+    assert "join_timeout=600" in plain.argv and "GLOO_SOCKET_IFNAME" not in plain.script()
+    # Slurm hands the interface on to the script's torchrun plans.
+    slurm = plan_launch(LaunchRequest(RECIPE, launcher="slurm", nodes=2, socket_ifname="ib0"), environ={})
+    assert slurm.argv[slurm.argv.index("--socket-ifname") + 1] == "ib0"
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (LaunchRequest(RECIPE, launcher="deepspeed", local_addr="10.0.0.2"), "--local-addr is for --launcher torchrun"),
+        (LaunchRequest(RECIPE, launcher="slurm", rdzv_host_is_this_node=True), "--rdzv-host-is-this-node is for"),
+        (LaunchRequest(RECIPE, launcher="deepspeed", socket_ifname="eth0"), "~/.deepspeed_env"),
+        (LaunchRequest(RECIPE, socket_ifname="eth0; reboot"), "is not a network interface name"),
+    ],
+)  # fmt: skip
+def test_network_options_a_launcher_cannot_use_are_refused(request_, message):
+    with pytest.raises(LaunchError, match=re.escape(message)) as err:
+        plan_launch(request_, environ={})
+    assert "\n" not in str(err.value)
+
+
+def test_torchrun_restarts_get_a_new_store_each_time():
+    """torchrun shares its rendezvous store with the ranks and keeps it across restarts; the restarted
+    ranks then read the previous attempt's addresses (pytorch#135712). torchrun plans turn sharing off."""
+    torchrun = plan_launch(LaunchRequest(RECIPE, procs_per_node=2, max_restarts=1), environ={})
+    assert {e.name: e.value for e in torchrun.env}["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    deepspeed = plan_launch(LaunchRequest(RECIPE, launcher="deepspeed", procs_per_node=2), environ={})
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in deepspeed.script()
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "slurm"])
 def test_resume_auto_is_the_default_under_every_launcher(launcher):
     plan = plan_launch(LaunchRequest(RECIPE, launcher=launcher, procs_per_node=2), environ={})
@@ -145,7 +196,7 @@ def test_printed_environment_defaults_equal_the_ones_applied_here():
     """The plan prints shell expressions (evaluated on each node) and applies Python values on this
     machine; both must agree, and a variable already set wins."""
     for procs in (1, 2, 3, 64):
-        for default in env_defaults(procs):
+        for default in env_defaults(procs, "torchrun", socket_ifname="eth1"):
             shell = subprocess.run(["bash", "-c", f"unset {default.name}; echo {default.shell}"],
                                    capture_output=True, text=True, check=True)  # fmt: skip
             assert shell.stdout.strip() == default.value, (procs, default.name)
@@ -227,10 +278,8 @@ def test_sigterm_flag_is_set_by_the_signal_and_restores_the_previous_handler():
 # --- real runs (CPU, gloo) -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def write_tiny_dataset(out: Path) -> Path:
     """A small sudoku-shaped dataset (random digits: enough for losses and resume checks)."""
-    out = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", 96), ("test", 24)):
@@ -247,8 +296,48 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
+def build_deepspeed_ops() -> None:
+    """Builds DeepSpeed's CPU shm_comm op (which every rank loads at start) into the tests' extension
+    cache before any timed run: the first build takes minutes on 2 busy cores. A build that was killed
+    (by a timeout, say) leaves its `lock` behind, and every later start waits on it for ever; a lock
+    that no process holds open is such a leftover and is removed."""
+    lock = Path(env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    if lock.exists() and not any(holds_open(p, lock) for p in psutil.process_iter()):
+        lock.unlink(missing_ok=True)
+    code = "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None"
+    done = run([sys.executable, "-c", code], timeout=540)  # within pytest's 600 s per test
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def holds_open(process: psutil.Process, path: Path) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(f.path == str(path) for f in process.open_files())
+    return False
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """The tiny dataset, and the DeepSpeed op every run loads, built."""
+    build_deepspeed_ops()
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
 def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    """For every run of these tests. DeepSpeed JIT-builds its CPU shm_comm op at each start (ninja, into
+    torch's extension cache), and rebuilds it, a minute or more here, whenever the previous build used
+    another ninja (the venv's 1.13 and the system's 1.11 hash commands differently) or another
+    environment's paths. So: this environment's bin/ first on PATH, as `hrm-mega launch` does, and a
+    cache of its own."""
+    return {
+        **os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or str(extensions_dir()),
+    }  # fmt: skip
+
+
+def extensions_dir() -> Path:
+    environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "torch_extensions" / f"hrm-mega-{environment}"
 
 
 def free_port() -> int:
@@ -273,7 +362,14 @@ def pretrain_cmd(run_dir: Path, data: Path, *overrides: str) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -324,9 +420,20 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         raise
     return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to a run and all its descendants: torchrun starts each rank in a session of its own, so
+    the launcher's process group alone would leave the ranks running."""
+    with contextlib.suppress(psutil.Error):
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for member in family:
+            with contextlib.suppress(psutil.Error):
+                member.kill()
+    proc.communicate()
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -416,9 +523,15 @@ def test_a_killed_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, da
 @pytest.mark.slow
 def test_deepspeed_launcher_trains_two_ranks_on_cpu(tmp_path, dataset, dp2_reference):
     run_dir = tmp_path / "run"
-    done = run(
-        launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--launcher", "deepspeed"))
-    )
+    command = launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--launcher", "deepspeed"))
+    port = command[command.index("--master-port") + 1]
+    try:
+        done = run(command)
+    finally:
+        # The launcher sets LOCAL_SIZE, so each rank maps a 66 MB shared-memory all-reduce buffer named
+        # after the master address and port, which DeepSpeed never unlinks.
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
+            buffer.unlink(missing_ok=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(run_dir) == dp2_reference
     assert (latest_checkpoint(run_dir) / "client/rank-00001.json").is_file()
@@ -426,13 +539,23 @@ def test_deepspeed_launcher_trains_two_ranks_on_cpu(tmp_path, dataset, dp2_refer
 
 @pytest.mark.slow
 def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp2_reference):
+    """Rank 1 killed mid-run; torchrun --max-restarts 1 starts both ranks again, which resume from the last
+    complete checkpoint and log the losses of an uninterrupted run. Before the plans set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the restarted ranks read the first attempt's gloo addresses
+    from torchrun's shared store and exited 1 (`Gloo connectFullMesh failed ... Connection refused`)."""
     run_dir = tmp_path / "run"
     command = launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--max-restarts", "1"))
     proc = start(command)
     wait_for_step(proc, run_dir, 6)
+    killed_after = last_logged_step(run_dir)
     rank_process(proc.pid, 1).send_signal(signal.SIGKILL)
-    out = finish(proc, timeout=240)
-    (Path("/tmp/restart_out.txt")).write_text(out)
+    out = finish(proc, timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    assert re.search(r"resumed from \S+step-0000000[48] at step [48]", out), out[-3000:]
+    assert re.search(r"failed \(exitcode: -9\) local_rank: 1", out), out[-3000:]  # attempt 0 ended there
+    resumed = re.search(r"resumed from (\S+)/step-(\d{8}) at step (\d+)", out)
+    assert resumed, out[-3000:]
+    step = int(resumed[3])
+    assert resumed[1] == str(run_dir / "checkpoints") and int(resumed[2]) == step
+    assert step % 4 == 0 and 4 <= step <= killed_after + 1  # the last checkpoint before the kill
+    assert "connectFullMesh failed" not in out
     assert losses(run_dir) == dp2_reference
