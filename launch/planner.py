@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hrm_mega import distributed
 from hrm_mega.config import Config, load_config
 from launch import LaunchError
 from launch.hosts import deepspeed_hostfile, expand_hostlist
@@ -117,6 +118,7 @@ def check_layout(config: Config, nodes: int, procs_per_node: int) -> str:
             f"--nodes {nodes} x --procs-per-node {procs_per_node} = {world} ranks is not a multiple of "
             f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}"
         )
+    distributed.check_layout(config, world)  # heads, kv heads, MLP width, vocab, CycleBlocks vs tp and pp
     nodes_text, dp = f"{nodes} node{'s' if nodes > 1 else ''}", world // (tp * pp)
     return f"{nodes_text} x {procs_per_node} processes = {world} ranks = tp {tp} x pp {pp} x dp {dp}"
 

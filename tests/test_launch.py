@@ -559,3 +559,16 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
     assert step % 4 == 0 and 4 <= step <= killed_after + 1  # the last checkpoint before the kill
     assert "connectFullMesh failed" not in out
     assert losses(run_dir) == dp2_reference
+
+
+def test_launch_rejects_a_model_that_does_not_split_over_tp_before_submitting():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.launch", "--launcher", "torchrun", "--nodes", "1", "--procs-per-node",
+         "2", str(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml"), "--set", "parallel.tp=2", "--dry-run"],
+        env=env(), capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "hrm-mega launch: error: model.vocab_size=11 is not divisible by parallel.tp=2; pad it: set "
+        "model.vocab_size=12 (the data's token ids stay below it)"
+    )

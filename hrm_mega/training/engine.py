@@ -7,10 +7,13 @@ the backend is gloo; on GPUs it is NCCL. A process started without a launcher is
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +55,7 @@ def setup_distributed(config: Config) -> World:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     layout = check_layout(config, int(os.environ["WORLD_SIZE"]))
     par = config.parallel
+    _one_extension_build_per_environment()
     import deepspeed
 
     if not torch.distributed.is_initialized():
@@ -66,6 +70,19 @@ def setup_distributed(config: Config) -> World:
         init_model_parallel(layout)
     pp_rank, dp_rank, tp_rank = layout.coordinates(rank)
     return World(rank, layout.world_size, local_rank, dp_rank, layout.dp, device, tp_rank, pp_rank, layout)
+
+
+def _one_extension_build_per_environment() -> None:
+    """DeepSpeed JIT-builds its CPU communication op into TORCH_EXTENSIONS_DIR and rebuilds it (minutes)
+    whenever the build command changes: with another ninja on PATH (the venv's and the system's hash
+    commands differently), or after another environment built into the shared cache. So the
+    environment's own ninja goes first on PATH and each Python environment gets its own cache."""
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / "ninja").exists():
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")])
+    env_id = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    cache = Path.home() / ".cache" / "torch_extensions" / f"hrm-mega-{env_id}"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
 
 
 def collective_failure(error: BaseException, config: Config) -> str | None:
