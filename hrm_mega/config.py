@@ -259,7 +259,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps; one step is one ACT segment
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model (fuses norms/activations; the first steps compile)
-    activation_checkpointing: bool = False  # pipeline stages recompute each CycleBlock in backward
+    activation_checkpointing: bool = False  # HRMGemma: recompute each CycleBlock in backward
     eval_interval: int = 0  # 0 = only at the end
     eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
     eval_max_samples: int = 0  # 0 = the whole eval split
@@ -342,8 +342,12 @@ class Config:
             raise ConfigError(
                 f"train.task={self.train.task} does not fit model.family={self.model.family} (use {self.task})"
             )
-        if self.task == "puzzle" and (self.train.cycles_range or self.train.distill_weight):
-            raise ConfigError("train.cycles_range and train.distill_* apply to train.task=lm only")
+        if self.task == "puzzle" and (
+            self.train.cycles_range or self.train.distill_weight or self.train.activation_checkpointing
+        ):
+            raise ConfigError(
+                "train.cycles_range, train.distill_* and train.activation_checkpointing apply to train.task=lm only"
+            )
         if self.train.global_batch % self.data.partitions:
             raise ConfigError(
                 f"data.partitions={self.data.partitions} does not divide train.global_batch={self.train.global_batch}"
