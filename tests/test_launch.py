@@ -166,7 +166,7 @@ def test_layout_mismatch_is_a_one_line_error(capsys):
         "parallel.tp x parallel.pp = 2 x 1 = 2\n"
     )
     assert launch_main([RECIPE, "--nodes", "2", "--procs-per-node", "1", "--set", "parallel.tp=2",
-                        "--master-addr", "h", "--dry-run"]) == 0  # fmt: skip
+                        "--set", "model.vocab_size=12", "--master-addr", "h", "--dry-run"]) == 0  # fmt: skip
 
 
 def test_bad_config_is_a_one_line_error(capsys):
