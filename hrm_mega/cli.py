@@ -42,22 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return pretrain_main(argv)
 
 
-def cmd_rl(args: argparse.Namespace) -> int:
-    argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
-    argv += ["--init", args.init] if args.init else []
-    if args.nproc > 1:
-        import os
-        import subprocess
-
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "pipelines.posttrain_rl", *argv]  # fmt: skip
-        return subprocess.call(cmd, env=env)
-    from pipelines.posttrain_rl import main as rl_main
-
-    return rl_main(argv)
-
-
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from hrm_mega.convert.consolidate import consolidate_checkpoint, save_consolidated
 
@@ -117,15 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser(
-        "rl", help="RL post-training (GRPO, PPO) from a pretrained model: hrm-mega rl CONFIG --init CKPT"
-    )
-    add_config_args(p)
-    p.add_argument("--init", default=None, help="pretrained checkpoint, model directory or .safetensors")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
-    p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
-    p.set_defaults(func=cmd_rl)
 
     for name, (_, usage) in PASS_THROUGH.items():
         p = sub.add_parser(name, help=usage, add_help=False)
