@@ -27,19 +27,30 @@ def cmd_import_hrm(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
-    if args.nproc > 1:
+def _run_entry_point(module: str, argv: list[str], nproc: int) -> int:
+    """Runs pipelines.<module> in this process, or under torchrun on this machine when nproc > 1."""
+    if nproc > 1:
         import os
         import subprocess
 
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "pipelines.pretrain", *argv]  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", f"pipelines.{module}", *argv]  # fmt: skip
         return subprocess.call(cmd, env=env)
-    from pipelines.pretrain import main as pretrain_main
+    import importlib
 
-    return pretrain_main(argv)
+    return importlib.import_module(f"pipelines.{module}").main(argv)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
+    return _run_entry_point("pretrain", argv, args.nproc)
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
+    argv += ["--init", args.init] if args.init else []
+    return _run_entry_point("posttrain_rl", argv, args.nproc)
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
@@ -101,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
     p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "rl", help="RL post-training (GRPO, PPO) from a pretrained model: hrm-mega rl CONFIG --init CKPT"
+    )
+    add_config_args(p)
+    p.add_argument("--init", default=None, help="pretrained checkpoint, model directory or .safetensors")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
+    p.add_argument("--resume", default="auto", help="auto | none | PATH (default: auto)")
+    p.set_defaults(func=cmd_rl)
 
     for name, (_, usage) in PASS_THROUGH.items():
         p = sub.add_parser(name, help=usage, add_help=False)

@@ -312,6 +312,89 @@ class LogConfig:
             raise ConfigError("log.out_dir must not be empty")
 
 
+@dataclass
+class RLConfig:
+    """RL post-training (`hrm-mega rl`, docs/rl.md). Read only by the RL trainer.
+
+    A step rolls out group_size samples for each of prompts_per_step prompts (so the step has
+    prompts_per_step * group_size rows; train.global_batch is set to that), scores them with the named
+    rewards, and takes `iterations` optimizer steps on them against the log-probs of the policy that sampled.
+    """
+
+    algorithm: Literal["grpo", "ppo"] = "grpo"  # ppo needs an hrm_gemma model with model.value_head=true
+    prompts_per_step: int = 8  # over all data-parallel ranks
+    group_size: int = 8  # samples per prompt; GRPO's advantages compare the samples of one prompt
+    iterations: int = 1  # optimizer steps on each batch of rollouts (ratios against the old log-probs)
+    # Sampling. LM: temperature, top-k/top-p, up to max_new_tokens new tokens, decoded with KV caches and
+    # per-token halting (max_cycles 0 = model.h_cycles; halt_threshold 0 = no early halting).
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    max_cycles: int = 0
+    halt_threshold: float = 0.0
+    rollout_chunk: int = 1  # LM prompts per generate call; the draws are seeded per chunk
+    # Puzzles: halting of the ACT loop during rollouts (sample: a Boltzmann policy over the Q-head, whose
+    # decisions are actions; greedy: the evaluation rule; fixed: every row runs halt_max_steps segments).
+    halting: Literal["sample", "greedy", "fixed"] = "sample"
+    # Loss: ratio clipped to [1 - eps_low, 1 + eps_high]; beta * k3 KL to a frozen copy of the initial
+    # weights (beta 0: no reference model is loaded); aggregation over the actions of the step.
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    kl_estimator: Literal["k3"] = "k3"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
+    # GRPO: reward minus the group mean, divided by the group's std, the step's std, or nothing (Dr. GRPO).
+    scale: Literal["group", "batch", "none"] = "group"
+    # PPO: GAE over the completion tokens, advantages whitened over the step, clipped value loss.
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2  # 0 = no value clipping
+    value_coef: float = 0.1
+    # Rewards by registered name (hrm_mega/rl/rewards.py) with their weights; then
+    # reward -= compute_cost_lambda * compute used / budget (ACT segments, or H cycles per token).
+    rewards: dict[str, float] = field(default_factory=dict)
+    reward_modules: list[str] = field(default_factory=list)  # imported first: their @register_reward runs
+    compute_cost_lambda: float = 0.0
+    # Prompts: dataset (puzzles: the train split of data.path) or arithmetic (LM: generated a+b=, a-b=,
+    # a*b= questions in the corpus format, operands of 1..arithmetic_max_digits digits, keyed by seed).
+    prompts: Literal["dataset", "arithmetic"] = "dataset"
+    arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*"])
+    arithmetic_max_digits: int = 4
+    eval_prompts: int = 200  # LM: held-out questions, never used for training, answered greedily
+
+    def validate(self) -> None:
+        _positive(
+            self, "rl", "prompts_per_step", "group_size", "iterations", "max_new_tokens", "rollout_chunk"
+        )
+        _positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError("rl.temperature must be > 0, rl.top_p in (0, 1] and rl.top_k >= 0")
+        if self.max_cycles < 0 or not 0.0 <= self.halt_threshold < 1.0:
+            raise ConfigError("rl.max_cycles must be >= 0 and rl.halt_threshold in [0, 1) (0 = no halting)")
+        if not 0.0 <= self.eps_low < 1.0 or self.eps_high < 0:
+            raise ConfigError(
+                f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0"
+            )
+        for name in ("beta", "value_clip", "value_coef", "compute_cost_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 0")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ConfigError(f"rl.gamma={self.gamma} and rl.lam={self.lam} must be in [0, 1]")
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ConfigError("rl.group_size must be >= 2 for rl.algorithm=grpo (advantages compare a group)")
+        if not isinstance(self.rewards, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.rewards.items()
+        ):
+            raise ConfigError(
+                f"rl.rewards={self.rewards!r} must map reward names to weights, e.g. {{sudoku_valid: 1.0}}"
+            )
+        bad = [op for op in self.arithmetic_ops if op not in ("+", "-", "*")]
+        if bad or not self.arithmetic_ops:
+            raise ConfigError(f"rl.arithmetic_ops={self.arithmetic_ops} must be a non-empty list of +, -, *")
+
+
 MODEL_FAMILIES: dict[str, type] = {"puzzle": PuzzleModelConfig, "hrm_gemma": LMModelConfig}
 ModelConfig = PuzzleModelConfig
 
@@ -324,6 +407,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def task(self) -> str:
@@ -431,7 +515,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {key} is not a section")
-    node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"--set {item!r}: the value is not valid YAML ({first}); quote strings that start with "
+            "*, &, ! or contain ': ', e.g. --set \"rl.arithmetic_ops=['+', '*']\""
+        ) from None
 
 
 def _build(instance_or_cls: Any, values: dict[str, Any], prefix: str) -> Any:

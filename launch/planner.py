@@ -228,15 +228,16 @@ def _plan_deepspeed(
 
 
 def _plan_slurm(request: LaunchRequest, layout: str) -> LaunchPlan:
-    """sbatch of launch/slurm/pretrain.sbatch. The script's arguments are this command's options, so that
+    """sbatch of launch/slurm/pretrain.sbatch (rl.sbatch for RL runs). The script's arguments are this command's options, so that
     on the allocation it plans each node's torchrun the same way (the hosts come from Slurm)."""
     r = request
     if r.master_addr or r.hostfile:
         raise LaunchError(
             "--master-addr and --hostfile do not apply to --launcher slurm; Slurm picks the hosts"
         )
+    script = SLURM_SCRIPTS / ("rl.sbatch" if r.entry == "pipelines.posttrain_rl" else "pretrain.sbatch")
     argv = [
-        "sbatch", "--nodes", str(r.nodes), "--ntasks-per-node", "1", _display_path(SLURM_SCRIPTS / "pretrain.sbatch"),
+        "sbatch", "--nodes", str(r.nodes), "--ntasks-per-node", "1", _display_path(script),
         "--procs-per-node", str(r.procs_per_node), *_changed_options(r), *_entry_args(r),
     ]  # fmt: skip
     return LaunchPlan(argv, "here", "sbatch; the script starts one torchrun per node", layout)

@@ -71,6 +71,7 @@ BAD = [
         "model.h_layers must be >= 1 unless model.shared_net=true",
     ),
     (["trainsteps"], "expected KEY=VALUE"),
+    (["train.eval_modes=[fixed,*]"], "--set 'train.eval_modes=[fixed,*]': the value is not valid YAML"),
 ]
 
 

@@ -192,6 +192,18 @@ def test_a_missing_launcher_or_a_misplaced_option_is_a_one_line_error(capsys, mo
     assert capsys.readouterr().err == "hrm-mega launch: error: --entry pipelines.nope: no such module\n"
 
 
+def test_rl_runs_plan_like_pretraining_with_their_own_entry():
+    recipe = str(ROOT / "configs/rl/grpo_sudoku_tiny.yaml")
+    init = "train.init_from=runs/demo/checkpoints/step-00000500"
+    for launcher in ("torchrun", "deepspeed", "slurm"):
+        request = LaunchRequest(recipe, (init,), launcher=launcher, procs_per_node=2,
+                                entry="pipelines.posttrain_rl")  # fmt: skip
+        plan = plan_launch(request, environ={})
+        assert "pipelines.posttrain_rl" in plan.argv, launcher
+        assert f"--set={init}" in plan.argv, launcher
+    assert "launch/slurm/rl.sbatch" in plan.argv  # the RL job script (its job name) under Slurm
+
+
 def test_printed_environment_defaults_equal_the_ones_applied_here():
     """The plan prints shell expressions (evaluated on each node) and applies Python values on this
     machine; both must agree, and a variable already set wins."""
@@ -259,7 +271,7 @@ def test_sbatch_scripts_parse_and_stay_in_step():
         return [x for x in lines if not x.startswith(("#SBATCH --job-name", "ENTRY="))]
 
     assert body(rl) == body(pretrain)
-    assert "ENTRY=pipelines.pretrain" in rl and "not available yet" in rl
+    assert "ENTRY=pipelines.posttrain_rl" in rl and "ENTRY=pipelines.pretrain" in pretrain
 
 
 def test_sigterm_flag_is_set_by_the_signal_and_restores_the_previous_handler():

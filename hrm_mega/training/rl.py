@@ -1,0 +1,430 @@
+"""RL post-training (GRPO, PPO) on the pretraining machinery: the same engine, layouts, checkpoints with
+exact resume, SIGTERM handling, non-finite guard and logging, because RLTrainer is a Trainer.
+
+One step (`RLTrainer.train_step`):
+
+    rollouts = task.rollout()                    no grad: group_size samples for each of this rank's
+                                                 prompts, their rewards (registry, compute shaping)
+    old = training forward over the rollouts     no grad: the log-probs (and values) the ratios start from;
+                                                 skipped for GRPO with one iteration (old = new, detached)
+    ref = frozen initial weights' log-probs      only when rl.beta > 0
+    advantages                                   GRPO: group-relative; PPO: GAE on the value head, whitened
+    repeat rl.iterations times:
+        for each micro-batch: loss = clipped policy loss [+ beta * k3 KL] [+ value loss]; backward
+        one optimizer step (skipped on every rank if any rank's loss is not finite)
+
+Every loss term is normalised by a count over the whole step (all micro-batches and ranks), and every
+draw is keyed by (seed, step, sample), so a step gives the same loss at any data-parallel size and a
+resumed run continues exactly. A task (rl_puzzle.py, rl_lm.py) supplies the prompts, the rollouts and
+their rewards, and its evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import time
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hrm_mega.config import Config, ConfigError
+from hrm_mega.models import build_model
+from hrm_mega.rl.advantages import gae as gae_advantages
+from hrm_mega.rl.advantages import group_advantages, masked_moments, std_from_moments, whiten
+from hrm_mega.rl.losses import loss_normalizer, policy_loss, value_loss
+from hrm_mega.rl.rewards import get_reward
+from hrm_mega.rl.rollout import LMRollout, PolicyOutput, PuzzleRollout, logprob_mismatch, recompute_policy
+from hrm_mega.training.trainer import Trainer, all_finite, all_reduce
+
+# Per-call means of policy_loss / value_loss that combine over micro-batches and ranks weighted by actions.
+WEIGHTED_KEYS = (
+    "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy", "kl_mean",
+    "value_clip_frac", "value_mean", "return_mean",
+)  # fmt: skip
+# Step shares (already divided by the step's normaliser): they add up over micro-batches and ranks.
+SHARE_KEYS = ("loss", "pg_loss", "kl", "value_loss")
+MISMATCH_KEYS = ("logprob_diff_mean_abs", "kl_rollout_train")
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this rank, scored. Rows are group-major (see hrm_mega/rl/rollout.py)."""
+
+    rollout: PuzzleRollout | LMRollout
+    logprobs: torch.Tensor  # [N, A] the sampler's log-probs of the actions
+    mask: torch.Tensor  # [N, A] bool: which entries are actions
+    rewards: torch.Tensor  # [N] the total reward after compute shaping
+    parts: dict[str, torch.Tensor]  # [N] each named reward before weighting
+    compute: torch.Tensor  # [N] compute used: ACT segments, or mean H cycles per token
+    row_metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] more per-row values to average
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 62-bit seed for the draws of one step, the same on every rank and after a resume."""
+    return int(np.random.default_rng([seed, step, stream]).integers(2**62))
+
+
+def rollout_batch_config(config: Config) -> Config:
+    """The config with train.global_batch = rl.prompts_per_step * rl.group_size, the rows of a step (the
+    pretraining recipe's batch does not apply); checked like any config."""
+    rl, t = config.rl, config.train
+    rows = rl.prompts_per_step * rl.group_size
+    if t.micro_batch and rows % t.micro_batch:
+        raise ConfigError(
+            f"train.micro_batch={t.micro_batch} does not divide the {rows} rollouts of a step "
+            f"(rl.prompts_per_step={rl.prompts_per_step} x rl.group_size={rl.group_size})"
+        )
+    if rows % config.data.partitions:
+        raise ConfigError(
+            f"data.partitions={config.data.partitions} does not divide the {rows} rollouts of a step; "
+            "change rl.prompts_per_step or data.partitions"
+        )
+    return dataclasses.replace(config, train=dataclasses.replace(t, global_batch=rows)).validate()
+
+
+def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
+    """Copies train.init_from into `model` strictly, except that a value head the source lacks (PPO on a
+    pretrained LM) keeps its fresh initialisation. Returns the keys left fresh."""
+    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.convert.model_dir import load_state_dict_strict
+
+    source, source_config = load_model(config.train.init_from)
+    if source_config.model.family != config.model.family:
+        raise ConfigError(
+            f"--init {config.train.init_from} holds a {source_config.model.family} model; "
+            f"this recipe is model.family={config.model.family}"
+        )
+    state = source.state_dict()
+    fresh = [k for k in model.state_dict() if k.startswith("value_head.") and k not in state]
+    state |= {k: model.state_dict()[k] for k in fresh}
+    load_state_dict_strict(model, state, source=f"--init {config.train.init_from}")
+    return fresh
+
+
+class RLTrainer(Trainer):
+    reference: torch.nn.Module | None = None
+    fresh_keys: list[str]
+    _counts: tuple[int, int] = (0, 0)
+
+    def __init__(self, config: Config, resume: str | None = "auto") -> None:
+        super().__init__(rollout_batch_config(config), resume)
+
+    # --- what a task provides --------------------------------------------------------------------
+
+    @abstractmethod
+    def rollout(self) -> Rollouts:
+        """This rank's rollouts of the current step (self.step), scored; under no_grad."""
+
+    @abstractmethod
+    def max_actions(self) -> int:
+        """The constant action count per row (dr_grpo's max_len)."""
+
+    @property
+    def local_prompts(self) -> int:
+        return self.config.rl.prompts_per_step // self.world.dp_size
+
+    # --- set-up ----------------------------------------------------------------------------------
+
+    def build_model(self) -> torch.nn.Module:
+        config = self.config
+        model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
+        self.fresh_keys = load_init_weights_rl(model, config) if config.train.init_from else []
+        if config.train.compile:
+            model.compile()
+        return model
+
+    def after_engine(self) -> None:
+        c = self.config
+        rl, par = c.rl, c.parallel
+        if par.zero_stage == 3 or par.pp > 1:
+            raise ConfigError(
+                "RL rollouts run the whole model on every rank; "
+                "use parallel.zero_stage <= 2 and parallel.pp=1"
+            )
+        if rl.prompts_per_step % self.world.dp_size:
+            raise ConfigError(
+                f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the "
+                f"{self.world.dp_size} data-parallel ranks (each rank rolls out whole groups)"
+            )
+        if not c.train.init_from:
+            raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
+        if not rl.rewards:
+            raise ConfigError(
+                "rl.rewards is empty; name at least one reward, e.g. --set rl.rewards.sudoku_valid=1"
+            )
+        for module in rl.reward_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(
+                    f"rl.reward_modules: cannot import {module!r} ({e}); is it on PYTHONPATH?"
+                ) from None
+        for name in rl.rewards:
+            get_reward(name)  # unknown names fail here, before any rollout
+        if rl.algorithm == "ppo" and getattr(c.model, "value_head", False) is not True:
+            raise ConfigError(
+                "rl.algorithm=ppo needs a value head: an hrm_gemma model with model.value_head=true"
+            )
+        if rl.beta > 0:  # the frozen reference: the initial weights, rebuilt (also after a resume)
+            self.reference = build_model(c.model).init_weights(c.train.seed).to(self.world.device)
+            load_init_weights_rl(self.reference, c)
+            self.reference.eval().requires_grad_(False)
+
+    def summary_lines(self) -> list[str]:
+        rl = self.config.rl
+        lines = [
+            f"  RL {rl.algorithm}: {rl.prompts_per_step} prompts x {rl.group_size} samples per step, "
+            f"{rl.iterations} optimizer step(s) per batch; rewards {rl.rewards}, compute cost "
+            f"{rl.compute_cost_lambda}; beta {rl.beta} "
+            f"({'reference model loaded' if self.reference else 'no reference model'})",
+            f"  init from {self.config.train.init_from}",
+        ]
+        if self.fresh_keys:
+            lines.append(f"  freshly initialised (not in the init checkpoint): {', '.join(self.fresh_keys)}")
+        return lines
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        rl = self.config.rl
+        lr = self.set_lr()
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            batch = self.rollout()
+        self.model.train(was_training)
+        t_rollout = time.perf_counter() - t0
+
+        mask = batch.mask
+        micro = self.config.train.micro_batch or self.local_batch
+        chunks = list(torch.arange(mask.shape[0], device=mask.device).split(micro))
+        # DeepSpeed averages gradients over dp x accumulation steps; the losses below are already shares
+        # of the whole step's normaliser, so that division is undone (as in training/lm.py).
+        n_micro = self.world.dp_size * len(chunks)
+        normalizer = float(
+            all_reduce(
+                torch.tensor([loss_normalizer(rl.aggregation, mask, self.max_actions())], dtype=torch.float64)
+            )[0]
+        )
+        need_old = rl.iterations > 1 or rl.algorithm == "ppo"
+        with torch.no_grad():
+            old = self._policy(EngineView(self.engine), batch, chunks) if need_old else None
+            ref = self._policy(self.reference, batch, chunks) if self.reference is not None else None
+        advantages, returns = self._advantages(batch, old)
+
+        sums = dict.fromkeys((*SHARE_KEYS, *WEIGHTED_KEYS, *MISMATCH_KEYS, "actions", "finite"), 0.0)
+        grad_norms, skipped = [], 0
+        mismatch = self._mismatch(batch, old) if old is not None else None
+        for iteration in range(rl.iterations):
+            finite = 0.0
+            for i, rows in enumerate(chunks):
+                if len(chunks) > 1:
+                    self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+                new = recompute_policy(EngineView(self.engine), batch.rollout.select(rows))
+                if old is None and iteration == 0:
+                    part = self._mismatch_rows(batch, new, rows)
+                    mismatch = part if mismatch is None else {k: mismatch[k] + part[k] for k in part}
+                loss, metrics = self._loss(batch, rows, new, old, ref, advantages, returns, normalizer)
+                if all_finite(loss):
+                    self.engine.backward(loss * n_micro)
+                    finite += 1.0
+                _accumulate(sums, loss, metrics)
+            ok = bool(all_reduce(torch.tensor([finite], dtype=torch.float64))[0] == n_micro)
+            grad_norms.append(self.apply_update(ok))
+            skipped += int(not ok)
+        t_train = time.perf_counter() - t0 - t_rollout
+        self.step += 1
+        return self._step_metrics(batch, sums, mismatch, grad_norms, skipped, lr, t_rollout, t_train)
+
+    def _policy(self, model: Any, batch: Rollouts, chunks: list[torch.Tensor]) -> PolicyOutput:
+        """The training forward's log-probs (and values) over all rows, micro-batch by micro-batch."""
+        parts = [recompute_policy(model, batch.rollout.select(rows)) for rows in chunks]
+        values = None if parts[0].values is None else torch.cat([p.values for p in parts])
+        return PolicyOutput(
+            torch.cat([p.logprobs for p in parts]), torch.cat([p.entropy for p in parts]), values
+        )
+
+    def _advantages(
+        self, batch: Rollouts, old: PolicyOutput | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GRPO: one advantage per row [N]. PPO: per action [N, A] by GAE on the old values (the sequence
+        reward on the last action), whitened over the whole step, and the value targets."""
+        rl = self.config.rl
+        if rl.algorithm == "grpo":
+            batch_std = None
+            if rl.scale == "batch":
+                batch_std = std_from_moments(all_reduce(masked_moments(batch.rewards)))
+            return group_advantages(batch.rewards, rl.group_size, rl.scale, batch_std=batch_std), None
+        assert old is not None and old.values is not None
+        mask = batch.mask
+        last = mask.long().cumsum(dim=1).argmax(dim=1)  # the row's last action (its first max)
+        token_rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        token_rewards[torch.arange(mask.shape[0], device=mask.device), last] = batch.rewards.float()
+        token_rewards = torch.where(mask, token_rewards, 0.0)
+        advantages, returns = gae_advantages(token_rewards, old.values, mask, gamma=rl.gamma, lam=rl.lam)
+        moments = all_reduce(masked_moments(advantages, mask))
+        return whiten(advantages, mask, moments=moments), returns
+
+    def _loss(
+        self,
+        batch: Rollouts,
+        rows: torch.Tensor,
+        new: PolicyOutput,
+        old: PolicyOutput | None,
+        ref: PolicyOutput | None,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        normalizer: float,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rl = self.config.rl
+        mask = batch.mask[rows]
+        common = {"aggregation": rl.aggregation, "normalizer": normalizer, "max_len": self.max_actions()}
+        old_logprobs = new.logprobs.detach() if old is None else old.logprobs[rows]
+        loss, metrics = policy_loss(
+            new.logprobs, old_logprobs, advantages[rows], mask, eps_low=rl.eps_low, eps_high=rl.eps_high,
+            ref_logprobs=None if ref is None else ref.logprobs[rows], beta=rl.beta, entropy=new.entropy,
+            **common,
+        )  # fmt: skip
+        if rl.algorithm == "ppo":
+            assert old is not None and old.values is not None and returns is not None
+            v_loss, v_metrics = value_loss(
+                new.values, old.values[rows], returns[rows], mask, clip_range=rl.value_clip or None,
+                coef=rl.value_coef, **common,
+            )  # fmt: skip
+            loss = loss + v_loss
+            metrics |= {k: v for k, v in v_metrics.items() if k != "actions"}
+        return loss, metrics
+
+    def _mismatch(self, batch: Rollouts, old: PolicyOutput) -> dict[str, float]:
+        return self._mismatch_rows(batch, old, slice(None))
+
+    @staticmethod
+    def _mismatch_rows(batch: Rollouts, policy: PolicyOutput, rows: Any) -> dict[str, float]:
+        """Sums (weighted by actions) of how far the training forward is from the sampler."""
+        mask = batch.mask[rows]
+        actions = float(mask.sum())
+        m = logprob_mismatch(batch.logprobs[rows], policy.logprobs.detach(), mask)
+        return {k: float(m[k]) * actions for k in MISMATCH_KEYS}
+
+    def _step_metrics(
+        self,
+        batch: Rollouts,
+        sums: dict[str, float],
+        mismatch: dict[str, float] | None,
+        grad_norms: list[float],
+        skipped: int,
+        lr: float,
+        t_rollout: float,
+        t_train: float,
+    ) -> dict[str, float]:
+        rl = self.config.rl
+        names = list(batch.parts)
+        row_names = list(batch.row_metrics)
+        rewards = batch.rewards.double()
+        local = [
+            *sums.values(),
+            *(mismatch or dict.fromkeys(MISMATCH_KEYS, 0.0)).values(),
+            float(batch.mask.sum()),
+            float(rewards.numel()), float(rewards.sum()), float((rewards**2).sum()),
+            *(float(batch.parts[n].double().sum()) for n in names),
+            float(batch.compute.double().sum()),
+            *(float(batch.row_metrics[n].double().sum()) for n in row_names),
+            t_rollout, t_train,
+        ]  # fmt: skip
+        total = all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+        it = iter(total)
+        s = {k: next(it) for k in sums}
+        mm = {k: next(it) for k in MISMATCH_KEYS}
+        actions_once = next(it)
+        count, r_sum, r_sq = next(it), next(it), next(it)
+        parts = {n: next(it) / count for n in names}
+        compute = next(it) / count
+        row_means = {n: next(it) / count for n in row_names}
+        dp = self.world.dp_size
+        t_rollout, t_train = next(it) / dp, next(it) / dp  # mean over ranks
+
+        finite = skipped == 0
+        n_iter = rl.iterations
+        out: dict[str, float] = {}
+        for k in SHARE_KEYS:
+            out[k] = s[k] / n_iter
+        if not finite:
+            out["loss"] = float("nan")
+        if self.reference is None:
+            del out["kl"]
+        if rl.algorithm != "ppo":
+            del out["value_loss"]
+        weight = max(s["actions"], 1.0)
+        for k in WEIGHTED_KEYS:
+            if (k.startswith("value_") or k == "return_mean") and rl.algorithm != "ppo":
+                continue
+            if k == "kl_mean" and self.reference is None:
+                continue
+            out[k] = s[k] / weight
+        for k in MISMATCH_KEYS:
+            out[f"mismatch/{k}"] = mm[k] / max(actions_once, 1.0)
+        mean = r_sum / count
+        out["reward_mean"] = mean
+        out["reward_std"] = math.sqrt(max(r_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
+        out |= {f"reward/{n}": v for n, v in parts.items()}
+        out[self.compute_metric_name()] = compute
+        out |= row_means
+        out |= {"lr": lr, "grad_norm": float(np.nanmean(grad_norms)) if finite else float("nan")}
+        out |= {"skipped_steps": skipped, "rollout_s": t_rollout, "train_s": t_train}
+        out["rollout_share"] = t_rollout / max(t_rollout + t_train, 1e-9)
+        self._counts = (int(count), int(actions_once))
+        return out
+
+    def compute_metric_name(self) -> str:
+        return "mean_compute"
+
+    def step_counts(self) -> tuple[int, int]:
+        return self._counts
+
+
+def _accumulate(sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+    finite = math.isfinite(float(loss.detach()))
+    actions = float(metrics["actions"])
+    sums["finite"] += float(finite)
+    sums["actions"] += actions
+    if not finite:
+        return
+    sums["loss"] += float(loss.detach())
+    for k in SHARE_KEYS[1:]:
+        if k in metrics:
+            sums[k] += float(metrics[k])
+    for k in WEIGHTED_KEYS:
+        if k in metrics:
+            sums[k] += float(metrics[k]) * actions
+
+
+class EngineView:
+    """The engine's forward (DeepSpeed's hooks) with the wrapped module's attributes (config,
+    initial_carry, blocks): what hrm_mega.rl.rollout's recompute functions read. DeepSpeed's engine has
+    a `config` of its own, so it cannot stand in for the model directly."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine.module, name)
+
+
+def build_rl_trainer(config: Config, resume: str | None = "auto") -> RLTrainer:
+    """The RL trainer of the config's model family."""
+    if config.model.family == "hrm_gemma":
+        from hrm_mega.training.rl_lm import LMRLTrainer
+
+        return LMRLTrainer(config, resume=resume)
+    from hrm_mega.training.rl_puzzle import PuzzleRLTrainer
+
+    return PuzzleRLTrainer(config, resume=resume)

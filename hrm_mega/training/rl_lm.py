@@ -1,0 +1,216 @@
+"""RL post-training of HRMGemma: GRPO or PPO (value head) on generated arithmetic questions.
+
+data.path is the text dataset the model was pretrained on; RL reads its tokenizer (and checks it is the
+model's), not its rows. Prompts come from rl_prompts.ArithmeticPrompts. A rollout decodes with KV caches
+and per-token halting (rl.max_cycles, rl.halt_threshold), temperature, top-k and top-p, in chunks of
+rl.rollout_chunk prompts whose draws are seeded by (seed, step, chunk): the same prompt gets the same
+completions at any data-parallel size. Completions are decoded to text for the rewards.
+
+Evaluation answers the held-out questions greedily (with the same halting settings) and reports exact
+accuracy, the answer-format rate and the mean H cycles per generated token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hrm_mega.config import ConfigError
+from hrm_mega.inference.generate import generate, left_pad
+from hrm_mega.models.lm import HRMGemma
+from hrm_mega.rl.rewards import (
+    answer_format,
+    arithmetic_exact_match,
+    combine_rewards,
+    compute_fraction,
+    shape_for_compute,
+)
+from hrm_mega.rl.rollout import LMRollout, lm_rollout
+from hrm_mega.training.rl import RLTrainer, Rollouts, step_seed
+from hrm_mega.training.rl_prompts import ArithmeticPrompts
+from hrm_mega.training.trainer import all_reduce
+
+EVAL_BATCH = 64
+
+
+class LMRLTrainer(RLTrainer):
+    model: HRMGemma
+    stream: ArithmeticPrompts  # type: ignore[assignment]
+
+    def manifest_fields(self) -> tuple[str, ...]:
+        return ()
+
+    def check_data(self) -> dict[str, Any]:
+        manifest = super().check_data()
+        c = self.config
+        if manifest.get("task") != "text":
+            raise ConfigError(
+                f"{c.data.path} holds {manifest.get('task')!r} data; an hrm_gemma model needs the text "
+                "dataset it was trained on (its tokenizer)"
+            )
+        tokenizer = Path(c.data.path) / "tokenizer.model"
+        if not tokenizer.is_file():
+            raise ConfigError(
+                f"{tokenizer} does not exist; data.path must be a dataset built by `hrm-mega prep text`"
+            )
+        if c.rl.prompts != "arithmetic":
+            raise ConfigError(
+                "rl.prompts=dataset applies to puzzles; language models use rl.prompts=arithmetic"
+            )
+        import sentencepiece as spm
+
+        self.tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        self.vocab_limit = self.tokenizer.get_piece_size()
+        if self.vocab_limit > c.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={c.model.vocab_size} is smaller than the tokenizer's {self.vocab_limit}"
+            )
+        self.bos_id, self.eos_id = self.tokenizer.bos_id(), self.tokenizer.eos_id()
+        self.pad_id = max(self.tokenizer.pad_id(), 0)
+        return manifest
+
+    def build_stream(self) -> ArithmeticPrompts:
+        rl = self.config.rl
+        return ArithmeticPrompts(
+            self.config.train.seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts,
+            rl.prompts_per_step,
+        )  # fmt: skip
+
+    def load_extra_state(self, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.stream.handed_out = self.step * self.local_prompts
+
+    def max_actions(self) -> int:
+        return self.config.rl.max_new_tokens
+
+    def compute_metric_name(self) -> str:
+        return "mean_cycles"
+
+    def halting(self) -> dict[str, Any]:
+        rl = self.config.rl
+        return {"max_cycles": rl.max_cycles or None, "halt_threshold": rl.halt_threshold or None}
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = left_pad([[self.bos_id, *self.tokenizer.encode(p)] for p in prompts], pad_id=self.pad_id)
+        return ids.to(self.world.device), mask.to(self.world.device)
+
+    def rollout(self) -> Rollouts:
+        rl = self.config.rl
+        start = self.world.dp_rank * self.local_prompts
+        questions = self.stream.train_questions(self.step, start, self.local_prompts)
+        chunks = []
+        for first in range(0, len(questions), rl.rollout_chunk):
+            ids, mask = self.encode([p for p, _ in questions[first : first + rl.rollout_chunk]])
+            chunks.append(
+                lm_rollout(
+                    self.model,
+                    ids,
+                    attention_mask=mask,
+                    group_size=rl.group_size,
+                    max_new_tokens=rl.max_new_tokens,
+                    temperature=rl.temperature,
+                    top_k=rl.top_k,
+                    top_p=rl.top_p,
+                    seed=step_seed(self.config.train.seed, self.step, start + first),
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    vocab_limit=self.vocab_limit,
+                    **self.halting(),
+                )  # fmt: skip
+            )
+        ro = concat_lm_rollouts(chunks, rl.max_new_tokens)
+        completions = [self.tokenizer.decode(t) for t in ro.completion_lists(self.eos_id)]
+        repeat = [q for q in questions for _ in range(rl.group_size)]
+        total, parts = combine_rewards(
+            rl.rewards, prompts=[p for p, _ in repeat], completions=completions, finished=ro.finished,
+            answers=[a for _, a in repeat],
+        )  # fmt: skip
+        budget = rl.max_cycles or self.config.model.h_cycles
+        fraction = compute_fraction(ro.cycles, budget, ro.completion_mask)
+        rewards = shape_for_compute(total.to(self.world.device), fraction, rl.compute_cost_lambda)
+        return Rollouts(
+            rollout=ro, logprobs=ro.logprobs, mask=ro.completion_mask, rewards=rewards,
+            parts={k: v.to(self.world.device) for k, v in parts.items()}, compute=fraction * budget,
+            row_metrics={"completion_tokens": ro.completion_mask.sum(dim=1).float()},
+        )  # fmt: skip
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float]:
+        """Greedy answers to this rank's share of the held-out questions; summed over ranks."""
+        rl = self.config.rl
+        mine = self.stream.eval_set[self.world.dp_rank :: self.world.dp_size]
+        sums = torch.zeros(5, dtype=torch.float64)  # questions, exact, format, cycle sum, tokens
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for first in range(0, len(mine), EVAL_BATCH):
+                part = mine[first : first + EVAL_BATCH]
+                ids, mask = self.encode([p for p, _ in part])
+                gen = generate(
+                    self.model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
+                    eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit, **self.halting(),
+                )  # fmt: skip
+                texts = [
+                    self.tokenizer.decode([t for t in row[:n] if t != self.eos_id])
+                    for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())
+                ]
+                finished = torch.tensor(
+                    [
+                        n > 0 and row[n - 1] == self.eos_id
+                        for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())
+                    ]
+                )
+                exact = arithmetic_exact_match(
+                    prompts=[p for p, _ in part], completions=texts, answers=[a for _, a in part]
+                )
+                fmt = answer_format(completions=texts, finished=finished)
+                steps = torch.arange(gen.tokens.shape[1])
+                real = steps[None, :] < gen.lengths.cpu()[:, None]
+                cycles = gen.cycles.cpu()[real].float().mean(dim=-1)  # per real token, over the blocks
+                values = [len(part), exact.sum(), fmt.sum(), cycles.sum(), real.sum()]
+                sums += torch.tensor([float(v) for v in values], dtype=torch.float64)
+        finally:
+            self.model.train(was_training)
+        n, exact, fmt, cycles, tokens = all_reduce(sums).tolist()
+        return {
+            "eval/exact_accuracy": exact / max(n, 1.0),
+            "eval/answer_format": fmt / max(n, 1.0),
+            "eval/mean_cycles": cycles / max(tokens, 1.0),
+            "eval/questions": n,
+        }
+
+    def summary_lines(self) -> list[str]:
+        rl = self.config.rl
+        return [
+            *super().summary_lines(),
+            f"  arithmetic prompts ({' '.join(rl.arithmetic_ops)}, up to {rl.arithmetic_max_digits} digits), "
+            f"{rl.eval_prompts} held out; tokenizer {self.config.data.path}/tokenizer.model",
+        ]
+
+
+def concat_lm_rollouts(parts: list[LMRollout], new_tokens: int) -> LMRollout:
+    """Stacks rollouts of several generate calls: prompts left-padded to one width, completions (and
+    their log-probs, cycles) right-padded to `new_tokens` columns, as masked entries."""
+    width = max(p.prompt_ids.shape[1] for p in parts)
+
+    def left(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0))
+
+    def right(t: torch.Tensor) -> torch.Tensor:
+        pad = (0, 0, 0, new_tokens - t.shape[1]) if t.dim() == 3 else (0, new_tokens - t.shape[1])
+        return torch.nn.functional.pad(t, pad)
+
+    return dataclasses.replace(
+        parts[0],
+        prompt_ids=torch.cat([left(p.prompt_ids) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask) for p in parts]),
+        completion_ids=torch.cat([right(p.completion_ids) for p in parts]),
+        completion_mask=torch.cat([right(p.completion_mask.long()).bool() for p in parts]),
+        logprobs=torch.cat([right(p.logprobs) for p in parts]),
+        cycles=torch.cat([right(p.cycles) for p in parts]),
+        finished=torch.cat([p.finished for p in parts]),
+    )
