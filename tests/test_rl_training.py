@@ -8,14 +8,13 @@ samples of a group, so that advantages, and with them the losses compared below,
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_after_step
 from test_lm_training import TINY_LM, build_text_data
 from test_training import write_random_sudoku
 
@@ -291,6 +290,20 @@ def test_puzzle_grpo_run_logs_rewards_shaping_and_timing(workdir: Path, puzzle_i
 
 
 @pytest.mark.slow
+def test_puzzle_grpo_raises_a_dense_reward(workdir: Path, puzzle_init, tmp_path: Path) -> None:
+    """The update moves the policy the way the advantages point: the share of cells sampled as token 5
+    (the test reward) climbs over a few steps. A flipped sign or a lost gradient makes it fall or drift."""
+    run_dir = tmp_path / "learn"
+    run_ok(
+        puzzle_cmd(run_dir, puzzle_init, "train.steps=12", "rl.compute_cost_lambda=0", "optim.lr=1e-2"),
+        workdir,
+    )
+    rewards = [r["reward_mean"] for _, r in sorted(steps(run_dir).items())]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.2, rewards
+
+
+@pytest.mark.slow
 def test_lm_ppo_run_trains_the_value_head(workdir: Path, lm_init, tmp_path: Path) -> None:
     run_dir = tmp_path / "ppo"
     overrides = ("train.steps=2", "rl.iterations=2", "rl.value_coef=0.5")
@@ -369,17 +382,9 @@ def test_sigkill_then_resume_gives_identical_losses(workdir: Path, puzzle_init, 
     common = ("train.steps=8", "train.checkpoint_interval=2", "rl.beta=0.05")
     run_ok(puzzle_cmd(tmp_path / "ref", puzzle_init, *common), workdir)
 
-    kill_after = 5  # between the checkpoints of steps 4 and 6: the resume redoes step 5
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(puzzle_cmd(run_dir, puzzle_init, *common), env=env(workdir), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and max(steps(run_dir), default=0) >= kill_after:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    # step 5 lies between the checkpoints of steps 4 and 6: the resume redoes it
+    sigkill_after_step(puzzle_cmd(run_dir, puzzle_init, *common), run_dir, 5, steps, env(workdir), ROOT)
     assert max(steps(run_dir)) < 8, "the run finished before it could be killed"
 
     resumed = run_ok(puzzle_cmd(run_dir, puzzle_init, *common), workdir)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import sigkill_after_step
 
 from hrm_mega.data.shards import ShardWriter, write_manifest
 
@@ -131,15 +132,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path, d
 
     kill_after = random.Random(int(time.time())).randint(4, 12)
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(run_dir, dataset, *common), env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= kill_after:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    sigkill_after_step(train_cmd(run_dir, dataset, *common), run_dir, kill_after, losses, env(), ROOT)
     assert max(losses(run_dir)) < 14, "the run finished before it could be killed"
 
     resumed = run(train_cmd(run_dir, dataset, *common))

@@ -107,6 +107,7 @@ def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
 
 
 class RLTrainer(Trainer):
+    command = "rl"
     reference: torch.nn.Module | None = None
     fresh_keys: list[str]
     _counts: tuple[int, int] = (0, 0)

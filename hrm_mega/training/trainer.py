@@ -90,6 +90,7 @@ class Trainer(ABC):
     logger: MetricsLogger
     step: int = 0
     nonfinite_in_a_row: int = 0
+    command: str = "train"  # the hrm-mega command the summary names
 
     def __init__(self, config: Config, resume: str | None = "auto") -> None:
         self.config = config
@@ -421,7 +422,7 @@ class Trainer(ABC):
         n = sum(p.numel() for p in self.model.parameters())
         split = self.manifest["splits"][c.data.train_split]
         lines = [
-            f"hrm-mega train ({c.task}): {n:,} parameters",
+            f"hrm-mega {self.command} ({c.task}): {n:,} parameters",
             *self.summary_lines(),
             f"  world {w.world_size} = tp {c.parallel.tp} x pp {c.parallel.pp} x dp {w.dp_size}; "
             f"ZeRO stage {c.parallel.zero_stage}; {c.train.precision}; device {w.device.type}",
