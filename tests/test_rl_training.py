@@ -35,6 +35,7 @@ TINY_PUZZLE = [
     "model.l_layers=1", "model.halt_max_steps=3", "data.partitions=2", "data.shuffle_buffer=16",
     "train.eval_max_samples=8", "train.eval_modes=fixed,adaptive", "rl.prompts_per_step=4", "rl.group_size=4",
     "rl.rewards={test_cells_five: 1.0}", "rl.reward_modules=[rl_test_rewards]", "rl.compute_cost_lambda=0.5",
+    "rl.temperature=1.0", "rl.scale=group",  # fixed here, whatever the recipe is tuned to
 ]  # fmt: skip
 TINY_LM_RL = [
     *[o for o in TINY_LM if not o.startswith(("train.global_batch", "train.cycles_range", "log.", "optim."))],
