@@ -7,7 +7,8 @@ Each document is one task instance on one line, for example
     count a: abcab -> 2   parity: 1 0 1 1 -> 1
 
 written to DIR/train.txt and DIR/test.txt (UTF-8, one document per line), the input format of
-`python -m data_prep text`. Every document draws its task uniformly from TASKS.
+`python -m data_prep text`. Every document draws its task uniformly from TASKS, or from the subset
+`--tasks` names; `--max-digits` bounds the arithmetic operands (default 4).
 
 Determinism: split s draws from one `random.Random` seeded by (seed, s), one document after another, so
 the same seed gives the same bytes and `--docs 100` is a prefix of `--docs 200`. The splits come from
@@ -38,47 +39,48 @@ def _letters(rng: random.Random, shortest: int, longest: int, alphabet: str = st
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(shortest, longest)))
 
 
-def _add(rng: random.Random) -> str:
-    a, b = _number(rng, 4), _number(rng, 4)
+def _add(rng: random.Random, digits: int) -> str:
+    a, b = _number(rng, digits), _number(rng, digits)
     return f"{a}+{b}={a + b}"
 
 
-def _sub(rng: random.Random) -> str:
-    a, b = _number(rng, 4), _number(rng, 4)
+def _sub(rng: random.Random, digits: int) -> str:
+    a, b = _number(rng, digits), _number(rng, digits)
     return f"{a}-{b}={a - b}"
 
 
-def _mul(rng: random.Random) -> str:
-    a, b = _number(rng, 3), _number(rng, 2)
+def _mul(rng: random.Random, digits: int) -> str:
+    a, b = _number(rng, max(digits - 1, 1)), _number(rng, max(digits - 2, 1))  # 3 x 2 digits at 4
     return f"{a}*{b}={a * b}"
 
 
-def _reverse(rng: random.Random) -> str:
+def _reverse(rng: random.Random, _: int) -> str:
     text = _letters(rng, 2, 8)
     return f"reverse: {text} -> {text[::-1]}"
 
 
-def _copy(rng: random.Random) -> str:
+def _copy(rng: random.Random, _: int) -> str:
     text = _letters(rng, 2, 8)
     return f"copy: {text} -> {text}"
 
 
-def _sort(rng: random.Random) -> str:
+def _sort(rng: random.Random, _: int) -> str:
     values = [rng.randint(0, 9) for _ in range(rng.randint(2, 7))]
     return f"sort: {' '.join(map(str, values))} -> {' '.join(map(str, sorted(values)))}"
 
 
-def _count(rng: random.Random) -> str:
+def _count(rng: random.Random, _: int) -> str:
     text, letter = _letters(rng, 3, 12, "abc"), rng.choice("abc")
     return f"count {letter}: {text} -> {text.count(letter)}"
 
 
-def _parity(rng: random.Random) -> str:
+def _parity(rng: random.Random, _: int) -> str:
     bits = [rng.randint(0, 1) for _ in range(rng.randint(2, 8))]
     return f"parity: {' '.join(map(str, bits))} -> {sum(bits) % 2}"
 
 
-TASKS: dict[str, Callable[[random.Random], str]] = {
+# name -> task(rng, max_digits); max_digits bounds the arithmetic operands
+TASKS: dict[str, Callable[[random.Random, int], str]] = {
     "add": _add,
     "sub": _sub,
     "mul": _mul,
@@ -90,12 +92,15 @@ TASKS: dict[str, Callable[[random.Random], str]] = {
 }
 
 
-def generate_documents(seed: int, split: str, count: int) -> list[str]:
-    """`count` documents of `split`, each a task drawn uniformly from TASKS."""
+def generate_documents(
+    seed: int, split: str, count: int, tasks: list[str] | None = None, max_digits: int = 4
+) -> list[str]:
+    """`count` documents of `split`, each a task drawn uniformly from `tasks` (default: all of TASKS), with
+    arithmetic operands of 1..max_digits digits (products: max_digits - 1 by max_digits - 2)."""
     # str seeds are hashed with sha512 by random.Random: stable across runs and Python versions
     rng = random.Random(f"hrm-mega corpus/{seed}/{split}")
-    names = list(TASKS)
-    return [TASKS[rng.choice(names)](rng) for _ in range(count)]
+    names = list(TASKS) if tasks is None else list(tasks)
+    return [TASKS[rng.choice(names)](rng, max_digits) for _ in range(count)]
 
 
 def add_parser(subparsers: Any) -> None:
@@ -106,6 +111,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--docs", type=non_negative_int, default=20_000, help="train documents (default 20000)")
     p.add_argument("--test-docs", type=non_negative_int, help="test documents (default: --docs / 10)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="generator seed (default 0)")
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)} (default: all)"
+    )
+    p.add_argument(
+        "--max-digits", type=non_negative_int, default=4,
+        help="digits of the arithmetic operands, 1..N (products: N-1 by N-2; default 4)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace train.txt/test.txt already in --out")
     p.add_argument("--quiet", action="store_true", help="no summary line")
     p.set_defaults(run=run)
@@ -113,6 +125,14 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace, command: str) -> Path:
     counts = {"train": args.docs, "test": args.docs // 10 if args.test_docs is None else args.test_docs}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise DataPrepError(
+            f"--tasks {args.tasks!r}: expected a comma-separated subset of {', '.join(TASKS)}"
+        )
+    if args.max_digits < 1:
+        raise DataPrepError(f"--max-digits {args.max_digits}: must be >= 1")
     if args.out.exists() and not args.out.is_dir():
         raise DataPrepError(f"--out {args.out}: exists and is not a directory")
     paths = {split: args.out / f"{split}.txt" for split in SPLITS}
@@ -123,6 +143,6 @@ def run(args: argparse.Namespace, command: str) -> Path:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        documents = generate_documents(args.seed, split, counts[split])
+        documents = generate_documents(args.seed, split, counts[split], tasks, args.max_digits)
         paths[split].write_text("".join(doc + "\n" for doc in documents), encoding="utf-8")
     return args.out
