@@ -22,7 +22,13 @@ from hrm_mega.config import ConfigError, load_config
 from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
 from hrm_mega.rl.rollout import lm_policy, lm_rollout
-from hrm_mega.training.rl import EngineView, load_init_weights_rl, rollout_batch_config, step_seed
+from hrm_mega.training.rl import (
+    EngineView,
+    check_same_tokenizer,
+    load_init_weights_rl,
+    rollout_batch_config,
+    step_seed,
+)
 from hrm_mega.training.rl_lm import concat_lm_rollouts
 from hrm_mega.training.rl_prompts import ArithmeticPrompts
 
@@ -161,6 +167,17 @@ def test_init_loading_keeps_a_fresh_value_head_and_is_strict_otherwise(tmp_path:
     wider.train.init_from = str(tmp_path / "src")
     with pytest.raises(CheckpointError, match="--init .*has shape"):
         load_init_weights_rl(build_model(wider.model).init_weights(seed=0), wider)
+
+
+def test_a_text_dataset_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    for name, digest in (("pretrain", "aa"), ("same", "aa"), ("other", "bb")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"extra": {"tokenizer_sha256": digest}}))
+    source = load_config(LM_RECIPE, [f"data.path={tmp_path / 'pretrain'}"])
+    check_same_tokenizer(source, load_config(LM_RECIPE, [f"data.path={tmp_path / 'same'}"]))
+    check_same_tokenizer(source, load_config(LM_RECIPE, [f"data.path={tmp_path / 'gone'}"]))  # can't tell
+    with pytest.raises(ConfigError, match="has another tokenizer than .*pretrain, the dataset --init"):
+        check_same_tokenizer(source, load_config(LM_RECIPE, [f"data.path={tmp_path / 'other'}"]))
 
 
 def test_engine_view_calls_the_engine_and_reads_the_module() -> None:

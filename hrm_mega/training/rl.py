@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,11 +101,30 @@ def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
             f"--init {config.train.init_from} holds a {source_config.model.family} model; "
             f"this recipe is model.family={config.model.family}"
         )
+    check_same_tokenizer(source_config, config)
     state = source.state_dict()
     fresh = [k for k in model.state_dict() if k.startswith("value_head.") and k not in state]
     state |= {k: model.state_dict()[k] for k in fresh}
     load_state_dict_strict(model, state, source=f"--init {config.train.init_from}")
     return fresh
+
+
+def check_same_tokenizer(source: Config, config: Config) -> None:
+    """Refuses a text dataset whose tokenizer differs from the one the --init model was trained with (when
+    that run's dataset is still there to compare): token ids would silently mean other pieces."""
+
+    def tokenizer_hash(data_path: str) -> str | None:
+        manifest = Path(data_path) / "manifest.json"
+        if not data_path or not manifest.is_file():
+            return None
+        return json.loads(manifest.read_text()).get("extra", {}).get("tokenizer_sha256")
+
+    theirs, ours = tokenizer_hash(source.data.path), tokenizer_hash(config.data.path)
+    if theirs and ours and theirs != ours:
+        raise ConfigError(
+            f"data.path={config.data.path} has another tokenizer than {source.data.path}, the dataset "
+            f"--init {config.train.init_from} was trained on; point data.path at that dataset"
+        )
 
 
 class RLTrainer(Trainer):
