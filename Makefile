@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo demo-lm test lint format install clean
+.PHONY: demo demo-lm demo-rl test lint format install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 demo-lm: $(STAMP)
 	$(PY) -m pipelines.lm_demo
+
+demo-rl: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pipelines.rl_demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
