@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/rl_grpo_arith", help="RL run directory (a fresh run each time)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the RL recipe")  # fmt: skip
+    p.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a field of the pretraining recipe")  # fmt: skip
     return p
 
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if build_data(Path(args.data)) != 0:
         return 2
-    pretrain = load_config(PRETRAIN, [f"data.path={args.data}", f"log.out_dir={args.pretrain_out}"])
+    paths = [f"data.path={args.data}", f"log.out_dir={args.pretrain_out}"]
+    pretrain = load_config(PRETRAIN, [*paths, *args.pretrain_overrides])
     checkpoints = Path(args.pretrain_out) / "checkpoints"
     final = checkpoints / f"step-{pretrain.train.steps:08d}"
     latest = checkpoints / "latest"  # names only complete checkpoints

@@ -412,3 +412,22 @@ def test_sigkill_then_resume_gives_identical_losses(workdir: Path, puzzle_init, 
     for step in reference:
         assert again[step]["loss"] == reference[step]["loss"], step
         assert again[step]["reward_mean"] == reference[step]["reward_mean"], step
+
+
+@pytest.mark.slow
+def test_rl_demo_builds_pretrains_post_trains_and_then_reuses(tmp_path: Path) -> None:
+    """`make demo-rl` end to end at toy lengths: data, pretraining, GRPO, the report; a second run reuses
+    the dataset and the pretrained model."""
+    cmd = [sys.executable, "-m", "pipelines.rl_demo", "--data", str(tmp_path / "data"),
+           "--pretrain-out", str(tmp_path / "pre"), "--out", str(tmp_path / "rl"),
+           "--pretrain-set", "train.steps=3", "--pretrain-set", "log.wandb=disabled",
+           "--set", "train.steps=2", "--set", "rl.eval_prompts=8", "--set", "log.wandb=disabled"]  # fmt: skip
+    first = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pretraining hrmgemma_arith_tiny.yaml for 3 steps" in first.stdout
+    report = json.loads((tmp_path / "rl/demo_results.json").read_text())
+    assert report["before"]["eval/questions"] == report["after"]["eval/questions"] == 8
+    assert "change in exact accuracy" in first.stdout
+    again = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the pretrained model" in again.stdout and "data_prep corpus" not in again.stdout
