@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -25,3 +27,11 @@ def run_main(command: str, body: Callable[[], int]) -> int:
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"hrm-mega {command}{where}: error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def train_and_report(trainer: Any) -> int:
+    """Runs a built trainer to its last step; rank 0 prints the final step and results as one JSON line."""
+    results = trainer.train()
+    if trainer.world.rank == 0:
+        print(json.dumps({"step": trainer.step, **results}), flush=True)
+    return 0

@@ -8,11 +8,10 @@ torchrun --nproc-per-node 2 -m pipelines.posttrain_rl configs/rl/grpo_sudoku_tin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main
+from pipelines.common import add_config_args, run_main, train_and_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
     config = load_config(args.config, overrides)
-    trainer = build_rl_trainer(config, resume=args.resume)
-    results = trainer.train()
-    if trainer.world.rank == 0:
-        print(json.dumps({"step": trainer.step, **results}), flush=True)
-    return 0
+    return train_and_report(build_rl_trainer(config, resume=args.resume))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,11 +6,10 @@ torchrun --nproc-per-node 2 -m pipelines.pretrain configs/puzzle/hrm_sudoku_tiny
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main
+from pipelines.common import add_config_args, run_main, train_and_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,11 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from hrm_mega.training.trainer import build_trainer
 
     config = load_config(args.config, args.overrides)
-    trainer = build_trainer(config, resume=args.resume)
-    results = trainer.train()
-    if trainer.world.rank == 0:
-        print(json.dumps({"step": trainer.step, **results}), flush=True)
-    return 0
+    return train_and_report(build_trainer(config, resume=args.resume))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,21 @@ def tiny_config() -> PuzzleModelConfig:
         vocab_size=11, seq_len=16, num_puzzle_identifiers=3, hidden_size=32, num_heads=2,
         h_layers=1, l_layers=1, h_cycles=2, l_cycles=2, puzzle_emb_ndim=32, halt_max_steps=4,
     )  # fmt: skip
+
+
+def module_cmd(module: str, args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m module args...`: one process, or nproc ranks on this machine under torchrun."""
+    script = ["-m", module, *args]
+    if nproc == 1:
+        return [sys.executable, *script]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *script,
+    ]
 
 
 def sigkill_after_step(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sigkill_after_step
+from conftest import module_cmd, sigkill_after_step
 from test_lm_training import TINY_LM, build_text_data
 from test_training import write_random_sudoku
 
@@ -233,25 +233,9 @@ def env(workdir: Path) -> dict[str, str]:
 def rl_cmd(
     recipe: Path, overrides: list[str], init: Path | None, nproc: int = 1, resume: str = "auto"
 ) -> list[str]:
-    script = [
-        "-m",
-        "pipelines.posttrain_rl",
-        str(recipe),
-        *[f"--set={o}" for o in overrides],
-        "--resume",
-        resume,
-    ]
-    script += ["--init", str(init)] if init is not None else []
-    if nproc == 1:
-        return [sys.executable, *script]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *script,
-    ]
+    args = [str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume]
+    args += ["--init", str(init)] if init is not None else []
+    return module_cmd("pipelines.posttrain_rl", args, nproc)
 
 
 def puzzle_cmd(run_dir: Path, init: tuple[Path, Path], *overrides: str, **kw) -> list[str]:

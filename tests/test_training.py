@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import sigkill_after_step
+from conftest import module_cmd, sigkill_after_step
 
 from hrm_mega.data.shards import ShardWriter, write_manifest
 
@@ -54,17 +54,9 @@ def env() -> dict[str, str]:
 
 def pretrain_cmd(recipe: Path, overrides: list[str], nproc: int = 1, resume: str = "auto") -> list[str]:
     """pipelines.pretrain with --set overrides: one process, or nproc ranks under torchrun."""
-    script = ["-m", "pipelines.pretrain", str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume]
-    if nproc == 1:
-        return [sys.executable, *script]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *script,
-    ]
+    return module_cmd(
+        "pipelines.pretrain", [str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume], nproc
+    )
 
 
 def train_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
