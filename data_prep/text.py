@@ -107,9 +107,18 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
 # ---- tokenizer --------------------------------------------------------------------------------------
 
 
-def train_tokenizer(documents: Sequence[str], vocab_size: int, *, seed: int, max_documents: int) -> bytes:
+def train_tokenizer(
+    documents: Sequence[str],
+    vocab_size: int,
+    *,
+    seed: int,
+    max_documents: int,
+    atomic_symbols: Sequence[str] = (),
+) -> bytes:
     """Trains a SentencePiece BPE model on (a seeded sample of at most `max_documents` of) the
-    documents; returns the serialized model. Deterministic: no sampling inside SentencePiece, fixed
+    documents; returns the serialized model. `atomic_symbols` are always pieces of their own, never
+    merged with a neighbour (SentencePiece's user-defined symbols). Deterministic: no sampling inside
+    SentencePiece, fixed
     thread count."""
     if len(documents) > max_documents:
         picked = dataset_rng(seed, _TOKENIZER_SAMPLE).choice(len(documents), max_documents, replace=False)
@@ -132,6 +141,7 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, *, seed: int, max
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             split_digits=True,
+            user_defined_symbols=list(atomic_symbols),
             pad_id=PAD_ID,
             eos_id=EOS_ID,
             bos_id=BOS_ID,
@@ -291,6 +301,14 @@ def add_parser(subparsers: Any) -> None:
         default=1_000_000,
         help="train the tokenizer on a seeded sample of at most this many documents (default 1000000)",
     )
+    p.add_argument(
+        "--atomic-symbols",
+        nargs="+",
+        default=[],
+        metavar="SYMBOL",
+        help="strings the trained tokenizer keeps as pieces of their own, e.g. '=' so that a prompt "
+        "ending in '=' splits where its training text did ('=-' is not merged into one piece)",
+    )
     test = p.add_mutually_exclusive_group()
     test.add_argument("--test-input", type=Path, nargs="+", metavar="FILE", help="test documents")
     test.add_argument(
@@ -304,6 +322,10 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace, command: str) -> Path:
     if args.seq_len < 2:
         raise DataPrepError(f"--seq-len {args.seq_len}: must be >= 2 (room for a BOS and one token)")
+    if any(not symbol for symbol in args.atomic_symbols):
+        raise DataPrepError(
+            "--atomic-symbols: a symbol is empty; give non-empty strings, e.g. --atomic-symbols ="
+        )
     if args.vocab_size is None and args.tokenizer is None:
         raise DataPrepError("--vocab-size: required unless --tokenizer gives a trained model")
     if not args.overwrite:
@@ -346,6 +368,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
         test_inputs=None if args.test_input is None else [str(p) for p in args.test_input],
         test_fraction=None if args.test_input is not None else _test_fraction(args),
         tokenizer_source="trained" if args.tokenizer is None else str(args.tokenizer),
+        atomic_symbols=list(args.atomic_symbols),
         tokenizer_sha256=hashlib.sha256(model).hexdigest(),
         packing="next-fit/bos-eos",
     )
@@ -369,8 +392,11 @@ def tokenizer_model(args: argparse.Namespace, train_documents: Sequence[str]) ->
     """The serialized SentencePiece model: trained on the train documents, or read from --tokenizer."""
     if args.tokenizer is None:
         return train_tokenizer(
-            train_documents, args.vocab_size, seed=args.seed, max_documents=args.tokenizer_docs
-        )
+            train_documents, args.vocab_size, seed=args.seed, max_documents=args.tokenizer_docs,
+            atomic_symbols=args.atomic_symbols,
+        )  # fmt: skip
+    if args.atomic_symbols:
+        raise DataPrepError("--atomic-symbols: applies to a trained tokenizer; omit it with --tokenizer")
     if not args.tokenizer.is_file():
         raise DataPrepError(f"--tokenizer {args.tokenizer}: no such file")
     return args.tokenizer.read_bytes()

@@ -346,6 +346,10 @@ class RLConfig:
     aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
     # GRPO: reward minus the group mean, divided by the group's std, the step's std, or nothing (Dr. GRPO).
     scale: Literal["group", "batch", "none"] = "group"
+    # GRPO: leave groups whose samples all got the same reward (zero advantages) out of the update: no
+    # training forward for them, and they do not count in the loss's normaliser (DAPO's dynamic sampling,
+    # without refilling the batch).
+    drop_uniform_groups: bool = False
     # PPO: GAE over the completion tokens, advantages whitened over the step, clipped value loss.
     gamma: float = 1.0
     lam: float = 0.95
@@ -381,6 +385,10 @@ class RLConfig:
                 raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 0")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ConfigError(f"rl.gamma={self.gamma} and rl.lam={self.lam} must be in [0, 1]")
+        if self.drop_uniform_groups and self.algorithm != "grpo":
+            raise ConfigError(
+                "rl.drop_uniform_groups applies to rl.algorithm=grpo (PPO's advantages are per token)"
+            )
         if self.algorithm == "grpo" and self.group_size < 2:
             raise ConfigError("rl.group_size must be >= 2 for rl.algorithm=grpo (advantages compare a group)")
         if not isinstance(self.rewards, dict) or not all(

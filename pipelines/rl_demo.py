@@ -87,7 +87,7 @@ def build_data(data: Path) -> int:
     steps = [
         ["corpus", "--out", str(corpus), *CORPUS_ARGS, "--overwrite"],
         ["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
-         "--vocab-size", "275", "--seq-len", "128", "--out", str(data), "--samples-per-shard", "256",
+         "--vocab-size", "274", "--atomic-symbols", "=", "--seq-len", "128", "--out", str(data), "--samples-per-shard", "256",
          "--seed", "0"],
     ]  # fmt: skip
     for build in steps:
@@ -104,10 +104,14 @@ def print_report(
     print(
         f"GRPO (exact-match reward) on the tiny arithmetic HRMGemma: {questions} held-out questions, greedy"
     )
-    print(f"{'model':<22} {'exact':>8} {'format':>8} {'cycles/token':>13}")
+    ops = [k.removeprefix("eval/exact_accuracy_") for k in before if k.startswith("eval/exact_accuracy_")]
+    print(
+        f"{'model':<22} {'exact':>8} {''.join(f'{op:>7}' for op in ops)} {'format':>8} {'cycles/token':>13}"
+    )
     for name, m in (("pretrained", before), (f"after {steps} RL steps", after)):
+        per_op = "".join(f"{m[f'eval/exact_accuracy_{op}']:>7.1%}" for op in ops)
         print(
-            f"{name:<22} {m['eval/exact_accuracy']:>8.1%} {m['eval/answer_format']:>8.1%} "
+            f"{name:<22} {m['eval/exact_accuracy']:>8.1%} {per_op} {m['eval/answer_format']:>8.1%} "
             f"{m['eval/mean_cycles']:>13.2f}"
         )
     gain = after["eval/exact_accuracy"] - before["eval/exact_accuracy"]

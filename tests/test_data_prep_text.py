@@ -251,6 +251,33 @@ def test_same_seed_same_bytes_whatever_workers_and_other_seed_reorders(tmp_path,
 
 
 @pytest.mark.slow  # a 2-process pool
+def test_atomic_symbols_are_never_merged_and_are_recorded(tmp_path):
+    """On a-b=c text BPE's only merge is '=-'; --atomic-symbols = keeps '=' a piece of its own, so a prompt
+    ending in '=' splits as the text it was trained on does."""
+    (tmp_path / "sub.txt").write_text("".join(f"{a}-{b}={a - b}\n" for a in range(30) for b in range(30)))
+    pieces = {}
+    for name, extra in (
+        ("merged", ["--vocab-size", "273"]),
+        ("atomic", ["--vocab-size", "272", "--atomic-symbols", "="]),
+    ):
+        argv = [
+            "text",
+            "--input",
+            str(tmp_path / "sub.txt"),
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_path / name),
+        ]
+        assert main([*argv, "--quiet", *extra]) == 0
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_path / name / "tokenizer.model"))
+        pieces[name] = sp.encode("3-5=-2", out_type=str)
+        assert read_manifest(tmp_path / name)["extra"]["atomic_symbols"] == (
+            ["="] if name == "atomic" else []
+        )
+    assert pieces == {"merged": ["3", "-", "5", "=-", "2"], "atomic": ["3", "-", "5", "=", "-", "2"]}
+
+
 def test_reused_tokenizer_is_copied_and_gives_the_same_shards(tmp_path, corpus, dataset):
     model = dataset / "tokenizer.model"
     manifest = build(tmp_path / "reuse", corpus, "--tokenizer", str(model), "--workers", "2")
@@ -344,6 +371,11 @@ def char_tokenizer(path: Path, pad_id: int) -> Path:
             "--vocab-size 999: --tokenizer {tmp}/char.model has",
         ),
         ([], "--vocab-size: required unless --tokenizer"),
+        (["--atomic-symbols", ""], "--atomic-symbols: a symbol is empty"),
+        (
+            ["--tokenizer", "{tmp}/char.model", "--atomic-symbols", "="],
+            "--atomic-symbols: applies to a trained tokenizer",
+        ),
         (["--test-fraction", "0"], "--test-fraction 0.0: holds out 0 of 3 documents"),
         (["--test-fraction", "0.5", "--test-input", "{tmp}/ok.txt"], "not allowed with argument"),
     ],

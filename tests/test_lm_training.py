@@ -30,12 +30,12 @@ def text_data(tmp_path_factory) -> Path:
 
 
 def build_text_data(root: Path) -> Path:
-    """Generated corpus -> SentencePiece (vocab 320) -> packed rows of 32 tokens."""
+    """Generated corpus -> SentencePiece (vocab 320, '=' a piece of its own) -> packed rows of 32 tokens."""
     assert prep_main(["corpus", "--out", str(root / "corpus"), "--docs", "400", "--seed", "0"]) == 0
     out = root / "data"
     assert (
         prep_main(["text", "--input", str(root / "corpus/train.txt"), "--test-input", str(root / "corpus/test.txt"),
-                   "--vocab-size", "320", "--seq-len", "32", "--out", str(out), "--workers", "1",
+                   "--vocab-size", "320", "--atomic-symbols", "=", "--seq-len", "32", "--out", str(out), "--workers", "1",
                    "--samples-per-shard", "8"])
         == 0
     )  # fmt: skip

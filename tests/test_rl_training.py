@@ -18,6 +18,7 @@ from conftest import module_cmd, sigkill_after_step
 from test_lm_training import TINY_LM, build_text_data
 from test_training import write_random_sudoku
 
+from data_prep.text import train_tokenizer
 from hrm_mega.config import ConfigError, load_config
 from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
@@ -29,7 +30,7 @@ from hrm_mega.training.rl import (
     rollout_batch_config,
     step_seed,
 )
-from hrm_mega.training.rl_lm import concat_lm_rollouts
+from hrm_mega.training.rl_lm import check_prompt_boundary, concat_lm_rollouts, operation
 from hrm_mega.training.rl_prompts import ArithmeticPrompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,11 @@ from hrm_mega.rl.rewards import register_reward
 def cells_five(*, tokens, **_):
     """Dense: the share of cells showing token 5."""
     return (tokens == 5).float().mean(dim=1)
+
+@register_reward("test_cells_five_even")
+def cells_five_even(*, tokens, inputs, **_):
+    """test_cells_five on puzzles whose inputs sum to an even number; 0 on the others (uniform groups)."""
+    return (tokens == 5).float().mean(dim=1) * (inputs.long().sum(dim=1) % 2 == 0).float()
 
 @register_reward("test_length")
 def length(*, completions, **_):
@@ -178,6 +184,23 @@ def test_a_text_dataset_with_another_tokenizer_is_refused(tmp_path: Path) -> Non
     check_same_tokenizer(source, load_config(LM_RECIPE, [f"data.path={tmp_path / 'gone'}"]))  # can't tell
     with pytest.raises(ConfigError, match="has another tokenizer than .*pretrain, the dataset --init"):
         check_same_tokenizer(source, load_config(LM_RECIPE, [f"data.path={tmp_path / 'other'}"]))
+
+
+def test_a_tokenizer_that_merges_the_prompt_end_with_answers_is_refused() -> None:
+    """Trained on a-b=c text, BPE's one merge is '=-': a prompt ending in '=' then cannot be followed by
+    a negative answer. With '=' atomic the boundary holds and the check passes."""
+    import sentencepiece as spm
+
+    docs = [f"{a}-{b}={a - b}" for a in range(30) for b in range(30)]
+    questions = [("7-2=", "5"), ("3-5=", "-2")]
+    merging = spm.SentencePieceProcessor(model_proto=train_tokenizer(docs, 273, seed=0, max_documents=900))
+    with pytest.raises(
+        ConfigError, match=r"tok.model merges the end of the prompt '3-5=' .*'=-'.*--atomic-symbols ="
+    ):
+        check_prompt_boundary(merging, questions, "tok.model")
+    atomic = train_tokenizer(docs, 272, seed=0, max_documents=900, atomic_symbols=["="])
+    check_prompt_boundary(spm.SentencePieceProcessor(model_proto=atomic), questions, "tok.model")
+    assert [operation(p) for p in ("12+3=", "4-56=", "7*8=")] == ["+", "-", "*"]
 
 
 def test_engine_view_calls_the_engine_and_reads_the_module() -> None:
@@ -320,6 +343,8 @@ def test_lm_ppo_run_trains_the_value_head(workdir: Path, lm_init, tmp_path: Path
     assert records[2]["value_mean"] != 0.0  # the zero-initialised value head has moved
     evaluation = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/" in x]
     assert evaluation[-1]["eval/questions"] == 8
+    per_op = [evaluation[-1].get(f"eval/exact_accuracy_{op}") for op in ("add", "sub", "mul")]
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in per_op), evaluation[-1]
 
 
 @pytest.mark.slow
@@ -360,6 +385,33 @@ def test_puzzle_grpo_dp2_zero2_equals_dp1_with_micro_batches(
         for key in ("reward_mean", "clip_frac", "entropy", "grad_norm"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-8), (step, key)
     assert any(abs(r["loss"]) > 1e-6 for r in one.values())  # a real comparison, not of zeros
+
+
+@pytest.mark.slow
+def test_dropping_uniform_groups_rescales_the_update_and_keeps_dp2_equal_to_dp1(
+    workdir: Path, puzzle_init, tmp_path: Path
+) -> None:
+    """rl.drop_uniform_groups leaves out the groups whose rewards are all equal (here the odd puzzles,
+    which score 0). Their advantages are zero, so with dr_grpo (normaliser: trained rows x max_len) the
+    first step's gradient is the full batch's divided by the trained fraction. At DP=2 with one group
+    per micro-batch the ranks keep different numbers of groups, so one joins micro-batches with no rows."""
+    common = ("train.steps=3", "rl.rewards={test_cells_five_even: 1.0}", "rl.compute_cost_lambda=0",
+              "rl.aggregation=dr_grpo", "rl.iterations=2")  # fmt: skip
+    run_ok(puzzle_cmd(tmp_path / "all", puzzle_init, *common, "train.micro_batch=4"), workdir)
+    drop = (*common, "rl.drop_uniform_groups=true")
+    run_ok(puzzle_cmd(tmp_path / "dp1", puzzle_init, *drop, "train.micro_batch=4"), workdir)
+    run_ok(puzzle_cmd(tmp_path / "dp2", puzzle_init, *drop, "train.micro_batch=4", "parallel.zero_stage=2",
+                      nproc=2), workdir)  # fmt: skip
+    every, one, two = steps(tmp_path / "all"), steps(tmp_path / "dp1"), steps(tmp_path / "dp2")
+    assert every[1]["trained_fraction"] == 1.0
+    kept = one[1]["trained_fraction"]
+    assert 0 < kept < 1, kept
+    assert one[1]["reward_mean"] == every[1]["reward_mean"]  # the same rollouts
+    assert one[1]["grad_norm"] * kept == pytest.approx(every[1]["grad_norm"], rel=1e-4)
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5, abs=1e-6), step
+        for key in ("trained_fraction", "reward_mean", "clip_frac", "grad_norm"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-8), (step, key)
 
 
 @pytest.mark.slow

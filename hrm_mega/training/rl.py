@@ -223,17 +223,18 @@ class RLTrainer(Trainer):
         self.model.train(was_training)
         t_rollout = time.perf_counter() - t0
 
-        mask = batch.mask
         micro = self.config.train.micro_batch or self.local_batch
-        chunks = list(torch.arange(mask.shape[0], device=mask.device).split(micro))
-        # DeepSpeed averages gradients over dp x accumulation steps; the losses below are already shares
-        # of the whole step's normaliser, so that division is undone (as in training/lm.py).
-        n_micro = self.world.dp_size * len(chunks)
-        normalizer = float(
-            all_reduce(
-                torch.tensor([loss_normalizer(rl.aggregation, mask, self.max_actions())], dtype=torch.float64)
-            )[0]
+        trained = self._trained_rows(batch)
+        chunks = self._chunks(trained, micro)
+        n_micro = self.world.dp_size * len(chunks)  # micro-batches run by all ranks together
+        # DeepSpeed averages gradients over dp x its configured accumulation steps (which can differ from
+        # len(chunks) when groups are dropped); the losses below are already shares of the whole step's
+        # normaliser, so that division is undone (as in training/lm.py).
+        undo_average = float(self.world.dp_size * self.engine.gradient_accumulation_steps())
+        share = (
+            loss_normalizer(rl.aggregation, batch.mask[trained], self.max_actions()) if len(trained) else 0.0
         )
+        normalizer = max(float(all_reduce(torch.tensor([share], dtype=torch.float64))[0]), 1.0)
         need_old = rl.iterations > 1 or rl.algorithm == "ppo"
         with torch.no_grad():
             old = self._policy(EngineView(self.engine), batch, chunks) if need_old else None
@@ -242,35 +243,76 @@ class RLTrainer(Trainer):
 
         sums = dict.fromkeys((*SHARE_KEYS, *WEIGHTED_KEYS, *MISMATCH_KEYS, "actions", "finite"), 0.0)
         grad_norms, skipped = [], 0
-        mismatch = self._mismatch(batch, old) if old is not None else None
+        mismatch = self._mismatch_rows(batch, old.logprobs[trained], trained) if old is not None else None
         for iteration in range(rl.iterations):
             finite = 0.0
             for i, rows in enumerate(chunks):
-                if len(chunks) > 1:
-                    self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-                new = recompute_policy(EngineView(self.engine), batch.rollout.select(rows))
-                if old is None and iteration == 0:
-                    part = self._mismatch_rows(batch, new, rows)
-                    mismatch = part if mismatch is None else {k: mismatch[k] + part[k] for k in part}
-                loss, metrics = self._loss(batch, rows, new, old, ref, advantages, returns, normalizer)
+                self.start_micro_batch(i, len(chunks))  # the count can differ from DeepSpeed's own
+                if len(rows):
+                    new = recompute_policy(EngineView(self.engine), batch.rollout.select(rows))
+                    loss, metrics = self._loss(batch, rows, new, old, ref, advantages, returns, normalizer)
+                    if old is None and iteration == 0:
+                        part = self._mismatch_rows(batch, new.logprobs, rows)
+                        mismatch = part if mismatch is None else {k: mismatch[k] + part[k] for k in part}
+                    scale = undo_average
+                else:  # no rows of this rank are left, but every rank joins the micro-batch's collectives
+                    loss, metrics, scale = self._no_rows_loss(batch), None, 0.0
                 if all_finite(loss):
-                    self.engine.backward(loss * n_micro)
+                    self.engine.backward(loss * scale)
                     finite += 1.0
-                _accumulate(sums, loss, metrics)
+                if metrics is not None:
+                    _accumulate(sums, loss, metrics)
             ok = bool(all_reduce(torch.tensor([finite], dtype=torch.float64))[0] == n_micro)
             grad_norms.append(self.apply_update(ok))
             skipped += int(not ok)
         t_train = time.perf_counter() - t0 - t_rollout
         self.step += 1
+        trained_share = torch.zeros(batch.rewards.shape[0]).index_fill_(0, trained.cpu(), 1.0)
+        batch.row_metrics["trained_fraction"] = trained_share
         return self._step_metrics(batch, sums, mismatch, grad_norms, skipped, lr, t_rollout, t_train)
 
+    def _trained_rows(self, batch: Rollouts) -> torch.Tensor:
+        """The rows the update trains on: all of them, or with rl.drop_uniform_groups (GRPO) those of
+        groups whose rewards differ. A group of equal rewards has zero advantages, so it adds nothing to
+        the policy gradient; leaving it out saves its training forward and keeps it out of the loss's
+        normaliser (DAPO's dynamic sampling, without refilling the batch)."""
+        rl = self.config.rl
+        rows = torch.arange(batch.rewards.shape[0], device=batch.mask.device)
+        if not rl.drop_uniform_groups:
+            return rows
+        groups = batch.rewards.view(-1, rl.group_size)
+        differ = (groups != groups[:, :1]).any(dim=1)
+        return rows[differ.repeat_interleave(rl.group_size).to(rows.device)]
+
+    def _no_rows_loss(self, batch: Rollouts) -> torch.Tensor:
+        """A finite loss through the engine's forward (one row's log-probs), for a rank whose share of a
+        micro-batch is empty: backpropagated times zero, it gives the all-reduce zero gradients."""
+        new = recompute_policy(EngineView(self.engine), batch.rollout.select(slice(0, 1)))
+        return torch.where(batch.mask[:1], new.logprobs, 0.0).sum()
+
+    def _chunks(self, rows: torch.Tensor, micro: int) -> list[torch.Tensor]:
+        """`rows` in micro-batches of at most `micro`, as many on every rank (some may be empty): each
+        micro-batch ends in a gradient all-reduce that every data-parallel rank must join."""
+        counts = torch.zeros(self.world.dp_size, dtype=torch.float64)
+        counts[self.world.dp_rank] = len(rows)
+        most = int(all_reduce(counts).max())
+        return list(torch.tensor_split(rows, max(math.ceil(most / micro), 1)))
+
     def _policy(self, model: Any, batch: Rollouts, chunks: list[torch.Tensor]) -> PolicyOutput:
-        """The training forward's log-probs (and values) over all rows, micro-batch by micro-batch."""
-        parts = [recompute_policy(model, batch.rollout.select(rows)) for rows in chunks]
-        values = None if parts[0].values is None else torch.cat([p.values for p in parts])
-        return PolicyOutput(
-            torch.cat([p.logprobs for p in parts]), torch.cat([p.entropy for p in parts]), values
-        )
+        """The training forward's log-probs (and values) over the rows of `chunks`, micro-batch by
+        micro-batch, placed at their row indices (rows outside the chunks hold zeros)."""
+        mask = batch.mask
+        logprobs, entropy = (torch.zeros(mask.shape, device=mask.device) for _ in range(2))
+        values = None
+        for rows in chunks:
+            if len(rows) == 0:
+                continue
+            part = recompute_policy(model, batch.rollout.select(rows))
+            logprobs[rows], entropy[rows] = part.logprobs, part.entropy
+            if part.values is not None:
+                values = torch.zeros(mask.shape, device=mask.device) if values is None else values
+                values[rows] = part.values
+        return PolicyOutput(logprobs, entropy, values)
 
     def _advantages(
         self, batch: Rollouts, old: PolicyOutput | None
@@ -323,16 +365,14 @@ class RLTrainer(Trainer):
             metrics |= {k: v for k, v in v_metrics.items() if k != "actions"}
         return loss, metrics
 
-    def _mismatch(self, batch: Rollouts, old: PolicyOutput) -> dict[str, float]:
-        return self._mismatch_rows(batch, old, slice(None))
-
     @staticmethod
-    def _mismatch_rows(batch: Rollouts, policy: PolicyOutput, rows: Any) -> dict[str, float]:
-        """Sums (weighted by actions) of how far the training forward is from the sampler."""
+    def _mismatch_rows(batch: Rollouts, logprobs: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
+        """Sums (weighted by actions) of how far the training forward's `logprobs` of `rows` are from the
+        sampler's, and the actions they cover."""
         mask = batch.mask[rows]
         actions = float(mask.sum())
-        m = logprob_mismatch(batch.logprobs[rows], policy.logprobs.detach(), mask)
-        return {k: float(m[k]) * actions for k in MISMATCH_KEYS}
+        m = logprob_mismatch(batch.logprobs[rows], logprobs.detach(), mask)
+        return {**{k: float(m[k]) * actions for k in MISMATCH_KEYS}, "actions": actions}
 
     def _step_metrics(
         self,
@@ -351,7 +391,7 @@ class RLTrainer(Trainer):
         rewards = batch.rewards.double()
         local = [
             *sums.values(),
-            *(mismatch or dict.fromkeys(MISMATCH_KEYS, 0.0)).values(),
+            *(mismatch or dict.fromkeys((*MISMATCH_KEYS, "actions"), 0.0)).values(),
             float(batch.mask.sum()),
             float(rewards.numel()), float(rewards.sum()), float((rewards**2).sum()),
             *(float(batch.parts[n].double().sum()) for n in names),
@@ -362,7 +402,7 @@ class RLTrainer(Trainer):
         total = all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
         it = iter(total)
         s = {k: next(it) for k in sums}
-        mm = {k: next(it) for k in MISMATCH_KEYS}
+        mm = {k: next(it) for k in (*MISMATCH_KEYS, "actions")}
         actions_once = next(it)
         count, r_sum, r_sq = next(it), next(it), next(it)
         parts = {n: next(it) / count for n in names}
@@ -390,7 +430,7 @@ class RLTrainer(Trainer):
                 continue
             out[k] = s[k] / weight
         for k in MISMATCH_KEYS:
-            out[f"mismatch/{k}"] = mm[k] / max(actions_once, 1.0)
+            out[f"mismatch/{k}"] = mm[k] / max(mm["actions"], 1.0)
         mean = r_sum / count
         out["reward_mean"] = mean
         out["reward_std"] = math.sqrt(max(r_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))

@@ -34,6 +34,7 @@ from hrm_mega.training.rl_prompts import ArithmeticPrompts
 from hrm_mega.training.trainer import all_reduce
 
 EVAL_BATCH = 64
+OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}  # for the per-operation accuracy metrics
 
 
 class LMRLTrainer(RLTrainer):
@@ -74,10 +75,12 @@ class LMRLTrainer(RLTrainer):
 
     def build_stream(self) -> ArithmeticPrompts:
         rl = self.config.rl
-        return ArithmeticPrompts(
+        stream = ArithmeticPrompts(
             self.config.train.seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts,
             rl.prompts_per_step,
         )  # fmt: skip
+        check_prompt_boundary(self.tokenizer, stream.eval_set, f"{self.config.data.path}/tokenizer.model")
+        return stream
 
     def load_extra_state(self, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.stream.handed_out = self.step * self.local_prompts
@@ -140,44 +143,53 @@ class LMRLTrainer(RLTrainer):
 
     @torch.no_grad()
     def evaluate_all(self) -> dict[str, float]:
-        """Greedy answers to this rank's share of the held-out questions; summed over ranks."""
+        """Greedy answers to this rank's share of the held-out questions; summed over ranks. Reports exact
+        accuracy overall and per operation (eval/exact_accuracy_add, _sub, _mul), the answer-format rate
+        and the mean H cycles per generated token."""
         rl = self.config.rl
         mine = self.stream.eval_set[self.world.dp_rank :: self.world.dp_size]
-        sums = torch.zeros(5, dtype=torch.float64)  # questions, exact, format, cycle sum, tokens
+        ops = list(OP_NAMES)
+        # questions, exact, format, cycle sum, tokens; then questions and exact per operation
+        sums = torch.zeros(5 + 2 * len(ops), dtype=torch.float64)
         was_training = self.model.training
         self.model.eval()
         try:
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
-                ids, mask = self.encode([p for p, _ in part])
+                prompts = [p for p, _ in part]
+                ids, mask = self.encode(prompts)
                 gen = generate(
                     self.model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
                     eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit, **self.halting(),
                 )  # fmt: skip
-                texts = [
-                    self.tokenizer.decode([t for t in row[:n] if t != self.eos_id])
-                    for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())
-                ]
-                finished = torch.tensor(
-                    [
-                        n > 0 and row[n - 1] == self.eos_id
-                        for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())
-                    ]
-                )
+                rows = list(zip(gen.tokens.tolist(), gen.lengths.tolist()))
+                texts = [self.tokenizer.decode([t for t in row[:n] if t != self.eos_id]) for row, n in rows]
+                finished = torch.tensor([n > 0 and row[n - 1] == self.eos_id for row, n in rows])
                 exact = arithmetic_exact_match(
-                    prompts=[p for p, _ in part], completions=texts, answers=[a for _, a in part]
-                )
+                    prompts=prompts, completions=texts, answers=[a for _, a in part]
+                ).double()
                 fmt = answer_format(completions=texts, finished=finished)
                 steps = torch.arange(gen.tokens.shape[1])
                 real = steps[None, :] < gen.lengths.cpu()[:, None]
                 cycles = gen.cycles.cpu()[real].float().mean(dim=-1)  # per real token, over the blocks
+                of_op = torch.tensor(
+                    [[operation(p) == op for op in ops] for p in prompts], dtype=torch.float64
+                )
                 values = [len(part), exact.sum(), fmt.sum(), cycles.sum(), real.sum()]
-                sums += torch.tensor([float(v) for v in values], dtype=torch.float64)
+                sums[:5] += torch.tensor([float(v) for v in values], dtype=torch.float64)
+                sums[5:] += torch.cat([of_op.sum(dim=0), (of_op * exact[:, None]).sum(dim=0)])
         finally:
             self.model.train(was_training)
-        n, exact, fmt, cycles, tokens = all_reduce(sums).tolist()
+        totals = all_reduce(sums).tolist()
+        n, exact, fmt, cycles, tokens = totals[:5]
+        per_op = dict(zip(ops, zip(totals[5 : 5 + len(ops)], totals[5 + len(ops) :])))
         return {
             "eval/exact_accuracy": exact / max(n, 1.0),
+            **{
+                f"eval/exact_accuracy_{OP_NAMES[op]}": right / asked
+                for op, (asked, right) in per_op.items()
+                if asked
+            },
             "eval/answer_format": fmt / max(n, 1.0),
             "eval/mean_cycles": cycles / max(tokens, 1.0),
             "eval/questions": n,
@@ -190,6 +202,27 @@ class LMRLTrainer(RLTrainer):
             f"  arithmetic prompts ({' '.join(rl.arithmetic_ops)}, up to {rl.arithmetic_max_digits} digits), "
             f"{rl.eval_prompts} held out; tokenizer {self.config.data.path}/tokenizer.model",
         ]
+
+
+def check_prompt_boundary(tokenizer: Any, questions: list[tuple[str, str]], where: str) -> None:
+    """Refuses a tokenizer that merges a prompt's last piece with its answer (e.g. '=-' in '3-5=-2'):
+    the model never saw the prompt's own pieces followed by such an answer, so it cannot produce it, and
+    those questions would count as wrong whatever the model knows. `tokenizer`: a SentencePiece
+    processor; `questions`: (prompt, answer) pairs."""
+    for prompt, answer in questions:
+        alone, joined = tokenizer.encode(prompt), tokenizer.encode(prompt + answer)
+        if joined[: len(alone)] != alone:
+            merged = tokenizer.id_to_piece(joined[len(alone) - 1])
+            raise ConfigError(
+                f"{where} merges the end of the prompt {prompt!r} with its answer {answer!r} into the "
+                f"piece {merged!r}, so such answers cannot follow the prompt; rebuild the dataset with "
+                "`hrm-mega prep text ... --atomic-symbols =` and pretrain on it"
+            )
+
+
+def operation(prompt: str) -> str:
+    """The operator of an `a<op>b=` question (a leading '-' would be a sign, but operands are >= 0)."""
+    return next(c for c in prompt if c in OP_NAMES)
 
 
 def concat_lm_rollouts(parts: list[LMRollout], new_tokens: int) -> LMRollout:
