@@ -365,6 +365,7 @@ class RLConfig:
     prompts: Literal["dataset", "arithmetic"] = "dataset"
     arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*"])
     arithmetic_max_digits: int = 4
+    arithmetic_train_pool: int = 0  # 0: new train questions every step; N: cycle through a fixed N of them
     eval_prompts: int = 200  # LM: held-out questions, never used for training, answered greedily
 
     def validate(self) -> None:
@@ -372,6 +373,10 @@ class RLConfig:
             self, "rl", "prompts_per_step", "group_size", "iterations", "max_new_tokens", "rollout_chunk"
         )
         _positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
+        if self.arithmetic_train_pool < 0:
+            raise ConfigError(
+                f"rl.arithmetic_train_pool={self.arithmetic_train_pool} must be >= 0 (0 = no pool)"
+            )
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("rl.temperature must be > 0, rl.top_p in (0, 1] and rl.top_k >= 0")
         if self.max_cycles < 0 or not 0.0 <= self.halt_threshold < 1.0:

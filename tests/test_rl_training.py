@@ -124,6 +124,15 @@ def test_arithmetic_prompts_are_keyed_correct_and_held_out() -> None:
     other = ArithmeticPrompts(seed=1, ops=["+"], max_digits=4, eval_count=10, per_step=16)
     with pytest.raises(ValueError, match="prompt state: seed=0 but this run has seed=1"):
         other.load_state_dict(a.state_dict())
+    # a pool of 24 train questions: steps cycle through them (16 per step) and none is held out
+    pooled = ArithmeticPrompts(
+        seed=0, ops=["+", "-", "*"], max_digits=4, eval_count=300, per_step=16, pool=24
+    )
+    seen = [q for step in range(6) for q in pooled.train_questions(step, 0, 16)]
+    assert seen[:24] == a.train_questions(0, 0, 16) + a.train_questions(1, 0, 8)
+    assert seen[24:48] == seen[:24] and len(set(seen)) == 24 and not held_out & {p for p, _ in seen}
+    with pytest.raises(ValueError, match="prompt state: pool=0 but this run has pool=24"):
+        pooled.load_state_dict(a.state_dict())
 
 
 def _tiny_lm(value_head: bool = False):

@@ -77,7 +77,7 @@ class LMRLTrainer(RLTrainer):
         rl = self.config.rl
         stream = ArithmeticPrompts(
             self.config.train.seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts,
-            rl.prompts_per_step,
+            rl.prompts_per_step, rl.arithmetic_train_pool,
         )  # fmt: skip
         check_prompt_boundary(self.tokenizer, stream.eval_set, f"{self.config.data.path}/tokenizer.model")
         return stream

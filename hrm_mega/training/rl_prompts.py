@@ -5,7 +5,9 @@ operand has 1..max_digits digits with the digit count uniform, so small numbers 
 use operands of up to max_digits - 1 and max_digits - 2 digits (3 x 2 for the corpus's 4), and the
 answer is the exact integer (hrm_mega.rl.rewards.arithmetic_answer checks it). Every question is a
 function of (seed, split, index) alone, so every rank and a resumed run see the same ones. The `test`
-questions form the held-out set; a `train` question that happens to be in it is drawn again.
+questions form the held-out set; a `train` question that happens to be in it is drawn again. With a
+`pool` of N > 0, training cycles through the first N train questions instead of drawing new ones every
+step (a fixed prompt set, as an RL dataset would be).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ class ArithmeticPrompts:
     the Trainer uses (progress, state_dict, load_state_dict, close): it has no position to save, since
     the questions of a step follow from the step."""
 
-    def __init__(self, seed: int, ops: list[str], max_digits: int, eval_count: int, per_step: int) -> None:
+    def __init__(
+        self, seed: int, ops: list[str], max_digits: int, eval_count: int, per_step: int, pool: int = 0
+    ) -> None:
         self.seed, self.ops, self.max_digits, self.per_step = seed, list(ops), max_digits, per_step
+        self.pool = pool
         self.eval_set = [self.question("test", i) for i in range(eval_count)]
         self._held_out = {prompt for prompt, _ in self.eval_set}
         self.handed_out = 0
@@ -47,6 +52,7 @@ class ArithmeticPrompts:
         out = []
         for i in range(start, start + count):
             index, attempt = step * self.per_step + i, 0
+            index = index % self.pool if self.pool else index
             q = self.question("train", index)
             while q[0] in self._held_out:
                 attempt += 1
@@ -62,12 +68,14 @@ class ArithmeticPrompts:
     def state_dict(self) -> dict[str, Any]:
         # partition_state keeps PuzzleStream.merge_state_dicts working when a run resumes at another DP size
         return {"format": STATE_FORMAT, "seed": self.seed, "ops": self.ops, "max_digits": self.max_digits,
-                "partition_state": {}}  # fmt: skip
+                "pool": self.pool, "partition_state": {}}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("format", "seed", "ops", "max_digits"):
-            if state.get(key) != mine[key]:
+        for key in ("format", "seed", "ops", "max_digits", "pool"):
+            if (
+                state.get(key, 0 if key == "pool" else None) != mine[key]
+            ):  # no "pool": saved before it existed
                 raise ValueError(
                     f"prompt state: {key}={state.get(key)!r} but this run has {key}={mine[key]!r}; "
                     "resume with the same train.seed and rl.arithmetic_* settings"
