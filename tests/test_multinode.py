@@ -38,6 +38,10 @@ from test_launch import (
 )
 
 pytestmark = pytest.mark.slow
+# torchrun's own agent log records. Under load the agents can race in their exit barrier after a run
+# that succeeded (both nodes exit 0): the rendezvous host's agent leaves first and the other logs a
+# DistNetworkError with its traceback. That is torch's shutdown, not the trainer's output.
+ELASTIC_AGENT_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
 
 TIMEOUT_MINUTES = 0.25  # collectives and the rendezvous join give up after 15 s
 PORT = 29500  # the namespaces have ports of their own: no clash with other runs on this machine
@@ -144,7 +148,8 @@ def test_two_nodes_train_over_the_veth_link(nodes, two_node_run):
     run_dir, (first, second) = two_node_run
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     assert "world 2 = tp 1 x pp 1 x dp 2" in first  # rank 0 is on the first node and reports
-    assert "): error: " not in first + second and "Traceback" not in first + second
+    ours = "\n".join(line for line in (first + second).splitlines() if not ELASTIC_AGENT_LOG.match(line))
+    assert "): error: " not in ours and "Traceback" not in ours
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint.name == f"step-{STEPS:08d}"
     assert all((checkpoint / f"client/rank-0000{rank}.json").is_file() for rank in (0, 1))
