@@ -9,8 +9,8 @@ seeded --test-fraction of the documents is held out as the test split.
 
 Tokenizer: a SentencePiece BPE model (as Gemma's) trained on the train split only, with byte fallback
 (any text encodes, nothing maps to <unk>), text kept verbatim (identity normalisation, no dummy prefix,
-spaces kept), digits split one per piece, and Gemma's special ids: 0 <pad>, 1 </s> (eos), 2 <s> (bos),
-3 <unk>. Or an existing model given with --tokenizer. Either way it is copied to DIR/tokenizer.model.
+spaces kept), digits split one per piece, --atomic-symbols never merged with a neighbour, and Gemma's
+special ids: 0 <pad>, 1 </s> (eos), 2 <s> (bos), 3 <unk>. Or an existing model given with --tokenizer. Either way it is copied to DIR/tokenizer.model.
 
 Packing (docs/data_format.md has the layout and the batch it decodes to): each document becomes
 BOS + its tokens + EOS. Documents are packed next-fit into rows of --seq-len tokens: a document that
@@ -118,8 +118,7 @@ def train_tokenizer(
     """Trains a SentencePiece BPE model on (a seeded sample of at most `max_documents` of) the
     documents; returns the serialized model. `atomic_symbols` are always pieces of their own, never
     merged with a neighbour (SentencePiece's user-defined symbols). Deterministic: no sampling inside
-    SentencePiece, fixed
-    thread count."""
+    SentencePiece, fixed thread count."""
     if len(documents) > max_documents:
         picked = dataset_rng(seed, _TOKENIZER_SAMPLE).choice(len(documents), max_documents, replace=False)
         documents = [documents[i] for i in np.sort(picked).tolist()]
