@@ -293,9 +293,11 @@ class RLTrainer(Trainer):
     def _chunks(self, rows: torch.Tensor, micro: int) -> list[torch.Tensor]:
         """`rows` in micro-batches of at most `micro`, as many on every rank (some may be empty): each
         micro-batch ends in a gradient all-reduce that every data-parallel rank must join."""
-        counts = torch.zeros(self.world.dp_size, dtype=torch.float64)
-        counts[self.world.dp_rank] = len(rows)
-        most = int(all_reduce(counts).max())
+        most = len(rows)  # without dropped groups every rank has the same rows
+        if self.config.rl.drop_uniform_groups:
+            counts = torch.zeros(self.world.dp_size, dtype=torch.float64)
+            counts[self.world.dp_rank] = len(rows)
+            most = int(all_reduce(counts).max())
         return list(torch.tensor_split(rows, max(math.ceil(most / micro), 1)))
 
     def _policy(self, model: Any, batch: Rollouts, chunks: list[torch.Tensor]) -> PolicyOutput:
