@@ -87,6 +87,10 @@ def test_rl_config_fields_are_checked_with_one_line_errors() -> None:
         load_config(recipe, ["rl.arithmetic_ops=[/]"])
     with pytest.raises(ConfigError, match="unknown config key rl.beta2; did you mean rl.beta"):
         load_config(recipe, ["rl.beta2=0.1"])
+    with pytest.raises(ConfigError, match="rl.drop_uniform_groups applies to rl.algorithm=grpo"):
+        load_config(recipe, ["rl.drop_uniform_groups=true", "rl.algorithm=ppo"])
+    with pytest.raises(ConfigError, match="rl.arithmetic_train_pool=-1 must be >= 0"):
+        load_config(recipe, ["rl.arithmetic_train_pool=-1"])
 
 
 def test_rollout_batch_config_sets_the_step_rows() -> None:
