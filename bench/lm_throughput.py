@@ -54,7 +54,7 @@ from hrm_mega.config import Config, LMModelConfig, load_config
 from hrm_mega.inference.generate import left_pad, stream_generate
 from hrm_mega.inference.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma, document_starts, lm_loss
-from hrm_mega.training.lm import h_cycles_set
+from hrm_mega.training.tasks.lm import h_cycles_set
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

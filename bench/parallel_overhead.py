@@ -413,7 +413,11 @@ def run_case(case: Case, counter: CommCounter, data: dict[str, str], tmp: Path) 
 
     trainer = build_trainer(case_config(case, data, tmp / case.name), resume="none")
     for step in range(1, MEASURED_STEP + 1):
-        cycles = trainer.cycles_for_step() if case.family == "lm" else trainer.config.model.h_cycles
+        cycles = (
+            trainer.task.cycles_for_step(trainer.step)
+            if case.family == "lm"
+            else trainer.config.model.h_cycles
+        )
         counter.calls, counter.active = [], step == MEASURED_STEP
         start = time.perf_counter()
         trainer.train_step()

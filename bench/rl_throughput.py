@@ -32,9 +32,9 @@ from hrm_mega.inference.generate import left_pad
 from hrm_mega.models import build_model
 from hrm_mega.rl.advantages import group_advantages
 from hrm_mega.rl.losses import policy_loss
+from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import lm_rollout, puzzle_rollout, recompute_policy
-from hrm_mega.training.rl_prompts import ArithmeticPrompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 For each recipe (tiny and paper-scale hrm_sudoku) and precision (fp32, bf16) it times one optimizer step
 (= one ACT segment for every row, with HRM's bootstrap look-ahead) in two ways:
   - bare:    the model, step_segment, backward and AdamATan2 in a plain PyTorch loop;
-  - trainer: PuzzleTrainer.train_step(): DeepSpeed engine, data refill from shards, sparse sign-SGD.
+  - trainer: Trainer.train_step() on the puzzle task: DeepSpeed engine, data refill from shards, sparse sign-SGD.
 MFU = executed FLOPs per second / measured matmul peak of this machine (same dtype, same threads).
 Executed FLOPs count every segment that runs: the no-grad cycles, the differentiated updates (forward +
 2x backward) and the look-ahead forward (hrm_mega.models.summary.segment_flops).
@@ -98,9 +98,9 @@ def bare_loop(config, dtype: torch.dtype, steps: int) -> float:
 
 
 def trainer_loop(config, steps: int) -> float:
-    from hrm_mega.training.puzzle import PuzzleTrainer
+    from hrm_mega.training.trainer import build_trainer
 
-    trainer = PuzzleTrainer(config, resume="none")
+    trainer = build_trainer(config, resume="none")
     return time_steps(trainer.train_step, steps)
 
 

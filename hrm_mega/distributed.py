@@ -237,3 +237,37 @@ class MegatronMPU:
         self.get_data_parallel_rank = ps.get_data_parallel_rank
         self.get_data_parallel_world_size = ps.get_data_parallel_world_size
         self.get_data_parallel_group = ps.get_data_parallel_group
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives for metrics and decisions
+# --------------------------------------------------------------------------------------------------
+
+
+def all_reduce(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum over the data-parallel replicas, or over `group` (a copy; the input is left alone). Metrics
+    sum over DP only: the tensor-parallel ranks of a replica hold the same values. NCCL reduces on the
+    GPU, so CPU tensors make a round trip there."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        group = data_parallel_group() if group is None else group
+        device = t.device
+        t = t.to("cuda", copy=True) if torch.distributed.get_backend() == "nccl" else t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        t = t.to(device)
+    return t
+
+
+def all_reduce_sums(sums: dict[str, float], group: Any = None) -> dict[str, float]:
+    """The same keys, each summed over the data-parallel replicas (or `group`), in one collective: every
+    rank must pass the same keys in the same order."""
+    total = all_reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64), group)
+    return dict(zip(sums, total.tolist()))
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank. Decided together: a backward pass on some ranks
+    only would hang the others."""
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag[0] == 1)

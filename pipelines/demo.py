@@ -45,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume == "none":
         shutil.rmtree(args.out, ignore_errors=True)
-    from hrm_mega.training.puzzle import PuzzleTrainer, evaluate_puzzles
+    from hrm_mega.training.tasks.puzzle import evaluate_puzzles
+    from hrm_mega.training.trainer import build_trainer
 
     print(f"[demo] training {RECIPE.name} for {config.train.steps} steps on the CPU", flush=True)
     t1 = time.perf_counter()
-    trainer = PuzzleTrainer(config, resume=args.resume)
+    trainer = build_trainer(config, resume=args.resume)
     results = trainer.train()
     t_train = time.perf_counter() - t1
 

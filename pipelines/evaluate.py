@@ -77,7 +77,7 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
     import torch
 
     from hrm_mega.training.engine import World
-    from hrm_mega.training.lm import evaluate_lm, h_cycles_set
+    from hrm_mega.training.tasks.lm import evaluate_lm, h_cycles_set
 
     if args.mode != "fixed" or args.predictions:
         raise ValueError("--mode adaptive and --predictions apply to puzzle models, not HRMGemma")

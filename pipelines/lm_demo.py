@@ -52,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t0
 
     shutil.rmtree(args.out, ignore_errors=True)
-    from hrm_mega.training.lm import LMTrainer, evaluate_lm, h_cycles_set
+    from hrm_mega.training.tasks.lm import evaluate_lm, h_cycles_set
+    from hrm_mega.training.trainer import build_trainer
 
     print(f"[demo-lm] training {RECIPE.name} for {config.train.steps} steps on the CPU", flush=True)
     t1 = time.perf_counter()
-    trainer = LMTrainer(config, resume="none")
+    trainer = build_trainer(config, resume="none")
     trained = trainer.train()
     t_train = time.perf_counter() - t1
 

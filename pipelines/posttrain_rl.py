@@ -30,11 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.rl import build_rl_trainer
+    from hrm_mega.training.trainer import build_trainer
 
     overrides = [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
     config = load_config(args.config, overrides)
-    return train_and_report(build_rl_trainer(config, resume=args.resume))
+    return train_and_report(build_trainer(config, resume=args.resume, rl=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,23 +51,23 @@ def run(args: argparse.Namespace) -> int:
     final = checkpoints / f"step-{pretrain.train.steps:08d}"
     latest = checkpoints / "latest"  # names only complete checkpoints
     if not (latest.is_file() and latest.read_text().strip() == final.name):
-        from hrm_mega.training.lm import LMTrainer
+        from hrm_mega.training.trainer import build_trainer
 
         print(f"[demo-rl] pretraining {PRETRAIN.name} for {pretrain.train.steps} steps", flush=True)
         shutil.rmtree(args.pretrain_out, ignore_errors=True)
-        LMTrainer(pretrain, resume="none").train()
+        build_trainer(pretrain, resume="none").train()
     else:
         print(f"[demo-rl] reusing the pretrained model {final}", flush=True)
     t_pretrain = time.perf_counter() - t0
 
-    from hrm_mega.training.rl import build_rl_trainer
+    from hrm_mega.training.trainer import build_trainer
 
     overrides = [f"data.path={args.data}", f"train.init_from={final}", f"log.out_dir={args.out}"]
     config = load_config(RL, [*overrides, *args.overrides])
     shutil.rmtree(args.out, ignore_errors=True)
     t1 = time.perf_counter()
-    trainer = build_rl_trainer(config, resume="none")
-    before = trainer.evaluate_all()
+    trainer = build_trainer(config, resume="none", rl=True)
+    before = trainer.evaluate()
     print(f"[demo-rl] GRPO for {config.train.steps} steps; held-out exact before: "
           f"{before['eval/exact_accuracy']:.1%}", flush=True)  # fmt: skip
     after = trainer.train()

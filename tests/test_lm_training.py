@@ -113,7 +113,7 @@ def test_lm_config_errors_are_one_line(text_data: Path, tmp_path: Path) -> None:
 def test_distillation_loss_is_temperature_scaled_kl_over_labelled_tokens() -> None:
     import torch
 
-    from hrm_mega.training.lm import distillation_loss
+    from hrm_mega.training.tasks.lm import distillation_loss
 
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
@@ -153,7 +153,7 @@ def test_init_from_copies_weights_strictly_and_allows_more_cycles(tmp_path: Path
 
     from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
     from hrm_mega.models import build_model
-    from hrm_mega.training.trainer import load_init_weights
+    from hrm_mega.training.task import load_init_weights
 
     lm = ROOT / "configs/lm/hrmgemma_tiny.yaml"
     source_config = load_config(lm, ["model.h_cycles=1", "model.l_cycles=1"])

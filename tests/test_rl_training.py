@@ -22,16 +22,16 @@ from data_prep.text import train_tokenizer
 from hrm_mega.config import ConfigError, load_config
 from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
+from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rollout import lm_policy, lm_rollout
-from hrm_mega.training.rl import (
+from hrm_mega.training.tasks.rl import (
     EngineView,
     check_same_tokenizer,
     load_init_weights_rl,
     rollout_batch_config,
     step_seed,
 )
-from hrm_mega.training.rl_lm import check_prompt_boundary, concat_lm_rollouts, operation
-from hrm_mega.training.rl_prompts import ArithmeticPrompts
+from hrm_mega.training.tasks.rl_lm import check_prompt_boundary, concat_lm_rollouts, operation
 
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLE_RECIPE = ROOT / "configs/rl/grpo_sudoku_tiny.yaml"

@@ -584,11 +584,21 @@ def lm_loss(
     ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()  # vocab-parallel under TP
     halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
     mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)
-    n_labelled, n_masked = normalizers or (float((targets != -100).sum()), float(mask.sum()))
-    ce = ce_sum / max(n_labelled, 1.0)
     groups = halt_logits.shape[0]
     sums = sum(halting_token_sums(halt_logits[g], converged[g], mask) for g in range(groups)) / groups
-    halt_bce, cost, mean_cycles = sums / max(n_masked, 1.0)
+    counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
+    return lm_loss_terms(ce_sum, sums, config, counts)
+
+
+def lm_loss_terms(
+    ce_sum: torch.Tensor, halting_sums: torch.Tensor, config: LMModelConfig, normalizers: tuple[float, float]
+) -> dict[str, torch.Tensor]:
+    """lm_loss from its sums: the summed CE over labelled targets and the halting terms summed over the
+    masked tokens (halting_token_sums, averaged over blocks), divided by `normalizers` (labelled tokens,
+    masked tokens). The last pipeline stage, which only sees these sums, calls this directly."""
+    n_labelled, n_masked = normalizers
+    ce = ce_sum / max(n_labelled, 1.0)
+    halt_bce, cost, mean_cycles = halting_sums / max(n_masked, 1.0)
     loss = ce + config.halt_loss_weight * halt_bce + config.compute_cost_weight * cost
     return {
         "loss": loss,

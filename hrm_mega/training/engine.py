@@ -164,3 +164,8 @@ def initialize(
     mpu = MegatronMPU() if layout is not None and layout.tp > 1 and layout.pp == 1 else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
+
+
+def client_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The optimizer the run built (AdamATan2, AdamW), inside DeepSpeed's ZeRO wrapper if there is one."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)

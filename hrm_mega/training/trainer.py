@@ -1,19 +1,14 @@
-"""What every training task shares: the DeepSpeed engine, LR schedule, EMA, the non-finite guard,
-checkpoints with exact resume, logging, and the loop itself.
-
-A task (training/puzzle.py: ACT segments; training/lm.py: next-token prediction) subclasses Trainer and
-supplies its data stream, one optimizer step (`train_step`), its evaluation, and whatever extra state
-its checkpoints must carry. `build_trainer` picks the task from the config.
+"""The one Trainer: the DeepSpeed engine, LR schedule, EMA, the non-finite guard, checkpoints with exact
+resume, logging, and the loop itself. It is handed a Task (training/task.py), which supplies the data
+stream, one optimizer step, the evaluation and whatever extra state its checkpoints carry;
+`build_trainer` picks the task from the config through the task registry.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,14 +16,13 @@ import torch
 
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.convert.model_dir import CheckpointError
-from hrm_mega.data.shards import read_manifest
-from hrm_mega.data.stream import PuzzleStream, iterate_split
-from hrm_mega.distributed import data_parallel_group, seed_everything, tensor_parallel_group
-from hrm_mega.models import build_model
+from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything, tensor_parallel_group
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
 from hrm_mega.training.checkpoint import CheckpointManager, read_client_state, resolve_resume, tag_for
 from hrm_mega.training.metrics import MetricsLogger, Throughput
+from hrm_mega.training.task import Task, build_task
 from hrm_mega.training.universal import UNIVERSAL, load_universal, save_universal
 
 
@@ -78,27 +72,38 @@ class SigtermFlag:
         return bool(all_reduce(received, group=torch.distributed.group.WORLD)[0] > 0)
 
 
-class Trainer(ABC):
+class Trainer:
+    """Runs one Task (training/task.py) at any layout: builds the engine around the task's model, then
+    steps, logs, evaluates and checkpoints until train.steps."""
+
+    # configs and the task
     config: Config
+    task: Task
     run_dir: Path
+    # runtime
     world: ds.World
+    manifest: dict[str, Any]
     model: torch.nn.Module
     engine: Any
-    stream: PuzzleStream
+    stream: Any
     ema: EMA | None
     checkpoints: CheckpointManager
     logger: MetricsLogger
+    # state
     step: int = 0
     nonfinite_in_a_row: int = 0
-    command: str = "train"  # the hrm-mega command the summary names
 
-    def __init__(self, config: Config, resume: str | None = "auto") -> None:
-        self.config = config
+    def __init__(self, config: Config, task: Task, resume: str | None = "auto") -> None:
+        self.config, self.task = config, task
         self.run_dir = Path(config.log.out_dir)
         self.world = ds.setup_distributed(config)
-        self.manifest = self.check_data()
+        if self.config.optim.ema_decay > 0 and self.config.parallel.zero_stage == 3:
+            raise ConfigError(
+                "optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2"
+            )
+        self.manifest = task.check_data()
         seed_everything(config.train.seed)
-        self.model = self.build_model()
+        self.model = task.build_model(self)
         self.local_batch = config.train.global_batch // self.world.dp_size
         self.engine = ds.initialize(
             self.model,
@@ -106,9 +111,9 @@ class Trainer(ABC):
             ds.deepspeed_config(config, self.world, self.local_batch),
             self.world,
         )
-        self.after_engine()
+        task.setup(self)
         self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
-        self.stream = self.build_stream()
+        self.stream = task.build_stream(self)
         self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
         start = resolve_resume(resume, self.checkpoints)
         if start is not None:
@@ -118,79 +123,6 @@ class Trainer(ABC):
         self.logger = MetricsLogger(config, self.run_dir, self.world.rank, config.train.steps, self.step)
         self.logger.print(self.summary(start))
 
-    # --- what a task provides --------------------------------------------------------------------
-
-    def manifest_fields(self) -> tuple[str, ...]:
-        """Fields of manifest.json that must equal the model config's fields of the same name (the
-        model's vocab_size may exceed the data's: padded, e.g. to a multiple of parallel.tp)."""
-        return ("seq_len",)
-
-    def after_engine(self) -> None:
-        """Set-up that needs the engine (e.g. optimizers living outside it)."""
-        return None
-
-    @abstractmethod
-    def build_stream(self) -> PuzzleStream:
-        """The training stream (partitioned, deterministic given the seed, resumable)."""
-
-    @abstractmethod
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns global metrics for logging."""
-
-    @abstractmethod
-    def evaluate_all(self) -> dict[str, float]:
-        """Every evaluation of the task, keyed for metrics.jsonl."""
-
-    @abstractmethod
-    def step_counts(self) -> tuple[int, int]:
-        """(samples, tokens) consumed by the last step, for samples/s and tokens/s."""
-
-    def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Task state for checkpoints: (JSON-able client state, tensors)."""
-        return {}, {}
-
-    def load_extra_state(self, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restores what extra_state saved."""
-        return None
-
-    def summary_lines(self) -> list[str]:
-        return []
-
-    # --- builders --------------------------------------------------------------------------------
-
-    def check_data(self) -> dict[str, Any]:
-        c, d = self.config.model, self.config.data
-        if not d.path:
-            raise ConfigError(
-                "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
-            )
-        manifest = read_manifest(d.path)
-        if manifest["vocab_size"] > c.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={c.vocab_size} is smaller than {d.path}/manifest.json's vocab_size "
-                f"{manifest['vocab_size']}"
-            )
-        for name in self.manifest_fields():
-            if manifest[name] != getattr(c, name):
-                raise ConfigError(
-                    f"model.{name}={getattr(c, name)} but {d.path}/manifest.json has {name}={manifest[name]}"
-                )
-        if self.config.optim.ema_decay > 0 and self.config.parallel.zero_stage == 3:
-            raise ConfigError(
-                "optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2"
-            )
-        return manifest
-
-    def build_model(self) -> torch.nn.Module:
-        """The model on this rank's device: initialised from the seed, or from train.init_from."""
-        config = self.config
-        model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
-        if config.train.init_from:
-            load_init_weights(model, config)
-        if config.train.compile:
-            model.compile()  # in place: parameter names, and so checkpoints, are unchanged
-        return model
-
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -198,20 +130,19 @@ class Trainer(ABC):
             return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         return AdamATan2(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
 
-    # --- the update ------------------------------------------------------------------------------
-
-    def lr_scale(self) -> float:
-        o, t = self.config.optim, self.config.train
-        warmup = min(o.warmup_steps, t.steps - 1)
-        return lr_at(
-            self.step, base_lr=1.0, warmup_steps=warmup, total_steps=t.steps, min_ratio=o.lr_min_ratio
-        )
+    # --- what a task's step calls ----------------------------------------------------------------
 
     def set_lr(self) -> float:
-        lr = self.config.optim.lr * self.lr_scale()
+        """Sets this step's learning rate (warmup, then cosine to optim.lr_min_ratio); returns it."""
+        o, t = self.config.optim, self.config.train
+        scale = lr_at(
+            self.step, base_lr=1.0, warmup_steps=min(o.warmup_steps, t.steps - 1), total_steps=t.steps,
+            min_ratio=o.lr_min_ratio,
+        )  # fmt: skip
+        self.task.set_lr_scale(scale)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = o.lr * scale
+        return o.lr * scale
 
     def start_micro_batch(self, index: int, count: int) -> None:
         """Before micro-batch `index` of `count` in a step that calls engine.step() once. DeepSpeed would
@@ -221,22 +152,27 @@ class Trainer(ABC):
 
     def apply_update(self, all_finite: bool) -> float:
         """After backward on every micro-batch: the optimizer step and EMA, or, when any rank saw a
-        non-finite loss, a skipped step (aborting after train.max_nonfinite_steps in a row).
-        Returns the pre-clipping gradient norm (nan when skipped)."""
+        non-finite loss, a skipped step. Returns the pre-clipping gradient norm (nan when skipped)."""
         if not all_finite:
             self.engine.zero_grad()
-            self.count_skipped_step()
+            self.count_update(applied=False)
             return float("nan")
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
         if math.isnan(grad_norm):
             grad_norm = float(self.engine.get_global_grad_norm())
-        self.after_optimizer_step()
-        self.after_update()
+        self.task.after_optimizer_step()
+        self.count_update(applied=True)
         return grad_norm
 
-    def count_skipped_step(self) -> None:
-        """A step skipped for a non-finite loss; aborts after train.max_nonfinite_steps in a row."""
+    def count_update(self, applied: bool) -> None:
+        """After an optimizer step the engine applied (EMA follows; the non-finite streak ends) or skipped
+        for a non-finite loss (aborting after train.max_nonfinite_steps in a row)."""
+        if applied:
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.nonfinite_in_a_row = 0
+            return
         self.nonfinite_in_a_row += 1
         limit = self.config.train.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
@@ -244,16 +180,6 @@ class Trainer(ABC):
                 f"step {self.step}: non-finite loss in {self.nonfinite_in_a_row} consecutive steps "
                 f"(train.max_nonfinite_steps={limit}); lower optim.lr or check the data"
             )
-
-    def after_update(self) -> None:
-        """After an applied optimizer step: EMA, and the non-finite streak ends."""
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.nonfinite_in_a_row = 0
-
-    def after_optimizer_step(self) -> None:
-        """Updates outside the engine that happen with every optimizer step (e.g. sparse embeddings)."""
-        return None
 
     def _grad_norm_before_step(self) -> float:
         """Global L2 norm of the DP-averaged gradients before clipping. ZeRO optimizers compute it in
@@ -275,6 +201,15 @@ class Trainer(ABC):
 
     # --- the loop --------------------------------------------------------------------------------
 
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step of the task; returns its global metrics."""
+        metrics = self.task.train_step(self)
+        self.step += 1
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        return self.task.evaluate(self)
+
     def train(self) -> dict[str, float]:
         """Runs to train.steps; on SIGTERM it stops after the current step instead (stop_preempted)."""
         cfg = self.config
@@ -285,7 +220,7 @@ class Trainer(ABC):
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
-                rate.add(*self.step_counts())
+                rate.add(*self.task.step_counts())
                 self.logger.advance()
                 if self.step % cfg.log.log_interval == 0 or self.step == cfg.train.steps:
                     progress = reduce_progress(self.stream.progress, self.world.dp_size)
@@ -326,7 +261,7 @@ class Trainer(ABC):
         raise Preempted(PREEMPTED_EXIT_CODE)
 
     def log_evaluation(self) -> dict[str, float]:
-        results = self.evaluate_all()
+        results = self.evaluate()
         self.logger.log(self.step, results)
         self.logger.print(f"step {self.step} eval: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
@@ -334,7 +269,7 @@ class Trainer(ABC):
     # --- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        extra_client, extra_tensors = self.extra_state()
+        extra_client, extra_tensors = self.task.state()
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state(), **extra_tensors}
         if self.ema is not None:
             tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict()["shadow"].items()}
@@ -350,7 +285,7 @@ class Trainer(ABC):
         def write_universal(directory: Path) -> None:
             w = self.world
             save_universal(
-                directory, self.model, client_optimizer(self.engine), (w.pp_rank, w.dp_rank, w.tp_rank),
+                directory, self.model, ds.client_optimizer(self.engine), (w.pp_rank, w.dp_rank, w.tp_rank),
                 self.ema.shadow if self.ema is not None else None,
             )  # fmt: skip
 
@@ -358,13 +293,9 @@ class Trainer(ABC):
         self.logger.print(f"saved checkpoint {path}")
         return path
 
-    # A task whose checkpoints hold per-replica state (the puzzle task's ACT rows in flight) cannot
-    # resume at another data-parallel size.
-    reshards_data_parallel: bool = True
-
     def load_checkpoint(self, path: Path) -> None:
         """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
-        the saved one, from the layout-free copy (training/universal.py) otherwise."""
+        the saved one, from the layout-free copy (checkpoint/universal.py) otherwise."""
         first, _ = read_client_state(path, 0)
         for key, value in first["config"]["model"].items():
             if getattr(self.config.model, key) != value:
@@ -387,7 +318,7 @@ class Trainer(ABC):
         self.nonfinite_in_a_row = client["nonfinite_in_a_row"]
         self.stream.load_state_dict(client["stream"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.load_extra_state(client, tensors)
+        self.task.load_state(self, client, tensors)
 
     def _load_other_layout(
         self, path: Path, first: dict[str, Any]
@@ -402,13 +333,13 @@ class Trainer(ABC):
             raise CheckpointError(
                 f"{path} was saved with {described} and has no {UNIVERSAL}/ copy; resume it with that layout"
             )
-        if saved_dp != self.world.dp_size and not self.reshards_data_parallel:
+        if saved_dp != self.world.dp_size and not self.task.reshards_data_parallel:
             raise ConfigError(
                 f"{path} was saved with {described}; the {self.config.task} task keeps per-replica state, so "
                 f"resume it at dp {saved_dp} (tp and pp may change)"
             )
         load_universal(
-            universal, self.model, client_optimizer(self.engine), (self.config.parallel.tp, self.world.tp_rank),
+            universal, self.model, ds.client_optimizer(self.engine), (self.config.parallel.tp, self.world.tp_rank),
             self.ema.shadow if self.ema is not None else None,
         )  # fmt: skip
         if saved_dp == self.world.dp_size:  # the same replica's state (pipeline stage 0, TP rank 0)
@@ -422,8 +353,8 @@ class Trainer(ABC):
         n = sum(p.numel() for p in self.model.parameters())
         split = self.manifest["splits"][c.data.train_split]
         lines = [
-            f"hrm-mega {self.command} ({c.task}): {n:,} parameters",
-            *self.summary_lines(),
+            f"hrm-mega {self.task.command} ({c.task}): {n:,} parameters",
+            *self.task.summary_lines(self),
             f"  world {w.world_size} = tp {c.parallel.tp} x pp {c.parallel.pp} x dp {w.dp_size}; "
             f"ZeRO stage {c.parallel.zero_stage}; {c.train.precision}; device {w.device.type}",
             f"  data {c.data.path}: {split['num_samples']:,} train samples in {len(split['shards'])} shards, "
@@ -434,107 +365,13 @@ class Trainer(ABC):
         return "\n".join(lines)
 
 
-def client_optimizer(engine: Any) -> torch.optim.Optimizer:
-    """The optimizer the run built (AdamATan2, AdamW), inside DeepSpeed's ZeRO wrapper if there is one."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
-def load_init_weights(model: torch.nn.Module, config: Config) -> None:
-    """Copies the weights of train.init_from into the freshly built model (strictly: every key, every
-    shape). A resumed run then overwrites them with its checkpoint."""
-    from hrm_mega.convert.consolidate import load_model
-    from hrm_mega.convert.model_dir import load_state_dict_strict
-
-    source, source_config = load_model(config.train.init_from)
-    if source_config.model.family != config.model.family:
-        raise ConfigError(
-            f"train.init_from={config.train.init_from} holds a {source_config.model.family} model; "
-            f"this recipe is model.family={config.model.family}"
-        )
-    load_state_dict_strict(model, source.state_dict(), source=f"train.init_from={config.train.init_from}")
-
-
-def build_trainer(config: Config, resume: str | None = "auto") -> Trainer:
-    """The trainer of the config's task."""
-    if config.task == "lm" and config.parallel.pp > 1:
-        from hrm_mega.training.lm_pipeline import PipelineLMTrainer
-
-        return PipelineLMTrainer(config, resume=resume)
-    if config.task == "lm":
-        from hrm_mega.training.lm import LMTrainer
-
-        return LMTrainer(config, resume=resume)
-    from hrm_mega.training.puzzle import PuzzleTrainer
-
-    return PuzzleTrainer(config, resume=resume)
-
-
-# --- collectives ---------------------------------------------------------------------------------
-
-
-def all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank. Decided together: a backward pass on some ranks
-    only would hang the others."""
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag[0] == 1)
-
-
-def all_reduce(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """Sum over the data-parallel replicas, or over `group` (a copy; the input is left alone). Metrics
-    sum over DP only: the tensor-parallel ranks of a replica hold the same values. NCCL reduces on the
-    GPU, so CPU tensors make a round trip there."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        group = data_parallel_group() if group is None else group
-        device = t.device
-        t = t.to("cuda", copy=True) if torch.distributed.get_backend() == "nccl" else t.clone()
-        torch.distributed.all_reduce(t, group=group)
-        t = t.to(device)
-    return t
+def build_trainer(config: Config, resume: str | None = "auto", rl: bool = False) -> Trainer:
+    """The Trainer running the config's task (or RL post-training around it)."""
+    task = build_task(config, rl=rl)
+    return Trainer(task.config, task, resume=resume)
 
 
 def reduce_progress(progress: dict[str, float | int], dp_size: int) -> dict[str, float]:
-    t = all_reduce(torch.tensor([float(v) for v in progress.values()], dtype=torch.float64))
-    out = dict(zip(progress, t.tolist()))
+    out = all_reduce_sums(dict(progress))
     out["epoch"] = out["epoch"] / dp_size  # each rank's fraction of its own partitions
     return {f"data/{k}": v for k, v in out.items()}
-
-
-def limit_rows(batches, max_rows: int):
-    """Marks rows past the first max_rows (0 = no limit) as not valid, keeping the batch count equal
-    across ranks."""
-    if not max_rows:
-        yield from batches
-        return
-    seen = 0
-    for b in batches:
-        if seen >= max_rows:
-            b = {**b, "valid": torch.zeros_like(b["valid"])}
-        yield b
-        seen += b["valid"].shape[0]
-
-
-def eval_batch_size(config: Config, world: ds.World) -> int:
-    return max(1, config.train.global_batch // world.dp_size)
-
-
-@contextlib.contextmanager
-def evaluation(
-    model: torch.nn.Module, config: Config, world: ds.World, ema: EMA | None = None
-) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
-    """Eval mode, and the EMA weights if the run keeps them, for the duration; yields this rank's share
-    of the eval split as device batches (rows past train.eval_max_samples marked not valid)."""
-    d, t = config.data, config.train
-    was_training = model.training
-    model.eval()
-    try:
-        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-            batches = iterate_split(
-                d.path, d.eval_split, batch_size=eval_batch_size(config, world), dp_rank=world.dp_rank,
-                dp_size=world.dp_size, corrupt_policy=d.corrupt_policy,
-            )  # fmt: skip
-            batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
-            yield ({k: v.to(world.device) for k, v in b.items()} for b in batches)
-    finally:
-        model.train(was_training)

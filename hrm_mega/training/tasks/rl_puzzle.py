@@ -10,27 +10,26 @@ here (it lives outside the engine; pretraining's sparse sign-SGD owns it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hrm_mega.config import ConfigError
 from hrm_mega.data.stream import PuzzleStream
-from hrm_mega.models.puzzle import RecursiveReasoner
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import puzzle_rollout
-from hrm_mega.training.puzzle import evaluate_puzzles
-from hrm_mega.training.rl import RLTrainer, Rollouts, step_seed
+from hrm_mega.training.tasks.puzzle import evaluate_modes
+from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
 
 _ROLLOUT_STREAM = 0x726F6C6C  # "roll": the seed stream of the rollout draws
 
 
-class PuzzleRLTrainer(RLTrainer):
-    model: RecursiveReasoner
+class PuzzleEnvironment(Environment):
+    manifest_fields = ("seq_len", "num_puzzle_identifiers")
+    compute_metric = "mean_segments"
 
-    def manifest_fields(self) -> tuple[str, ...]:
-        return ("seq_len", "num_puzzle_identifiers")
-
-    def check_data(self) -> dict[str, Any]:
-        manifest = super().check_data()
+    def check_data(self, manifest: dict[str, Any]) -> None:
         c = self.config
         if manifest.get("task") == "text":
             raise ConfigError(f"{c.data.path} holds text; a puzzle model needs a puzzle dataset")
@@ -49,28 +48,19 @@ class PuzzleRLTrainer(RLTrainer):
                 f"data.partitions={c.data.partitions} does not divide "
                 f"rl.prompts_per_step={c.rl.prompts_per_step}"
             )
-        return manifest
 
-    def build_stream(self) -> PuzzleStream:
-        d, t = self.config.data, self.config.train
-        return PuzzleStream(
-            d.path, d.train_split, seed=t.seed, global_batch=self.config.rl.prompts_per_step,
-            partitions=d.partitions, dp_rank=self.world.dp_rank, dp_size=self.world.dp_size,
-            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy,
-        )  # fmt: skip
+    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+        return trainer.task.sample_stream(trainer, self.config.rl.prompts_per_step)
 
     def max_actions(self) -> int:
         return self.config.model.seq_len + self.config.model.halt_max_steps
 
-    def compute_metric_name(self) -> str:
-        return "mean_segments"
-
-    def rollout(self) -> Rollouts:
+    def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
         rl, m = self.config.rl, self.config.model
-        prompts = {k: v.to(self.world.device) for k, v in self.stream.take(range(self.local_prompts)).items()}
+        batch = {k: v.to(trainer.world.device) for k, v in trainer.stream.take(range(prompts)).items()}
         ro = puzzle_rollout(
-            self.model, prompts, group_size=rl.group_size, temperature=rl.temperature, halting=rl.halting,
-            seed=step_seed(self.config.train.seed, self.step, _ROLLOUT_STREAM),
+            trainer.model, batch, group_size=rl.group_size, temperature=rl.temperature, halting=rl.halting,
+            seed=step_seed(self.config.train.seed, trainer.step, _ROLLOUT_STREAM),
         )  # fmt: skip
         total, parts = combine_rewards(
             rl.rewards, tokens=ro.tokens, inputs=ro.batch["inputs"], labels=ro.batch["labels"],
@@ -85,17 +75,8 @@ class PuzzleRLTrainer(RLTrainer):
             compute=ro.segments.float(), row_metrics={"sample_exact_accuracy": solved},
         )  # fmt: skip
 
-    # --- evaluation ------------------------------------------------------------------------------
-
-    def evaluate_all(self) -> dict[str, float]:
-        results: dict[str, float] = {}
-        for mode in self.config.train.eval_modes:
-            for key, value in evaluate_puzzles(
-                self.model, self.config, self.world, mode, ema=self.ema
-            ).items():
-                results[f"eval_{mode}/{key}"] = value
-        return results
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        return evaluate_modes(trainer)
 
     def summary_lines(self) -> list[str]:
-        rl = self.config.rl
-        return [*super().summary_lines(), f"  puzzles from {self.config.data.path}; halting {rl.halting}"]
+        return [f"  puzzles from {self.config.data.path}; halting {self.config.rl.halting}"]

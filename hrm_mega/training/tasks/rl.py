@@ -1,9 +1,9 @@
 """RL post-training (GRPO, PPO) on the pretraining machinery: the same engine, layouts, checkpoints with
-exact resume, SIGTERM handling, non-finite guard and logging, because RLTrainer is a Trainer.
+exact resume, SIGTERM handling, non-finite guard and logging: RLTask is a Task the one Trainer runs.
 
-One step (`RLTrainer.train_step`):
+One step (`RLTask.train_step`):
 
-    rollouts = task.rollout()                    no grad: group_size samples for each of this rank's
+    rollouts = environment.rollout()             no grad: group_size samples for each of this rank's
                                                  prompts, their rewards (registry, compute shaping)
     old = training forward over the rollouts     no grad: the log-probs (and values) the ratios start from;
                                                  skipped for GRPO with one iteration (old = new, detached)
@@ -15,8 +15,8 @@ One step (`RLTrainer.train_step`):
 
 Every loss term is normalised by a count over the whole step (all micro-batches and ranks), and every
 draw is keyed by (seed, step, sample), so a step gives the same loss at any data-parallel size and a
-resumed run continues exactly. A task (rl_puzzle.py, rl_lm.py) supplies the prompts, the rollouts and
-their rewards, and its evaluation.
+resumed run continues exactly. The model family's Environment (rl_puzzle.py, rl_lm.py) supplies the
+prompts, the rollouts and their rewards, and its evaluation.
 """
 
 from __future__ import annotations
@@ -26,22 +26,27 @@ import importlib
 import json
 import math
 import time
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from hrm_mega.config import Config, ConfigError
+from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums
 from hrm_mega.models import build_model
 from hrm_mega.rl.advantages import gae as gae_advantages
 from hrm_mega.rl.advantages import group_advantages, masked_moments, std_from_moments, whiten
 from hrm_mega.rl.losses import loss_normalizer, policy_loss, value_loss
 from hrm_mega.rl.rewards import get_reward
 from hrm_mega.rl.rollout import LMRollout, PolicyOutput, PuzzleRollout, logprob_mismatch, recompute_policy
-from hrm_mega.training.trainer import Trainer, all_finite, all_reduce
+from hrm_mega.training import engine as ds
+from hrm_mega.training.task import Task, load_init_weights
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
 
 # Per-call means of policy_loss / value_loss that combine over micro-batches and ranks weighted by actions.
 WEIGHTED_KEYS = (
@@ -89,26 +94,6 @@ def rollout_batch_config(config: Config) -> Config:
     return dataclasses.replace(config, train=dataclasses.replace(t, global_batch=rows)).validate()
 
 
-def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
-    """Copies train.init_from into `model` strictly, except that a value head the source lacks (PPO on a
-    pretrained LM) keeps its fresh initialisation. Returns the keys left fresh."""
-    from hrm_mega.convert.consolidate import load_model
-    from hrm_mega.convert.model_dir import load_state_dict_strict
-
-    source, source_config = load_model(config.train.init_from)
-    if source_config.model.family != config.model.family:
-        raise ConfigError(
-            f"--init {config.train.init_from} holds a {source_config.model.family} model; "
-            f"this recipe is model.family={config.model.family}"
-        )
-    check_same_tokenizer(source_config, config)
-    state = source.state_dict()
-    fresh = [k for k in model.state_dict() if k.startswith("value_head.") and k not in state]
-    state |= {k: model.state_dict()[k] for k in fresh}
-    load_state_dict_strict(model, state, source=f"--init {config.train.init_from}")
-    return fresh
-
-
 def check_same_tokenizer(source: Config, config: Config) -> None:
     """Refuses a text dataset whose tokenizer differs from the one the --init model was trained with (when
     that run's dataset is still there to compare): token ids would silently mean other pieces."""
@@ -127,40 +112,90 @@ def check_same_tokenizer(source: Config, config: Config) -> None:
         )
 
 
-class RLTrainer(Trainer):
-    command = "rl"
-    reference: torch.nn.Module | None = None
-    fresh_keys: list[str]
-    _counts: tuple[int, int] = (0, 0)
+def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
+    """load_init_weights for RL: errors name --init, and a value head the source lacks (PPO on a
+    pretrained LM) keeps its fresh initialisation. Returns the keys left fresh."""
+    return load_init_weights(
+        model, config, keep_fresh=("value_head.",), label=f"--init {config.train.init_from}"
+    )
 
-    def __init__(self, config: Config, resume: str | None = "auto") -> None:
-        super().__init__(rollout_batch_config(config), resume)
 
-    # --- what a task provides --------------------------------------------------------------------
+class Environment(ABC):
+    """What RL needs from a model family: prompts, scored rollouts, and an evaluation. The puzzle one is
+    training/tasks/rl_puzzle.py, the language-model one training/tasks/rl_lm.py."""
+
+    manifest_fields: tuple[str, ...] = ("seq_len",)
+    compute_metric: str = "mean_compute"  # the name of the logged mean compute per rollout
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def check_data(self, manifest: dict[str, Any]) -> None:
+        """Checks of the dataset beyond the Task's."""
+        return None
 
     @abstractmethod
-    def rollout(self) -> Rollouts:
-        """This rank's rollouts of the current step (self.step), scored; under no_grad."""
+    def build_stream(self, trainer: Trainer) -> Any:
+        """The prompt stream (resumable, like a pretraining stream)."""
+
+    @abstractmethod
+    def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
+        """This rank's rollouts of the current step (trainer.step) for `prompts` prompts, scored."""
 
     @abstractmethod
     def max_actions(self) -> int:
         """The constant action count per row (dr_grpo's max_len)."""
 
-    @property
-    def local_prompts(self) -> int:
-        return self.config.rl.prompts_per_step // self.world.dp_size
+    @abstractmethod
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """The evaluation, keyed for metrics.jsonl."""
 
-    # --- set-up ----------------------------------------------------------------------------------
+    def load_state(self, trainer: Trainer, prompts: int) -> None:
+        """After a resume at trainer.step, with `prompts` prompts per rank and step."""
+        return None
 
-    def build_model(self) -> torch.nn.Module:
-        config = self.config
-        model = build_model(config.model).init_weights(config.train.seed).to(self.world.device)
-        self.fresh_keys = load_init_weights_rl(model, config) if config.train.init_from else []
-        if config.train.compile:
+    def summary_lines(self) -> list[str]:
+        return []
+
+
+class RLTask(Task):
+    """GRPO or PPO around the pretraining Trainer, for the model family's Environment."""
+
+    command = "rl"
+    reference: torch.nn.Module | None = None
+    fresh_keys: list[str]
+    _counts: tuple[int, int] = (0, 0)
+
+    def __init__(self, config: Config, environment: type[Environment]) -> None:
+        super().__init__(rollout_batch_config(config))
+        self.env = environment(self.config)
+        self.manifest_fields = environment.manifest_fields
+
+    def check_data(self) -> dict[str, Any]:
+        manifest = super().check_data()
+        self.env.check_data(manifest)
+        return manifest
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        c = self.config
+        if not c.train.init_from:
+            raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
+        model = self._initial_model(trainer)
+        if c.train.compile:
             model.compile()
         return model
 
-    def after_engine(self) -> None:
+    def _initial_model(self, trainer: Trainer) -> torch.nn.Module:
+        """The --init weights; a value head the source lacks (PPO on a pretrained LM) stays fresh."""
+        from hrm_mega.convert.consolidate import load_model
+
+        c = self.config
+        check_same_tokenizer(load_model(c.train.init_from)[1], c)
+        model = build_model(c.model).init_weights(c.train.seed).to(trainer.world.device)
+        self.fresh_keys = load_init_weights_rl(model, c)
+        return model
+
+    def setup(self, trainer: Trainer) -> None:
         c = self.config
         rl, par = c.rl, c.parallel
         if par.zero_stage == 3 or par.pp > 1:
@@ -168,13 +203,11 @@ class RLTrainer(Trainer):
                 "RL rollouts run the whole model on every rank; "
                 "use parallel.zero_stage <= 2 and parallel.pp=1"
             )
-        if rl.prompts_per_step % self.world.dp_size:
+        if rl.prompts_per_step % trainer.world.dp_size:
             raise ConfigError(
                 f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the "
-                f"{self.world.dp_size} data-parallel ranks (each rank rolls out whole groups)"
+                f"{trainer.world.dp_size} data-parallel ranks (each rank rolls out whole groups)"
             )
-        if not c.train.init_from:
-            raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
         if not rl.rewards:
             raise ConfigError(
                 "rl.rewards is empty; name at least one reward, e.g. --set rl.rewards.sudoku_valid=1"
@@ -192,12 +225,21 @@ class RLTrainer(Trainer):
             raise ConfigError(
                 "rl.algorithm=ppo needs a value head: an hrm_gemma model with model.value_head=true"
             )
+        self.dp_size = trainer.world.dp_size
+        self.local_prompts = rl.prompts_per_step // self.dp_size
         if rl.beta > 0:  # the frozen reference: the initial weights, rebuilt (also after a resume)
-            self.reference = build_model(c.model).init_weights(c.train.seed).to(self.world.device)
-            load_init_weights_rl(self.reference, c)
-            self.reference.eval().requires_grad_(False)
+            self.reference = self._initial_model(trainer).eval().requires_grad_(False)
 
-    def summary_lines(self) -> list[str]:
+    def build_stream(self, trainer: Trainer) -> Any:
+        return self.env.build_stream(trainer)
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        return self.env.evaluate(trainer)
+
+    def load_state(self, trainer: Trainer, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.env.load_state(trainer, self.local_prompts)
+
+    def summary_lines(self, trainer: Trainer) -> list[str]:
         rl = self.config.rl
         lines = [
             f"  RL {rl.algorithm}: {rl.prompts_per_step} prompts x {rl.group_size} samples per step, "
@@ -208,36 +250,39 @@ class RLTrainer(Trainer):
         ]
         if self.fresh_keys:
             lines.append(f"  freshly initialised (not in the init checkpoint): {', '.join(self.fresh_keys)}")
-        return lines
+        return [*lines, *self.env.summary_lines()]
 
     # --- one step --------------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, trainer: Trainer) -> dict[str, float]:
         rl = self.config.rl
-        lr = self.set_lr()
+        lr = trainer.set_lr()
         t0 = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
+        was_training = trainer.model.training
+        trainer.model.eval()
         with torch.no_grad():
-            batch = self.rollout()
-        self.model.train(was_training)
+            batch = self.env.rollout(trainer, self.local_prompts)
+        trainer.model.train(was_training)
         t_rollout = time.perf_counter() - t0
 
-        micro = self.config.train.micro_batch or self.local_batch
+        micro = self.config.train.micro_batch or trainer.local_batch
         trained = self._trained_rows(batch)
-        chunks = self._chunks(trained, micro)
-        n_micro = self.world.dp_size * len(chunks)  # micro-batches run by all ranks together
+        chunks = self._chunks(trainer.world, trained, micro)
+        n_micro = trainer.world.dp_size * len(chunks)  # micro-batches run by all ranks together
         # DeepSpeed averages gradients over dp x its configured accumulation steps (which can differ from
         # len(chunks) when groups are dropped); the losses below are already shares of the whole step's
         # normaliser, so that division is undone (as in training/lm.py).
-        undo_average = float(self.world.dp_size * self.engine.gradient_accumulation_steps())
+        undo_average = float(trainer.world.dp_size * trainer.engine.gradient_accumulation_steps())
         share = (
-            loss_normalizer(rl.aggregation, batch.mask[trained], self.max_actions()) if len(trained) else 0.0
+            loss_normalizer(rl.aggregation, batch.mask[trained], self.env.max_actions())
+            if len(trained)
+            else 0.0
         )
-        normalizer = max(float(all_reduce(torch.tensor([share], dtype=torch.float64))[0]), 1.0)
+        normalizer = max(all_reduce_sums({"share": share})["share"], 1.0)
         need_old = rl.iterations > 1 or rl.algorithm == "ppo"
+        policy = EngineView(trainer.engine)
         with torch.no_grad():
-            old = self._policy(EngineView(self.engine), batch, chunks) if need_old else None
+            old = self._policy(policy, batch, chunks) if need_old else None
             ref = self._policy(self.reference, batch, chunks) if self.reference is not None else None
         advantages, returns = self._advantages(batch, old)
 
@@ -247,29 +292,30 @@ class RLTrainer(Trainer):
         for iteration in range(rl.iterations):
             finite = 0.0
             for i, rows in enumerate(chunks):
-                self.start_micro_batch(i, len(chunks))  # the count can differ from DeepSpeed's own
+                trainer.start_micro_batch(i, len(chunks))  # the count can differ from DeepSpeed's own
                 if len(rows):
-                    new = recompute_policy(EngineView(self.engine), batch.rollout.select(rows))
+                    new = recompute_policy(policy, batch.rollout.select(rows))
                     loss, metrics = self._loss(batch, rows, new, old, ref, advantages, returns, normalizer)
                     if old is None and iteration == 0:
                         part = self._mismatch_rows(batch, new.logprobs, rows)
                         mismatch = part if mismatch is None else {k: mismatch[k] + part[k] for k in part}
                     scale = undo_average
                 else:  # no rows of this rank are left, but every rank joins the micro-batch's collectives
-                    loss, metrics, scale = self._no_rows_loss(batch), None, 0.0
+                    loss, metrics, scale = _no_rows_loss(policy, batch), None, 0.0
                 if all_finite(loss):
-                    self.engine.backward(loss * scale)
+                    trainer.engine.backward(loss * scale)
                     finite += 1.0
                 if metrics is not None:
                     _accumulate(sums, loss, metrics)
-            ok = bool(all_reduce(torch.tensor([finite], dtype=torch.float64))[0] == n_micro)
-            grad_norms.append(self.apply_update(ok))
+            ok = all_reduce_sums({"finite": finite})["finite"] == n_micro
+            grad_norms.append(trainer.apply_update(ok))
             skipped += int(not ok)
         t_train = time.perf_counter() - t0 - t_rollout
-        self.step += 1
         trained_share = torch.zeros(batch.rewards.shape[0]).index_fill_(0, trained.cpu(), 1.0)
         batch.row_metrics["trained_fraction"] = trained_share
-        return self._step_metrics(batch, sums, mismatch, grad_norms, skipped, lr, t_rollout, t_train)
+        return self._step_metrics(
+            batch, sums, mismatch, grad_norms, skipped, lr, {"rollout_s": t_rollout, "train_s": t_train}
+        )
 
     def _trained_rows(self, batch: Rollouts) -> torch.Tensor:
         """The rows the update trains on: all of them, or with rl.drop_uniform_groups (GRPO) those of
@@ -284,19 +330,13 @@ class RLTrainer(Trainer):
         differ = (groups != groups[:, :1]).any(dim=1)
         return rows[differ.repeat_interleave(rl.group_size).to(rows.device)]
 
-    def _no_rows_loss(self, batch: Rollouts) -> torch.Tensor:
-        """A finite loss through the engine's forward (one row's log-probs), for a rank whose share of a
-        micro-batch is empty: backpropagated times zero, it gives the all-reduce zero gradients."""
-        new = recompute_policy(EngineView(self.engine), batch.rollout.select(slice(0, 1)))
-        return torch.where(batch.mask[:1], new.logprobs, 0.0).sum()
-
-    def _chunks(self, rows: torch.Tensor, micro: int) -> list[torch.Tensor]:
+    def _chunks(self, world: ds.World, rows: torch.Tensor, micro: int) -> list[torch.Tensor]:
         """`rows` in micro-batches of at most `micro`, as many on every rank (some may be empty): each
         micro-batch ends in a gradient all-reduce that every data-parallel rank must join."""
         most = len(rows)  # without dropped groups every rank has the same rows
         if self.config.rl.drop_uniform_groups:
-            counts = torch.zeros(self.world.dp_size, dtype=torch.float64)
-            counts[self.world.dp_rank] = len(rows)
+            counts = torch.zeros(world.dp_size, dtype=torch.float64)
+            counts[world.dp_rank] = len(rows)
             most = int(all_reduce(counts).max())
         return list(torch.tensor_split(rows, max(math.ceil(most / micro), 1)))
 
@@ -350,7 +390,7 @@ class RLTrainer(Trainer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rl = self.config.rl
         mask = batch.mask[rows]
-        common = {"aggregation": rl.aggregation, "normalizer": normalizer, "max_len": self.max_actions()}
+        common = {"aggregation": rl.aggregation, "normalizer": normalizer, "max_len": self.env.max_actions()}
         old_logprobs = new.logprobs.detach() if old is None else old.logprobs[rows]
         loss, metrics = policy_loss(
             new.logprobs, old_logprobs, advantages[rows], mask, eps_low=rl.eps_low, eps_high=rl.eps_high,
@@ -384,69 +424,53 @@ class RLTrainer(Trainer):
         grad_norms: list[float],
         skipped: int,
         lr: float,
-        t_rollout: float,
-        t_train: float,
+        seconds: dict[str, float],
     ) -> dict[str, float]:
         rl = self.config.rl
-        names = list(batch.parts)
-        row_names = list(batch.row_metrics)
         rewards = batch.rewards.double()
-        local = [
-            *sums.values(),
-            *(mismatch or dict.fromkeys((*MISMATCH_KEYS, "actions"), 0.0)).values(),
-            float(batch.mask.sum()),
-            float(rewards.numel()), float(rewards.sum()), float((rewards**2).sum()),
-            *(float(batch.parts[n].double().sum()) for n in names),
-            float(batch.compute.double().sum()),
-            *(float(batch.row_metrics[n].double().sum()) for n in row_names),
-            t_rollout, t_train,
-        ]  # fmt: skip
-        total = all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
-        it = iter(total)
-        s = {k: next(it) for k in sums}
-        mm = {k: next(it) for k in (*MISMATCH_KEYS, "actions")}
-        actions_once = next(it)
-        count, r_sum, r_sq = next(it), next(it), next(it)
-        parts = {n: next(it) / count for n in names}
-        compute = next(it) / count
-        row_means = {n: next(it) / count for n in row_names}
-        dp = self.world.dp_size
-        t_rollout, t_train = next(it) / dp, next(it) / dp  # mean over ranks
-
+        local = {
+            **sums,
+            **{f"mismatch/{k}": v for k, v in (mismatch or dict.fromkeys((*MISMATCH_KEYS, "actions"), 0.0)).items()},
+            "actions_once": float(batch.mask.sum()),
+            "count": float(rewards.numel()), "r_sum": float(rewards.sum()), "r_sq": float((rewards**2).sum()),
+            **{f"reward/{n}": float(v.double().sum()) for n, v in batch.parts.items()},
+            self.env.compute_metric: float(batch.compute.double().sum()),
+            **{n: float(v.double().sum()) for n, v in batch.row_metrics.items()},
+            **seconds,
+        }  # fmt: skip
+        total = all_reduce_sums(local)
+        count = total["count"]
         finite = skipped == 0
-        n_iter = rl.iterations
-        out: dict[str, float] = {}
-        for k in SHARE_KEYS:
-            out[k] = s[k] / n_iter
+        out: dict[str, float] = {k: total[k] / rl.iterations for k in SHARE_KEYS}
         if not finite:
             out["loss"] = float("nan")
         if self.reference is None:
             del out["kl"]
         if rl.algorithm != "ppo":
             del out["value_loss"]
-        weight = max(s["actions"], 1.0)
+        weight = max(total["actions"], 1.0)
         for k in WEIGHTED_KEYS:
             if (k.startswith("value_") or k == "return_mean") and rl.algorithm != "ppo":
                 continue
             if k == "kl_mean" and self.reference is None:
                 continue
-            out[k] = s[k] / weight
+            out[k] = total[k] / weight
         for k in MISMATCH_KEYS:
-            out[f"mismatch/{k}"] = mm[k] / max(mm["actions"], 1.0)
-        mean = r_sum / count
+            out[f"mismatch/{k}"] = total[f"mismatch/{k}"] / max(total["mismatch/actions"], 1.0)
+        mean = total["r_sum"] / count
         out["reward_mean"] = mean
-        out["reward_std"] = math.sqrt(max(r_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
-        out |= {f"reward/{n}": v for n, v in parts.items()}
-        out[self.compute_metric_name()] = compute
-        out |= row_means
+        out["reward_std"] = math.sqrt(
+            max(total["r_sq"] / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        )
+        out |= {f"reward/{n}": total[f"reward/{n}"] / count for n in batch.parts}
+        out[self.env.compute_metric] = total[self.env.compute_metric] / count
+        out |= {n: total[n] / count for n in batch.row_metrics}
         out |= {"lr": lr, "grad_norm": float(np.nanmean(grad_norms)) if finite else float("nan")}
-        out |= {"skipped_steps": skipped, "rollout_s": t_rollout, "train_s": t_train}
-        out["rollout_share"] = t_rollout / max(t_rollout + t_train, 1e-9)
-        self._counts = (int(count), int(actions_once))
+        out |= {"skipped_steps": skipped}
+        out |= {k: total[k] / self.dp_size for k in seconds}  # mean over ranks
+        out["rollout_share"] = out["rollout_s"] / max(out["rollout_s"] + out["train_s"], 1e-9)
+        self._counts = (int(count), int(total["actions_once"]))
         return out
-
-    def compute_metric_name(self) -> str:
-        return "mean_compute"
 
     def step_counts(self) -> tuple[int, int]:
         return self._counts
@@ -468,6 +492,13 @@ def _accumulate(sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, t
             sums[k] += float(metrics[k]) * actions
 
 
+def _no_rows_loss(policy: Any, batch: Rollouts) -> torch.Tensor:
+    """A finite loss through the engine's forward (one row's log-probs), for a rank whose share of a
+    micro-batch is empty: backpropagated times zero, it gives the all-reduce zero gradients."""
+    new = recompute_policy(policy, batch.rollout.select(slice(0, 1)))
+    return torch.where(batch.mask[:1], new.logprobs, 0.0).sum()
+
+
 class EngineView:
     """The engine's forward (DeepSpeed's hooks) with the wrapped module's attributes (config,
     initial_carry, blocks): what hrm_mega.rl.rollout's recompute functions read. DeepSpeed's engine has
@@ -481,14 +512,3 @@ class EngineView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine.module, name)
-
-
-def build_rl_trainer(config: Config, resume: str | None = "auto") -> RLTrainer:
-    """The RL trainer of the config's model family."""
-    if config.model.family == "hrm_gemma":
-        from hrm_mega.training.rl_lm import LMRLTrainer
-
-        return LMRLTrainer(config, resume=resume)
-    from hrm_mega.training.rl_puzzle import PuzzleRLTrainer
-
-    return PuzzleRLTrainer(config, resume=resume)

@@ -17,97 +17,93 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.stream import PuzzleStream
-from hrm_mega.distributed import data_parallel_group
+from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums, data_parallel_group
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 from hrm_mega.models.act import ACTState, initial_state, refill, step_segment
 from hrm_mega.models.puzzle import RecursiveReasoner
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.optim import EMA, SparseSignSGD
 from hrm_mega.training import engine as ds
-from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, eval_batch_size, evaluation
+from hrm_mega.training.evaluation import eval_batch_size, evaluation
+from hrm_mega.training.task import Task
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
 
 METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
-class PuzzleTrainer(Trainer):
-    model: RecursiveReasoner
+class PuzzleTask(Task):
+    reshards_data_parallel = False  # the ACT rows in flight belong to their replica
+    manifest_fields = ("seq_len", "num_puzzle_identifiers")
     sign_sgd: SparseSignSGD
     act: ACTState | None = None
-    reshards_data_parallel = False  # the ACT rows in flight belong to their replica
 
-    def manifest_fields(self) -> tuple[str, ...]:
-        return ("seq_len", "num_puzzle_identifiers")
-
-    def after_engine(self) -> None:
-        if self.model.puzzle_emb.dtype != torch.float32:  # bf16 engines cast buffers; sign-SGD needs fp32
-            self.model.puzzle_emb = self.model.puzzle_emb.float()
+    def setup(self, trainer: Trainer) -> None:
+        model: RecursiveReasoner = trainer.model
+        if model.puzzle_emb.dtype != torch.float32:  # bf16 engines cast buffers; sign-SGD needs fp32
+            model.puzzle_emb = model.puzzle_emb.float()
         o = self.config.optim
         self.sign_sgd = SparseSignSGD(
-            self.model.puzzle_emb, lr=o.puzzle_emb_lr, weight_decay=o.puzzle_emb_weight_decay,
+            model.puzzle_emb, lr=o.puzzle_emb_lr, weight_decay=o.puzzle_emb_weight_decay,
             group=data_parallel_group(),
         )  # fmt: skip
 
-    def build_stream(self) -> PuzzleStream:
-        d, t = self.config.data, self.config.train
-        transform = _augmentation(self.manifest["task"]) if d.augment else None
-        return PuzzleStream(
-            d.path, d.train_split, seed=t.seed, global_batch=t.global_batch, partitions=d.partitions,
-            dp_rank=self.world.dp_rank, dp_size=self.world.dp_size, num_workers=d.num_workers,
-            shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy, transform=transform,
-        )  # fmt: skip
+    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+        d = self.config.data
+        transform = augmentation(trainer.manifest["task"]) if d.augment else None
+        return self.sample_stream(trainer, self.config.train.global_batch, transform)
+
+    def set_lr_scale(self, scale: float) -> None:
+        self.sign_sgd.lr = self.config.optim.puzzle_emb_lr * scale
 
     # --- one step --------------------------------------------------------------------------------
 
-    def _next_rows(self) -> ACTState:
+    def _next_rows(self, trainer: Trainer) -> ACTState:
         if self.act is None:
-            batch = self.stream.first_batch()
-            return initial_state(self.model, {k: v.to(self.world.device) for k, v in batch.items()})
+            batch = trainer.stream.first_batch()
+            return initial_state(trainer.model, {k: v.to(trainer.world.device) for k, v in batch.items()})
         if not self.act.halted.any():
             return self.act
-        return refill(self.model, self.act, self.stream.take(self.act.halted.nonzero().squeeze(-1)))
+        return refill(trainer.model, self.act, trainer.stream.take(self.act.halted.nonzero().squeeze(-1)))
 
-    def set_lr(self) -> float:
-        self.sign_sgd.lr = self.config.optim.puzzle_emb_lr * self.lr_scale()
-        return super().set_lr()
-
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, trainer: Trainer) -> dict[str, float]:
         """One segment for every row, one optimizer step. Returns global metrics for logging."""
         cfg = self.config
-        state = self._next_rows()
-        lr = self.set_lr()
+        state = self._next_rows(trainer)
+        lr = trainer.set_lr()
         ids = state.batch["puzzle_identifiers"]
-        puzzle_emb = self.model.puzzle_emb[ids].clone().requires_grad_(True)  # leaf: collects its rows' grads
+        puzzle_emb = trainer.model.puzzle_emb[ids].clone().requires_grad_(True)  # leaf: its rows' grads
         self._sparse_step = (ids, puzzle_emb)
 
-        micro = cfg.train.micro_batch or self.local_batch
-        sums = torch.zeros(len(METRIC_KEYS) + len(LOSS_KEYS) + 2, dtype=torch.float64)
+        micro = cfg.train.micro_batch or trainer.local_batch
+        sums = dict.fromkeys((*METRIC_KEYS, *LOSS_KEYS, "loss", "finite"), 0.0)
         chunks = []
-        micro_batches = torch.arange(self.local_batch).split(micro)
+        micro_batches = torch.arange(trainer.local_batch).split(micro)
         for i, rows in enumerate(micro_batches):
-            self.start_micro_batch(i, len(micro_batches))
+            trainer.start_micro_batch(i, len(micro_batches))
             sub = _select(state, rows)
             sub = replace(sub, batch={**sub.batch, "puzzle_emb": puzzle_emb[rows]})
             loss, metrics, new_sub, _ = step_segment(
-                self.engine, cfg.model, sub, training=True, seed=cfg.train.seed
+                trainer.engine, cfg.model, sub, training=True, seed=cfg.train.seed
             )
             if all_finite(loss):
-                self.engine.backward(loss)
-            sums += _metric_vector(loss, metrics, len(rows))
+                trainer.engine.backward(loss)
+            _add_micro_batch(sums, loss, metrics, len(rows))
             chunks.append(replace(new_sub, batch=state.batch))
         self.act = _merge(state, chunks)
 
-        sums = all_reduce(sums)
-        finite = bool(sums[-1] == self.world.dp_size * len(chunks))
-        grad_norm = self.apply_update(finite)
-        self.step += 1
-        return self._format_metrics(sums, lr, grad_norm, finite)
+        sums = all_reduce_sums(sums)
+        finite = sums["finite"] == trainer.world.dp_size * len(chunks)
+        grad_norm = trainer.apply_update(finite)
+        return self._step_metrics(sums, lr, grad_norm, finite)
 
     def after_optimizer_step(self) -> None:
         ids, puzzle_emb = self._sparse_step
@@ -117,44 +113,34 @@ class PuzzleTrainer(Trainer):
         rows = self.config.train.global_batch
         return rows, rows * self.config.model.seq_len
 
-    def _format_metrics(
-        self, sums: torch.Tensor, lr: float, grad_norm: float, finite: bool
+    def _step_metrics(
+        self, sums: dict[str, float], lr: float, grad_norm: float, finite: bool
     ) -> dict[str, float]:
-        n_metric, rows = len(METRIC_KEYS), self.config.train.global_batch
-        m = dict(zip(METRIC_KEYS, sums[:n_metric].tolist()))
-        losses = dict(zip(LOSS_KEYS, (sums[n_metric : n_metric + len(LOSS_KEYS)] / rows).tolist()))
+        rows, count = self.config.train.global_batch, max(sums["count"], 1.0)
+        losses = {k: sums[k] / rows for k in LOSS_KEYS}
         if self.config.model.q_target != "bootstrap":
             del losses["q_continue_loss"]
-        count = max(m["count"], 1.0)
         return {
-            "loss": float(sums[n_metric + len(LOSS_KEYS)] / rows) if finite else float("nan"),
+            "loss": sums["loss"] / rows if finite else float("nan"),
             **losses,
             "lr": lr,
             "grad_norm": grad_norm,
-            "halted": int(m["count"]),
-            "exact_accuracy": m["exact_accuracy"] / count,
-            "token_accuracy": m["token_accuracy"] / count,
-            "q_halt_accuracy": m["q_halt_accuracy"] / count,
-            "mean_act_steps": m["steps"] / count,
+            "halted": int(sums["count"]),
+            "exact_accuracy": sums["exact_accuracy"] / count,
+            "token_accuracy": sums["token_accuracy"] / count,
+            "q_halt_accuracy": sums["q_halt_accuracy"] / count,
+            "mean_act_steps": sums["steps"] / count,
             "skipped_step": int(not finite),
         }
 
     # --- evaluation ------------------------------------------------------------------------------
 
-    def evaluate_all(self) -> dict[str, float]:
-        results: dict[str, float] = {}
-        for mode in self.config.train.eval_modes:
-            for key, value in self.evaluate(mode).items():
-                results[f"eval_{mode}/{key}"] = value
-        return results
-
-    @torch.no_grad()
-    def evaluate(self, mode: str) -> dict[str, float]:
-        return evaluate_puzzles(self.model, self.config, self.world, mode, ema=self.ema)
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        return evaluate_modes(trainer)
 
     # --- checkpoint state ------------------------------------------------------------------------
 
-    def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors: dict[str, torch.Tensor] = {}
         if self.act is not None:
             tensors |= {"act.z_H": self.act.carry.z_H, "act.z_L": self.act.carry.z_L}
@@ -162,10 +148,10 @@ class PuzzleTrainer(Trainer):
             tensors |= {f"act.batch.{k}": v for k, v in self.act.batch.items()}
         return {"has_act": self.act is not None}, tensors
 
-    def load_extra_state(self, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, trainer: Trainer, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         if not client["has_act"]:
             return
-        dev = self.world.device
+        dev = trainer.world.device
         batch = {k[len("act.batch.") :]: v.to(dev) for k, v in tensors.items() if k.startswith("act.batch.")}
         self.act = ACTState(
             Carry(tensors["act.z_H"].to(dev), tensors["act.z_L"].to(dev)),
@@ -174,13 +160,14 @@ class PuzzleTrainer(Trainer):
             batch,
         )
 
-    def summary_lines(self) -> list[str]:
-        return [f"  + {self.model.puzzle_emb.numel():,} puzzle-embedding values (sparse sign-SGD)"]
+    def summary_lines(self, trainer: Trainer) -> list[str]:
+        return [f"  + {trainer.model.puzzle_emb.numel():,} puzzle-embedding values (sparse sign-SGD)"]
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def evaluate_puzzles(
     model: RecursiveReasoner, config: Config, world: ds.World, mode: str, ema: EMA | None = None
 ) -> dict[str, float]:
@@ -194,7 +181,16 @@ def evaluate_puzzles(
     return metrics_from_sums(sums)
 
 
-def _augmentation(task: str):
+def evaluate_modes(trainer: Trainer) -> dict[str, float]:
+    """evaluate_puzzles in every mode of train.eval_modes, keyed eval_{mode}/{metric}."""
+    results: dict[str, float] = {}
+    for mode in trainer.config.train.eval_modes:
+        metrics = evaluate_puzzles(trainer.model, trainer.config, trainer.world, mode, trainer.ema)
+        results |= {f"eval_{mode}/{key}": value for key, value in metrics.items()}
+    return results
+
+
+def augmentation(task: str):
     if task != "sudoku":
         raise ConfigError(f"data.augment=true is only available for sudoku data, not {task!r}")
     return augment_sudoku_sample
@@ -228,10 +224,16 @@ def _merge(state: ACTState, chunks: list[ACTState]) -> ACTState:
     )
 
 
-def _metric_vector(loss: torch.Tensor, metrics: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-    """[metric sums..., loss-part sums..., loss sum, finite flag] for one micro-batch of `rows` rows."""
-    values = [float(metrics[k]) for k in METRIC_KEYS]
-    values += [float(metrics[k]) * rows if k in metrics else 0.0 for k in LOSS_KEYS]
-    finite = math.isfinite(float(loss.detach()))
-    values += [float(loss.detach()) * rows if finite else 0.0, float(finite)]
-    return torch.tensor(values, dtype=torch.float64)
+def _add_micro_batch(
+    sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, torch.Tensor], rows: int
+) -> None:
+    """Adds one micro-batch of `rows` rows: metric sums, loss parts and the loss weighted by rows, and
+    whether its loss was finite."""
+    for k in METRIC_KEYS:
+        sums[k] += float(metrics[k])
+    for k in LOSS_KEYS:
+        sums[k] += float(metrics[k]) * rows if k in metrics else 0.0
+    value = float(loss.detach())
+    finite = math.isfinite(value)
+    sums["loss"] += value * rows if finite else 0.0
+    sums["finite"] += float(finite)

@@ -1,7 +1,7 @@
 """RL post-training of HRMGemma: GRPO or PPO (value head) on generated arithmetic questions.
 
 data.path is the text dataset the model was pretrained on; RL reads its tokenizer (and checks it is the
-model's), not its rows. Prompts come from rl_prompts.ArithmeticPrompts. A rollout decodes with KV caches
+model's), not its rows. Prompts come from hrm_mega.rl.prompts.ArithmeticPrompts. A rollout decodes with KV caches
 and per-token halting (rl.max_cycles, rl.halt_threshold), temperature, top-k and top-p, in chunks of
 rl.rollout_chunk prompts whose draws are seeded by (seed, step, chunk): the same prompt gets the same
 completions at any data-parallel size. Completions are decoded to text for the rewards.
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hrm_mega.config import ConfigError
+from hrm_mega.distributed import all_reduce
 from hrm_mega.inference.generate import generate, left_pad
-from hrm_mega.models.lm import HRMGemma
+from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rewards import (
     answer_format,
     arithmetic_exact_match,
@@ -29,23 +30,21 @@ from hrm_mega.rl.rewards import (
     shape_for_compute,
 )
 from hrm_mega.rl.rollout import LMRollout, lm_rollout
-from hrm_mega.training.rl import RLTrainer, Rollouts, step_seed
-from hrm_mega.training.rl_prompts import ArithmeticPrompts
-from hrm_mega.training.trainer import all_reduce
+from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
 
 EVAL_BATCH = 64
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}  # for the per-operation accuracy metrics
 
 
-class LMRLTrainer(RLTrainer):
-    model: HRMGemma
-    stream: ArithmeticPrompts  # type: ignore[assignment]
+class ArithmeticEnvironment(Environment):
+    manifest_fields = ()
+    compute_metric = "mean_cycles"
+    stream: ArithmeticPrompts
 
-    def manifest_fields(self) -> tuple[str, ...]:
-        return ()
-
-    def check_data(self) -> dict[str, Any]:
-        manifest = super().check_data()
+    def check_data(self, manifest: dict[str, Any]) -> None:
         c = self.config
         if manifest.get("task") != "text":
             raise ConfigError(
@@ -71,44 +70,43 @@ class LMRLTrainer(RLTrainer):
             )
         self.bos_id, self.eos_id = self.tokenizer.bos_id(), self.tokenizer.eos_id()
         self.pad_id = max(self.tokenizer.pad_id(), 0)
-        return manifest
 
-    def build_stream(self) -> ArithmeticPrompts:
+    def build_stream(self, trainer: Trainer) -> ArithmeticPrompts:
         rl = self.config.rl
-        stream = ArithmeticPrompts(
+        self.stream = ArithmeticPrompts(
             self.config.train.seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts,
             rl.prompts_per_step, rl.arithmetic_train_pool,
         )  # fmt: skip
-        check_prompt_boundary(self.tokenizer, stream.eval_set, f"{self.config.data.path}/tokenizer.model")
-        return stream
+        check_prompt_boundary(
+            self.tokenizer, self.stream.eval_set, f"{self.config.data.path}/tokenizer.model"
+        )
+        return self.stream
 
-    def load_extra_state(self, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self.stream.handed_out = self.step * self.local_prompts
+    def load_state(self, trainer: Trainer, prompts: int) -> None:
+        self.stream.handed_out = trainer.step * prompts
 
     def max_actions(self) -> int:
         return self.config.rl.max_new_tokens
-
-    def compute_metric_name(self) -> str:
-        return "mean_cycles"
 
     def halting(self) -> dict[str, Any]:
         rl = self.config.rl
         return {"max_cycles": rl.max_cycles or None, "halt_threshold": rl.halt_threshold or None}
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = left_pad([[self.bos_id, *self.tokenizer.encode(p)] for p in prompts], pad_id=self.pad_id)
-        return ids.to(self.world.device), mask.to(self.world.device)
+        return ids.to(device), mask.to(device)
 
-    def rollout(self) -> Rollouts:
+    def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
         rl = self.config.rl
-        start = self.world.dp_rank * self.local_prompts
-        questions = self.stream.train_questions(self.step, start, self.local_prompts)
+        device = trainer.world.device
+        start = trainer.world.dp_rank * prompts
+        questions = self.stream.train_questions(trainer.step, start, prompts)
         chunks = []
         for first in range(0, len(questions), rl.rollout_chunk):
-            ids, mask = self.encode([p for p, _ in questions[first : first + rl.rollout_chunk]])
+            ids, mask = self.encode([p for p, _ in questions[first : first + rl.rollout_chunk]], device)
             chunks.append(
                 lm_rollout(
-                    self.model,
+                    trainer.model,
                     ids,
                     attention_mask=mask,
                     group_size=rl.group_size,
@@ -116,7 +114,7 @@ class LMRLTrainer(RLTrainer):
                     temperature=rl.temperature,
                     top_k=rl.top_k,
                     top_p=rl.top_p,
-                    seed=step_seed(self.config.train.seed, self.step, start + first),
+                    seed=step_seed(self.config.train.seed, trainer.step, start + first),
                     eos_id=self.eos_id,
                     pad_id=self.pad_id,
                     vocab_limit=self.vocab_limit,
@@ -132,34 +130,35 @@ class LMRLTrainer(RLTrainer):
         )  # fmt: skip
         budget = rl.max_cycles or self.config.model.h_cycles
         fraction = compute_fraction(ro.cycles, budget, ro.completion_mask)
-        rewards = shape_for_compute(total.to(self.world.device), fraction, rl.compute_cost_lambda)
+        rewards = shape_for_compute(total.to(device), fraction, rl.compute_cost_lambda)
         return Rollouts(
             rollout=ro, logprobs=ro.logprobs, mask=ro.completion_mask, rewards=rewards,
-            parts={k: v.to(self.world.device) for k, v in parts.items()}, compute=fraction * budget,
+            parts={k: v.to(device) for k, v in parts.items()}, compute=fraction * budget,
             row_metrics={"completion_tokens": ro.completion_mask.sum(dim=1).float()},
         )  # fmt: skip
 
     # --- evaluation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate_all(self) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Greedy answers to this rank's share of the held-out questions; summed over ranks. Reports exact
         accuracy overall and per operation (eval/exact_accuracy_add, _sub, _mul), the answer-format rate
         and the mean H cycles per generated token."""
         rl = self.config.rl
-        mine = self.stream.eval_set[self.world.dp_rank :: self.world.dp_size]
+        mine = self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]
+        model, device = trainer.model, trainer.world.device
         ops = list(OP_NAMES)
         # questions, exact, format, cycle sum, tokens; then questions and exact per operation
         sums = torch.zeros(5 + 2 * len(ops), dtype=torch.float64)
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         try:
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
                 prompts = [p for p, _ in part]
-                ids, mask = self.encode(prompts)
+                ids, mask = self.encode(prompts, device)
                 gen = generate(
-                    self.model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
+                    model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
                     eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit, **self.halting(),
                 )  # fmt: skip
                 rows = list(zip(gen.tokens.tolist(), gen.lengths.tolist()))
@@ -179,7 +178,7 @@ class LMRLTrainer(RLTrainer):
                 sums[:5] += torch.tensor([float(v) for v in values], dtype=torch.float64)
                 sums[5:] += torch.cat([of_op.sum(dim=0), (of_op * exact[:, None]).sum(dim=0)])
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         totals = all_reduce(sums).tolist()
         n, exact, fmt, cycles, tokens = totals[:5]
         per_op = dict(zip(ops, zip(totals[5 : 5 + len(ops)], totals[5 + len(ops) :])))
@@ -198,7 +197,6 @@ class LMRLTrainer(RLTrainer):
     def summary_lines(self) -> list[str]:
         rl = self.config.rl
         return [
-            *super().summary_lines(),
             f"  arithmetic prompts ({' '.join(rl.arithmetic_ops)}, up to {rl.arithmetic_max_digits} digits), "
             f"{rl.eval_prompts} held out; tokenizer {self.config.data.path}/tokenizer.model",
         ]

@@ -1,0 +1,174 @@
+"""The Task interface: what differs between puzzle, language-model and RL training, handed to the one
+Trainer (training/trainer.py) as torchtitan hands its trainer a train spec.
+
+A task owns its dataset checks, its model build, its stream, one optimizer step, its metrics, its
+evaluation and the extra state its checkpoints carry. The Trainer owns the engine, the loop, the
+learning-rate schedule, the non-finite guard, EMA, checkpoints and logging. Task methods get the trainer
+so that they can reach those (trainer.engine, trainer.world, trainer.stream, trainer.step, ...).
+
+A new task is one new file under training/tasks/ and one line in TASKS below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hrm_mega.config import Config, ConfigError
+from hrm_mega.data.shards import read_manifest
+from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.models import build_model
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
+
+# The registry: a task name -> "module:class", imported on use so that a run loads only its own task's
+# code. config.task names the pretraining task; RL post-training is the "rl" task, run on the
+# Environment registered as "rl/{config.task}" (prompts, rollouts and rewards of that model family).
+TASKS = {
+    "puzzle": "hrm_mega.training.tasks.puzzle:PuzzleTask",
+    "lm": "hrm_mega.training.tasks.lm:LMTask",
+    "rl": "hrm_mega.training.tasks.rl:RLTask",
+    "rl/puzzle": "hrm_mega.training.tasks.rl_puzzle:PuzzleEnvironment",
+    "rl/lm": "hrm_mega.training.tasks.rl_lm:ArithmeticEnvironment",
+}
+
+
+def registered(name: str) -> Any:
+    module, _, attr = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_task(config: Config, rl: bool = False) -> Task:
+    """The task of the config (config.task: puzzle | lm), or RL post-training of that model family."""
+    if rl:
+        return registered("rl")(config, registered(f"rl/{config.task}"))
+    return registered(config.task)(config)
+
+
+class Task(ABC):
+    config: Config
+    manifest: dict[str, Any]  # the dataset's manifest.json, read by check_data
+    command: str = "train"  # the hrm-mega command the run summary names
+    # Whether a checkpoint resumes at another data-parallel size (not when replicas keep their own state,
+    # like the puzzle task's ACT rows in flight).
+    reshards_data_parallel: bool = True
+    # Fields of manifest.json that must equal the model config's fields of the same name (the model's
+    # vocab_size may exceed the data's: padded, e.g. to a multiple of parallel.tp).
+    manifest_fields: tuple[str, ...] = ("seq_len",)
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    # --- set-up, in the order the Trainer calls it ----------------------------------------------------
+
+    def check_data(self) -> dict[str, Any]:
+        """The dataset's manifest, checked against the config."""
+        c, d = self.config.model, self.config.data
+        if not d.path:
+            raise ConfigError(
+                "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
+            )
+        self.manifest = manifest = read_manifest(d.path)
+        if manifest["vocab_size"] > c.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={c.vocab_size} is smaller than {d.path}/manifest.json's vocab_size "
+                f"{manifest['vocab_size']}"
+            )
+        for name in self.manifest_fields:
+            if manifest[name] != getattr(c, name):
+                raise ConfigError(
+                    f"model.{name}={getattr(c, name)} but {d.path}/manifest.json has {name}={manifest[name]}"
+                )
+        return manifest
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        """The model on this rank's device: initialised from the seed, or from train.init_from."""
+        config = self.config
+        model = build_model(config.model).init_weights(config.train.seed).to(trainer.world.device)
+        if config.train.init_from:
+            load_init_weights(model, config)
+        if config.train.compile:
+            model.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        return model
+
+    def setup(self, trainer: Trainer) -> None:
+        """Set-up that needs the engine (e.g. optimizers living outside it, a teacher)."""
+        return None
+
+    @abstractmethod
+    def build_stream(self, trainer: Trainer) -> Any:
+        """The training stream (partitioned, deterministic given the seed, resumable): a SampleStream
+        or anything with its progress / state_dict / load_state_dict / close."""
+
+    def sample_stream(self, trainer: Trainer, global_batch: int, transform: Any = None) -> PuzzleStream:
+        """This rank's share of the train split, `global_batch` rows per step over all ranks."""
+        d, w = self.config.data, trainer.world
+        return PuzzleStream(
+            d.path, d.train_split, seed=self.config.train.seed, global_batch=global_batch,
+            partitions=d.partitions, dp_rank=w.dp_rank, dp_size=w.dp_size, num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy, transform=transform,
+        )  # fmt: skip
+
+    # --- training ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def train_step(self, trainer: Trainer) -> dict[str, float]:
+        """One optimizer step (trainer.step is advanced by the Trainer); returns global metrics."""
+
+    @abstractmethod
+    def step_counts(self) -> tuple[int, int]:
+        """(samples, tokens) consumed by the last step, for samples/s and tokens/s."""
+
+    def set_lr_scale(self, scale: float) -> None:
+        """The step's learning-rate multiplier, for optimizers outside the engine (sparse embeddings)."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Updates outside the engine that happen with every applied optimizer step."""
+        return None
+
+    @abstractmethod
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """Every evaluation of the task, keyed for metrics.jsonl."""
+
+    # --- checkpoints and the summary ---------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Task state for checkpoints: (JSON-able client state, tensors)."""
+        return {}, {}
+
+    def load_state(self, trainer: Trainer, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restores what state() saved."""
+        return None
+
+    def summary_lines(self, trainer: Trainer) -> list[str]:
+        return []
+
+
+def load_init_weights(
+    model: torch.nn.Module, config: Config, keep_fresh: tuple[str, ...] = (), label: str | None = None
+) -> list[str]:
+    """Copies train.init_from into the freshly built model strictly (every key, every shape), except
+    that parameters under the `keep_fresh` prefixes which the source lacks (a value head added for PPO)
+    keep their initialisation. Returns those keys. A resumed run then overwrites all with its checkpoint.
+    `label`: how errors name the source (default: train.init_from=PATH)."""
+    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.convert.model_dir import load_state_dict_strict
+
+    label = label or f"train.init_from={config.train.init_from}"
+    source, source_config = load_model(config.train.init_from)
+    if source_config.model.family != config.model.family:
+        raise ConfigError(
+            f"{label} holds a {source_config.model.family} model; "
+            f"this recipe is model.family={config.model.family}"
+        )
+    state = source.state_dict()
+    own = model.state_dict()
+    fresh = [k for k in own if k.startswith(keep_fresh) and k not in state] if keep_fresh else []
+    state |= {k: own[k] for k in fresh}
+    load_state_dict_strict(model, state, source=label)
+    return fresh

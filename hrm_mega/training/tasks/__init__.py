@@ -1,0 +1,1 @@
+"""The training tasks (training/task.py): one file each; the registry is training/task.py TASKS."""

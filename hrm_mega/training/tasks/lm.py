@@ -1,0 +1,433 @@
+"""The language-model task: HRMGemma on packed text, next-token prediction plus the halting terms.
+
+One optimizer step:
+
+    batch = stream.take(all rows)                    (packed sequences; document-causal masks)
+    N = cycles of this step                          (model.h_cycles, or drawn from train.cycles_range)
+    normalizers = the step's token counts            (every loss term is a step-global token mean)
+    loss = CE + halt BCE + compute cost              (lm_loss)  [+ distillation from a teacher]
+    engine.backward(loss); engine.step(); ema.update(model)
+
+With pipeline stages (parallel.pp > 1) the engine step differs, not the task: DeepSpeed's PipelineEngine
+runs HRMGemma split into stages of whole CycleBlocks (models/lm_pipeline.py), and one
+`engine.train_batch` runs every micro-batch forward and backward through the stages, sums the tied
+embedding's gradients, averages over replicas and steps the optimizer. The last stage computes the same
+loss terms (lm_loss_terms) from the logits and the halting sums the stages pass along; a non-finite
+step is skipped inside the optimizer step (StepGuard), because the decision needs every rank's
+gradients and DeepSpeed's schedule steps the optimizer itself.
+
+Cycle sampling is keyed by (seed, step), so every rank draws the same N and a resumed run draws what
+the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hrm_mega.config import Config, ConfigError, LMModelConfig
+from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.distributed import (
+    all_finite,
+    all_reduce_sums,
+    pipeline_stage_blocks,
+    pipeline_topology,
+)
+from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss, lm_loss_terms
+from hrm_mega.models.lm_pipeline import build_pipeline_module
+from hrm_mega.models.vocab import cross_entropy
+from hrm_mega.optim import EMA
+from hrm_mega.training import engine as ds
+from hrm_mega.training.engine import client_optimizer
+from hrm_mega.training.evaluation import evaluation
+from hrm_mega.training.task import Task
+
+if TYPE_CHECKING:
+    from hrm_mega.training.trainer import Trainer
+
+# Per-step sums over micro-batches and ranks: each loss term is the micro-batch's share of the step's
+# token mean, so the sums are the means of the whole step.
+LOSS_KEYS = ("loss", "ce", "halt_bce", "compute_cost", "expected_cycles", "distill")
+
+
+class LMTask(Task):
+    manifest_fields = ()  # an LM's sequence length is the data's; max_position is checked in check_data
+    teacher: HRMGemma | None = None
+    _tokens_last_step: int = 0
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.pipeline = config.parallel.pp > 1
+
+    def check_data(self) -> dict[str, Any]:
+        manifest = super().check_data()
+        c, path = self.config.model, self.config.data.path
+        if manifest.get("task") != "text":
+            raise ConfigError(
+                f"{path} holds {manifest.get('task')!r} data; train.task=lm needs a text dataset "
+                "(build one with `hrm-mega prep text`)"
+            )
+        if manifest["seq_len"] > c.max_position:
+            raise ConfigError(
+                f"model.max_position={c.max_position} is shorter than {path}'s seq_len {manifest['seq_len']}"
+            )
+        if self.config.data.augment:
+            raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
+        return manifest
+
+    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+        t = self.config.train
+        if not self.pipeline:
+            model = super().build_model(trainer)
+            for block in model.modules():
+                if isinstance(block, HaltingCycleBlock):
+                    block.recompute = t.activation_checkpointing
+            return model
+        for name, value in (("train.init_from", t.init_from), ("train.compile", t.compile)):
+            if value:
+                raise ConfigError(
+                    f"{name} is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
+                )
+        self.pipeline_loss = PipelineLoss(self.config.model)
+        return build_pipeline_module(
+            self.config.model, t.seed, pipeline_topology(), pipeline_stage_blocks(self.config),
+            self.pipeline_loss, t.activation_checkpointing,
+        ).to(trainer.world.device)  # fmt: skip
+
+    def setup(self, trainer: Trainer) -> None:
+        t = self.config.train
+        if self.pipeline:
+            own_clip = self.config.parallel.zero_stage == 0  # see engine.deepspeed_config
+            self.guard = StepGuard(
+                client_optimizer(trainer.engine), self.config.optim.grad_clip if own_clip else None,
+                trainer.world.tp_rank, trainer.world.dp_size,
+            )  # fmt: skip
+        if t.distill_weight > 0 and trainer.world.model_parallel:
+            raise ConfigError(
+                "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
+                "single-process model); distil first, or set train.distill_weight=0"
+            )
+        if t.distill_weight > 0:
+            from hrm_mega.convert.consolidate import load_model
+
+            teacher, teacher_config = load_model(t.distill_from)
+            if (
+                teacher_config.model.family != "hrm_gemma"
+                or teacher_config.model.vocab_size != self.config.model.vocab_size
+            ):
+                raise ConfigError(
+                    f"train.distill_from={t.distill_from}: the teacher must be an hrm_gemma model with "
+                    f"vocab_size {self.config.model.vocab_size}"
+                )
+            self.teacher = teacher.to(trainer.world.device).eval().requires_grad_(False)
+
+    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+        return self.sample_stream(trainer, self.config.train.global_batch)
+
+    # --- one step --------------------------------------------------------------------------------
+
+    def cycles_for_step(self, step: int) -> int:
+        """H cycles of this step: fixed, or uniform over train.cycles_range keyed by (seed, step)."""
+        lo_hi = self.config.train.cycles_range
+        if not lo_hi:
+            return self.config.model.h_cycles
+        rng = np.random.default_rng([self.config.train.seed, step, 0x6379636C])  # "cycl"
+        return int(rng.integers(lo_hi[0], lo_hi[1] + 1))
+
+    def train_step(self, trainer: Trainer) -> dict[str, float]:
+        local = trainer.local_batch
+        batch = {k: v.to(trainer.world.device) for k, v in trainer.stream.take(range(local)).items()}
+        lr = trainer.set_lr()
+        cycles = self.cycles_for_step(trainer.step)
+        chunks = torch.arange(local).split(self.config.train.micro_batch or local)
+        # Every term is a mean over the tokens of the whole step (all ranks and micro-batches), so a step
+        # is the same at any DP size; DeepSpeed divides gradients by dp x accumulation, undone here.
+        n_micro = trainer.world.dp_size * len(chunks)
+        normalizers = self._token_counts(batch)
+        micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in chunks]
+        step = self._pipeline_step if self.pipeline else self._engine_step
+        sums, finite, grad_norm = step(trainer, micro_batches, cycles, normalizers, n_micro)
+        self._tokens_last_step = int(sums["tokens"])
+        means = {k: sums[k] for k in LOSS_KEYS}  # the micro-batches' shares add up to the means
+        if not finite:
+            means["loss"] = float("nan")
+        if self.teacher is None:
+            del means["distill"]
+        out = {**means, "ppl": math.exp(min(means["ce"], 50.0)), "cycles": cycles, "lr": lr}
+        return {**out, "grad_norm": grad_norm, "skipped_step": int(not finite)}
+
+    def _engine_step(
+        self, trainer: Trainer, micro_batches: list[dict[str, torch.Tensor]], cycles: int,
+        normalizers: tuple[float, float], n_micro: int,
+    ) -> tuple[dict[str, float], bool, float]:  # fmt: skip
+        sums = dict.fromkeys((*LOSS_KEYS, "tokens", "finite"), 0.0)
+        with h_cycles_set(trainer.model, cycles):
+            for i, mb in enumerate(micro_batches):
+                trainer.start_micro_batch(i, len(micro_batches))
+                parts = self.loss(trainer.engine, mb, normalizers)
+                if all_finite(parts["loss"]):
+                    trainer.engine.backward(parts["loss"] * n_micro)
+                _add_micro_batch(sums, parts, int((mb["labels"][:, 1:] != -100).sum()))
+        sums = all_reduce_sums(sums)
+        finite = sums["finite"] == n_micro
+        return sums, finite, trainer.apply_update(finite)
+
+    def _pipeline_step(
+        self, trainer: Trainer, micro_batches: list[dict[str, torch.Tensor]], cycles: int,
+        normalizers: tuple[float, float], n_micro: int,
+    ) -> tuple[dict[str, float], bool, float]:  # fmt: skip
+        self.pipeline_loss.start(normalizers, scale=n_micro)
+        with h_cycles_set(trainer.model, cycles):
+            trainer.engine.train_batch(iter([self._stage_inputs(mb) for mb in micro_batches]))
+        sums = self._from_last_stage(trainer, self.pipeline_loss.sums)
+        finite = not self.guard.skipped
+        trainer.count_update(applied=finite)
+        if not finite:
+            grad_norm = float("nan")
+        elif self.guard.clip is not None:
+            grad_norm = self.guard.grad_norm
+        else:
+            grad_norm = float(trainer.engine.get_global_grad_norm())
+        return sums, finite, grad_norm
+
+    def _stage_inputs(self, mb: dict[str, torch.Tensor]) -> tuple:
+        """((input_ids, position_ids, doc_ids, token_mask), labels) for DeepSpeed's loader: the first
+        stage reads the inputs, the last the labels. The mask travels as int64 (stages send no bool)."""
+        mask = self._token_mask(mb).long()
+        return (mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask), mb["labels"]
+
+    def _from_last_stage(self, trainer: Trainer, sums: dict[str, float]) -> dict[str, float]:
+        """The last stage's sums (one rank per TP group counts), summed over replicas, on every rank."""
+        reports = trainer.engine.is_last_stage() and trainer.world.tp_rank == 0
+        return all_reduce_sums(
+            sums if reports else dict.fromkeys(sums, 0.0), group=torch.distributed.group.WORLD
+        )
+
+    def _token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["input_ids"] != int(self.manifest.get("pad_id", 0))
+
+    def _token_counts(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(labelled targets, real tokens) of the whole step, over every rank."""
+        local = {
+            "labelled": float((batch["labels"][:, 1:] != -100).sum()),
+            "real": float(self._token_mask(batch).sum()),
+        }
+        counts = all_reduce_sums(local)
+        return counts["labelled"], counts["real"]
+
+    def loss(
+        self, model: Any, mb: dict[str, torch.Tensor], normalizers: tuple[float, float]
+    ) -> dict[str, torch.Tensor]:
+        """One micro-batch's share of the step's token-mean losses (lm_loss), plus distillation when a
+        teacher is configured."""
+        c, t = self.config.model, self.config.train
+        logits, aux = model(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
+        parts = lm_loss(
+            logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
+        )
+        parts["distill"] = logits.new_zeros(())
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits, _ = self.teacher(
+                    mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"]
+                )
+            parts["distill"] = distillation_loss(
+                logits, teacher_logits, mb["labels"], t.distill_temperature, normalizer=normalizers[0]
+            )
+            parts["loss"] = parts["loss"] + t.distill_weight * parts["distill"]
+        return parts
+
+    def step_counts(self) -> tuple[int, int]:
+        return self.config.train.global_batch, self._tokens_last_step
+
+    # --- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        """Token-level loss and perplexity on the eval split (every rank takes its share), and the
+        expected cycles the halting heads would spend."""
+        if self.pipeline:
+            results = self._evaluate_pipeline(trainer)
+        else:
+            results = evaluate_lm(trainer.model, self.config, trainer.world, trainer.ema)
+        results = {f"eval/{k}": v for k, v in results.items()}
+        baseline = trainer.manifest.get("extra", {}).get("unigram_entropy_nats")
+        if baseline is not None:
+            results["eval/unigram_baseline"] = float(baseline)
+        return results
+
+    def _evaluate_pipeline(self, trainer: Trainer) -> dict[str, float]:
+        self.pipeline_loss.start(normalizers=None)
+        with evaluation(trainer.model, self.config, trainer.world, trainer.ema) as batches:
+            for b in batches:
+                labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
+                inputs = (b["input_ids"], b["position_ids"], b["doc_ids"], (labels != -100).long())
+                trainer.engine.eval_batch(
+                    iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
+                )
+        return eval_results(self._from_last_stage(trainer, self.pipeline_loss.sums))
+
+    def summary_lines(self, trainer: Trainer) -> list[str]:
+        c, t = self.config.model, self.config.train
+        cycles = (
+            f"{t.cycles_range[0]}..{t.cycles_range[1]} (sampled per step)"
+            if t.cycles_range
+            else str(c.h_cycles)
+        )
+        return [f"  {c.num_groups} CycleBlocks, H cycles {cycles}, L cycles {c.l_cycles}, grad {c.grad_mode}"]
+
+
+# --- the pipeline engine's pieces ----------------------------------------------------------------
+
+
+class PipelineLoss:
+    """The last stage's loss: (logit slice, halting sums) and labels -> this micro-batch's share of the
+    step's token-mean loss (lm_loss_terms), times `scale`. Keeps the step's metric sums; with
+    normalizers=None (evaluation) the sums are the eval split's NLL, tokens and expected cycles."""
+
+    def __init__(self, config: LMModelConfig) -> None:
+        self.config = config
+        self.start(normalizers=(1.0, 1.0))
+
+    def start(self, normalizers: tuple[float, float] | None, scale: float = 1.0) -> None:
+        self.normalizers, self.scale = normalizers, scale
+        keys = (*LOSS_KEYS, "tokens", "finite") if normalizers is not None else EVAL_KEYS
+        self.sums = dict.fromkeys(keys, 0.0)
+
+    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        logits, halting = outputs
+        targets = labels[:, 1:]
+        ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()
+        tokens = float((targets != -100).sum())
+        if self.normalizers is None:  # halting[2]: expected cycles summed over the labelled tokens
+            for k, v in zip(EVAL_KEYS, (float(ce_sum), tokens, float(halting[2]))):
+                self.sums[k] += v
+            return ce_sum
+        parts = lm_loss_terms(ce_sum, halting, self.config, self.normalizers)
+        parts["distill"] = torch.zeros(())  # no teacher with pipeline stages
+        _add_micro_batch(self.sums, parts, tokens)
+        return parts["loss"] * self.scale
+
+
+class StepGuard:
+    """An optimizer step pre-hook, run inside DeepSpeed's OptimizerStep (every rank reaches it once per
+    step). When any rank's gradients are not finite, every rank drops its gradients (p.grad = None), so
+    the optimizer leaves parameters and state alone: a skipped step. Without ZeRO it also computes the
+    global gradient norm and clips (DeepSpeed's fp32 pipeline path reports no norm): split tensor-parallel
+    parameters count on every TP rank, replicated ones once, the tied embedding's second copy not at all,
+    every stage's parameters once; gradients are already averaged over data-parallel replicas."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, clip: float | None, tp_rank: int, dp_size: int
+    ) -> None:
+        self.clip, self.tp_rank, self.dp_size = clip, tp_rank, dp_size
+        self.skipped, self.grad_norm = False, float("nan")
+        optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        flag = torch.tensor([float(finite)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        self.skipped = not bool(flag[0] == 1)
+        if self.skipped:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
+        if self.clip is not None:
+            self.grad_norm = self._global_norm(params)
+            scale = self.clip / (self.grad_norm + 1e-6)  # DeepSpeed's rule
+            if self.clip > 0 and scale < 1:
+                for p in params:
+                    p.grad.mul_(scale)
+
+    def _global_norm(self, params: list[torch.Tensor]) -> float:
+        square = torch.zeros((), dtype=torch.float64)
+        for p in params:
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
+                square += p.grad.detach().double().square().sum().cpu()
+        torch.distributed.all_reduce(square)  # every replica adds the same (averaged) gradients
+        return float((square / self.dp_size).sqrt())
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+EVAL_KEYS = ("nll", "tokens", "cycles")
+
+
+@contextlib.contextmanager
+def h_cycles_set(model: torch.nn.Module, cycles: int) -> Iterator[None]:
+    """Runs every CycleBlock of the model (or of this pipeline stage) with `cycles` H cycles."""
+    blocks = [m for m in model.modules() if isinstance(m, HaltingCycleBlock)]
+    saved = [b.h_cycles for b in blocks]
+    for b in blocks:
+        b.h_cycles = cycles
+    try:
+        yield
+    finally:
+        for b, n in zip(blocks, saved):
+            b.h_cycles = n
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    normalizer: float | None = None,
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) at temperature T, averaged over the tokens that have a label
+    (position i predicts labels[i+1], as in lm_loss); `normalizer` replaces this batch's count of them."""
+    mask = labels[:, 1:] != -100
+    s = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
+    kl_sum = F.kl_div(s, t, log_target=True, reduction="sum")
+    count = normalizer if normalizer is not None else float(mask.sum())
+    return kl_sum / max(count, 1.0) * temperature**2
+
+
+def _add_micro_batch(sums: dict[str, float], parts: dict[str, torch.Tensor], tokens: float) -> None:
+    """Adds one micro-batch's loss shares (zeros when its loss is not finite), tokens and finiteness."""
+    finite = math.isfinite(float(parts["loss"].detach()))
+    for k in LOSS_KEYS:
+        sums[k] += float(parts[k].detach()) if finite else 0.0
+    sums["tokens"] += float(tokens)
+    sums["finite"] += float(finite)
+
+
+def eval_results(sums: dict[str, float]) -> dict[str, float]:
+    """loss, ppl, mean_cycles and tokens from the eval split's summed NLL, tokens and expected cycles."""
+    loss = sums["nll"] / max(sums["tokens"], 1.0)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "mean_cycles": sums["cycles"] / max(sums["tokens"], 1.0),
+        "tokens": sums["tokens"],
+    }
+
+
+@torch.no_grad()
+def evaluate_lm(model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None) -> dict[str, float]:
+    """Token-level loss and perplexity on the eval split (every rank takes its share), and the expected
+    cycles the halting heads would spend."""
+    sums = dict.fromkeys(EVAL_KEYS, 0.0)
+    with evaluation(model, config, world, ema) as batches:
+        for b in batches:
+            labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
+            logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            target = labels[:, 1:]
+            tokens = int((target != -100).sum())
+            parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)
+            sums["nll"] += float(cross_entropy(logits[:, :-1], target, "softmax").sum())
+            sums["tokens"] += tokens
+            sums["cycles"] += float(parts["expected_cycles"]) * tokens
+    return eval_results(all_reduce_sums(sums))
