@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.optim import EMA
@@ -85,11 +85,11 @@ class LMTrainer(Trainer):
                 )
             self.teacher = teacher.to(self.world.device).eval().requires_grad_(False)
 
-    def build_stream(self) -> PuzzleStream:
+    def build_stream(self) -> SampleStream:
         d, t = self.config.data, self.config.train
         if d.augment:
             raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
-        return PuzzleStream(
+        return SampleStream(
             d.path, d.train_split, seed=t.seed, global_batch=t.global_batch, partitions=d.partitions,
             dp_rank=self.world.dp_rank, dp_size=self.world.dp_size, num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy,

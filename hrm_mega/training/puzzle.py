@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import data_parallel_group
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 from hrm_mega.models.act import ACTState, initial_state, refill, step_segment
@@ -54,10 +54,10 @@ class PuzzleTrainer(Trainer):
             group=data_parallel_group(),
         )  # fmt: skip
 
-    def build_stream(self) -> PuzzleStream:
+    def build_stream(self) -> SampleStream:
         d, t = self.config.data, self.config.train
         transform = _augmentation(self.manifest["task"]) if d.augment else None
-        return PuzzleStream(
+        return SampleStream(
             d.path, d.train_split, seed=t.seed, global_batch=t.global_batch, partitions=d.partitions,
             dp_rank=self.world.dp_rank, dp_size=self.world.dp_size, num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy, transform=transform,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hrm_mega.config import ConfigError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.models.puzzle import RecursiveReasoner
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import puzzle_rollout
@@ -51,9 +51,9 @@ class PuzzleRLTrainer(RLTrainer):
             )
         return manifest
 
-    def build_stream(self) -> PuzzleStream:
+    def build_stream(self) -> SampleStream:
         d, t = self.config.data, self.config.train
-        return PuzzleStream(
+        return SampleStream(
             d.path, d.train_split, seed=t.seed, global_batch=self.config.rl.prompts_per_step,
             partitions=d.partitions, dp_rank=self.world.dp_rank, dp_size=self.world.dp_size,
             num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy,

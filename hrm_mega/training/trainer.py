@@ -21,8 +21,9 @@ import torch
 
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.convert.model_dir import CheckpointError
+from hrm_mega.data.reader import iterate_split
 from hrm_mega.data.shards import read_manifest
-from hrm_mega.data.stream import PuzzleStream, iterate_split
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import data_parallel_group, seed_everything, tensor_parallel_group
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
@@ -84,7 +85,7 @@ class Trainer(ABC):
     world: ds.World
     model: torch.nn.Module
     engine: Any
-    stream: PuzzleStream
+    stream: SampleStream
     ema: EMA | None
     checkpoints: CheckpointManager
     logger: MetricsLogger
@@ -130,7 +131,7 @@ class Trainer(ABC):
         return None
 
     @abstractmethod
-    def build_stream(self) -> PuzzleStream:
+    def build_stream(self) -> SampleStream:
         """The training stream (partitioned, deterministic given the seed, resumable)."""
 
     @abstractmethod
@@ -415,7 +416,7 @@ class Trainer(ABC):
             return read_client_state(path, self.world.dp_rank * saved["tp"])
         streams = [read_client_state(path, r)[0]["stream"] for r in range(0, world, saved["tp"])]
         _, tensors = read_client_state(path, 0)
-        return {**first, "stream": PuzzleStream.merge_state_dicts(streams)}, tensors
+        return {**first, "stream": SampleStream.merge_state_dicts(streams)}, tensors
 
     def summary(self, resumed_from: Path | None) -> str:
         c, w = self.config, self.world
