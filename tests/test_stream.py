@@ -47,9 +47,10 @@ def build(root: Path, sizes: list[int], split: str = "train") -> Path:
 SIZES = [7, 11, 5, 9, 13, 6, 8, 10]  # 69 samples, uneven so partitions wrap at different times
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return build(tmp_path, SIZES)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Built once for the module: the tests only read it."""
+    return build(tmp_path_factory.mktemp("stream"), SIZES)
 
 
 def halting_masks(steps: int, batch: int, seed: int) -> list[np.ndarray]:
