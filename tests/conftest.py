@@ -1,12 +1,14 @@
 """Shared test set-up: CPU DeepSpeed, few threads, a tiny puzzle-model config, the tiny datasets that the
-training tests share (session-scoped: built once, then only read), and subprocess helpers."""
+training tests share (session-scoped: built once, then only read), subprocess helpers, and the guard that
+keeps `pytest -m "not slow"` a unit suite: a test not marked slow may not start a run."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -20,6 +22,50 @@ from hrm_mega.config import PuzzleModelConfig  # noqa: E402
 from hrm_mega.data.shards import ShardWriter, write_manifest  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Commands that start a training run, torchrun or a launcher: only tests marked slow may start them.
+RUN_MODULES = ("pipelines.", "hrm_mega.", "launch.", "data_prep.", "torch.distributed.run", "deepspeed.")
+RUN_PROGRAMS = {"torchrun", "deepspeed", "sbatch", "srun"}
+
+
+def starts_a_run(args: object) -> bool:
+    """Whether a Popen command (a list, or a shell string) starts hrm-mega, torchrun or a launcher."""
+    words = [str(w) for w in args] if isinstance(args, list | tuple) else str(args).split()
+    return any(w.startswith(RUN_MODULES) or Path(w).name in RUN_PROGRAMS for w in words)
+
+
+@contextlib.contextmanager
+def runs_refused(item: pytest.Item) -> Iterator[None]:
+    """While a test not marked slow sets up and runs, subprocess refuses commands that start a run."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        if starts_a_run(args):
+            raise AssertionError(
+                f"{item.nodeid} starts a run ({args}); mark it @pytest.mark.slow (`make test-unit` skips those)"
+            )
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with runs_refused(item):  # fixtures too: a module fixture that trains belongs to slow tests
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with runs_refused(item):
+        return (yield)
 
 
 @pytest.fixture

@@ -553,6 +553,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
     assert losses(run_dir) == dp2_reference
 
 
+@pytest.mark.slow
 def test_launch_rejects_a_model_that_does_not_split_over_tp_before_submitting():
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.launch", "--launcher", "torchrun", "--nodes", "1", "--procs-per-node",

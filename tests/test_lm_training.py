@@ -72,7 +72,7 @@ def test_resume_from_a_checkpoint_continues_exactly_and_eval_reproduces(
     assert logged["eval/loss"] < logged["eval/unigram_baseline"] * 2  # sanity: a real, finite evaluation
 
 
-def test_lm_config_errors_are_one_line(tiny_text: Path, tmp_path: Path) -> None:
+def test_lm_config_errors_are_one_line() -> None:
     lm = ROOT / "configs/lm/hrmgemma_tiny.yaml"
     with pytest.raises(ConfigError, match="train.task=puzzle does not fit model.family=hrm_gemma"):
         load_config(lm, ["train.task=puzzle"])
@@ -83,6 +83,9 @@ def test_lm_config_errors_are_one_line(tiny_text: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="apply to train.task=lm only"):
         load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", ["train.cycles_range=[1,2]"])
 
+
+@pytest.mark.slow
+def test_a_vocab_smaller_than_the_data_is_a_one_line_error(tiny_text: Path, tmp_path: Path) -> None:
     small_vocab = lm_cmd(tmp_path / "bad", tiny_text, "train.steps=1", "model.vocab_size=100")
     out = subprocess.run(small_vocab, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2

@@ -210,6 +210,7 @@ def test_valid_layouts_and_stage_partitions():
     assert pipeline_stage_blocks(six) == [2, 1]
 
 
+@pytest.mark.slow
 def test_a_bad_layout_fails_before_process_groups_start(tiny_sudoku, tmp_path):
     out = subprocess.run(
         train_cmd(tmp_path / "x", tiny_sudoku, "parallel.tp=2", "train.steps=1"),

@@ -172,6 +172,7 @@ def test_repeated_nonfinite_losses_abort_with_a_clear_message(tmp_path, tiny_sud
     assert any(r.get("skipped_step") == 1 for r in records)
 
 
+@pytest.mark.slow
 def test_bad_data_path_is_a_one_line_error(tmp_path):
     out = run(train_cmd(tmp_path / "x", tmp_path / "nowhere", "train.steps=1"), timeout=120)
     assert out.returncode == 2
@@ -179,6 +180,7 @@ def test_bad_data_path_is_a_one_line_error(tmp_path):
     assert "manifest.json" in out.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_manifest_mismatch_names_the_field(tmp_path, tiny_sudoku):
     out = run(train_cmd(tmp_path / "x", tiny_sudoku, "train.steps=1", "model.vocab_size=10"), timeout=120)
     assert out.returncode == 2
