@@ -1,4 +1,4 @@
-# `make demo` and `make test` each set up .venv on a fresh machine first.
+# `make demo`, `make test` and `make test-unit` each set up .venv on a fresh machine first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo demo-lm demo-rl test lint format install clean
+.PHONY: demo demo-lm demo-rl test test-unit lint format install clean
 
 install: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
 
+# `make test` runs everything (as CI does); `make test-unit` leaves out the multi-process and subprocess
+# runs (marked slow) for a quick check.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m pipelines.demo

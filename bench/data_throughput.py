@@ -1,4 +1,4 @@
-"""Loader throughput: samples/s that PuzzleStream hands out on sudoku-sized samples (seq_len 81).
+"""Loader throughput: samples/s that SampleStream hands out on sudoku-sized samples (seq_len 81).
 
 Builds a synthetic dataset in a temp dir, then times full-batch takes (the first batch of every ACT run)
 and ACT-like refills (a random fraction of rows halts each step), with 0 and 2 workers.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrm_mega.data import PuzzleStream
+from hrm_mega.data import SampleStream
 from hrm_mega.data.shards import ShardWriter, write_manifest
 
 
@@ -29,7 +29,7 @@ def build(root: Path, samples: int, per_shard: int) -> None:
                    seq_len=81, num_puzzle_identifiers=1, splits={"train": writer.close()})  # fmt: skip
 
 
-def rate(stream: PuzzleStream, halt_fraction: float, seconds: float) -> tuple[float, float]:
+def rate(stream: SampleStream, halt_fraction: float, seconds: float) -> tuple[float, float]:
     """(samples/s handed out, main-process CPU us per sample), after a warm-up that starts the workers
     and fills the first shuffle windows. CPU time is the steadier figure on a shared machine."""
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def main() -> None:
               f"shuffle_buffer={args.shuffle_buffer}")  # fmt: skip
         for workers in (0, 2):
             for halt in (1.0, 0.125):
-                stream = PuzzleStream(tmp, seed=0, global_batch=args.batch, partitions=args.partitions,
+                stream = SampleStream(tmp, seed=0, global_batch=args.batch, partitions=args.partitions,
                                       num_workers=workers, shuffle_buffer=args.shuffle_buffer)  # fmt: skip
                 value, cpu = rate(stream, halt, args.seconds)
                 stream.close()

@@ -1,22 +1,71 @@
-"""Shared test set-up: CPU DeepSpeed, few threads, and a tiny puzzle-model config."""
+"""Shared test set-up: CPU DeepSpeed, few threads, a tiny puzzle-model config, the tiny datasets that the
+training tests share (session-scoped: built once, then only read), subprocess helpers, and the guard that
+keeps `pytest -m "not slow"` a unit suite: a test not marked slow may not start a run."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hrm_mega.config import PuzzleModelConfig  # noqa: E402
+from hrm_mega.data.shards import ShardWriter, write_manifest  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Commands that start a training run, torchrun or a launcher: only tests marked slow may start them.
+RUN_MODULES = ("pipelines.", "hrm_mega.", "launch.", "data_prep.", "torch.distributed.run", "deepspeed.")
+RUN_PROGRAMS = {"torchrun", "deepspeed", "sbatch", "srun"}
+
+
+def starts_a_run(args: object) -> bool:
+    """Whether a Popen command (a list, or a shell string) starts hrm-mega, torchrun or a launcher."""
+    words = [str(w) for w in args] if isinstance(args, list | tuple) else str(args).split()
+    return any(w.startswith(RUN_MODULES) or Path(w).name in RUN_PROGRAMS for w in words)
+
+
+@contextlib.contextmanager
+def runs_refused(item: pytest.Item) -> Iterator[None]:
+    """While a test not marked slow sets up and runs, subprocess refuses commands that start a run."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        if starts_a_run(args):
+            raise AssertionError(
+                f"{item.nodeid} starts a run ({args}); mark it @pytest.mark.slow (`make test-unit` skips those)"
+            )
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = popen_init
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with runs_refused(item):  # fixtures too: a module fixture that trains belongs to slow tests
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with runs_refused(item):
+        return (yield)
 
 
 @pytest.fixture
@@ -25,6 +74,53 @@ def tiny_config() -> PuzzleModelConfig:
         vocab_size=11, seq_len=16, num_puzzle_identifiers=3, hidden_size=32, num_heads=2,
         h_layers=1, l_layers=1, h_cycles=2, l_cycles=2, puzzle_emb_ndim=32, halt_max_steps=4,
     )  # fmt: skip
+
+
+def write_tiny_sudoku(out: Path) -> Path:
+    """A small sudoku-shaped dataset (random digits: enough for losses, equivalence and resume checks):
+    96 train and 24 test samples of 81 cells, 12 per shard."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", 96), ("test", 24)):
+        writer = ShardWriter(out / split, samples_per_shard=12)
+        for i in range(n):
+            labels = rng.integers(2, 11, 81).astype(np.int16)
+            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
+            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
+        splits[split] = writer.close()
+    write_manifest(
+        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
+        num_puzzle_identifiers=1, splits=splits,
+    )  # fmt: skip
+    return out
+
+
+def build_tiny_text(root: Path) -> Path:
+    """Generated corpus -> SentencePiece (vocab 320, '=' a piece of its own) -> packed rows of 32 tokens,
+    8 per shard, in root/data (the corpus stays in root/corpus)."""
+    from data_prep.cli import main as prep_main
+
+    assert prep_main(["corpus", "--out", str(root / "corpus"), "--docs", "400", "--seed", "0"]) == 0
+    out = root / "data"
+    assert (
+        prep_main(["text", "--input", str(root / "corpus/train.txt"), "--test-input", str(root / "corpus/test.txt"),
+                   "--vocab-size", "320", "--atomic-symbols", "=", "--seq-len", "32", "--out", str(out), "--workers", "1",
+                   "--samples-per-shard", "8"])
+        == 0
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sudoku(tmp_path_factory) -> Path:
+    """write_tiny_sudoku's dataset, shared by every test of the session: read it, never write into it."""
+    return write_tiny_sudoku(tmp_path_factory.mktemp("tiny_sudoku"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    """build_tiny_text's dataset, shared by every test of the session: read it, never write into it."""
+    return build_tiny_text(tmp_path_factory.mktemp("tiny_text"))
 
 
 def module_cmd(module: str, args: list[str], nproc: int = 1) -> list[str]:

@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
-from hrm_mega.data.shards import ShardWriter, write_manifest
 from hrm_mega.training.trainer import PREEMPTED_EXIT_CODE, SigtermFlag
 from launch import LaunchError
 from launch.hosts import deepspeed_hostfile, expand_hostlist
@@ -290,24 +288,6 @@ def test_sigterm_flag_is_set_by_the_signal_and_restores_the_previous_handler():
 # --- real runs (CPU, gloo) -------------------------------------------------------------------------------
 
 
-def write_tiny_dataset(out: Path) -> Path:
-    """A small sudoku-shaped dataset (random digits: enough for losses and resume checks)."""
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 96), ("test", 24)):
-        writer = ShardWriter(out / split, samples_per_shard=12)
-        for i in range(n):
-            labels = rng.integers(2, 11, 81).astype(np.int16)
-            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
-            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
-        splits[split] = writer.close()
-    write_manifest(
-        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
-        num_puzzle_identifiers=1, splits=splits,
-    )  # fmt: skip
-    return out
-
-
 def build_deepspeed_ops() -> None:
     """Builds DeepSpeed's CPU shm_comm op (which every rank loads at start) into the tests' extension
     cache before any timed run: the first build takes minutes on 2 busy cores. A build that was killed
@@ -328,10 +308,10 @@ def holds_open(process: psutil.Process, path: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """The tiny dataset, and the DeepSpeed op every run loads, built."""
+def dataset(tiny_sudoku: Path) -> Path:
+    """The tiny sudoku dataset (conftest), once the DeepSpeed op that every run loads is built."""
     build_deepspeed_ops()
-    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+    return tiny_sudoku
 
 
 def env() -> dict[str, str]:
@@ -573,6 +553,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
     assert losses(run_dir) == dp2_reference
 
 
+@pytest.mark.slow
 def test_launch_rejects_a_model_that_does_not_split_over_tp_before_submitting():
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.launch", "--launcher", "torchrun", "--nodes", "1", "--procs-per-node",

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from test_training import env, losses, pretrain_cmd
 
-from data_prep.cli import main as prep_main
 from hrm_mega.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,24 +21,6 @@ TINY_LM = [
     "optim.warmup_steps=2", "optim.lr=3e-3", "log.wandb=disabled", "log.log_interval=1",
     "log.progress_bar=false", "train.cycles_range=[1,3]",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    return build_text_data(tmp_path_factory.mktemp("text"))
-
-
-def build_text_data(root: Path) -> Path:
-    """Generated corpus -> SentencePiece (vocab 320, '=' a piece of its own) -> packed rows of 32 tokens."""
-    assert prep_main(["corpus", "--out", str(root / "corpus"), "--docs", "400", "--seed", "0"]) == 0
-    out = root / "data"
-    assert (
-        prep_main(["text", "--input", str(root / "corpus/train.txt"), "--test-input", str(root / "corpus/test.txt"),
-                   "--vocab-size", "320", "--atomic-symbols", "=", "--seq-len", "32", "--out", str(out), "--workers", "1",
-                   "--samples-per-shard", "8"])
-        == 0
-    )  # fmt: skip
-    return out
 
 
 def lm_cmd(run_dir: Path, data: Path, *overrides: str, nproc: int = 1, resume: str = "auto") -> list[str]:
@@ -58,9 +39,9 @@ def records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_dp2_zero2_equals_dp1_with_sampled_cycles(text_data: Path, tmp_path: Path) -> None:
-    run_ok(lm_cmd(tmp_path / "dp1", text_data, "train.steps=6"))
-    run_ok(lm_cmd(tmp_path / "dp2", text_data, "train.steps=6", "parallel.zero_stage=2", nproc=2))
+def test_dp2_zero2_equals_dp1_with_sampled_cycles(tiny_text: Path, tmp_path: Path) -> None:
+    run_ok(lm_cmd(tmp_path / "dp1", tiny_text, "train.steps=6"))
+    run_ok(lm_cmd(tmp_path / "dp2", tiny_text, "train.steps=6", "parallel.zero_stage=2", nproc=2))
     one, two = losses(tmp_path / "dp1"), losses(tmp_path / "dp2")
     assert sorted(one) == list(range(1, 7))
     for step in one:
@@ -72,13 +53,13 @@ def test_dp2_zero2_equals_dp1_with_sampled_cycles(text_data: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_exactly_and_eval_reproduces(
-    text_data: Path, tmp_path: Path
+    tiny_text: Path, tmp_path: Path
 ) -> None:
     full = tmp_path / "full"
-    run_ok(lm_cmd(full, text_data, "train.steps=6", "train.checkpoint_interval=3", "optim.ema_decay=0.9"))
+    run_ok(lm_cmd(full, tiny_text, "train.steps=6", "train.checkpoint_interval=3", "optim.ema_decay=0.9"))
     resumed = tmp_path / "resumed"
     checkpoint = full / "checkpoints/step-00000003"
-    run_ok(lm_cmd(resumed, text_data, "train.steps=6", "optim.ema_decay=0.9", resume=str(checkpoint)))
+    run_ok(lm_cmd(resumed, tiny_text, "train.steps=6", "optim.ema_decay=0.9", resume=str(checkpoint)))
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -91,7 +72,7 @@ def test_resume_from_a_checkpoint_continues_exactly_and_eval_reproduces(
     assert logged["eval/loss"] < logged["eval/unigram_baseline"] * 2  # sanity: a real, finite evaluation
 
 
-def test_lm_config_errors_are_one_line(text_data: Path, tmp_path: Path) -> None:
+def test_lm_config_errors_are_one_line() -> None:
     lm = ROOT / "configs/lm/hrmgemma_tiny.yaml"
     with pytest.raises(ConfigError, match="train.task=puzzle does not fit model.family=hrm_gemma"):
         load_config(lm, ["train.task=puzzle"])
@@ -102,7 +83,10 @@ def test_lm_config_errors_are_one_line(text_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="apply to train.task=lm only"):
         load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", ["train.cycles_range=[1,2]"])
 
-    small_vocab = lm_cmd(tmp_path / "bad", text_data, "train.steps=1", "model.vocab_size=100")
+
+@pytest.mark.slow
+def test_a_vocab_smaller_than_the_data_is_a_one_line_error(tiny_text: Path, tmp_path: Path) -> None:
+    small_vocab = lm_cmd(tmp_path / "bad", tiny_text, "train.steps=1", "model.vocab_size=100")
     out = subprocess.run(small_vocab, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
@@ -134,11 +118,11 @@ def test_distillation_loss_is_temperature_scaled_kl_over_labelled_tokens() -> No
 
 
 @pytest.mark.slow
-def test_distillation_from_a_teacher_checkpoint(text_data: Path, tmp_path: Path) -> None:
+def test_distillation_from_a_teacher_checkpoint(tiny_text: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"
-    run_ok(lm_cmd(teacher, text_data, "train.steps=2"))
+    run_ok(lm_cmd(teacher, tiny_text, "train.steps=2"))
     student = tmp_path / "student"
-    run_ok(lm_cmd(student, text_data, "train.steps=2", "train.distill_weight=0.5",
+    run_ok(lm_cmd(student, tiny_text, "train.steps=2", "train.distill_weight=0.5",
                   f"train.distill_from={teacher / 'checkpoints/step-00000002'}"))  # fmt: skip
     steps = [r for r in records(student) if "distill" in r]
     assert len(steps) == 2 and all(r["distill"] > 0 for r in steps)

@@ -34,7 +34,6 @@ from test_launch import (
     sets,
     start,
     wait_for_step,
-    write_tiny_dataset,
 )
 
 pytestmark = pytest.mark.slow
@@ -108,10 +107,11 @@ def nodes() -> Iterator[tuple[Node, Node]]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """The tiny dataset, and the DeepSpeed op every run loads, built (test_launch.build_deepspeed_ops)."""
+def dataset(tiny_sudoku: Path) -> Path:
+    """The tiny sudoku dataset (conftest), once the DeepSpeed op that every run loads is built
+    (test_launch.build_deepspeed_ops)."""
     build_deepspeed_ops()
-    return write_tiny_dataset(tmp_path_factory.mktemp("data"))
+    return tiny_sudoku
 
 
 def node_cmd(node: Node, host: Node, run_dir: Path, data: Path, *overrides: str) -> list[str]:

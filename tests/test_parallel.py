@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_lm_training import build_text_data, lm_cmd
-from test_training import env, train_cmd, write_random_sudoku
+from test_lm_training import lm_cmd
+from test_training import env, train_cmd
 
 from hrm_mega.config import ConfigError, load_config
 from hrm_mega.distributed import check_layout, pipeline_stage_blocks
@@ -20,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-4  # the acceptance tolerance on per-step loss and gradient norm
 PUZZLE = ("model.vocab_size=12", "train.steps=5", "train.eval_max_samples=8")  # 12: divisible by tp=2
 LM = ("model.num_layers=8", "model.num_kv_heads=2", "train.steps=5")  # two CycleBlocks, kv heads split
-
-
-@pytest.fixture(scope="module")
-def sudoku(tmp_path_factory) -> Path:
-    return write_random_sudoku(tmp_path_factory.mktemp("sudoku"))
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory) -> Path:
-    return build_text_data(tmp_path_factory.mktemp("text"))
 
 
 def run_ok(cmd: list[str], timeout: float = 600) -> str:
@@ -57,9 +47,9 @@ def assert_agree(reference: Path, other: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def puzzle_reference(sudoku: Path, tmp_path_factory) -> Path:
+def puzzle_reference(tiny_sudoku: Path, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("puzzle") / "single"
-    run_ok(train_cmd(run_dir, sudoku, *PUZZLE))
+    run_ok(train_cmd(run_dir, tiny_sudoku, *PUZZLE))
     return run_dir
 
 
@@ -72,22 +62,22 @@ def puzzle_reference(sudoku: Path, tmp_path_factory) -> Path:
         ("tp2_dp2_zero1", 4, ("parallel.tp=2", "parallel.zero_stage=1")),
     ],
 )
-def test_puzzle_layouts_agree_with_one_process(puzzle_reference, sudoku, tmp_path, name, nproc, layout):
+def test_puzzle_layouts_agree_with_one_process(puzzle_reference, tiny_sudoku, tmp_path, name, nproc, layout):
     run_dir = tmp_path / name
-    stdout = run_ok(train_cmd(run_dir, sudoku, *PUZZLE, *layout, nproc=nproc))
+    stdout = run_ok(train_cmd(run_dir, tiny_sudoku, *PUZZLE, *layout, nproc=nproc))
     tp = 2 if "parallel.tp=2" in layout else 1
     assert f"world {nproc} = tp {tp} x pp 1 x dp {nproc // tp}" in stdout
     assert_agree(puzzle_reference, run_dir)
 
 
 @pytest.fixture(scope="module")
-def lm_runs(text: Path, tmp_path_factory):
+def lm_runs(tiny_text: Path, tmp_path_factory):
     """Runs an HRMGemma layout once per module (checkpoints at steps 3 and 5) and returns its run dir."""
     root, done = tmp_path_factory.mktemp("lm"), {}
 
     def run(name: str, nproc: int = 1, *layout: str, resume: str = "none") -> Path:
         if name not in done:
-            cmd = lm_cmd(root / name, text, *LM, "train.checkpoint_interval=3", *layout, resume=resume)
+            cmd = lm_cmd(root / name, tiny_text, *LM, "train.checkpoint_interval=3", *layout, resume=resume)
             if nproc > 1:  # through `hrm-mega train --nproc N`, as a user would
                 cmd = [sys.executable, "-m", "hrm_mega.cli", "train", *cmd[3:], "--nproc", str(nproc)]
             run_ok(cmd)
@@ -220,9 +210,10 @@ def test_valid_layouts_and_stage_partitions():
     assert pipeline_stage_blocks(six) == [2, 1]
 
 
-def test_a_bad_layout_fails_before_process_groups_start(sudoku, tmp_path):
+@pytest.mark.slow
+def test_a_bad_layout_fails_before_process_groups_start(tiny_sudoku, tmp_path):
     out = subprocess.run(
-        train_cmd(tmp_path / "x", sudoku, "parallel.tp=2", "train.steps=1"),
+        train_cmd(tmp_path / "x", tiny_sudoku, "parallel.tp=2", "train.steps=1"),
         env=env(), capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 2

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import module_cmd, sigkill_after_step
-from test_lm_training import TINY_LM, build_text_data
-from test_training import write_random_sudoku
+from test_lm_training import TINY_LM
 
 from data_prep.text import train_tokenizer
 from hrm_mega.config import ConfigError, load_config
@@ -245,20 +244,18 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def puzzle_init(workdir: Path) -> tuple[Path, Path]:
+def puzzle_init(workdir: Path, tiny_sudoku: Path) -> tuple[Path, Path]:
     """(dataset, model directory of a freshly initialised tiny puzzle model)."""
-    data = write_random_sudoku(workdir / "sudoku")
-    config = load_config(PUZZLE_RECIPE, [*TINY_PUZZLE, f"data.path={data}"])
+    config = load_config(PUZZLE_RECIPE, [*TINY_PUZZLE, f"data.path={tiny_sudoku}"])
     model = build_model(config.model).init_weights(seed=1)
-    return data, save_model_dir(model.state_dict(), config, workdir / "puzzle_init")
+    return tiny_sudoku, save_model_dir(model.state_dict(), config, workdir / "puzzle_init")
 
 
 @pytest.fixture(scope="module")
-def lm_init(workdir: Path) -> tuple[Path, Path]:
-    data = build_text_data(workdir / "text")
-    config = load_config(LM_RECIPE, [*TINY_LM_RL, f"data.path={data}"])
+def lm_init(workdir: Path, tiny_text: Path) -> tuple[Path, Path]:
+    config = load_config(LM_RECIPE, [*TINY_LM_RL, f"data.path={tiny_text}"])
     model = build_model(config.model).init_weights(seed=1)
-    return data, save_model_dir(model.state_dict(), config, workdir / "lm_init")
+    return tiny_text, save_model_dir(model.state_dict(), config, workdir / "lm_init")
 
 
 def env(workdir: Path) -> dict[str, str]:

@@ -27,10 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from hrm_mega.data.shards import ShardWriter, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -246,26 +243,6 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 # --- the jobs -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    """A small sudoku-shaped dataset (random digits)."""
-    out = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 64), ("test", 16)):
-        writer = ShardWriter(out / split, samples_per_shard=16)
-        for i in range(n):
-            labels = rng.integers(2, 11, 81).astype(np.int16)
-            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
-            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
-        splits[split] = writer.close()
-    write_manifest(
-        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
-        num_puzzle_identifiers=1, splits=splits,
-    )  # fmt: skip
-    return out
-
-
 def sets(*overrides: str) -> list[str]:
     return [f"--set={o}" for o in overrides]
 
@@ -286,7 +263,7 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 @pytest.mark.timeout(900)  # the first test also installs Slurm when it is missing
-def test_two_ranks_on_two_nodes_checkpoint_on_usr1_requeue_and_complete(cluster, dataset, tmp_path):
+def test_two_ranks_on_two_nodes_checkpoint_on_usr1_requeue_and_complete(cluster, tiny_sudoku, tmp_path):
     """`hrm-mega launch --launcher slurm --nodes 2` submits pretrain.sbatch; each Slurm node runs one
     torchrun, and the two ranks train together. Slurm's warning before the time limit (SIGUSR1 to the
     script, --signal=B:USR1@120; sent here by hand) makes the ranks write a checkpoint and stop, and the
@@ -295,7 +272,7 @@ def test_two_ranks_on_two_nodes_checkpoint_on_usr1_requeue_and_complete(cluster,
     run_dir = tmp_path / "run"
     submit = subprocess.run(
         [sys.executable, "-m", "pipelines.launch", "--launcher", "slurm", "--nodes", "2", "--procs-per-node",
-         "1", str(RECIPE), *sets(*TINY, f"data.path={dataset}", f"log.out_dir={run_dir}")],
+         "1", str(RECIPE), *sets(*TINY, f"data.path={tiny_sudoku}", f"log.out_dir={run_dir}")],
         env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
@@ -342,10 +319,10 @@ def test_two_ranks_on_two_nodes_checkpoint_on_usr1_requeue_and_complete(cluster,
     assert list(latest.glob("*model_states.pt")), sorted(p.name for p in latest.iterdir())
 
 
-def test_bad_config_fails_the_job_fast_with_a_one_line_error(cluster, dataset, tmp_path):
+def test_bad_config_fails_the_job_fast_with_a_one_line_error(cluster, tiny_sudoku, tmp_path):
     """Submitted by hand (hrm-mega launch would refuse it before sbatch): the script's dry run ends the
     job at once, and the log says why in one line."""
-    bad = sets(*TINY, "train.global_batch=7", f"data.path={dataset}", f"log.out_dir={tmp_path / 'run'}")
+    bad = sets(*TINY, "train.global_batch=7", f"data.path={tiny_sudoku}", f"log.out_dir={tmp_path / 'run'}")
     submitted = time.time()
     job_id = int(cluster.run("sbatch", "--parsable", "--nodes", "2", str(SBATCH_SCRIPT), str(RECIPE), *bad,
                              cwd=tmp_path).strip())  # fmt: skip

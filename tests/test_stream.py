@@ -1,4 +1,4 @@
-"""PuzzleStream: exactly-once epochs, DP/worker invariance, exact resume, evaluation passes, validation."""
+"""SampleStream: exactly-once epochs, DP/worker invariance, exact resume, evaluation passes, validation."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hrm_mega.data import DataFormatError, PuzzleStream, iterate_split
+from hrm_mega.data import DataFormatError, SampleStream, iterate_split
+from hrm_mega.data.partition import window_order
 from hrm_mega.data.shards import ShardWriter, write_manifest
-from hrm_mega.data.stream import window_order
 
 SEQ = 9
 
@@ -47,9 +47,10 @@ def build(root: Path, sizes: list[int], split: str = "train") -> Path:
 SIZES = [7, 11, 5, 9, 13, 6, 8, 10]  # 69 samples, uneven so partitions wrap at different times
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return build(tmp_path, SIZES)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Built once for the module: the tests only read it."""
+    return build(tmp_path_factory.mktemp("stream"), SIZES)
 
 
 def halting_masks(steps: int, batch: int, seed: int) -> list[np.ndarray]:
@@ -63,7 +64,7 @@ def halting_masks(steps: int, batch: int, seed: int) -> list[np.ndarray]:
     return masks
 
 
-def run(streams: list[PuzzleStream], masks: list[np.ndarray], first: bool = True) -> dict[int, list[tuple]]:
+def run(streams: list[SampleStream], masks: list[np.ndarray], first: bool = True) -> dict[int, list[tuple]]:
     """Drives DP ranks in lockstep like the ACT loop; returns global row -> [(sample_id, epoch, inputs)]."""
     local = streams[0].local_batch
     seen: dict[int, list[tuple]] = {}
@@ -90,9 +91,9 @@ def flip_transform(sample: dict, rng: np.random.Generator) -> dict:
     return sample
 
 
-def make(data: Path, **kw) -> PuzzleStream:
+def make(data: Path, **kw) -> SampleStream:
     args = dict(seed=3, global_batch=8, partitions=4, shuffle_buffer=6)
-    return PuzzleStream(data, **{**args, **kw})
+    return SampleStream(data, **{**args, **kw})
 
 
 @pytest.mark.timeout(60)
@@ -179,7 +180,7 @@ def test_state_from_two_ranks_resumes_a_single_rank_run(data: Path) -> None:
     reference = run([make(data)], masks)
     ranks = [make(data, dp_rank=d, dp_size=2) for d in range(2)]
     head = run(ranks, masks[:12])
-    merged = PuzzleStream.merge_state_dicts([s.state_dict() for s in ranks])
+    merged = SampleStream.merge_state_dicts([s.state_dict() for s in ranks])
     single = make(data)
     single.load_state_dict(json.loads(json.dumps(merged)))
     tail = run([single], masks[12:], first=False)

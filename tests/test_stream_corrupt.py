@@ -1,4 +1,4 @@
-"""PuzzleStream on damaged data: truncated tars and malformed samples, under corrupt_policy skip and fail."""
+"""SampleStream on damaged data: truncated tars and malformed samples, under corrupt_policy skip and fail."""
 
 import io
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrm_mega.data import CorruptDataWarning, DataFormatError, PuzzleStream, iterate_split
+from hrm_mega.data import CorruptDataWarning, DataFormatError, SampleStream, iterate_split
 from hrm_mega.data.shards import ShardInfo, ShardWriter, sha256_file, write_manifest
 
 SEQ = 9
@@ -85,7 +85,7 @@ def build(root: Path, *, truncate: str | None = None, malformed: bool = False, e
     return root
 
 
-def drain(stream: PuzzleStream) -> list[int]:
+def drain(stream: SampleStream) -> list[int]:
     ids = []
     while not stream.exhausted:
         ids += stream.take(range(stream.local_batch))["sample_id"].tolist()
@@ -99,7 +99,7 @@ def test_skip_policy_counts_damage_and_delivers_everything_else(
     tmp_path: Path, truncate: str, workers: int
 ) -> None:
     data = build(tmp_path, truncate=truncate, malformed=True)
-    stream = PuzzleStream(data, seed=0, global_batch=4, partitions=2, loop=False, num_workers=workers)
+    stream = SampleStream(data, seed=0, global_batch=4, partitions=2, loop=False, num_workers=workers)
     with pytest.warns(CorruptDataWarning) as caught:
         ids = drain(stream)
     stream.close()
@@ -122,8 +122,8 @@ def test_skip_policy_counts_damage_and_delivers_everything_else(
 def test_skip_policy_training_resumes_exactly_with_damage(tmp_path: Path, workers: int) -> None:
     data = build(tmp_path, truncate="mid-member", malformed=True)
 
-    def make() -> PuzzleStream:
-        return PuzzleStream(data, seed=1, global_batch=4, partitions=2, shuffle_buffer=8, num_workers=workers)
+    def make() -> SampleStream:
+        return SampleStream(data, seed=1, global_batch=4, partitions=2, shuffle_buffer=8, num_workers=workers)
 
     rng = np.random.default_rng(0)
     masks = [np.flatnonzero(rng.random(4) < 0.5).tolist() or [0] for _ in range(60)]
@@ -159,7 +159,7 @@ def test_fail_policy_raises_one_line_naming_the_shard(
     tmp_path: Path, workers: int, damage: dict, message: str
 ) -> None:
     data = build(tmp_path, **damage)
-    stream = PuzzleStream(data, seed=0, global_batch=4, partitions=2, loop=False, num_workers=workers,
+    stream = SampleStream(data, seed=0, global_batch=4, partitions=2, loop=False, num_workers=workers,
                           corrupt_policy="fail")  # fmt: skip
     with pytest.raises(DataFormatError, match=message) as info:
         drain(stream)

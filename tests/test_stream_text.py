@@ -1,4 +1,4 @@
-"""PuzzleStream on a text dataset built by `data_prep text`: batch layout and its consistency with the
+"""SampleStream on a text dataset built by `data_prep text`: batch layout and its consistency with the
 shards, rank partitioning, exact resume, evaluation passes, and rejected augmentation / malformed rows."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 
 from data_prep.cli import main
 from data_prep.common import read_samples
-from hrm_mega.data import DataFormatError, PuzzleStream, iterate_split
+from hrm_mega.data import DataFormatError, SampleStream, iterate_split
 from hrm_mega.data.decode import CorruptDataWarning
 from hrm_mega.data.shards import ShardWriter, read_manifest, write_manifest
 
@@ -67,9 +67,9 @@ def check_batch(batch: dict[str, torch.Tensor], stored: dict[int, dict], extra: 
             assert batch[name][k].tolist() == values, (sample_id, name)
 
 
-def make(data: Path, **kw) -> PuzzleStream:
+def make(data: Path, **kw) -> SampleStream:
     args = dict(seed=7, global_batch=8, partitions=4, shuffle_buffer=5)
-    return PuzzleStream(data, **{**args, **kw})
+    return SampleStream(data, **{**args, **kw})
 
 
 def test_batches_match_the_shards_and_the_labels_follow_documents(data: Path, rows) -> None:

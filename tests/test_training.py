@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from conftest import module_cmd, sigkill_after_step
 
-from hrm_mega.data.shards import ShardWriter, write_manifest
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.hidden_size=32", "model.num_heads=2", "model.puzzle_emb_ndim=32", "model.h_layers=1",
@@ -23,29 +21,6 @@ TINY = [
     "optim.warmup_steps=2", "optim.lr=3e-3", "log.wandb=disabled", "log.log_interval=1",
     "log.progress_bar=false", "train.eval_modes=fixed,adaptive", "data.shuffle_buffer=16",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_random_sudoku(tmp_path_factory.mktemp("data"))
-
-
-def write_random_sudoku(out: Path) -> Path:
-    """A small sudoku-shaped dataset (random digits; enough for loss and equivalence checks)."""
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 96), ("test", 24)):
-        writer = ShardWriter(out / split, samples_per_shard=12)
-        for i in range(n):
-            labels = rng.integers(2, 11, 81).astype(np.int16)
-            inputs = np.where(rng.random(81) < 0.5, 1, labels).astype(np.int16)
-            writer.write({"inputs": inputs, "labels": labels, "meta": {"puzzle_id": 0, "group_id": i}})
-        splits[split] = writer.close()
-    write_manifest(
-        out, task="sudoku", builder_version="test", seed=0, command="test", vocab_size=11, seq_len=81,
-        num_puzzle_identifiers=1, splits=splits,
-    )  # fmt: skip
-    return out
 
 
 def env() -> dict[str, str]:
@@ -86,11 +61,11 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], rel: float):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_dp2_matches_dp1_per_step(tmp_path, dataset, stage):
+def test_dp2_matches_dp1_per_step(tmp_path, tiny_sudoku, stage):
     common = ("train.steps=10", f"parallel.zero_stage={stage}", "train.eval_max_samples=8")
-    single = run(train_cmd(tmp_path / "dp1", dataset, *common))
+    single = run(train_cmd(tmp_path / "dp1", tiny_sudoku, *common))
     assert single.returncode == 0, single.stderr[-2000:]
-    double = run(train_cmd(tmp_path / "dp2", dataset, *common, nproc=2))
+    double = run(train_cmd(tmp_path / "dp2", tiny_sudoku, *common, nproc=2))
     assert double.returncode == 0, double.stderr[-2000:]
     a, b = losses(tmp_path / "dp1"), losses(tmp_path / "dp2")
     assert len(a) == 10
@@ -117,52 +92,52 @@ def test_dp2_matches_dp1_per_step(tmp_path, dataset, stage):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path, dataset):
+def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path, tiny_sudoku):
     common = ("train.steps=14", "train.checkpoint_interval=3", "train.eval_max_samples=8")
-    reference = run(train_cmd(tmp_path / "ref", dataset, *common))
+    reference = run(train_cmd(tmp_path / "ref", tiny_sudoku, *common))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     kill_after = random.Random(int(time.time())).randint(4, 12)
     run_dir = tmp_path / "killed"
-    sigkill_after_step(train_cmd(run_dir, dataset, *common), run_dir, kill_after, losses, env(), ROOT)
+    sigkill_after_step(train_cmd(run_dir, tiny_sudoku, *common), run_dir, kill_after, losses, env(), ROOT)
     assert max(losses(run_dir)) < 14, "the run finished before it could be killed"
 
-    resumed = run(train_cmd(run_dir, dataset, *common))
+    resumed = run(train_cmd(run_dir, tiny_sudoku, *common))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert_same_losses(losses(tmp_path / "ref"), losses(run_dir), rel=0.0)
 
 
 @pytest.mark.slow
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, dataset):
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tiny_sudoku):
     common = ("train.steps=6", "train.checkpoint_interval=3", "train.eval_max_samples=8")
     run_dir = tmp_path / "crash"
-    first = run(train_cmd(run_dir, dataset, "train.steps=3", *common[1:]))
+    first = run(train_cmd(run_dir, tiny_sudoku, "train.steps=3", *common[1:]))
     assert first.returncode == 0, first.stderr[-2000:]
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000003"
 
     # Continue to step 6, dying inside the checkpoint write (after the files are staged, before publishing).
-    crashed = subprocess.run(train_cmd(run_dir, dataset, *common), env={**env(), "HRM_MEGA_FAULT": "checkpoint-staged"},
+    crashed = subprocess.run(train_cmd(run_dir, tiny_sudoku, *common), env={**env(), "HRM_MEGA_FAULT": "checkpoint-staged"},
                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert crashed.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints/.staging/step-00000006").is_dir()  # the partial write is there...
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step-00000003"  # ...but not published
 
-    resumed = run(train_cmd(run_dir, dataset, *common))
+    resumed = run(train_cmd(run_dir, tiny_sudoku, *common))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (
         "resumed from" in resumed.stdout + resumed.stderr
         and "step-00000003" in resumed.stdout + resumed.stderr
     )
-    reference = run(train_cmd(tmp_path / "ref", dataset, *common))
+    reference = run(train_cmd(tmp_path / "ref", tiny_sudoku, *common))
     assert reference.returncode == 0
     assert_same_losses(losses(tmp_path / "ref"), losses(run_dir), rel=0.0)
 
 
 @pytest.mark.slow
-def test_eval_command_reproduces_the_logged_evaluation(tmp_path, dataset):
+def test_eval_command_reproduces_the_logged_evaluation(tmp_path, tiny_sudoku):
     run_dir = tmp_path / "run"
-    done = run(train_cmd(run_dir, dataset, "train.steps=5"))
+    done = run(train_cmd(run_dir, tiny_sudoku, "train.steps=5"))
     assert done.returncode == 0, done.stderr[-2000:]
     logged = [
         json.loads(x)
@@ -180,15 +155,15 @@ def test_eval_command_reproduces_the_logged_evaluation(tmp_path, dataset):
     consolidated = tmp_path / "model.safetensors"
     out = run([sys.executable, "-m", "hrm_mega.cli", "consolidate", str(checkpoint), str(consolidated)])
     assert out.returncode == 0, out.stderr[-2000:]
-    again = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(consolidated), "--data", str(dataset)])
+    again = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(consolidated), "--data", str(tiny_sudoku)])
     assert json.loads(again.stdout.strip().splitlines()[-1])["token_accuracy"] == pytest.approx(
         logged["eval_fixed/token_accuracy"], abs=1e-9
     )
 
 
 @pytest.mark.slow
-def test_repeated_nonfinite_losses_abort_with_a_clear_message(tmp_path, dataset):
-    out = run(train_cmd(tmp_path / "nan", dataset, "train.steps=20", "optim.lr=1e30", "optim.warmup_steps=0",
+def test_repeated_nonfinite_losses_abort_with_a_clear_message(tmp_path, tiny_sudoku):
+    out = run(train_cmd(tmp_path / "nan", tiny_sudoku, "train.steps=20", "optim.lr=1e30", "optim.warmup_steps=0",
                         "optim.grad_clip=0", "train.max_nonfinite_steps=2"))  # fmt: skip
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
@@ -197,6 +172,7 @@ def test_repeated_nonfinite_losses_abort_with_a_clear_message(tmp_path, dataset)
     assert any(r.get("skipped_step") == 1 for r in records)
 
 
+@pytest.mark.slow
 def test_bad_data_path_is_a_one_line_error(tmp_path):
     out = run(train_cmd(tmp_path / "x", tmp_path / "nowhere", "train.steps=1"), timeout=120)
     assert out.returncode == 2
@@ -204,21 +180,22 @@ def test_bad_data_path_is_a_one_line_error(tmp_path):
     assert "manifest.json" in out.stderr.strip().splitlines()[-1]
 
 
-def test_manifest_mismatch_names_the_field(tmp_path, dataset):
-    out = run(train_cmd(tmp_path / "x", dataset, "train.steps=1", "model.vocab_size=10"), timeout=120)
+@pytest.mark.slow
+def test_manifest_mismatch_names_the_field(tmp_path, tiny_sudoku):
+    out = run(train_cmd(tmp_path / "x", tiny_sudoku, "train.steps=1", "model.vocab_size=10"), timeout=120)
     assert out.returncode == 2
     assert "model.vocab_size=10 is smaller than" in out.stderr.strip().splitlines()[-1]
-    out = run(train_cmd(tmp_path / "y", dataset, "train.steps=1", "model.seq_len=80"), timeout=120)
+    out = run(train_cmd(tmp_path / "y", tiny_sudoku, "train.steps=1", "model.seq_len=80"), timeout=120)
     assert out.returncode == 2
     assert "model.seq_len=80 but" in out.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_keeps_checkpoint_names(tmp_path, dataset):
+def test_compiled_training_matches_eager_and_keeps_checkpoint_names(tmp_path, tiny_sudoku):
     common = ("train.steps=3", "train.eval_max_samples=8", "train.eval_modes=fixed")
-    eager = run(train_cmd(tmp_path / "eager", dataset, *common))
+    eager = run(train_cmd(tmp_path / "eager", tiny_sudoku, *common))
     assert eager.returncode == 0, eager.stderr[-2000:]
-    compiled = run(train_cmd(tmp_path / "compiled", dataset, *common, "train.compile=true"), timeout=600)
+    compiled = run(train_cmd(tmp_path / "compiled", tiny_sudoku, *common, "train.compile=true"), timeout=600)
     assert compiled.returncode == 0, compiled.stderr[-2000:]
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert a.keys() == b.keys()

@@ -1,5 +1,6 @@
-"""Data: shard format (shards.py), record reading and puzzle/text decoding (decode.py, collate.py), streaming
-(stream.py).
+"""Data: shard format (shards.py), record reading and puzzle/text decoding (decode.py, collate.py), partition
+planning (partition.py), shard reading and the evaluation pass (reader.py), loader worker processes
+(workers.py), and the training stream of puzzle or text samples (stream.py).
 
 Exports are resolved lazily, so that `import hrm_mega.data.shards` (used by the shard builders) does not
 import torch and webdataset.
@@ -18,8 +19,8 @@ _EXPORTS = {
     "ShardWriter": "hrm_mega.data.shards",
     "read_manifest": "hrm_mega.data.shards",
     "write_manifest": "hrm_mega.data.shards",
-    "PuzzleStream": "hrm_mega.data.stream",
-    "iterate_split": "hrm_mega.data.stream",
+    "iterate_split": "hrm_mega.data.reader",
+    "SampleStream": "hrm_mega.data.stream",
 }
 __all__ = sorted(_EXPORTS)
 

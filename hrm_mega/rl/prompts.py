@@ -21,7 +21,7 @@ STATE_FORMAT = "hrm-mega/rl-arithmetic/1"
 
 
 class ArithmeticPrompts:
-    """Train questions by (step, index) and a fixed held-out eval set. Duck-types the bits of PuzzleStream
+    """Train questions by (step, index) and a fixed held-out eval set. Duck-types the bits of SampleStream
     the Trainer uses (progress, state_dict, load_state_dict, close): it has no position to save, since
     the questions of a step follow from the step."""
 
@@ -66,7 +66,7 @@ class ArithmeticPrompts:
         return {"epoch": 0.0, "samples": self.handed_out}  # generated questions have no epochs
 
     def state_dict(self) -> dict[str, Any]:
-        # partition_state keeps PuzzleStream.merge_state_dicts working when a run resumes at another DP size
+        # partition_state keeps SampleStream.merge_state_dicts working when a run resumes at another DP size
         return {"format": STATE_FORMAT, "seed": self.seed, "ops": self.ops, "max_digits": self.max_digits,
                 "pool": self.pool, "partition_state": {}}  # fmt: skip
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from hrm_mega.config import Config
-from hrm_mega.data.stream import iterate_split
+from hrm_mega.data.reader import iterate_split
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 

@@ -19,7 +19,7 @@ import torch
 
 from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.shards import read_manifest
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.models import build_model
 
 if TYPE_CHECKING:
@@ -104,10 +104,10 @@ class Task(ABC):
         """The training stream (partitioned, deterministic given the seed, resumable): a SampleStream
         or anything with its progress / state_dict / load_state_dict / close."""
 
-    def sample_stream(self, trainer: Trainer, global_batch: int, transform: Any = None) -> PuzzleStream:
+    def sample_stream(self, trainer: Trainer, global_batch: int, transform: Any = None) -> SampleStream:
         """This rank's share of the train split, `global_batch` rows per step over all ranks."""
         d, w = self.config.data, trainer.world
-        return PuzzleStream(
+        return SampleStream(
             d.path, d.train_split, seed=self.config.train.seed, global_batch=global_batch,
             partitions=d.partitions, dp_rank=w.dp_rank, dp_size=w.dp_size, num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy, transform=transform,

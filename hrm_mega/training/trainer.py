@@ -16,7 +16,7 @@ import torch
 
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.convert.model_dir import CheckpointError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything, tensor_parallel_group
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
@@ -346,7 +346,7 @@ class Trainer:
             return read_client_state(path, self.world.dp_rank * saved["tp"])
         streams = [read_client_state(path, r)[0]["stream"] for r in range(0, world, saved["tp"])]
         _, tensors = read_client_state(path, 0)
-        return {**first, "stream": PuzzleStream.merge_state_dicts(streams)}, tensors
+        return {**first, "stream": SampleStream.merge_state_dicts(streams)}, tensors
 
     def summary(self, resumed_from: Path | None) -> str:
         c, w = self.config, self.world

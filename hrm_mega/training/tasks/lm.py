@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError, LMModelConfig
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import (
     all_finite,
     all_reduce_sums,
@@ -127,7 +127,7 @@ class LMTask(Task):
                 )
             self.teacher = teacher.to(trainer.world.device).eval().requires_grad_(False)
 
-    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+    def build_stream(self, trainer: Trainer) -> SampleStream:
         return self.sample_stream(trainer, self.config.train.global_batch)
 
     # --- one step --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums, data_parallel_group
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 from hrm_mega.models.act import ACTState, initial_state, refill, step_segment
@@ -56,7 +56,7 @@ class PuzzleTask(Task):
             group=data_parallel_group(),
         )  # fmt: skip
 
-    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+    def build_stream(self, trainer: Trainer) -> SampleStream:
         d = self.config.data
         transform = augmentation(trainer.manifest["task"]) if d.augment else None
         return self.sample_stream(trainer, self.config.train.global_batch, transform)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hrm_mega.config import ConfigError
-from hrm_mega.data.stream import PuzzleStream
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import puzzle_rollout
 from hrm_mega.training.tasks.puzzle import evaluate_modes
@@ -49,7 +49,7 @@ class PuzzleEnvironment(Environment):
                 f"rl.prompts_per_step={c.rl.prompts_per_step}"
             )
 
-    def build_stream(self, trainer: Trainer) -> PuzzleStream:
+    def build_stream(self, trainer: Trainer) -> SampleStream:
         return trainer.task.sample_stream(trainer, self.config.rl.prompts_per_step)
 
     def max_actions(self) -> int:
