@@ -462,8 +462,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def build_data(tmp: Path) -> dict[str, str]:
-    """A text dataset (SentencePiece vocab 320, rows of 64 tokens) and a small sudoku set, by data_prep."""
-    from data_prep.cli import main as prep
+    """A text dataset (SentencePiece vocab 320, rows of 64 tokens) and a small sudoku set, by hrm_mega.prep."""
+    from hrm_mega.prep.cli import main as prep
 
     one_worker = ["--workers", "1"]
     steps = [

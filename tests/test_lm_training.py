@@ -1,6 +1,6 @@
 """HRMGemma training end to end (train.task=lm) on DeepSpeed, CPU, gloo: DP equivalence with sampled
 cycles, exact resume from a checkpoint, `hrm-mega eval` reproducing the logged evaluation, and errors.
-Each run is a real subprocess on a text dataset built by data_prep from the generated corpus."""
+Each run is a real subprocess on a text dataset built by hrm_mega.prep from the generated corpus."""
 
 import json
 import subprocess
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_training import env, losses, pretrain_cmd
 
-from data_prep.cli import main as prep_main
 from hrm_mega.config import ConfigError, load_config
+from hrm_mega.prep.cli import main as prep_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LM = [

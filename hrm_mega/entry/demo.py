@@ -1,7 +1,7 @@
 """`make demo`: build a sudoku shard set, train a tiny HRM on the CPU, evaluate, print a results table.
 
-Every stage is the real one: data_prep writes WebDataset shards, pipelines.pretrain trains on DeepSpeed,
-and the evaluation is the same code as `hrm-mega eval`. Re-running reuses the dataset and starts a fresh
+Every stage is the real one: hrm_mega.prep writes WebDataset shards, hrm_mega.entry.pretrain trains on
+DeepSpeed, and the evaluation is the same code as `hrm-mega eval`. Re-running reuses the dataset and starts a fresh
 run (pass --resume auto to continue one).
 """
 
@@ -15,13 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
+from hrm_mega.resources import recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs/puzzle/hrm_sudoku_demo.yaml"
+RECIPE = recipe("puzzle/hrm_sudoku_demo.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="hrm_mega.entry.demo", description=__doc__)
     p.add_argument("--data", default="data/sudoku-demo", help="dataset directory (built if missing)")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--resume", default="none", help="none (fresh run), auto, or a checkpoint path")
@@ -30,15 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.cli import main as prep_main
     from hrm_mega.config import load_config
+    from hrm_mega.prep.cli import main as prep_main
 
     config = load_config(RECIPE, [f"data.path={args.data}", f"log.out_dir={args.out}", *args.overrides])
     data = Path(args.data)
     t0 = time.perf_counter()
     if not (data / "manifest.json").is_file():
         build = ["sudoku", "--out", str(data), "--quiet", *DATASET_ARGS]
-        print(f"[demo] building {data}: python -m data_prep {' '.join(build)}", flush=True)
+        print(f"[demo] building {data}: python -m hrm_mega.prep {' '.join(build)}", flush=True)
         if prep_main(build) != 0:
             return 2
     t_data = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import replace
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

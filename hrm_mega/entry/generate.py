@@ -1,4 +1,4 @@
-"""Generation entry point: `python -m pipelines.generate CKPT --prompt TEXT [--prompt TEXT ...]`.
+"""Generation entry point: `python -m hrm_mega.entry.generate CKPT --prompt TEXT [--prompt TEXT ...]`.
 
 Loads an HRMGemma from a training checkpoint, a model directory or a consolidated .safetensors file,
 and its SentencePiece tokenizer: --tokenizer, or by default `tokenizer.model` in the dataset directory
@@ -20,13 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
 
 TOKENIZER = "tokenizer.model"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.generate", description="generate text with an HRMGemma")
+    p = argparse.ArgumentParser(prog="hrm_mega.entry.generate", description="generate text with an HRMGemma")
     p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument(

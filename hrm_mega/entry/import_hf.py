@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

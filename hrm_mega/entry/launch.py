@@ -1,5 +1,5 @@
 """`hrm-mega launch`: checks a recipe's layout, then prints (--dry-run) or runs the exact torchrun,
-deepspeed-launcher or sbatch command (launch/planner.py; recipes in docs/launching.md).
+deepspeed-launcher or sbatch command (hrm_mega/launch/planner.py; recipes in docs/launching.md).
 
 hrm-mega launch --launcher torchrun --nodes 1 --procs-per-node 2 configs/puzzle/hrm_sudoku_tiny.yaml --dry-run
 
@@ -17,16 +17,17 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from launch import LaunchError
-from launch.planner import (
+from hrm_mega.entry.common import add_config_args, run_main
+from hrm_mega.launch import LaunchError
+from hrm_mega.launch.planner import (
     DEFAULT_PORT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     LAUNCHERS,
+    PRETRAIN_ENTRY,
     LaunchPlan,
     LaunchRequest,
     plan_launch,
 )
-from pipelines.common import add_config_args, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=int, default=DEFAULT_SHUTDOWN_TIMEOUT,
         help=f"torchrun: seconds a rank gets after SIGTERM to write its checkpoint (default {DEFAULT_SHUTDOWN_TIMEOUT})",
     )  # fmt: skip
-    p.add_argument(
-        "--entry", default="pipelines.pretrain", help="module the ranks run (default pipelines.pretrain)"
-    )
+    p.add_argument("--entry", default=PRETRAIN_ENTRY, help=f"module the ranks run (default {PRETRAIN_ENTRY})")
     p.add_argument(
         "--this-node", action="store_true",
         help="torchrun, --nodes > 1: run this node's share here (every node runs the same command)",

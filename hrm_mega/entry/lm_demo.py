@@ -16,14 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
+from hrm_mega.resources import recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs/lm/hrmgemma_tiny.yaml"
+RECIPE = recipe("lm/hrmgemma_tiny.yaml")
 PROMPTS = ["12+35=", "reverse: abcd ->", "sort: 4 1 3 ->", "7*8="]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.lm_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="hrm_mega.entry.lm_demo", description=__doc__)
     p.add_argument("--data", default="data/arith-text", help="text dataset directory (built if missing)")
     p.add_argument("--out", default="runs/demo-lm", help="run directory (a fresh run each time)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.cli import main as prep_main
     from hrm_mega.config import load_config
+    from hrm_mega.prep.cli import main as prep_main
 
     config = load_config(RECIPE, [f"data.path={args.data}", f"log.out_dir={args.out}", *args.overrides])
     data = Path(args.data)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
              "--samples-per-shard", "256", "--seed", "0"],
         ]  # fmt: skip
         for build in steps:
-            print(f"[demo-lm] python -m data_prep {' '.join(build)}", flush=True)
+            print(f"[demo-lm] python -m hrm_mega.prep {' '.join(build)}", flush=True)
             if prep_main(build) != 0:
                 return 2
     t_data = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """RL post-training entry point (GRPO / PPO); started by torchrun, the deepspeed launcher, srun, or
-`hrm-mega rl`. Same engine, layouts, checkpoints and logging as pipelines/pretrain.py.
+`hrm-mega rl`. Same engine, layouts, checkpoints and logging as hrm_mega/entry/pretrain.py.
 
-torchrun --nproc-per-node 2 -m pipelines.posttrain_rl configs/rl/grpo_sudoku_tiny.yaml \
+torchrun --nproc-per-node 2 -m hrm_mega.entry.posttrain_rl configs/rl/grpo_sudoku_tiny.yaml \
     --init runs/demo/checkpoints/step-00000500 --set train.steps=50
 """
 
@@ -11,11 +11,13 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main, train_and_report
+from hrm_mega.entry.common import add_config_args, run_main, train_and_report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.posttrain_rl", description="RL post-training (GRPO, PPO)")
+    p = argparse.ArgumentParser(
+        prog="hrm_mega.entry.posttrain_rl", description="RL post-training (GRPO, PPO)"
+    )
     add_config_args(p)
     p.add_argument(
         "--init", default=None,

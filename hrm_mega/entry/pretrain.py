@@ -1,6 +1,7 @@
 """Pretraining entry point; started by torchrun, the deepspeed launcher, srun, or `hrm-mega train`.
 
-torchrun --nproc-per-node 2 -m pipelines.pretrain configs/puzzle/hrm_sudoku_tiny.yaml --set train.steps=100
+torchrun --nproc-per-node 2 -m hrm_mega.entry.pretrain configs/puzzle/hrm_sudoku_tiny.yaml \
+    --set train.steps=100
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main, train_and_report
+from hrm_mega.entry.common import add_config_args, run_main, train_and_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pipelines.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
+        prog="hrm_mega.entry.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
     )
     add_config_args(p)
     p.add_argument(

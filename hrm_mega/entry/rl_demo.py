@@ -19,16 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.common import run_main
+from hrm_mega.entry.common import run_main
+from hrm_mega.resources import recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = ROOT / "configs/lm/hrmgemma_arith_tiny.yaml"
-RL = ROOT / "configs/rl/grpo_arith_tiny.yaml"
+PRETRAIN = recipe("lm/hrmgemma_arith_tiny.yaml")
+RL = recipe("rl/grpo_arith_tiny.yaml")
 CORPUS_ARGS = ["--docs", "100000", "--tasks", "add,sub,mul", "--max-digits", "2", "--seed", "0"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.rl_demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="hrm_mega.entry.rl_demo", description=__doc__)
     p.add_argument("--data", default="data/arith-rl-text", help="text dataset directory (built if missing)")
     p.add_argument("--pretrain-out", default="runs/demo-arith", help="pretraining run (reused if finished)")
     p.add_argument("--out", default="runs/rl_grpo_arith", help="RL run directory (a fresh run each time)")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_data(data: Path) -> int:
-    from data_prep.cli import main as prep_main
+    from hrm_mega.prep.cli import main as prep_main
 
     if (data / "manifest.json").is_file():
         return 0
@@ -91,7 +91,7 @@ def build_data(data: Path) -> int:
          "--seed", "0"],
     ]  # fmt: skip
     for build in steps:
-        print(f"[demo-rl] python -m data_prep {' '.join(build)}", flush=True)
+        print(f"[demo-rl] python -m hrm_mega.prep {' '.join(build)}", flush=True)
         if prep_main(build) != 0:
             return 2
     return 0

@@ -1,5 +1,6 @@
-"""Launching training: plans for torchrun, the deepspeed launcher and Slurm (planner.py), host lists
-(hosts.py), and the sbatch scripts (slurm/). `hrm-mega launch` (pipelines/launch.py) is the front end."""
+"""Launching training: plans for torchrun, the deepspeed launcher and Slurm (planner.py) and host lists
+(hosts.py). The sbatch scripts live in launch/slurm/ at the top of the repository (a wheel ships them as
+hrm_mega/launch/slurm/). `hrm-mega launch` (hrm_mega/entry/launch.py) is the front end."""
 
 
 class LaunchError(ValueError):

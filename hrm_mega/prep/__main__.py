@@ -1,6 +1,6 @@
-"""`python -m data_prep ...`: see data_prep/cli.py."""
+"""`python -m hrm_mega.prep ...`: see hrm_mega/prep/cli.py."""
 
-from data_prep.cli import main
+from hrm_mega.prep.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())
