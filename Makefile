@@ -29,13 +29,13 @@ test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m pipelines.demo
+	$(PY) -m hrm_mega.entry.demo
 
 demo-lm: $(STAMP)
-	$(PY) -m pipelines.lm_demo
+	$(PY) -m hrm_mega.entry.lm_demo
 
 demo-rl: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pipelines.rl_demo
+	OMP_NUM_THREADS=1 $(PY) -m hrm_mega.entry.rl_demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

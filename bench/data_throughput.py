@@ -45,7 +45,7 @@ def rate(stream: SampleStream, halt_fraction: float, seconds: float) -> tuple[fl
 
 
 def generation_rate(tmp: Path, puzzles: int, givens: list[str]) -> float:
-    from data_prep.cli import main as prep_main
+    from hrm_mega.prep.cli import main as prep_main
 
     out = tmp / ("gen-" + "-".join(givens))
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def generation_rate(tmp: Path, puzzles: int, givens: list[str]) -> float:
         ["sudoku", "--out", str(out), "--train", str(puzzles), "--test", "0", "--quiet", *givens]
     )
     if code != 0:
-        raise SystemExit("data_prep failed")
+        raise SystemExit("hrm_mega.prep failed")
     return puzzles / (time.perf_counter() - start)
 
 

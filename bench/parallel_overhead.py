@@ -88,7 +88,7 @@ LM_SETS = [
 PUZZLE_RECIPE = "configs/puzzle/hrm_sudoku_tiny.yaml"
 PUZZLE_SETS = ["model.vocab_size=12", "train.global_batch=8"]  # 12: divisible by tp
 # Pipeline layouts run 2-row micro-batches (DeepSpeed's schedule needs several to pipeline); the others
-# one micro-batch per rank: LMTrainer/PuzzleTrainer call engine.step() once after all micro-batches, and
+# one micro-batch per rank: the LM and puzzle tasks call engine.step() once after all micro-batches, and
 # DeepSpeed then treats only every k-th step as a gradient-accumulation boundary (docs/benchmarks.md).
 PIPELINE_MICRO = "train.micro_batch=2"
 COMMON_SETS = [
@@ -466,8 +466,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def build_data(tmp: Path) -> dict[str, str]:
-    """A text dataset (SentencePiece vocab 320, rows of 64 tokens) and a small sudoku set, by data_prep."""
-    from data_prep.cli import main as prep
+    """A text dataset (SentencePiece vocab 320, rows of 64 tokens) and a small sudoku set, by hrm_mega.prep."""
+    from hrm_mega.prep.cli import main as prep
 
     one_worker = ["--workers", "1"]
     steps = [

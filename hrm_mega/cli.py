@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 
 from hrm_mega.config import ConfigError, load_config
-from pipelines.common import add_config_args
+from hrm_mega.entry.common import add_config_args
+from hrm_mega.resources import recipe
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -28,18 +29,18 @@ def cmd_import_hrm(args: argparse.Namespace) -> int:
 
 
 def _run_entry_point(module: str, argv: list[str], nproc: int) -> int:
-    """Runs pipelines.<module> in this process, or under torchrun on this machine when nproc > 1."""
+    """Runs hrm_mega.entry.<module> in this process, or under torchrun on this machine when nproc > 1."""
     if nproc > 1:
         import os
         import subprocess
 
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", f"pipelines.{module}", *argv]  # fmt: skip
+               "-m", f"hrm_mega.entry.{module}", *argv]  # fmt: skip
         return subprocess.call(cmd, env=env)
     import importlib
 
-    return importlib.import_module(f"pipelines.{module}").main(argv)
+    return importlib.import_module(f"hrm_mega.entry.{module}").main(argv)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -66,24 +67,27 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 # main(argv), so `hrm-mega eval --help` shows that script's own help.
 PASS_THROUGH: dict[str, tuple[str, str]] = {
     "prep": (
-        "data_prep.cli",
+        "hrm_mega.prep.cli",
         "build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy,corpus,text} --out DIR ...",
     ),
     "eval": (
-        "pipelines.evaluate",
+        "hrm_mega.entry.evaluate",
         "evaluate a checkpoint: hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]",
     ),
     "generate": (
-        "pipelines.generate",
+        "hrm_mega.entry.generate",
         "sample text from an HRMGemma checkpoint: hrm-mega generate CKPT --prompt TEXT",
     ),
-    "export-hf": ("pipelines.export_hf", "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT"),
+    "export-hf": (
+        "hrm_mega.entry.export_hf",
+        "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT",
+    ),
     "launch": (
-        "pipelines.launch",
+        "hrm_mega.entry.launch",
         "plan and start a run on torchrun, the deepspeed launcher or Slurm: hrm-mega launch ... CONFIG",
     ),
     "import-hf": (
-        "pipelines.import_hf",
+        "hrm_mega.entry.import_hf",
         "read a Gemma 3 text checkpoint into HRMGemma: hrm-mega import-hf HF_DIR OUT",
     ),
 }
@@ -139,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="file saved by the official HRM pretrain.py")
     p.add_argument("out", help="output directory (model.safetensors + config.yaml)")
-    p.add_argument("--config", default="configs/puzzle/hrm_sudoku.yaml", help="recipe the checkpoint matches")
+    p.add_argument(
+        "--config",
+        default=str(recipe("puzzle/hrm_sudoku.yaml")),
+        help="recipe the checkpoint matches (default: the shipped configs/puzzle/hrm_sudoku.yaml)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_import_hrm)
     return parser

@@ -1,45 +1,8 @@
-"""RL post-training entry point (GRPO / PPO); started by torchrun, the deepspeed launcher, srun, or
-`hrm-mega rl`. Same engine, layouts, checkpoints and logging as pipelines/pretrain.py.
+"""`python pipelines/posttrain_rl.py ARGS` runs `python -m hrm_mega.entry.posttrain_rl ARGS`."""
 
-torchrun --nproc-per-node 2 -m pipelines.posttrain_rl configs/rl/grpo_sudoku_tiny.yaml \
-    --init runs/demo/checkpoints/step-00000500 --set train.steps=50
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main, train_and_report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipelines.posttrain_rl", description="RL post-training (GRPO, PPO)")
-    add_config_args(p)
-    p.add_argument(
-        "--init", default=None,
-        help="the pretrained model: a checkpoint (step-*/), a model directory or a consolidated .safetensors "
-        "(sets train.init_from; default: the recipe's)",
-    )  # fmt: skip
-    p.add_argument(
-        "--resume", default="auto",
-        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
-    )  # fmt: skip
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.trainer import build_trainer
-
-    overrides = [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
-    config = load_config(args.config, overrides)
-    return train_and_report(build_trainer(config, resume=args.resume, rl=True))
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main("rl", lambda: run(build_parser().parse_args(argv)))
-
+from hrm_mega.entry.posttrain_rl import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,39 +1,8 @@
-"""Pretraining entry point; started by torchrun, the deepspeed launcher, srun, or `hrm-mega train`.
+"""`python pipelines/pretrain.py ARGS` runs `python -m hrm_mega.entry.pretrain ARGS`."""
 
-torchrun --nproc-per-node 2 -m pipelines.pretrain configs/puzzle/hrm_sudoku_tiny.yaml --set train.steps=100
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from hrm_mega.config import load_config
-from pipelines.common import add_config_args, run_main, train_and_report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pipelines.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
-    )
-    add_config_args(p)
-    p.add_argument(
-        "--resume", default="auto",
-        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
-    )  # fmt: skip
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.trainer import build_trainer
-
-    config = load_config(args.config, args.overrides)
-    return train_and_report(build_trainer(config, resume=args.resume))
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main("train", lambda: run(build_parser().parse_args(argv)))
-
+from hrm_mega.entry.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

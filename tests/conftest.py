@@ -98,7 +98,7 @@ def write_tiny_sudoku(out: Path) -> Path:
 def build_tiny_text(root: Path) -> Path:
     """Generated corpus -> SentencePiece (vocab 320, '=' a piece of its own) -> packed rows of 32 tokens,
     8 per shard, in root/data (the corpus stays in root/corpus)."""
-    from data_prep.cli import main as prep_main
+    from hrm_mega.prep.cli import main as prep_main
 
     assert prep_main(["corpus", "--out", str(root / "corpus"), "--docs", "400", "--seed", "0"]) == 0
     out = root / "data"

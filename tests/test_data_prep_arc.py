@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.common import read_samples
 from hrm_mega.data.augment import (
     DIHEDRAL_INVERSE,
     arc_augment_grid,
@@ -21,6 +19,8 @@ from hrm_mega.data.augment import (
     random_colour_permutation,
 )
 from hrm_mega.data.shards import read_manifest
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
 
 
 def _pair(rng: np.random.Generator, h: int, w: int) -> dict:

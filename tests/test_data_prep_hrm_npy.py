@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.common import read_samples
 from hrm_mega.data.shards import read_manifest
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
 
 SEQ = 81
 

@@ -7,10 +7,10 @@ from collections import deque
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.common import read_samples
 from hrm_mega.data.augment import dihedral_transform
 from hrm_mega.data.shards import read_manifest
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
 
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
 CHARS = "?# SGo"  # token -> character

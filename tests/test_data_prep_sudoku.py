@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.cli import main
-from data_prep.common import read_samples
-from data_prep.sudoku_solver import count_solutions, generate, is_solution, rate, solve
 from hrm_mega.data.augment import sudoku_augment
 from hrm_mega.data.shards import read_manifest, verify_shards
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
+from hrm_mega.prep.sudoku_solver import count_solutions, generate, is_solution, rate, solve
 
 # ---- an independent checker: set-based recursive backtracking, no bitmasks, no propagation ----------
 
@@ -152,7 +152,7 @@ def test_manifest_fields(tmp_path):
     assert manifest["format"] == "hrm-mega/1" and manifest["task"] == "sudoku"
     assert manifest["seed"] == 7 and manifest["builder_version"] == "1"
     assert manifest["command"] == (
-        f"python -m data_prep sudoku --out {out} --quiet --train 5 --test 3 --seed 7 --samples-per-shard 2"
+        f"python -m hrm_mega.prep sudoku --out {out} --quiet --train 5 --test 3 --seed 7 --samples-per-shard 2"
     )
     assert manifest["pad_id"] == 0 and manifest["ignore_label_id"] == -100
     for split, count in (("train", 5), ("test", 3)):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_prep.cli import main
-from data_prep.common import read_samples
-from data_prep.corpus import TASKS, generate_documents
-from data_prep.text import train_tokenizer
 from hrm_mega.data.shards import read_manifest, verify_shards
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
+from hrm_mega.prep.corpus import TASKS, generate_documents
+from hrm_mega.prep.text import train_tokenizer
 
 VOCAB = 340
 SEQ_LEN = 40
@@ -398,7 +398,7 @@ def test_bad_input_gives_one_line_naming_the_field(tmp_path, capsys, args, messa
     assert main([*argv, "--quiet", *fill]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
-    assert err.startswith("python -m data_prep text: error: ")
+    assert err.startswith("python -m hrm_mega.prep text: error: ")
     assert message.format(tmp=tmp_path) in err
     assert not (tmp_path / "out/manifest.json").exists()
 

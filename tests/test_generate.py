@@ -347,7 +347,7 @@ def lm_checkpoint(tmp_path_factory) -> Path:
 def test_cli_streams_the_greedy_continuation_and_stats(lm_checkpoint: Path, capsys) -> None:
     import sentencepiece as spm
 
-    from pipelines.generate import main
+    from hrm_mega.entry.generate import main
 
     argv = [str(lm_checkpoint), "--prompt", "12 plus 7 is", "--prompt", "3 plus", "--max-new-tokens", "6",
             "--max-cycles", "3", "--halt-threshold", "0.5"]  # fmt: skip
@@ -372,7 +372,7 @@ def test_cli_streams_the_greedy_continuation_and_stats(lm_checkpoint: Path, caps
 
 
 def test_cli_samples_reproducibly(lm_checkpoint: Path, capsys) -> None:
-    from pipelines.generate import main
+    from hrm_mega.entry.generate import main
 
     argv = [str(lm_checkpoint), "--prompt", "4 plus", "--temperature", "2", "--top-k", "20", "--seed", "5"]
     outputs = []
@@ -395,7 +395,7 @@ def test_cli_samples_reproducibly(lm_checkpoint: Path, capsys) -> None:
     ],
 )
 def test_cli_errors_are_one_line(lm_checkpoint: Path, capsys, extra, message) -> None:
-    from pipelines.generate import main
+    from hrm_mega.entry.generate import main
 
     assert main([str(lm_checkpoint), "--prompt", "1 plus", *extra]) == 2
     err = capsys.readouterr().err
@@ -404,7 +404,7 @@ def test_cli_errors_are_one_line(lm_checkpoint: Path, capsys, extra, message) ->
 
 
 def test_cli_needs_a_tokenizer_and_a_language_model(tmp_path: Path, capsys) -> None:
-    from pipelines.generate import main
+    from hrm_mega.entry.generate import main
 
     model = recurrent_model()
     no_data = save_model_dir(model.state_dict(), Config(model=model.config), tmp_path / "no_data")

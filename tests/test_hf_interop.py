@@ -34,10 +34,10 @@ from hrm_mega.convert import remote
 from hrm_mega.convert.consolidate import load_model
 from hrm_mega.convert.hf_gemma import hf_config_from
 from hrm_mega.convert.model_dir import save_model_dir
+from hrm_mega.entry import export_hf, import_hf
 from hrm_mega.inference.generate import generate
 from hrm_mega.models.lm import HRMGemma
 from hrm_mega.models.puzzle import RecursiveReasoner
-from pipelines import export_hf, import_hf
 
 SEQ = 12  # longer than the window (4): local and global layers see different keys
 TOL = 1e-4
@@ -400,7 +400,7 @@ def train_sentencepiece(path: Path, vocab_size: int = 320, **options) -> spm.Sen
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-# The text data prep's settings (data_prep/text.py), and SentencePiece's defaults with BPE.
+# The text data prep's settings (hrm_mega/prep/text.py), and SentencePiece's defaults with BPE.
 DATA_PREP_SPM = dict(
     model_type="unigram", byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
     remove_extra_whitespaces=False, split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,

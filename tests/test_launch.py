@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hrm_mega.entry.launch import main as launch_main
+from hrm_mega.launch import LaunchError
+from hrm_mega.launch.hosts import deepspeed_hostfile, expand_hostlist
+from hrm_mega.launch.planner import LaunchRequest, env_defaults, plan_launch, wrap_command
 from hrm_mega.training.trainer import PREEMPTED_EXIT_CODE, SigtermFlag
-from launch import LaunchError
-from launch.hosts import deepspeed_hostfile, expand_hostlist
-from launch.planner import LaunchRequest, env_defaults, plan_launch, wrap_command
-from pipelines.launch import main as launch_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/puzzle/hrm_sudoku_tiny.yaml"
@@ -186,8 +186,8 @@ def test_a_missing_launcher_or_a_misplaced_option_is_a_one_line_error(capsys, mo
     )
     assert launch_main([RECIPE, "--launcher", "deepspeed", "--this-node", "--dry-run"]) == 2
     assert "--this-node is for --launcher torchrun" in capsys.readouterr().err
-    assert launch_main([RECIPE, "--entry", "pipelines.nope", "--dry-run"]) == 2
-    assert capsys.readouterr().err == "hrm-mega launch: error: --entry pipelines.nope: no such module\n"
+    assert launch_main([RECIPE, "--entry", "hrm_mega.entry.nope", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "hrm-mega launch: error: --entry hrm_mega.entry.nope: no such module\n"
 
 
 def test_rl_runs_plan_like_pretraining_with_their_own_entry():
@@ -195,9 +195,9 @@ def test_rl_runs_plan_like_pretraining_with_their_own_entry():
     init = "train.init_from=runs/demo/checkpoints/step-00000500"
     for launcher in ("torchrun", "deepspeed", "slurm"):
         request = LaunchRequest(recipe, (init,), launcher=launcher, procs_per_node=2,
-                                entry="pipelines.posttrain_rl")  # fmt: skip
+                                entry="hrm_mega.entry.posttrain_rl")  # fmt: skip
         plan = plan_launch(request, environ={})
-        assert "pipelines.posttrain_rl" in plan.argv, launcher
+        assert "hrm_mega.entry.posttrain_rl" in plan.argv, launcher
         assert f"--set={init}" in plan.argv, launcher
     assert "launch/slurm/rl.sbatch" in plan.argv  # the RL job script (its job name) under Slurm
 
@@ -219,7 +219,7 @@ def test_printed_environment_defaults_equal_the_ones_applied_here():
 
 
 def test_wrapped_commands_split_back_into_the_same_arguments():
-    argv = ["torchrun", "--nnodes", "1", "--rdzv-conf", "join_timeout=600", "-m", "pipelines.pretrain",
+    argv = ["torchrun", "--nnodes", "1", "--rdzv-conf", "join_timeout=600", "-m", "hrm_mega.entry.pretrain",
             "configs/a b.yaml", "--set=x.y='q'", *[f"--set=k{i}=v" for i in range(20)]]  # fmt: skip
     text = wrap_command(argv, width=60)
     assert all(len(line) <= 60 for line in text.splitlines())
@@ -269,7 +269,7 @@ def test_sbatch_scripts_parse_and_stay_in_step():
         return [x for x in lines if not x.startswith(("#SBATCH --job-name", "ENTRY="))]
 
     assert body(rl) == body(pretrain)
-    assert "ENTRY=pipelines.posttrain_rl" in rl and "ENTRY=pipelines.pretrain" in pretrain
+    assert "ENTRY=hrm_mega.entry.posttrain_rl" in rl and "ENTRY=hrm_mega.entry.pretrain" in pretrain
 
 
 def test_sigterm_flag_is_set_by_the_signal_and_restores_the_previous_handler():
@@ -344,13 +344,13 @@ def sets(run_dir: Path, data: Path, *overrides: str) -> list[str]:
 
 
 def launch_cmd(run_dir: Path, data: Path, *overrides: str, procs: int = 2, options: tuple[str, ...] = ()):
-    """`hrm-mega launch` (pipelines.launch) of the tiny recipe on this machine."""
-    return [sys.executable, "-m", "pipelines.launch", RECIPE, "--procs-per-node", str(procs),
+    """`hrm-mega launch` (hrm_mega.entry.launch) of the tiny recipe on this machine."""
+    return [sys.executable, "-m", "hrm_mega.entry.launch", RECIPE, "--procs-per-node", str(procs),
             "--master-port", str(free_port()), *options, *sets(run_dir, data, *overrides)]  # fmt: skip
 
 
 def pretrain_cmd(run_dir: Path, data: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.pretrain", RECIPE, *sets(run_dir, data, *overrides)]
+    return [sys.executable, "-m", "hrm_mega.entry.pretrain", RECIPE, *sets(run_dir, data, *overrides)]
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -556,7 +556,7 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
 @pytest.mark.slow
 def test_launch_rejects_a_model_that_does_not_split_over_tp_before_submitting():
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.launch", "--launcher", "torchrun", "--nodes", "1", "--procs-per-node",
+        [sys.executable, "-m", "hrm_mega.entry.launch", "--launcher", "torchrun", "--nodes", "1", "--procs-per-node",
          "2", str(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml"), "--set", "parallel.tp=2", "--dry-run"],
         env=env(), capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """HRMGemma training end to end (train.task=lm) on DeepSpeed, CPU, gloo: DP equivalence with sampled
 cycles, exact resume from a checkpoint, `hrm-mega eval` reproducing the logged evaluation, and errors.
-Each run is a real subprocess on a text dataset built by data_prep from the generated corpus."""
+Each run is a real subprocess on a text dataset built by hrm_mega.prep from the generated corpus."""
 
 import json
 import subprocess

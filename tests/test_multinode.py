@@ -117,7 +117,7 @@ def dataset(tiny_sudoku: Path) -> Path:
 def node_cmd(node: Node, host: Node, run_dir: Path, data: Path, *overrides: str) -> list[str]:
     """This node's `hrm-mega launch ... --this-node`, run inside its namespace."""
     return [
-        "ip", "netns", "exec", node.netns, sys.executable, "-m", "pipelines.launch", RECIPE,
+        "ip", "netns", "exec", node.netns, sys.executable, "-m", "hrm_mega.entry.launch", RECIPE,
         "--nodes", "2", "--procs-per-node", "1", "--master-addr", host.addr, "--master-port", str(PORT),
         "--local-addr", node.addr, "--socket-ifname", node.ifname, "--this-node",
         *sets(run_dir, data, *overrides),

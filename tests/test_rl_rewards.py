@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.common import item_rng
-from data_prep.corpus import generate_documents
-from data_prep.maze import Spec as MazeSpec
-from data_prep.maze import generate as generate_maze
-from data_prep.sudoku_solver import generate as generate_sudoku
+from hrm_mega.prep.common import item_rng
+from hrm_mega.prep.corpus import generate_documents
+from hrm_mega.prep.maze import Spec as MazeSpec
+from hrm_mega.prep.maze import generate as generate_maze
+from hrm_mega.prep.sudoku_solver import generate as generate_sudoku
 from hrm_mega.rl import rewards
 from hrm_mega.rl.rewards import (
     RewardError,

@@ -17,10 +17,10 @@ import torch
 from conftest import module_cmd, sigkill_after_step
 from test_lm_training import TINY_LM
 
-from data_prep.text import train_tokenizer
 from hrm_mega.config import ConfigError, load_config
 from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
+from hrm_mega.prep.text import train_tokenizer
 from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rollout import lm_policy, lm_rollout
 from hrm_mega.training.tasks.rl import (
@@ -268,7 +268,7 @@ def rl_cmd(
 ) -> list[str]:
     args = [str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume]
     args += ["--init", str(init)] if init is not None else []
-    return module_cmd("pipelines.posttrain_rl", args, nproc)
+    return module_cmd("hrm_mega.entry.posttrain_rl", args, nproc)
 
 
 def puzzle_cmd(run_dir: Path, init: tuple[Path, Path], *overrides: str, **kw) -> list[str]:
@@ -464,7 +464,7 @@ def test_sigkill_then_resume_gives_identical_losses(workdir: Path, puzzle_init, 
 def test_rl_demo_builds_pretrains_post_trains_and_then_reuses(tmp_path: Path) -> None:
     """`make demo-rl` end to end at toy lengths: data, pretraining, GRPO, the report; a second run reuses
     the dataset and the pretrained model."""
-    cmd = [sys.executable, "-m", "pipelines.rl_demo", "--data", str(tmp_path / "data"),
+    cmd = [sys.executable, "-m", "hrm_mega.entry.rl_demo", "--data", str(tmp_path / "data"),
            "--pretrain-out", str(tmp_path / "pre"), "--out", str(tmp_path / "rl"),
            "--pretrain-set", "train.steps=3", "--pretrain-set", "log.wandb=disabled",
            "--set", "train.steps=2", "--set", "rl.eval_prompts=8", "--set", "log.wandb=disabled"]  # fmt: skip
@@ -476,4 +476,4 @@ def test_rl_demo_builds_pretrains_post_trains_and_then_reuses(tmp_path: Path) ->
     assert "change in exact accuracy" in first.stdout
     again = subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "reusing the pretrained model" in again.stdout and "data_prep corpus" not in again.stdout
+    assert "reusing the pretrained model" in again.stdout and "hrm_mega.prep corpus" not in again.stdout

@@ -271,7 +271,7 @@ def test_two_ranks_on_two_nodes_checkpoint_on_usr1_requeue_and_complete(cluster,
     final checkpoint of both ranks."""
     run_dir = tmp_path / "run"
     submit = subprocess.run(
-        [sys.executable, "-m", "pipelines.launch", "--launcher", "slurm", "--nodes", "2", "--procs-per-node",
+        [sys.executable, "-m", "hrm_mega.entry.launch", "--launcher", "slurm", "--nodes", "2", "--procs-per-node",
          "1", str(RECIPE), *sets(*TINY, f"data.path={tiny_sudoku}", f"log.out_dir={run_dir}")],
         env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""SampleStream on a text dataset built by `data_prep text`: batch layout and its consistency with the
+"""SampleStream on a text dataset built by `hrm-mega prep text`: batch layout and its consistency with the
 shards, rank partitioning, exact resume, evaluation passes, and rejected augmentation / malformed rows."""
 
 import json
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.cli import main
-from data_prep.common import read_samples
 from hrm_mega.data import DataFormatError, SampleStream, iterate_split
 from hrm_mega.data.decode import CorruptDataWarning
 from hrm_mega.data.shards import ShardWriter, read_manifest, write_manifest
+from hrm_mega.prep.cli import main
+from hrm_mega.prep.common import read_samples
 
 SEQ = 32
 TEXT_KEYS = {"input_ids", "labels", "position_ids", "doc_ids", "sample_id", "epoch"}

@@ -28,9 +28,11 @@ def env() -> dict[str, str]:
 
 
 def pretrain_cmd(recipe: Path, overrides: list[str], nproc: int = 1, resume: str = "auto") -> list[str]:
-    """pipelines.pretrain with --set overrides: one process, or nproc ranks under torchrun."""
+    """hrm_mega.entry.pretrain with --set overrides: one process, or nproc ranks under torchrun."""
     return module_cmd(
-        "pipelines.pretrain", [str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume], nproc
+        "hrm_mega.entry.pretrain",
+        [str(recipe), *[f"--set={o}" for o in overrides], "--resume", resume],
+        nproc,
     )
 
 

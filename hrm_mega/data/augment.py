@@ -1,4 +1,4 @@
-"""Puzzle augmentations, shared by the shard builders (data_prep) and the on-the-fly loader path.
+"""Puzzle augmentations, shared by the shard builders (hrm_mega.prep) and the on-the-fly loader path.
 
 Every function is a pure function of its arrays and an explicit numpy Generator: no global RNG state.
 Token layouts are the HRM ones (docs/data_format.md):

@@ -249,7 +249,7 @@ def maze_path_length(*, tokens: torch.Tensor, inputs: torch.Tensor, **_: Any) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# Text (data_prep/corpus.py: one task per line, e.g. "4821+37=4858"; the prompt ends with "=")
+# Text (hrm_mega/prep/corpus.py: one task per line, e.g. "4821+37=4858"; the prompt ends with "=")
 # --------------------------------------------------------------------------------------------------
 
 _ARITHMETIC = re.compile(r"(\d+)([+\-*])(\d+)=\s*$")

@@ -5,8 +5,9 @@ Token layout (HRM's): 0 PAD, 1 blank, 2-10 digits 1-9; seq_len 81, vocab 11, one
 puzzle (hrm_mega.data.augment.sudoku_augment), each its own sample with the original's group_id.
 The train split is written in a seeded random order (common.write_order); test keeps index order.
 
-    python -m data_prep sudoku --out data/sudoku --train 1000 --test 200 --min-givens 22 --max-givens 28
-    python -m data_prep sudoku --out data/sx --from-csv train.csv --test-csv test.csv --train 1000 --num-aug 1000
+    python -m hrm_mega.prep sudoku --out data/sudoku --train 1000 --test 200 --min-givens 22 --max-givens 28
+    python -m hrm_mega.prep sudoku --out data/sx --from-csv train.csv --test-csv test.csv --train 1000 \
+        --num-aug 1000
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from hrm_mega.data.augment import sudoku_augment
+from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
     DatasetWriter,
@@ -35,8 +37,7 @@ from data_prep.common import (
     write_order,
     write_split,
 )
-from data_prep.sudoku_solver import GenerationError, generate
-from hrm_mega.data.augment import sudoku_augment
+from hrm_mega.prep.sudoku_solver import GenerationError, generate
 
 TASK = "sudoku"
 BUILDER_VERSION = "1"
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
             "min_givens": lo,
             "max_givens": hi,
             "min_rating": spec.min_rating,
-            "rating": "solver guesses to exhaust the search (data_prep.sudoku_solver.rate)",
+            "rating": "solver guesses to exhaust the search (hrm_mega.prep.sudoku_solver.rate)",
         }
     else:
         spec = Spec(args.seed, args.num_aug)

@@ -11,7 +11,7 @@ is unique and at least `--min-path-len` moves long (redrawing S, then the maze, 
 
 The train split is written in a seeded random order (common.write_order); test keeps index order.
 
-    python -m data_prep maze --out data/maze --train 1000 --test 200 --min-path-len 110 --aug
+    python -m hrm_mega.prep maze --out data/maze --train 1000 --test 200 --min-path-len 110 --aug
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from hrm_mega.data.augment import dihedral_transform
+from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
     DatasetWriter,
@@ -41,7 +42,6 @@ from data_prep.common import (
     write_order,
     write_split,
 )
-from hrm_mega.data.augment import dihedral_transform
 
 TASK = "maze"
 BUILDER_VERSION = "1"

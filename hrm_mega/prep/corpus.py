@@ -7,14 +7,14 @@ Each document is one task instance on one line, for example
     count a: abcab -> 2   parity: 1 0 1 1 -> 1
 
 written to DIR/train.txt and DIR/test.txt (UTF-8, one document per line), the input format of
-`python -m data_prep text`. Every document draws its task uniformly from TASKS, or from the subset
+`python -m hrm_mega.prep text`. Every document draws its task uniformly from TASKS, or from the subset
 `--tasks` names; `--max-digits` bounds the arithmetic operands (default 4).
 
 Determinism: split s draws from one `random.Random` seeded by (seed, s), one document after another, so
 the same seed gives the same bytes and `--docs 100` is a prefix of `--docs 200`. The splits come from
 different streams; short tasks (a 2-bit parity) can occur in both, which is fine for a demo corpus.
 
-    python -m data_prep corpus --out data/corpus --docs 20000 --seed 0
+    python -m hrm_mega.prep corpus --out data/corpus --docs 20000 --seed 0
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data_prep.common import SPLITS, DataPrepError, non_negative_int
+from hrm_mega.prep.common import SPLITS, DataPrepError, non_negative_int
 
 
 def _number(rng: random.Random, max_digits: int) -> int:

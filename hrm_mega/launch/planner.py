@@ -4,7 +4,7 @@ or sbatch, with the environment defaults every rank needs.
 `hrm-mega launch` prints a plan (--dry-run) or runs it; docs/launching.md shows the same text (a test
 compares them). A plan is a small shell script: comments, `export NAME=${NAME:-default}` lines (a value
 already set wins) and the command. The defaults are shell expressions, so a printed plan is right on
-whichever node runs it. Nothing here starts a process: pipelines/launch.py does.
+whichever node runs it. Nothing here starts a process: hrm_mega/entry/launch.py does.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from hrm_mega import distributed
 from hrm_mega.config import Config, load_config
-from launch import LaunchError
-from launch.hosts import deepspeed_hostfile, expand_hostlist
+from hrm_mega.launch import LaunchError
+from hrm_mega.launch.hosts import deepspeed_hostfile, expand_hostlist
+from hrm_mega.resources import slurm_scripts_dir
 
 LAUNCHERS = ("torchrun", "deepspeed", "slurm")
 DEFAULT_PORT = 29500
@@ -28,7 +29,8 @@ DEFAULT_PORT = 29500
 # The sbatch scripts get USR1 120 s before the time limit (--signal=B:USR1@120) and turn it into SIGTERM
 # for the ranks: 90 s leaves slack.
 DEFAULT_SHUTDOWN_TIMEOUT = 90
-SLURM_SCRIPTS = Path(__file__).resolve().parent / "slurm"
+PRETRAIN_ENTRY = "hrm_mega.entry.pretrain"  # the modules the ranks run (--entry)
+RL_ENTRY = "hrm_mega.entry.posttrain_rl"
 WIDTH = 104  # printed commands are wrapped (with `\`) at option boundaries to this width
 
 
@@ -48,7 +50,7 @@ class LaunchRequest:
     max_restarts: int = 0
     rdzv_id: str = ""  # default: the run directory's name
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
-    entry: str = "pipelines.pretrain"
+    entry: str = PRETRAIN_ENTRY
     local_addr: str = ""  # torchrun: the address this node advertises (default: its hostname)
     rdzv_host_is_this_node: bool = False  # torchrun: this node hosts the rendezvous store
     socket_ifname: str = ""  # the network interface gloo and NCCL connect over (default: their pick)
@@ -101,7 +103,7 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
         raise LaunchError(f"--entry {request.entry}: no such module")
     _check_network_options(request)
     config = load_config(request.config, list(request.overrides))
-    layout = check_layout(config, request.nodes, request.procs_per_node)
+    layout = check_launch_layout(config, request.nodes, request.procs_per_node)
     if request.launcher == "slurm":
         return _plan_slurm(request, layout)
     if request.launcher == "deepspeed":
@@ -109,8 +111,9 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
     return _plan_torchrun(request, config, layout, environ)
 
 
-def check_layout(config: Config, nodes: int, procs_per_node: int) -> str:
-    """Nodes x processes must fill whole tensor x pipeline groups; returns the layout in words."""
+def check_launch_layout(config: Config, nodes: int, procs_per_node: int) -> str:
+    """Checks that nodes x processes per node fill whole tensor x pipeline groups of the config, and that
+    the model splits at that layout; returns the layout in words."""
     tp, pp = config.parallel.tp, config.parallel.pp
     world = nodes * procs_per_node
     if world % (tp * pp):
@@ -228,14 +231,15 @@ def _plan_deepspeed(
 
 
 def _plan_slurm(request: LaunchRequest, layout: str) -> LaunchPlan:
-    """sbatch of launch/slurm/pretrain.sbatch (rl.sbatch for RL runs). The script's arguments are this command's options, so that
-    on the allocation it plans each node's torchrun the same way (the hosts come from Slurm)."""
+    """sbatch of launch/slurm/pretrain.sbatch (rl.sbatch for RL runs; shipped in the wheel, found by
+    hrm_mega.resources). The script's arguments are this command's options, so that on the allocation
+    it plans each node's torchrun the same way (the hosts come from Slurm)."""
     r = request
     if r.master_addr or r.hostfile:
         raise LaunchError(
             "--master-addr and --hostfile do not apply to --launcher slurm; Slurm picks the hosts"
         )
-    script = SLURM_SCRIPTS / ("rl.sbatch" if r.entry == "pipelines.posttrain_rl" else "pretrain.sbatch")
+    script = slurm_scripts_dir() / ("rl.sbatch" if r.entry == RL_ENTRY else "pretrain.sbatch")
     argv = [
         "sbatch", "--nodes", str(r.nodes), "--ntasks-per-node", "1", _display_path(script),
         "--procs-per-node", str(r.procs_per_node), *_changed_options(r), *_entry_args(r),

@@ -1,6 +1,6 @@
 """Text (LM) shards: a SentencePiece tokenizer, tokenization on every core, document-aware packing.
 
-    python -m data_prep text --input corpus/train.txt --test-input corpus/test.txt \
+    python -m hrm_mega.prep text --input corpus/train.txt --test-input corpus/test.txt \
         --vocab-size 512 --seq-len 256 --out data/text
 
 Input: `.jsonl` files hold one JSON object with a string "text" per line (documents may contain
@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from data_prep.common import (
+from hrm_mega.data.shards import ShardInfo, ShardWriter, write_manifest
+from hrm_mega.prep.common import (
     DataPrepError,
     add_common_arguments,
     dataset_rng,
@@ -52,7 +53,6 @@ from data_prep.common import (
     progress,
     write_order,
 )
-from hrm_mega.data.shards import ShardInfo, ShardWriter, write_manifest
 
 TASK = "text"
 BUILDER_VERSION = "1"

@@ -1,4 +1,4 @@
-"""Command line of the shard builders: `python -m data_prep {sudoku,maze,arc,hrm-npy} --out DIR ...`.
+"""Command line of the shard builders: `python -m hrm_mega.prep {sudoku,maze,arc,hrm-npy} --out DIR ...`.
 
 `main(argv)` returns an exit code instead of exiting, so other front ends (`hrm-mega prep ...`) can call
 it. Bad arguments and bad input files give one line on stderr and exit code 2.
@@ -10,11 +10,11 @@ import argparse
 import sys
 from typing import NoReturn
 
-from data_prep import arc, corpus, hrm_npy, maze, sudoku, text
-from data_prep.common import DataPrepError
 from hrm_mega.data.shards import DataFormatError
+from hrm_mega.prep import arc, corpus, hrm_npy, maze, sudoku, text
+from hrm_mega.prep.common import DataPrepError
 
-PROG = "python -m data_prep"
+PROG = "python -m hrm_mega.prep"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ ignore_label_id, num_puzzle_identifiers, sets, ...) and per set name S: `S__inpu
 (numbered across sets). Arrays are memory-mapped and never unpickled. The train split is written in a
 seeded random order (HRM's files keep a puzzle's augmentations together); test keeps file order.
 
-    python -m data_prep hrm-npy --from data/sudoku-extreme-1k-aug-1000 --out data/sx-1k
+    python -m hrm_mega.prep hrm-npy --from data/sudoku-extreme-1k-aug-1000 --out data/sx-1k
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
     DatasetWriter,

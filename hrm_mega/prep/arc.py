@@ -16,7 +16,7 @@ meta.json records task, dihedral, colour_perm and offset, so predictions can be 
 hrm_mega.data.augment.arc_canvas_to_grid and arc_unaugment_grid. The train split is written in a
 seeded random order (common.write_order); the test split in (task, augmentation, pair) order.
 
-    python -m data_prep arc --out data/arc --from-json ARC-AGI/data/training --eval-json \
+    python -m hrm_mega.prep arc --out data/arc --from-json ARC-AGI/data/training --eval-json \
         ARC-AGI/data/evaluation --num-aug 1000 --translate
 """
 
@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.common import (
+from hrm_mega.data.augment import (
+    ARC_CANVAS,
+    arc_augment_grid,
+    arc_grid_to_canvas,
+    random_colour_permutation,
+)
+from hrm_mega.prep.common import (
     DataPrepError,
     DatasetWriter,
     Sample,
@@ -43,12 +49,6 @@ from data_prep.common import (
     positive_int,
     progress,
     write_order,
-)
-from hrm_mega.data.augment import (
-    ARC_CANVAS,
-    arc_augment_grid,
-    arc_grid_to_canvas,
-    random_colour_permutation,
 )
 
 TASK = "arc"

@@ -7,7 +7,7 @@ pick the rendezvous host and write a deepspeed hostfile without scontrol on PATH
 
 from __future__ import annotations
 
-from launch import LaunchError
+from hrm_mega.launch import LaunchError
 
 
 def expand_hostlist(nodelist: str) -> list[str]:

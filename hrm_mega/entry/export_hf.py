@@ -1,0 +1,66 @@
+"""Hugging Face export: `hrm-mega export-hf CKPT OUT [--tokenizer PATH] [--dtype fp32|bf16] [--format F]`.
+
+CKPT is anything `hrm-mega eval` reads: a training checkpoint (runs/.../checkpoints/step-*), a
+consolidated .safetensors file or a model directory. An HRMGemma that computes exactly Gemma 3 becomes a
+plain Gemma3ForCausalLM; anything else ships its modeling code (load it with trust_remote_code=True).
+See docs/checkpoints.md and hrm_mega/convert/hf_export.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hrm_mega.entry.common import run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hrm-mega export-hf", description="export a model for Hugging Face transformers"
+    )
+    p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
+    p.add_argument("out", help="output directory (must not exist, or be empty)")
+    p.add_argument(
+        "--tokenizer",
+        help="SentencePiece tokenizer.model (default: the one next to CKPT or in its data.path)",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the exported weights")
+    p.add_argument(
+        "--format", choices=["auto", "gemma3", "remote"], default="auto",
+        help="auto: plain Gemma3ForCausalLM when the model is exactly Gemma 3, else remote code",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="split the weights into files of at most this size"
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.convert.hf_export import DTYPES, default_tokenizer, export_hf
+
+    model, config = load_model(args.checkpoint)
+    tokenizer = args.tokenizer or default_tokenizer(args.checkpoint, config)
+    report = export_hf(
+        model, config, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype], format=args.format,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
+    how = "" if report.format == "gemma3" else " (remote code: load with trust_remote_code=True)"
+    print(f"wrote {report.out}: {report.architecture}{how}")
+    if report.tokenizer is not None:
+        print(f"tokenizer: {report.tokenizer}")
+    elif config.model.family == "hrm_gemma":
+        print(
+            "no tokenizer: pass --tokenizer PATH/tokenizer.model to include one (none next to CKPT or in data.path)"
+        )
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("export-hf", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Generation entry point: `python -m hrm_mega.entry.generate CKPT --prompt TEXT [--prompt TEXT ...]`.
+
+Loads an HRMGemma from a training checkpoint, a model directory or a consolidated .safetensors file,
+and its SentencePiece tokenizer: --tokenizer, or by default `tokenizer.model` in the dataset directory
+of the checkpoint's config (`data.path`), where text data prep writes it. Prompts run as one batch with
+left padding. The text streams to stdout: each prompt followed by its continuation, one prompt after
+another (the first streams live while later ones are buffered until it is done). A final JSON line
+gives the statistics: new tokens, tokens/s, mean H cycles per block.
+
+Decoding is greedy unless --temperature, --top-k or --top-p is given (then it samples, seeded by --seed).
+--max-cycles caps the H cycles of every CycleBlock (it may exceed the trained model.h_cycles);
+--halt-threshold lets a token stop earlier once its halting head is that confident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from hrm_mega.entry.common import run_main
+
+TOKENIZER = "tokenizer.model"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hrm_mega.entry.generate", description="generate text with an HRMGemma")
+    p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument(
+        "--tokenizer", help=f"SentencePiece model (default: DATA/{TOKENIZER} of the config's data.path)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--greedy", action="store_true", help="argmax decoding (the default without sampling options)"
+    )
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default 1 when sampling)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this probability")
+    p.add_argument("--max-cycles", type=int, help="H cycles per CycleBlock at most (default: model.h_cycles)")
+    p.add_argument("--halt-threshold", type=float, help="stop a token's cycles once P(halt) reaches this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--no-bos", action="store_true", help="do not start the prompts with the tokenizer's BOS")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.inference.generate import left_pad, stream_generate
+    from hrm_mega.models.lm import HRMGemma
+
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if args.greedy and sampling:
+        raise ValueError("--greedy takes no --temperature, --top-k or --top-p")
+    model, config = load_model(args.checkpoint)
+    if not isinstance(model, HRMGemma):
+        raise ValueError(
+            f"{args.checkpoint}: a model.family={config.model.family} model; generation needs hrm_gemma"
+        )
+    tokenizer = load_tokenizer(args.tokenizer, config.data.path)
+    if tokenizer.get_piece_size() > config.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's "
+            f"model.vocab_size={config.model.vocab_size}; is it the model's tokenizer?"
+        )
+    bos = [] if args.no_bos or tokenizer.bos_id() < 0 else [tokenizer.bos_id()]
+    prompts = [bos + tokenizer.encode(text) for text in args.prompt]
+    pad_id = max(tokenizer.pad_id(), 0)
+    input_ids, attention_mask = left_pad(prompts, pad_id=pad_id)
+    eos_id = tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None
+
+    model.eval()
+    printer = TextPrinter(tokenizer, prompts)
+    new_tokens = cycle_sum = 0
+    start = time.perf_counter()
+    steps = stream_generate(
+        model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
+        max_cycles=args.max_cycles, halt_threshold=args.halt_threshold, greedy=not sampling,
+        seed=args.seed, eos_id=eos_id, pad_id=pad_id, vocab_limit=tokenizer.get_piece_size(), **sampling,
+    )  # fmt: skip
+    for step in steps:
+        printer.add(step.tokens, step.active, step.finished)
+        new_tokens += int(step.active.sum())
+        cycle_sum += int(step.cycles.sum())
+    seconds = time.perf_counter() - start
+    printer.close()
+    blocks = len(model.blocks)
+    stats = {
+        "prompts": len(prompts),
+        "tokens": new_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
+        "mean_cycles": round(cycle_sum / (new_tokens * blocks), 4) if new_tokens else None,
+        "max_cycles": args.max_cycles or config.model.h_cycles,
+    }
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+def load_tokenizer(explicit: str | None, data_path: str):  # -> sentencepiece.SentencePieceProcessor
+    import sentencepiece as spm
+
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ValueError(f"--tokenizer {path}: no such file")
+    elif not data_path:
+        raise ValueError(
+            f"no tokenizer: the checkpoint's config has no data.path; pass --tokenizer PATH/{TOKENIZER}"
+        )
+    else:
+        path = Path(data_path) / TOKENIZER
+        if not path.is_file():
+            raise ValueError(
+                f"no tokenizer: {path} does not exist (data.path of the checkpoint's config); "
+                f"pass --tokenizer PATH/{TOKENIZER}"
+            )
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+
+
+class TextPrinter:
+    """Streams every row's prompt + continuation to stdout in prompt order: the earliest unfinished row
+    prints as its tokens arrive, later rows are held back until the rows before them are done.
+
+    Each row's text is decoded whole (prompt + new tokens) and only the part not yet printed is written:
+    SentencePiece pieces carry their leading space, and a byte-fallback character can take several
+    tokens, so decoding tokens one by one would garble both. A trailing incomplete character waits."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = [list(p) for p in prompts]
+        self.done = [False] * len(prompts)
+        self.printed = ""  # what the current row has printed so far
+        self.row = 0
+
+    def add(self, tokens, active, finished) -> None:
+        for r, (token, is_active) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+            if is_active:
+                self.ids[r].append(token)
+        for r, is_done in enumerate(finished.tolist()):
+            self.done[r] = self.done[r] or is_done
+        self._flush()
+
+    def close(self) -> None:
+        self.done = [True] * len(self.done)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.row < len(self.ids):
+            text = self.tokenizer.decode(self.ids[self.row])
+            finished = self.done[self.row]
+            if text.startswith(self.printed) and (finished or not text.endswith("\ufffd")):
+                sys.stdout.write(text[len(self.printed) :])
+                self.printed = text
+            if not finished:
+                break
+            sys.stdout.write("\n")
+            self.row, self.printed = self.row + 1, ""
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("generate", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

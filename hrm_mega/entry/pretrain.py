@@ -1,0 +1,40 @@
+"""Pretraining entry point; started by torchrun, the deepspeed launcher, srun, or `hrm-mega train`.
+
+torchrun --nproc-per-node 2 -m hrm_mega.entry.pretrain configs/puzzle/hrm_sudoku_tiny.yaml \
+    --set train.steps=100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hrm_mega.config import load_config
+from hrm_mega.entry.common import add_config_args, run_main, train_and_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hrm_mega.entry.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--resume", default="auto",
+        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
+    )  # fmt: skip
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from hrm_mega.training.trainer import build_trainer
+
+    config = load_config(args.config, args.overrides)
+    return train_and_report(build_trainer(config, resume=args.resume))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("train", lambda: run(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
