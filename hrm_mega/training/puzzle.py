@@ -32,7 +32,7 @@ from hrm_mega.optim import EMA, SparseSignSGD
 from hrm_mega.training import engine as ds
 from hrm_mega.training.trainer import Trainer, all_finite, all_reduce, eval_batch_size, evaluation
 
-METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
+METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "segments")
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
@@ -135,7 +135,7 @@ class PuzzleTrainer(Trainer):
             "exact_accuracy": m["exact_accuracy"] / count,
             "token_accuracy": m["token_accuracy"] / count,
             "q_halt_accuracy": m["q_halt_accuracy"] / count,
-            "mean_act_steps": m["steps"] / count,
+            "mean_segments": m["segments"] / count,
             "skipped_step": int(not finite),
         }
 
