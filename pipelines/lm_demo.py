@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t0
 
     shutil.rmtree(args.out, ignore_errors=True)
-    from hrm_mega.training.lm import LMTrainer, evaluate_lm, h_cycles_set
+    from hrm_mega.training.lm import LMTrainer, evaluate_lm
 
     print(f"[demo-lm] training {RECIPE.name} for {config.train.steps} steps on the CPU", flush=True)
     t1 = time.perf_counter()
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     model, cycles = trainer.model, config.model.h_cycles
     rows = [(f"held-out, {cycles} cycles (trained)", trained["eval/loss"], trained["eval/mean_cycles"])]
     for more in (cycles + 1, cycles + 2):
-        with h_cycles_set(model, more):
-            m = evaluate_lm(model, config, trainer.world, trainer.ema)
+        m = evaluate_lm(model, config, trainer.world, trainer.ema, cycles=more)
         rows.append((f"held-out, {more} cycles (raised)", m["loss"], m["mean_cycles"]))
     baseline = trained["eval/unigram_baseline"]
     samples = complete_prompts(trainer, data, cycles)

@@ -13,9 +13,7 @@ the uninterrupted one would have.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -116,15 +114,14 @@ class LMTrainer(Trainer):
         # is the same at any DP size; DeepSpeed divides gradients by dp x accumulation, undone here.
         normalizers = self._token_counts(batch)
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        with h_cycles_set(self.model, cycles):
-            chunks = torch.arange(self.local_batch).split(micro)
-            for i, rows in enumerate(chunks):
-                self.start_micro_batch(i, len(chunks))
-                mb = {k: v[rows] for k, v in batch.items()}
-                parts = self.loss(mb, normalizers)
-                if all_finite(parts["loss"]):
-                    self.engine.backward(parts["loss"] * n_micro)
-                sums += _sum_vector(parts, int((mb["labels"][:, 1:] != -100).sum()))
+        chunks = torch.arange(self.local_batch).split(micro)
+        for i, rows in enumerate(chunks):
+            self.start_micro_batch(i, len(chunks))
+            mb = {k: v[rows] for k, v in batch.items()}
+            parts = self.loss(mb, normalizers, cycles)
+            if all_finite(parts["loss"]):
+                self.engine.backward(parts["loss"] * n_micro)
+            sums += _sum_vector(parts, int((mb["labels"][:, 1:] != -100).sum()))
         sums = all_reduce(sums)
         finite = bool(sums[-1] == n_micro)
         grad_norm = self.apply_update(finite)
@@ -153,11 +150,15 @@ class LMTrainer(Trainer):
         labelled, real = all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
         return labelled, real
 
-    def loss(self, mb: dict[str, torch.Tensor], normalizers: tuple[float, float]) -> dict[str, torch.Tensor]:
-        """One micro-batch's share of the step's token-mean losses (lm_loss), plus distillation when a
-        teacher is configured."""
+    def loss(
+        self, mb: dict[str, torch.Tensor], normalizers: tuple[float, float], cycles: int
+    ) -> dict[str, torch.Tensor]:
+        """One micro-batch's share of the step's token-mean losses (lm_loss) at `cycles` H cycles, plus
+        distillation when a teacher is configured (the teacher runs its own config's h_cycles)."""
         c, t = self.config.model, self.config.train
-        logits, aux = self.engine(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
+        logits, aux = self.engine(
+            mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"], cycles=cycles
+        )
         parts = lm_loss(
             logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
         )
@@ -200,20 +201,6 @@ class LMTrainer(Trainer):
 # --- helpers -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def h_cycles_set(model: torch.nn.Module, cycles: int) -> Iterator[None]:
-    """Runs every CycleBlock of the model (or of this pipeline stage) with `cycles` H cycles."""
-    blocks = [m for m in model.modules() if isinstance(m, HaltingCycleBlock)]
-    saved = [b.h_cycles for b in blocks]
-    for b in blocks:
-        b.h_cycles = cycles
-    try:
-        yield
-    finally:
-        for b, n in zip(blocks, saved):
-            b.h_cycles = n
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -238,14 +225,18 @@ def _sum_vector(parts: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_lm(model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None) -> dict[str, float]:
-    """Token-level loss and perplexity on the eval split (every rank takes its share), and the expected
-    cycles the halting heads would spend."""
+def evaluate_lm(
+    model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None, cycles: int | None = None
+) -> dict[str, float]:
+    """Token-level loss and perplexity on the eval split (every rank takes its share) at `cycles` H
+    cycles (default model.h_cycles), and the expected cycles the halting heads would spend."""
     sums = torch.zeros(3, dtype=torch.float64)  # nll sum, labelled tokens, expected-cycles sum over tokens
     with evaluation(model, config, world, ema) as batches:
         for b in batches:
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-            logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            logits, aux = model(
+                b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], cycles=cycles
+            )
             target = labels[:, 1:]
             nll = cross_entropy(logits[:, :-1], target, "softmax").sum()
             tokens = int((target != -100).sum())

@@ -6,7 +6,7 @@ and backward through the stages, sums the tied embedding's gradients, averages o
 replicas and steps the optimizer. Around it, as in LMTrainer:
 
     batch = stream.take(all rows)           every stage reads the batch (cheap; keeps streams in step)
-    N = cycles of this step                 every stage sets it on its own CycleBlocks
+    N = cycles of this step                 part of every micro-batch's inputs (models/lm_pipeline.py)
     normalizers = the step's token counts   so every loss term is a step-global token mean
     engine.train_batch(micro-batches)       the loss is computed on the last stage (PipelineLoss)
     metrics: last stage -> every rank       (one all-reduce; other stages contribute zeros)
@@ -24,9 +24,9 @@ import torch
 
 from hrm_mega.config import ConfigError, LMModelConfig
 from hrm_mega.distributed import pipeline_stage_blocks, pipeline_topology
-from hrm_mega.models.lm_pipeline import build_pipeline_module
+from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
 from hrm_mega.models.vocab import cross_entropy
-from hrm_mega.training.lm import SUM_KEYS, LMTrainer, h_cycles_set
+from hrm_mega.training.lm import SUM_KEYS, LMTrainer
 from hrm_mega.training.trainer import all_reduce, client_optimizer, evaluation
 
 EVAL_KEYS = ("nll", "tokens", "cycles")
@@ -148,10 +148,9 @@ class PipelineLMTrainer(LMTrainer):
         n_micro = self.world.dp_size * math.ceil(self.local_batch / micro)
         self.loss_fn.start(training=True, normalizers=self._token_counts(batch), scale=n_micro)
         micro_batches = [
-            self._pipeline_batch(batch, rows) for rows in torch.arange(self.local_batch).split(micro)
+            self._pipeline_batch(batch, rows, cycles) for rows in torch.arange(self.local_batch).split(micro)
         ]
-        with h_cycles_set(self.model, cycles):
-            self.engine.train_batch(iter(micro_batches))
+        self.engine.train_batch(iter(micro_batches))
         sums = self._from_last_stage(self.loss_fn.sums)
         finite = not self.guard.skipped
         if finite:
@@ -167,12 +166,14 @@ class PipelineLMTrainer(LMTrainer):
         self.step += 1
         return self.step_metrics(sums, cycles, lr, grad_norm, finite)
 
-    def _pipeline_batch(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> tuple:
-        """((input_ids, position_ids, doc_ids, token_mask), labels) for DeepSpeed's loader: the first
-        stage reads the inputs, the last the labels. The mask travels as int64 (pipelines send no bool)."""
+    def _pipeline_batch(self, batch: dict[str, torch.Tensor], rows: torch.Tensor, cycles: int) -> tuple:
+        """(pipeline_inputs, labels) for DeepSpeed's loader: the first stage reads the inputs (with the
+        step's H cycles), the last the labels."""
         mb = {k: v[rows] for k, v in batch.items()}
-        mask = self._token_mask(mb).long()
-        return (mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask), mb["labels"]
+        inputs = pipeline_inputs(
+            mb["input_ids"], mb["position_ids"], mb["doc_ids"], self._token_mask(mb), cycles
+        )
+        return inputs, mb["labels"]
 
     def _from_last_stage(self, sums: torch.Tensor) -> torch.Tensor:
         """The last stage's sums, summed over data-parallel replicas, on every rank."""
@@ -186,7 +187,8 @@ class PipelineLMTrainer(LMTrainer):
         with evaluation(self.model, self.config, self.world, self.ema) as batches:
             for b in batches:
                 labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-                inputs = (b["input_ids"], b["position_ids"], b["doc_ids"], (labels != -100).long())
+                mask, cycles = labels != -100, self.config.model.h_cycles
+                inputs = pipeline_inputs(b["input_ids"], b["position_ids"], b["doc_ids"], mask, cycles)
                 self.engine.eval_batch(
                     iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
                 )
