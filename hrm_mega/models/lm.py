@@ -43,19 +43,19 @@ caps them per row. No call changes what the next one runs, and the outputs repor
 aux["cycles_used"] [G] counts each block's H updates, `infer`'s cycles [G, b, s] each token's.
 
 Inference with per-token halting (`infer`). Each block runs at most max_cycles H cycles (per batch row;
-default config.h_cycles; it may exceed it). After H update n (n = 0, 1, ...) a token stops cycling in the block
-when sigmoid(halt_logit) >= halt_threshold (its row's), or when n + 1 = max_cycles; padding tokens stop
-after their first cycle. A token that stopped ("halted") after c cycles is frozen for the rest of the
-block: its z_H and z_L, and the input of every layer of the block, keep the values of the token's last
-run of that layer. Keys and values are a function of a layer's input and the position, so at every
-later step a halted token offers the keys/values of its last computed step of that layer (L step
-c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to earlier
-positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted. With
-halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and `infer`
-computes exactly `forward` (padding positions differ, but nothing attends to them). A token reads keys
-of positions <= its own only, and whether it halts depends on those positions only, so a sequence gives
-the same logits whether it runs in one call or in chunks (prefill, then one token at a time) against a
-KVCache.
+default config.h_cycles; it may exceed it). After H update n (n = 0, 1, ...) a token stops cycling in
+the block when sigmoid(halt_logit) >= halt_threshold (its row's), or when n + 1 = max_cycles; padding
+tokens stop after their first cycle. A token that stopped ("halted") after c cycles is frozen for the
+rest of the block: its z_H and z_L, and the input of every layer of the block, keep the values of the
+token's last run of that layer. Keys and values are a function of a layer's input and the position, so
+at every later step a halted token offers the keys/values of its last computed step of that layer (L
+step c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to
+earlier positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted.
+With halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and
+`infer` computes exactly `forward` (padding positions differ, but nothing attends to them). A token
+reads keys of positions <= its own only, and whether it halts depends on those positions only, so a
+sequence gives the same logits whether it runs in one call or in chunks (prefill, then one token at a
+time) against a KVCache.
 
 Document-causal masking. Packed training rows hold several documents; `forward(doc_ids=...)` lets a
 token attend only to earlier tokens of its own document (a document is a maximal run of equal ids in the
