@@ -5,7 +5,7 @@ precision, on `--threads` cores. Three sections, each over the cycle counts of `
 
 1. train: a bare PyTorch loop, no trainer: forward on a synthetic packed batch (documents of random
    length, document-causal masking via doc_ids), lm_loss (CE + halting BCE + compute cost), backward,
-   gradient clipping, AdamW. N = the H cycles of every CycleBlock (model.h_cycles for the step). Each
+   gradient clipping, AdamW. N = the H cycles of every CycleBlock (forward(cycles=N)). Each
    figure is the mean of --steps timed steps after --warmup steps.
    MFU = counted FLOPs per second / the best large-square-matmul rate measured in this process (same
    dtype, same threads). FLOPs counted (train_step_flops): the matmuls a step executes, 2 per multiply-add:
@@ -42,6 +42,7 @@ precision, on `--threads` cores. Three sections, each over the cycle counts of `
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +55,6 @@ from hrm_mega.config import Config, LMModelConfig, load_config
 from hrm_mega.inference.generate import left_pad, stream_generate
 from hrm_mega.inference.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma, document_starts, lm_loss
-from hrm_mega.training.tasks.lm import h_cycles_set
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -143,8 +143,8 @@ def train_section(args: argparse.Namespace, config: Config, dtype: torch.dtype, 
     )
     batch = packed_batch(args.batch, args.seq_len, c.vocab_size, torch.Generator().manual_seed(0))
 
-    def step() -> None:
-        logits, aux = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+    def step(cycles: int) -> None:
+        logits, aux = model(batch["input_ids"], doc_ids=batch["doc_ids"], cycles=cycles)
         lm_loss(logits, batch["labels"], aux, c)["loss"].backward()
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -157,8 +157,7 @@ def train_section(args: argparse.Namespace, config: Config, dtype: torch.dtype, 
           f"{args.steps} timed steps")  # fmt: skip
     print(f"{'N':>3} {'layers/token':>12} {'ms/step':>9} {'tok/s':>9} {'GFLOP/step':>11} {'MFU':>6}")
     for cycles in args.cycles:
-        with h_cycles_set(model, cycles):
-            seconds = time_steps(step, args.steps, args.warmup)
+        seconds = time_steps(functools.partial(step, cycles), args.steps, args.warmup)
         flops = train_step_flops(c, cycles, args.batch, args.seq_len)
         runs = layer_runs_per_token(c, cycles)
         print(f"{cycles:>3} {runs:>12} {seconds * 1e3:>9.0f} {tokens / seconds:>9.0f} "

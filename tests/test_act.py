@@ -176,7 +176,7 @@ def test_stablemax_and_losses_by_hand(tiny_config):
     ce = token_cross_entropy(logits, labels, "softmax").mean(-1).mean()
     bce = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2  # targets: solved=1, unsolved=0
     assert math.isclose(loss.item(), ce.item() + 0.5 * bce, rel_tol=1e-5)
-    assert m["count"] == 2 and m["exact_accuracy"] == 1 and m["steps"] == 8
+    assert m["count"] == 2 and m["exact_accuracy"] == 1 and m["segments"] == 8
     assert math.isclose(m["token_accuracy"].item(), 1.5)
     assert m["q_halt_accuracy"] == 2  # q_halt >= 0 exactly for the solved row
 
@@ -188,7 +188,7 @@ def test_metrics_count_only_halted_rows(tiny_config):
     _, m = act_loss(
         tiny_config, out, labels, halted=torch.tensor([True, False, False]), steps=torch.tensor([1, 2, 3])
     )
-    assert m["count"] == 1 and m["steps"] == 1
+    assert m["count"] == 1 and m["segments"] == 1
 
 
 def test_fixed_evaluation_runs_exactly_halt_max_steps(tiny_config):

@@ -85,12 +85,8 @@ def test_uniform_halting_equals_fewer_trained_cycles() -> None:
             block.halt_head.bias.fill_(30.0)  # P(halt) = 1 - 1e-13 for every token
         one_cycle, cycles = model.infer(ids, max_cycles=4, halt_threshold=0.99)
         four_cycles, _ = model.infer(ids, max_cycles=4)
-        for block in model.blocks.values():
-            block.h_cycles = 1
-        assert max_diff(one_cycle, model(ids)[0]) < 1e-6
-        for block in model.blocks.values():
-            block.h_cycles = 4
-        assert max_diff(four_cycles, model(ids)[0]) < 1e-6
+        assert max_diff(one_cycle, model(ids, cycles=1)[0]) < 1e-6
+        assert max_diff(four_cycles, model(ids, cycles=4)[0]) < 1e-6
     assert bool((cycles == 1).all())
 
 

@@ -77,7 +77,7 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
     import torch
 
     from hrm_mega.training.engine import World
-    from hrm_mega.training.tasks.lm import evaluate_lm, h_cycles_set
+    from hrm_mega.training.tasks.lm import evaluate_lm
 
     if args.mode != "fixed" or args.predictions:
         raise ValueError("--mode adaptive and --predictions apply to puzzle models, not HRMGemma")
@@ -87,8 +87,7 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
                     eval_max_samples=args.max_samples)  # fmt: skip
     world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
     cycles = args.cycles or config.model.h_cycles
-    with h_cycles_set(model, cycles):
-        metrics = evaluate_lm(model, replace(config, train=train), world)
+    metrics = evaluate_lm(model, replace(config, train=train), world, cycles=cycles)
     print(json.dumps({"split": config.data.eval_split, "cycles": cycles, **metrics}), flush=True)
     return 0
 

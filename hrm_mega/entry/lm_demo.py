@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     t_data = time.perf_counter() - t0
 
     shutil.rmtree(args.out, ignore_errors=True)
-    from hrm_mega.training.tasks.lm import evaluate_lm, h_cycles_set
+    from hrm_mega.training.tasks.lm import evaluate_lm
     from hrm_mega.training.trainer import build_trainer
 
     print(f"[demo-lm] training {RECIPE.name} for {config.train.steps} steps on the CPU", flush=True)
@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     model, cycles = trainer.model, config.model.h_cycles
     rows = [(f"held-out, {cycles} cycles (trained)", trained["eval/loss"], trained["eval/mean_cycles"])]
     for more in (cycles + 1, cycles + 2):
-        with h_cycles_set(model, more):
-            m = evaluate_lm(model, config, trainer.world, trainer.ema)
+        m = evaluate_lm(model, config, trainer.world, trainer.ema, cycles=more)
         rows.append((f"held-out, {more} cycles (raised)", m["loss"], m["mean_cycles"]))
     baseline = trained["eval/unigram_baseline"]
     samples = complete_prompts(trainer, data, cycles)

@@ -125,7 +125,7 @@ def stream_generate(
     """Checks the arguments, then returns an iterator of one DecodeStep per new token (module docstring).
 
     input_ids [b, s] prompts with left padding marked by attention_mask [b, s] (1 = token; default: no
-    padding); max_cycles: an int or one per row [b] (default: the model's h_cycles); halt_threshold:
+    padding); max_cycles: an int or one per row [b] (default: model.config.h_cycles); halt_threshold:
     None (no early halting) or a probability, or one per row [b]; vocab_limit: generate only ids below
     it (a tokenizer smaller than the model's padded vocabulary).
     """

@@ -188,7 +188,7 @@ def act_loss(
             "token_accuracy": torch.where(counted, correct.sum(-1) / n_valid.clamp_min(1), 0).sum(),
             "exact_accuracy": (counted & seq_correct).sum(),
             "q_halt_accuracy": (counted & ((out.q_halt >= 0) == seq_correct)).sum(),
-            "steps": torch.where(counted, steps, 0).sum(),
+            "segments": torch.where(counted, steps, 0).sum(),  # ACT segments of the counted rows
         }
     b = labels.shape[0]
     lm_loss = (token_cross_entropy(out.logits, labels, config.loss).sum(-1) / n_valid.clamp_min(1)).sum() / b

@@ -7,7 +7,7 @@ with L = the k local layers and H = the global layer:
     x = embed(ids) * sqrt(hidden)                              # scale cast to the weight dtype, as Gemma
     for each group g = 0..G-1:                                 # G = num_layers // (k+1)
         z_H = z_L = 0
-        repeat N = h_cycles times:
+        repeat N = cycles times:                               # forward's argument, default h_cycles
             repeat T = l_cycles times:  z_L = L_g(x + g_LL * z_L + g_LH * z_H)
             z_H = H_g(z_L + g_HH * z_H)
             halt_logit[g, n] = halt_head_g(rmsnorm(z_H))       # "would another cycle change z_H?"
@@ -37,20 +37,25 @@ That is the decision the head makes at inference, and it is defined for every cy
 expected fraction of optional cycles run if a token stops when the head fires) to the next-token loss;
 see `lm_loss`. Training forwards (`forward`) run all N cycles in every block.
 
+Cycles are an argument, never state. `forward(..., cycles=N)` runs N H cycles in every block (default:
+config.h_cycles; training may draw N per step, evaluation may raise it), and `infer(..., max_cycles=)`
+caps them per row. No call changes what the next one runs, and the outputs report what ran:
+aux["cycles_used"] [G] counts each block's H updates, `infer`'s cycles [G, b, s] each token's.
+
 Inference with per-token halting (`infer`). Each block runs at most max_cycles H cycles (per batch row;
-it may exceed the trained h_cycles). After H update n (n = 0, 1, ...) a token stops cycling in the block
-when sigmoid(halt_logit) >= halt_threshold (its row's), or when n + 1 = max_cycles; padding tokens stop
-after their first cycle. A token that stopped ("halted") after c cycles is frozen for the rest of the
-block: its z_H and z_L, and the input of every layer of the block, keep the values of the token's last
-run of that layer. Keys and values are a function of a layer's input and the position, so at every
-later step a halted token offers the keys/values of its last computed step of that layer (L step
-c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to earlier
-positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted. With
-halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and `infer`
-computes exactly `forward` (padding positions differ, but nothing attends to them). A token reads keys
-of positions <= its own only, and whether it halts depends on those positions only, so a sequence gives
-the same logits whether it runs in one call or in chunks (prefill, then one token at a time) against a
-KVCache.
+default config.h_cycles; it may exceed it). After H update n (n = 0, 1, ...) a token stops cycling in
+the block when sigmoid(halt_logit) >= halt_threshold (its row's), or when n + 1 = max_cycles; padding
+tokens stop after their first cycle. A token that stopped ("halted") after c cycles is frozen for the
+rest of the block: its z_H and z_L, and the input of every layer of the block, keep the values of the
+token's last run of that layer. Keys and values are a function of a layer's input and the position, so
+at every later step a halted token offers the keys/values of its last computed step of that layer (L
+step c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to
+earlier positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted.
+With halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and
+`infer` computes exactly `forward` (padding positions differ, but nothing attends to them). A token
+reads keys of positions <= its own only, and whether it halts depends on those positions only, so a
+sequence gives the same logits whether it runs in one call or in chunks (prefill, then one token at a
+time) against a KVCache.
 
 Document-causal masking. Packed training rows hold several documents; `forward(doc_ids=...)` lets a
 token attend only to earlier tokens of its own document (a document is a maximal run of equal ids in the
@@ -105,7 +110,8 @@ class HaltingCycleBlock(CycleBlock):
     """A gated CycleBlock around one local-global group that reads a halting head after every H update.
 
     It starts from a zero state on every call: a language model's sequence is one segment, so no carry
-    crosses calls. Its forward therefore takes (x, ctx) and returns the halting readouts besides z_H.
+    crosses calls. Its forward therefore takes (x, ctx, cycles) and returns the halting readouts besides
+    z_H: one reading per H update that ran.
     """
 
     def __init__(
@@ -114,7 +120,6 @@ class HaltingCycleBlock(CycleBlock):
         H: BlockStack,
         *,
         hidden_size: int,
-        h_cycles: int,
         l_cycles: int,
         grad_mode: str,
         injection: str,
@@ -122,8 +127,7 @@ class HaltingCycleBlock(CycleBlock):
         eps: float,
     ) -> None:
         super().__init__(
-            L, H, hidden_size=hidden_size, h_cycles=h_cycles, l_cycles=l_cycles, grad_mode=grad_mode,
-            injection=injection,
+            L, H, hidden_size=hidden_size, l_cycles=l_cycles, grad_mode=grad_mode, injection=injection,
         )  # fmt: skip
         self.halt_tolerance, self.eps = halt_tolerance, eps
         self.recompute = False  # activation checkpointing: keep only the input, recompute in backward
@@ -132,9 +136,9 @@ class HaltingCycleBlock(CycleBlock):
         set_init(self.halt_head.bias, "constant", 0.0)
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, ctx: SeqContext
+        self, x: torch.Tensor, ctx: SeqContext, cycles: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [b, s, h] -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s] bool)."""
+        """x: [b, s, h], N = cycles -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s])."""
         halt_logits, converged = [], []
         previous: list[torch.Tensor] = []
 
@@ -145,7 +149,7 @@ class HaltingCycleBlock(CycleBlock):
             previous[:] = [z_H.detach()]
 
         zeros = torch.zeros_like(x)
-        z_H, _ = super().forward(x, Carry(zeros, zeros), ctx, after_slow_update=read_halting)
+        z_H, _ = super().forward(x, Carry(zeros, zeros), ctx, cycles, after_slow_update=read_halting)
         converged_t = (
             torch.stack(converged) if converged else x.new_zeros((0, *x.shape[:2]), dtype=torch.bool)
         )
@@ -304,8 +308,10 @@ class HRMGemma(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        cycles: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Causal LM forward (training semantics: every block runs all N cycles).
+        """Causal LM forward (training semantics: every block runs all N = `cycles` H cycles, default
+        config.h_cycles).
 
         input_ids [b, s], or inputs_embeds [b, s, h] (already scaled, e.g. text embeddings with image
         features spliced in); position_ids [b, s] or [s] (default 0..s-1, or restarting at every document
@@ -314,19 +320,20 @@ class HRMGemma(nn.Module):
         position id.
 
         Returns logits [b, s, vocab] and aux: halt_logits [G, N, b, s] (fp32), converged [G, N-1, b, s]
-        (the halting targets), cycles_used [G] (H cycles each block ran), and values [b, s] (fp32) with
-        the value head.
+        (the halting targets), cycles_used [G] long (the H updates each block ran, counted from its
+        halting readings), and values [b, s] (fp32) with the value head.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HRMGemma.forward: pass exactly one of input_ids or inputs_embeds")
+        cycles = self.config.h_cycles if cycles is None else int(cycles)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         ctx = self.seq_context(x, position_ids, attention_mask, doc_ids)
         halt_logits, converged = [], []
         for block in self.blocks.values():
             if block.recompute and torch.is_grad_enabled():
-                x, block_halt, block_converged = checkpoint(block, x, ctx, use_reentrant=False)
+                x, block_halt, block_converged = checkpoint(block, x, ctx, cycles, use_reentrant=False)
             else:
-                x, block_halt, block_converged = block(x, ctx)
+                x, block_halt, block_converged = block(x, ctx, cycles)
             halt_logits.append(block_halt)
             converged.append(block_converged)
         if self.tail is not None:
@@ -335,7 +342,7 @@ class HRMGemma(nn.Module):
         aux = {
             "halt_logits": torch.stack(halt_logits),
             "converged": torch.stack(converged),
-            "cycles_used": torch.full((len(self.blocks),), self.config.h_cycles, dtype=torch.long),
+            "cycles_used": torch.tensor([h.shape[0] for h in halt_logits], dtype=torch.long),
         }
         if self.value_head is not None:
             aux["values"] = self.value_head(hidden).squeeze(-1).float()
@@ -357,7 +364,7 @@ class HRMGemma(nn.Module):
         positions after the cached ones (a prompt, a chunk of one, or one new token per row); the cache
         is read and extended. attention_mask [b, s] (1 = token, 0 = padding) for these positions;
         position_ids [b, s] or [s] (default: continuing after the cache); max_cycles: an int or one per
-        row [b], >= 1 (default: the blocks' h_cycles); halt_threshold: None (no early halting) or a
+        row [b], >= 1 (default: config.h_cycles); halt_threshold: None (no early halting) or a
         probability in (0, 1], or one per row [b].
 
         Returns logits [b, s, vocab] and cycles [G, b, s]: the H cycles each block ran for each token.
@@ -393,7 +400,7 @@ class HRMGemma(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`infer`'s max_cycles and halt_threshold as checked per-row tensors: [b] long, [b] fp32 or None."""
         if max_cycles is None:
-            max_cycles = next(iter(self.blocks.values())).h_cycles
+            max_cycles = self.config.h_cycles
         cycles = per_row(max_cycles, batch, "max_cycles", torch.long, device)
         if bool((cycles < 1).any()):
             raise ValueError(f"max_cycles={cycles.tolist()} must be >= 1")
@@ -435,8 +442,8 @@ def halting_block(config: LMModelConfig) -> HaltingCycleBlock:
     L = BlockStack([gemma_layer(c, "local") for _ in range(c.local_per_global)])
     H = BlockStack([gemma_layer(c, "global")])
     return HaltingCycleBlock(
-        L, H, hidden_size=c.hidden_size, h_cycles=c.h_cycles, l_cycles=c.l_cycles, grad_mode=c.grad_mode,
-        injection=c.injection, halt_tolerance=c.halt_tolerance, eps=c.rms_norm_eps,
+        L, H, hidden_size=c.hidden_size, l_cycles=c.l_cycles, grad_mode=c.grad_mode, injection=c.injection,
+        halt_tolerance=c.halt_tolerance, eps=c.rms_norm_eps,
     )  # fmt: skip
 
 

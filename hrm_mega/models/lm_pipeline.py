@@ -10,7 +10,7 @@ first and the trailing local layers, final norm and LM head (tied to the embeddi
 DeepSpeed sums the two copies' gradients) with the last. A CycleBlock runs whole, all its cycles, inside
 its stage. What crosses a stage boundary is one tuple of tensors:
 
-    (packed [b*s*h + k], position_ids [b, s], doc_ids [b, s], token_mask [b, s] int)
+    (packed [b*s*h + k], position_ids [b, s], doc_ids [b, s], token_mask [b, s] int, cycles [1] int)
 
 packed is the hidden state, flattened, followed by the running token sums of each block's halting terms
 (lm.halting_token_sums: BCE, compute cost, expected cycles). The halting logits and targets stay on the
@@ -18,6 +18,12 @@ stage that made them; only these three numbers travel, and their gradient flows 
 state's. They ride inside the hidden tensor because DeepSpeed runs one backward pass per floating-point
 tensor a stage sends: two tensors would run the stage's backward twice. The last stage turns logits and
 sums into the loss (training/lm_pipeline.py).
+
+The number of H cycles N is part of every micro-batch's inputs (`cycles`, a one-element int tensor that
+travels with the positions), not state of the stage modules: DeepSpeed calls each stage's forward itself,
+so an input is the only argument a step can hand it. It needs no schedule-wide agreement (every stage
+reads the N its micro-batch carries), and a call leaves nothing behind that could run the next step, or
+an evaluation, at the wrong N. Integer tensors cost no backward pass.
 
 Every layer initialises its own parameters by their names in HRMGemma (init_parameters with a prefix),
 so a pipeline model holds exactly the weights of HRMGemma(config).init_weights(seed), split by stage.
@@ -45,6 +51,21 @@ from hrm_mega.models.vocab import tied_logits, vocab_embedding
 Activations = tuple[torch.Tensor, ...]
 
 
+def pipeline_inputs(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    doc_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    cycles: int,
+) -> Activations:
+    """A micro-batch's inputs for the first stage: ids, positions, doc_ids [b, s], token_mask [b, s]
+    (sent as int64: pipelines send no bool) and the H cycles N to run in every block."""
+    if cycles < 1:
+        raise ValueError(f"cycles={cycles} (H cycles) must be >= 1")
+    n = torch.tensor([cycles], dtype=torch.long, device=input_ids.device)
+    return input_ids, position_ids, doc_ids, token_mask.long(), n
+
+
 class EmbeddingLayer(nn.Module):
     """First stage: ids -> scaled embeddings. Tied to the last stage's head when embeddings are tied."""
 
@@ -56,8 +77,8 @@ class EmbeddingLayer(nn.Module):
         init_parameters(self, seed)  # names as in HRMGemma: embed_tokens.weight
 
     def forward(self, inputs: Activations) -> Activations:
-        input_ids, position_ids, doc_ids, token_mask = inputs
-        return embed_scaled(self.embed_tokens, input_ids, self.hidden_size), position_ids, doc_ids, token_mask
+        input_ids, *rest = inputs
+        return embed_scaled(self.embed_tokens, input_ids, self.hidden_size), *rest
 
 
 def tied_head(layer: EmbeddingLayer, inputs: Activations) -> Activations:
@@ -78,17 +99,17 @@ class CycleBlockLayer(nn.Module):
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, position_ids, doc_ids, token_mask = inputs
+        x, position_ids, doc_ids, token_mask, cycles = inputs
         sums = None
         if x.dim() == 1:  # packed by the previous CycleBlock (the embedding sends plain hidden states)
             x, sums = unpack(x, position_ids)
         ropes = (self.rope_local, self.rope_global)
         ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
-        x, halt_logits, converged = self.blocks[str(self.index)](x, ctx)
+        x, halt_logits, converged = self.blocks[str(self.index)](x, ctx, int(cycles))
         block_sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
         block_sums = block_sums / self.config.num_groups  # lm_loss averages over blocks
         sums = block_sums if sums is None else sums + block_sums
-        return pack(x, sums), position_ids, doc_ids, token_mask
+        return pack(x, sums), position_ids, doc_ids, token_mask, cycles
 
 
 def pack(hidden: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -121,11 +142,11 @@ class TailLayer(nn.Module):
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        packed, position_ids, doc_ids, token_mask = inputs
+        packed, position_ids, doc_ids, *rest = inputs
         x, sums = unpack(packed, position_ids)
         ropes = (self.rope_local, self.rope_global)
         ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
-        return pack(self.tail(x, None, ctx), sums), position_ids, doc_ids, token_mask
+        return pack(self.tail(x, None, ctx), sums), position_ids, doc_ids, *rest
 
 
 class FinalNormLayer(nn.Module):

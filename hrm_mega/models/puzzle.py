@@ -3,7 +3,7 @@
 One forward call is one ACT segment:
 
     x   = sqrt(h) * [puzzle_emb_prefix ; embed(tokens)]        (+ learned positions, if configured)
-    z_H, carry = CycleBlock(x, carry)                          # N x T recurrent updates
+    z_H, carry = CycleBlock(x, carry, cycles=N)                # N x T recurrent updates (N = h_cycles)
     logits = lm_head(z_H)[:, prefix:]                          # answer tokens
     q_halt, q_continue = q_head(z_H[:, 0])                     # halting Q-values, read at position 0
 
@@ -64,8 +64,8 @@ class RecursiveReasoner(nn.Module):
         L = BlockStack([self._block() for _ in range(c.l_layers)])
         H = None if c.shared_net else BlockStack([self._block() for _ in range(c.h_layers)])
         self.cycle = CycleBlock(
-            L, H, hidden_size=c.hidden_size, h_cycles=c.h_cycles, l_cycles=c.l_cycles,
-            grad_mode=c.grad_mode, injection=c.injection,
+            L, H, hidden_size=c.hidden_size, l_cycles=c.l_cycles, grad_mode=c.grad_mode,
+            injection=c.injection,
         )  # fmt: skip
         self.register_buffer("H_init", set_init(torch.empty(c.hidden_size), "trunc_normal", 1.0))
         self.register_buffer("L_init", set_init(torch.empty(c.hidden_size), "trunc_normal", 1.0))
@@ -122,7 +122,7 @@ class RecursiveReasoner(nn.Module):
             carry.z_H.to(x.dtype), carry.z_L.to(x.dtype)
         )  # compute in the weights' dtype (bf16 runs)
         ctx = SeqContext(ropes={"global": self.rotary() if self.rotary is not None else None})
-        z_H, new_carry = self.cycle(x, carry, ctx)
+        z_H, new_carry = self.cycle(x, carry, ctx, cycles=self.config.h_cycles)
         logits = self.lm_head(z_H)[:, self.prefix_len :]
         q = self.q_head(z_H[:, 0]).float()
         return SegmentOutput(new_carry, logits, q[:, 0], q[:, 1])

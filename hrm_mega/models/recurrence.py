@@ -1,6 +1,6 @@
 """CycleBlock: the HRM/TRM cycle wrapper, one abstraction for every model family.
 
-One segment of reasoning, for N = h_cycles slow updates with T = l_cycles fast updates each:
+One segment of reasoning, for N = `cycles` slow updates with T = l_cycles fast updates each:
 
     repeat N times:
         repeat T times:  z_L = L(z_L + z_H + x)        # fast module, sees the input x
@@ -14,6 +14,10 @@ Which updates are differentiated is the grad mode:
 - last_cycle (TRM): the whole last H cycle, i.e. its T L updates and its H update;
 - full: every update (backprop through the whole segment; for tests and ablations).
 The carry handed back is always detached: segments are separate optimisation problems (deep supervision).
+
+N is an argument of every call, not state of the block: the model passes its config's h_cycles, or
+another count (an LM trained with sampled cycles, evaluation with more cycles), and no call changes what
+the next one runs.
 
 Injection `gated` replaces the fixed sums with learned per-channel gates that start at zero:
 
@@ -57,7 +61,6 @@ class CycleBlock(nn.Module):
         H: BlockStack | None,
         *,
         hidden_size: int,
-        h_cycles: int,
         l_cycles: int,
         grad_mode: str = "one_step",
         injection: str = "add",
@@ -68,10 +71,10 @@ class CycleBlock(nn.Module):
             raise ValueError(f"grad_mode={grad_mode!r} must be one of {GRAD_MODES}")
         if injection not in INJECTIONS:
             raise ValueError(f"injection={injection!r} must be one of {INJECTIONS}")
-        if h_cycles < 1 or l_cycles < 1:
-            raise ValueError(f"h_cycles={h_cycles} and l_cycles={l_cycles} must be >= 1")
+        if l_cycles < 1:
+            raise ValueError(f"l_cycles={l_cycles} must be >= 1")
         self.L, self.H = L, H
-        self.h_cycles, self.l_cycles = h_cycles, l_cycles
+        self.l_cycles = l_cycles
         self.grad_mode, self.injection = grad_mode, injection
         if injection == "gated":
             self.gate_LL = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
@@ -87,27 +90,31 @@ class CycleBlock(nn.Module):
         x: torch.Tensor,
         carry: Carry,
         ctx: SeqContext,
+        cycles: int,
         after_slow_update: Callable[[int, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, Carry]:
-        """Runs one segment. Returns (z_H, new detached carry).
+        """Runs one segment of `cycles` H updates (N). Returns (z_H, new detached carry).
 
         `after_slow_update(n, z_H)`, if given, sees z_H after every H update (e.g. for halting heads)."""
+        if cycles < 1:
+            raise ValueError(f"cycles={cycles} (H cycles) must be >= 1")
         z_H, z_L = carry.z_H, carry.z_L
-        for n in range(self.h_cycles):
+        for n in range(cycles):
+            last = n == cycles - 1
             for t in range(self.l_cycles):
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, t)):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(last, t)):
                     z_L = self._fast_update(x, z_L, z_H, ctx)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(n, None)):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(last, None)):
                 z_H = self._slow_update(z_H, z_L, ctx)
             if after_slow_update is not None:
                 after_slow_update(n, z_H)
         return z_H, Carry(z_H, z_L).detach()
 
-    def _differentiates(self, n: int, t: int | None) -> bool:
-        """Whether update (h-cycle n, l-step t; t=None is the H update) is part of the graph."""
+    def _differentiates(self, last_cycle: bool, t: int | None) -> bool:
+        """Whether update (l-step t of an H cycle, the last one or not; t=None is the H update) is part
+        of the graph."""
         if self.grad_mode == "full":
             return True
-        last_cycle = n == self.h_cycles - 1
         if self.grad_mode == "last_cycle":
             return last_cycle
         return last_cycle and (t is None or t == self.l_cycles - 1)

@@ -36,8 +36,8 @@ of a token is higher than the reported one.
 
 Recomputation (`puzzle_policy`, `lm_policy`, or `recompute_policy` for either) runs the *training*
 forward over the rollouts (for puzzles the same segments; for the LM `model.forward`, which runs every
-block for all h_cycles) and returns the actions' log-probs (with grad when grad is enabled), the
-entropies and, with a value head, the values. Without halting (halt_threshold None, max_cycles =
+block for all model.config.h_cycles) and returns the actions' log-probs (with grad when grad is
+enabled), the entropies and, with a value head, the values. Without halting (halt_threshold None, max_cycles =
 h_cycles) and at top-k 0 / top-p 1 these equal the rollout's log-probs to float rounding; with dynamic
 halting the LM's training forward runs more cycles than decoding did, and `logprob_mismatch` measures
 the difference.

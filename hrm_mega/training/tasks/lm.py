@@ -22,9 +22,7 @@ the uninterrupted one would have.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,7 +38,7 @@ from hrm_mega.distributed import (
     pipeline_topology,
 )
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss, lm_loss_terms
-from hrm_mega.models.lm_pipeline import build_pipeline_module
+from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
@@ -167,13 +165,12 @@ class LMTask(Task):
         normalizers: tuple[float, float], n_micro: int,
     ) -> tuple[dict[str, float], bool, float]:  # fmt: skip
         sums = dict.fromkeys((*LOSS_KEYS, "tokens", "finite"), 0.0)
-        with h_cycles_set(trainer.model, cycles):
-            for i, mb in enumerate(micro_batches):
-                trainer.start_micro_batch(i, len(micro_batches))
-                parts = self.loss(trainer.engine, mb, normalizers)
-                if all_finite(parts["loss"]):
-                    trainer.engine.backward(parts["loss"] * n_micro)
-                _add_micro_batch(sums, parts, int((mb["labels"][:, 1:] != -100).sum()))
+        for i, mb in enumerate(micro_batches):
+            trainer.start_micro_batch(i, len(micro_batches))
+            parts = self.loss(trainer.engine, mb, normalizers, cycles)
+            if all_finite(parts["loss"]):
+                trainer.engine.backward(parts["loss"] * n_micro)
+            _add_micro_batch(sums, parts, int((mb["labels"][:, 1:] != -100).sum()))
         sums = all_reduce_sums(sums)
         finite = sums["finite"] == n_micro
         return sums, finite, trainer.apply_update(finite)
@@ -183,8 +180,7 @@ class LMTask(Task):
         normalizers: tuple[float, float], n_micro: int,
     ) -> tuple[dict[str, float], bool, float]:  # fmt: skip
         self.pipeline_loss.start(normalizers, scale=n_micro)
-        with h_cycles_set(trainer.model, cycles):
-            trainer.engine.train_batch(iter([self._stage_inputs(mb) for mb in micro_batches]))
+        trainer.engine.train_batch(iter([self._stage_inputs(mb, cycles) for mb in micro_batches]))
         sums = self._from_last_stage(trainer, self.pipeline_loss.sums)
         finite = not self.guard.skipped
         trainer.count_update(applied=finite)
@@ -196,11 +192,11 @@ class LMTask(Task):
             grad_norm = float(trainer.engine.get_global_grad_norm())
         return sums, finite, grad_norm
 
-    def _stage_inputs(self, mb: dict[str, torch.Tensor]) -> tuple:
-        """((input_ids, position_ids, doc_ids, token_mask), labels) for DeepSpeed's loader: the first
-        stage reads the inputs, the last the labels. The mask travels as int64 (stages send no bool)."""
-        mask = self._token_mask(mb).long()
-        return (mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask), mb["labels"]
+    def _stage_inputs(self, mb: dict[str, torch.Tensor], cycles: int) -> tuple:
+        """(pipeline_inputs, labels) for DeepSpeed's loader: the first stage reads the inputs (with the
+        step's H cycles), the last the labels."""
+        mask = self._token_mask(mb)
+        return pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles), mb["labels"]
 
     def _from_last_stage(self, trainer: Trainer, sums: dict[str, float]) -> dict[str, float]:
         """The last stage's sums (one rank per TP group counts), summed over replicas, on every rank."""
@@ -222,12 +218,13 @@ class LMTask(Task):
         return counts["labelled"], counts["real"]
 
     def loss(
-        self, model: Any, mb: dict[str, torch.Tensor], normalizers: tuple[float, float]
+        self, model: Any, mb: dict[str, torch.Tensor], normalizers: tuple[float, float], cycles: int
     ) -> dict[str, torch.Tensor]:
-        """One micro-batch's share of the step's token-mean losses (lm_loss), plus distillation when a
-        teacher is configured."""
+        """One micro-batch's share of the step's token-mean losses (lm_loss) at `cycles` H cycles, plus
+        distillation when a teacher is configured (the teacher runs its own config's h_cycles)."""
         c, t = self.config.model, self.config.train
-        logits, aux = model(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
+        ids, positions, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
+        logits, aux = model(ids, position_ids=positions, doc_ids=docs, cycles=cycles)
         parts = lm_loss(
             logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
         )
@@ -267,7 +264,8 @@ class LMTask(Task):
         with evaluation(trainer.model, self.config, trainer.world, trainer.ema) as batches:
             for b in batches:
                 labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-                inputs = (b["input_ids"], b["position_ids"], b["doc_ids"], (labels != -100).long())
+                mask, cycles = labels != -100, self.config.model.h_cycles
+                inputs = pipeline_inputs(b["input_ids"], b["position_ids"], b["doc_ids"], mask, cycles)
                 trainer.engine.eval_batch(
                     iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
                 )
@@ -364,20 +362,6 @@ class StepGuard:
 EVAL_KEYS = ("nll", "tokens", "cycles")
 
 
-@contextlib.contextmanager
-def h_cycles_set(model: torch.nn.Module, cycles: int) -> Iterator[None]:
-    """Runs every CycleBlock of the model (or of this pipeline stage) with `cycles` H cycles."""
-    blocks = [m for m in model.modules() if isinstance(m, HaltingCycleBlock)]
-    saved = [b.h_cycles for b in blocks]
-    for b in blocks:
-        b.h_cycles = cycles
-    try:
-        yield
-    finally:
-        for b, n in zip(blocks, saved):
-            b.h_cycles = n
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -416,14 +400,18 @@ def eval_results(sums: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_lm(model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None) -> dict[str, float]:
-    """Token-level loss and perplexity on the eval split (every rank takes its share), and the expected
-    cycles the halting heads would spend."""
+def evaluate_lm(
+    model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None, cycles: int | None = None
+) -> dict[str, float]:
+    """Token-level loss and perplexity on the eval split (every rank takes its share) at `cycles` H
+    cycles (default model.h_cycles), and the expected cycles the halting heads would spend."""
     sums = dict.fromkeys(EVAL_KEYS, 0.0)
     with evaluation(model, config, world, ema) as batches:
         for b in batches:
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-            logits, aux = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            logits, aux = model(
+                b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], cycles=cycles
+            )
             target = labels[:, 1:]
             tokens = int((target != -100).sum())
             parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)

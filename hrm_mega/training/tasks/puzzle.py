@@ -36,7 +36,7 @@ from hrm_mega.training.task import Task
 if TYPE_CHECKING:
     from hrm_mega.training.trainer import Trainer
 
-METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "steps")
+METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "segments")
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
@@ -129,7 +129,7 @@ class PuzzleTask(Task):
             "exact_accuracy": sums["exact_accuracy"] / count,
             "token_accuracy": sums["token_accuracy"] / count,
             "q_halt_accuracy": sums["q_halt_accuracy"] / count,
-            "mean_act_steps": sums["steps"] / count,
+            "mean_segments": sums["segments"] / count,
             "skipped_step": int(not finite),
         }
 
