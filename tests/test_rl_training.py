@@ -19,8 +19,8 @@ from test_lm_training import TINY_LM, build_text_data
 from test_training import write_random_sudoku
 
 from data_prep.text import train_tokenizer
+from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import ConfigError, load_config
-from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
 from hrm_mega.rl.rollout import lm_policy, lm_rollout
 from hrm_mega.training.rl import (

@@ -92,8 +92,8 @@ def rollout_batch_config(config: Config) -> Config:
 def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
     """Copies train.init_from into `model` strictly, except that a value head the source lacks (PPO on a
     pretrained LM) keeps its fresh initialisation. Returns the keys left fresh."""
-    from hrm_mega.convert.consolidate import load_model
-    from hrm_mega.convert.model_dir import load_state_dict_strict
+    from hrm_mega.checkpoint.consolidate import load_model
+    from hrm_mega.checkpoint.model_dir import load_state_dict_strict
 
     source, source_config = load_model(config.train.init_from)
     if source_config.model.family != config.model.family:

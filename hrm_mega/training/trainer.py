@@ -19,17 +19,17 @@ from typing import Any, NoReturn
 
 import torch
 
+from hrm_mega.checkpoint.atomic import CheckpointManager, read_client_state, resolve_resume, tag_for
+from hrm_mega.checkpoint.model_dir import CheckpointError
+from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
-from hrm_mega.convert.model_dir import CheckpointError
 from hrm_mega.data.shards import read_manifest
 from hrm_mega.data.stream import PuzzleStream, iterate_split
 from hrm_mega.distributed import data_parallel_group, seed_everything, tensor_parallel_group
 from hrm_mega.models import build_model
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
-from hrm_mega.training.checkpoint import CheckpointManager, read_client_state, resolve_resume, tag_for
 from hrm_mega.training.metrics import MetricsLogger, Throughput
-from hrm_mega.training.universal import UNIVERSAL, load_universal, save_universal
 
 
 class TrainingError(ValueError):
@@ -364,7 +364,7 @@ class Trainer(ABC):
 
     def load_checkpoint(self, path: Path) -> None:
         """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
-        the saved one, from the layout-free copy (training/universal.py) otherwise."""
+        the saved one, from the layout-free copy (checkpoint/universal.py) otherwise."""
         first, _ = read_client_state(path, 0)
         for key, value in first["config"]["model"].items():
             if getattr(self.config.model, key) != value:
@@ -442,8 +442,8 @@ def client_optimizer(engine: Any) -> torch.optim.Optimizer:
 def load_init_weights(model: torch.nn.Module, config: Config) -> None:
     """Copies the weights of train.init_from into the freshly built model (strictly: every key, every
     shape). A resumed run then overwrites them with its checkpoint."""
-    from hrm_mega.convert.consolidate import load_model
-    from hrm_mega.convert.model_dir import load_state_dict_strict
+    from hrm_mega.checkpoint.consolidate import load_model
+    from hrm_mega.checkpoint.model_dir import load_state_dict_strict
 
     source, source_config = load_model(config.train.init_from)
     if source_config.model.family != config.model.family:
