@@ -137,9 +137,9 @@ def layer_of(module: str, layers: Sequence[Sequence[str]], package: str) -> int 
     return best
 
 
-def find_cycles(edges: Iterable[Edge]) -> list[list[Edge]]:
-    """One shortest cycle (as its edges) through each strongly connected component of more than one
-    module, in a stable order."""
+def find_cycles(edges: Iterable[Edge]) -> list[tuple[list[Edge], set[str]]]:
+    """For each strongly connected component of more than one module: one shortest cycle through it (as
+    its edges) and all its modules, in a stable order."""
     graph: dict[str, dict[str, Edge]] = {}
     for e in edges:
         if e.source != e.target:
@@ -149,8 +149,8 @@ def find_cycles(edges: Iterable[Edge]) -> list[list[Edge]]:
     for component in _strongly_connected(graph):
         if len(component) > 1:
             start = min(component)
-            cycles.append(_shortest_cycle(graph, start, component))
-    return sorted(cycles, key=lambda c: c[0].source)
+            cycles.append((_shortest_cycle(graph, start, component), component))
+    return sorted(cycles, key=lambda c: c[0][0].source)
 
 
 def _strongly_connected(graph: dict[str, dict[str, Edge]]) -> list[set[str]]:
@@ -234,9 +234,11 @@ def check(
     inside = [e for e in edges if e.target in modules]
     units = [Edge(_unit(e.source, package), _unit(e.target, package), e.file, e.line) for e in inside]
     for kind, cycles in (("import cycle", find_cycles(inside)), ("package cycle", find_cycles(units))):
-        for cycle in cycles:
+        for cycle, component in cycles:
             path = " -> ".join([cycle[0].source] + [e.target for e in cycle])
-            problems.append(f"{kind}: {path} ({', '.join(e.where for e in cycle)})")
+            more = sorted(component - {e.source for e in cycle})
+            also = f"; also in the same cycle group: {', '.join(more)}" if more else ""
+            problems.append(f"{kind}: {path} ({', '.join(e.where for e in cycle)}){also}")
     for module in sorted(modules):
         if layer_of(module, layers, package) is None:
             problems.append(f"{module} is in no layer; add it to the layer order")
