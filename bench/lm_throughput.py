@@ -53,7 +53,7 @@ from train_throughput import matmul_peak  # bench/ is on sys.path when this file
 
 from hrm_mega.config import Config, LMModelConfig, load_config
 from hrm_mega.inference.generate import left_pad, stream_generate
-from hrm_mega.inference.kv_cache import KVCache
+from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma, document_starts, lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from hrm_mega.checkpoint.consolidate import load_model
 from hrm_mega.config import Config, load_config
-from hrm_mega.convert.consolidate import load_model
 from hrm_mega.data.reader import iterate_split
 from hrm_mega.inference.generate import left_pad
 from hrm_mega.models import build_model

@@ -55,7 +55,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from hrm_mega.convert.consolidate import consolidate_checkpoint, save_consolidated
+    from hrm_mega.checkpoint.consolidate import consolidate_checkpoint, save_consolidated
 
     state, config = consolidate_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     out = save_consolidated(state, config, args.out)

@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the field."""
 
 
+def swiglu_intermediate(hidden: int, expansion: float, multiple: int = 256) -> int:
+    """HRM's SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256. Derived from
+    the config alone (the model builds it, and the layout checks need it: tensor parallelism splits it)."""
+    inter = round(expansion * hidden * 2 / 3)
+    return -(inter // -multiple) * multiple
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------

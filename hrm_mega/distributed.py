@@ -113,7 +113,7 @@ def check_layout(config: Config, world_size: int) -> Layout:
 
 def _tp_split_sizes(config: Config) -> dict[str, int]:
     """Model sizes that tensor parallelism splits, by config field name."""
-    from hrm_mega.models.layers import swiglu_intermediate
+    from hrm_mega.config import swiglu_intermediate
 
     m = config.model
     if m.family == "hrm_gemma":

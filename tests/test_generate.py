@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from hrm_mega.checkpoint.consolidate import load_model
+from hrm_mega.checkpoint.model_dir import save_model_dir
 from hrm_mega.config import Config, DataConfig, LMModelConfig, PuzzleModelConfig
-from hrm_mega.convert.consolidate import load_model
-from hrm_mega.convert.model_dir import save_model_dir
 from hrm_mega.inference.generate import generate, left_pad, sample_token, stream_generate
-from hrm_mega.inference.kv_cache import KVCache
+from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
 from hrm_mega.models.puzzle import RecursiveReasoner
 

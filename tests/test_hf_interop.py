@@ -29,11 +29,11 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from hrm_mega.checkpoint.consolidate import load_model
+from hrm_mega.checkpoint.model_dir import save_model_dir
 from hrm_mega.config import Config, DataConfig, LMModelConfig
 from hrm_mega.convert import remote
-from hrm_mega.convert.consolidate import load_model
 from hrm_mega.convert.hf_gemma import hf_config_from
-from hrm_mega.convert.model_dir import save_model_dir
 from hrm_mega.entry import export_hf, import_hf
 from hrm_mega.inference.generate import generate
 from hrm_mega.models.lm import HRMGemma

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from hrm_mega.checkpoint.model_dir import CheckpointError, load_model_dir
 from hrm_mega.cli import main
 from hrm_mega.config import load_config
 from hrm_mega.convert.hrm_official import from_official, import_hrm, read_official, to_official
-from hrm_mega.convert.model_dir import CheckpointError, load_model_dir
 from hrm_mega.models.puzzle import RecursiveReasoner
 
 PREFIX = "_orig_mod.model.inner."

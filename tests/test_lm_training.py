@@ -135,7 +135,7 @@ def test_distillation_from_a_teacher_checkpoint(tiny_text: Path, tmp_path: Path)
 def test_init_from_copies_weights_strictly_and_allows_more_cycles(tmp_path: Path) -> None:
     import torch
 
-    from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
+    from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
     from hrm_mega.models import build_model
     from hrm_mega.training.task import load_init_weights
 

@@ -17,8 +17,8 @@ import torch
 from conftest import module_cmd, sigkill_after_step
 from test_lm_training import TINY_LM
 
+from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import ConfigError, load_config
-from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 from hrm_mega.models import build_model
 from hrm_mega.prep.text import train_tokenizer
 from hrm_mega.rl.prompts import ArithmeticPrompts

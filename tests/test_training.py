@@ -84,7 +84,7 @@ def test_dp2_matches_dp1_per_step(tmp_path, tiny_sudoku, stage):
     ]
     np.testing.assert_allclose(grad_a, grad_b, rtol=1e-5)
     # the layout-free copy gathers ZeRO partitions: both runs consolidate to the same weights and buffers
-    from hrm_mega.convert.consolidate import consolidate_checkpoint
+    from hrm_mega.checkpoint.consolidate import consolidate_checkpoint
 
     one, _ = consolidate_checkpoint(tmp_path / "dp1/checkpoints/step-00000010")
     two, _ = consolidate_checkpoint(tmp_path / "dp2/checkpoints/step-00000010")

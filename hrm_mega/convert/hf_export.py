@@ -64,7 +64,7 @@ def export_hf(
     format: str = "auto",
     max_shard_size: int | str = "5GB",
 ) -> ExportReport:
-    """Writes the export of `model` (built from `config`, e.g. by convert.consolidate.load_model) to
+    """Writes the export of `model` (built from `config`, e.g. by checkpoint.consolidate.load_model) to
     out_dir, which must not exist or be empty. tokenizer: a SentencePiece .model file (HRMGemma only)."""
     if format not in FORMATS:
         raise ExportError(f"format={format!r} must be one of {', '.join(FORMATS)}")

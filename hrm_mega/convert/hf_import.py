@@ -3,7 +3,7 @@
 Reads config.json (model_type gemma3_text, or gemma3: the text decoder of the multimodal model, whose
 vision tower is left out) and the weights, from model.safetensors or from the shards listed in
 model.safetensors.index.json. Pickled weights (pytorch_model.bin and the like) are refused, never
-unpickled. The result is `model.safetensors` + `config.yaml` (convert/model_dir.py) holding an HRMGemma
+unpickled. The result is `model.safetensors` + `config.yaml` (checkpoint/model_dir.py) holding an HRMGemma
 that computes exactly the Gemma 3: its gates start at zero, so `--set model.h_cycles=4` (or l_cycles)
 gives the same logits until training opens them. A tokenizer.model in the directory is copied along.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import Config, load_config
 from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, text_state_dict
-from hrm_mega.convert.model_dir import CheckpointError, save_model_dir
 
 TEXT_TYPES = ("gemma3_text", "gemma3")
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"

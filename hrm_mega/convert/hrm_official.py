@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from hrm_mega.checkpoint.model_dir import CheckpointError, load_state_dict_strict, save_model_dir
 from hrm_mega.config import Config
-from hrm_mega.convert.model_dir import CheckpointError, load_state_dict_strict, save_model_dir
 from hrm_mega.models.puzzle import RecursiveReasoner
 
 PREFIXES = ("_orig_mod.model.inner.", "model.inner.", "inner.")

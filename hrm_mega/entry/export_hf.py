@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.checkpoint.consolidate import load_model
     from hrm_mega.convert.hf_export import DTYPES, default_tokenizer, export_hf
 
     model, config = load_model(args.checkpoint)

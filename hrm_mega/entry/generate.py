@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.convert.consolidate import load_model
+    from hrm_mega.checkpoint.consolidate import load_model
     from hrm_mega.inference.generate import left_pad, stream_generate
     from hrm_mega.models.lm import HRMGemma
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hrm_mega.inference.kv_cache import KVCache
+from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
 
 

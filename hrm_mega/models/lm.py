@@ -50,7 +50,7 @@ rest of the block: its z_H and z_L, and the input of every layer of the block, k
 token's last run of that layer. Keys and values are a function of a layer's input and the position, so
 at every later step a halted token offers the keys/values of its last computed step of that layer (L
 step c*T - 1 of a local layer, H step c - 1 of the global layer): the rule the KV cache applies to
-earlier positions (hrm_mega/inference/kv_cache.py). The block passes z_H on once every token has halted.
+earlier positions (hrm_mega/models/kv_cache.py). The block passes z_H on once every token has halted.
 With halting off (halt_threshold None) and max_cycles = h_cycles no real token is ever frozen and
 `infer` computes exactly `forward` (padding positions differ, but nothing attends to them). A token
 reads keys of positions <= its own only, and whether it halts depends on those positions only, so a
@@ -95,7 +95,7 @@ from hrm_mega.models.recurrence import Carry, CycleBlock
 from hrm_mega.models.vocab import cross_entropy, tied_logits, vocab_embedding
 
 if TYPE_CHECKING:
-    from hrm_mega.inference.kv_cache import KVCache
+    from hrm_mega.models.kv_cache import KVCache
 
 ROPE_TABLE_LEN = 8192  # initial cos/sin table length; RotaryEmbedding grows it when positions go further
 HRM_ONLY_PARAMS = ("gate_LL", "gate_LH", "gate_HH", "halt_head", "value_head")

@@ -1,1 +1,2 @@
-"""Training: DeepSpeed engine set-up, the ACT pretraining loop, checkpoints and logging."""
+"""Training: DeepSpeed engine set-up, the ACT pretraining loop and logging. Checkpoint I/O is in
+hrm_mega.checkpoint."""

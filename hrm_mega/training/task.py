@@ -156,8 +156,8 @@ def load_init_weights(
     that parameters under the `keep_fresh` prefixes which the source lacks (a value head added for PPO)
     keep their initialisation. Returns those keys. A resumed run then overwrites all with its checkpoint.
     `label`: how errors name the source (default: train.init_from=PATH)."""
-    from hrm_mega.convert.consolidate import load_model
-    from hrm_mega.convert.model_dir import load_state_dict_strict
+    from hrm_mega.checkpoint.consolidate import load_model
+    from hrm_mega.checkpoint.model_dir import load_state_dict_strict
 
     label = label or f"train.init_from={config.train.init_from}"
     source, source_config = load_model(config.train.init_from)

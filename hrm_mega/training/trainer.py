@@ -14,16 +14,16 @@ from typing import Any, NoReturn
 
 import torch
 
+from hrm_mega.checkpoint.atomic import CheckpointManager, read_client_state, resolve_resume, tag_for
+from hrm_mega.checkpoint.model_dir import CheckpointError
+from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
-from hrm_mega.convert.model_dir import CheckpointError
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything, tensor_parallel_group
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
-from hrm_mega.training.checkpoint import CheckpointManager, read_client_state, resolve_resume, tag_for
 from hrm_mega.training.metrics import MetricsLogger, Throughput
 from hrm_mega.training.task import Task, build_task
-from hrm_mega.training.universal import UNIVERSAL, load_universal, save_universal
 
 
 class TrainingError(ValueError):

@@ -112,7 +112,7 @@ class LMTask(Task):
                 "single-process model); distil first, or set train.distill_weight=0"
             )
         if t.distill_weight > 0:
-            from hrm_mega.convert.consolidate import load_model
+            from hrm_mega.checkpoint.consolidate import load_model
 
             teacher, teacher_config = load_model(t.distill_from)
             if (

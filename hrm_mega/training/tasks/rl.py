@@ -187,7 +187,7 @@ class RLTask(Task):
 
     def _initial_model(self, trainer: Trainer) -> torch.nn.Module:
         """The --init weights; a value head the source lacks (PPO on a pretrained LM) stays fresh."""
-        from hrm_mega.convert.consolidate import load_model
+        from hrm_mega.checkpoint.consolidate import load_model
 
         c = self.config
         check_same_tokenizer(load_model(c.train.init_from)[1], c)

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hrm_mega.convert.model_dir import CheckpointError
+from hrm_mega.checkpoint.model_dir import CheckpointError
 
 UNIVERSAL = "universal"
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from hrm_mega.convert.model_dir import CheckpointError
-from hrm_mega.training.universal import UNIVERSAL
+from hrm_mega.checkpoint.model_dir import CheckpointError
+from hrm_mega.checkpoint.universal import UNIVERSAL
 
 STAGING, LATEST = ".staging", "latest"
 
@@ -55,7 +55,7 @@ class CheckpointManager:
         write_universal: Callable[[Path], None] | None = None,
     ) -> Path:
         """Collective: every rank calls it. write_universal(dir) adds the layout-free copy
-        (training/universal.py). Returns the published checkpoint directory."""
+        (checkpoint/universal.py). Returns the published checkpoint directory."""
         tag, staging = tag_for(step), self.root / STAGING
         if self.rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)

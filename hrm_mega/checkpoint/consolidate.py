@@ -1,6 +1,6 @@
 """Consolidation: a (possibly ZeRO-sharded, TP- or PP-split) training checkpoint -> one full fp32 state dict.
 
-Checkpoints carry a layout-free copy (universal/, training/universal.py) that is read whatever the
+Checkpoints carry a layout-free copy (universal/, checkpoint/universal.py) that is read whatever the
 layout. For checkpoints written before it existed: ZeRO stages 0-2 keep full module weights in `mp_rank_00_model_states.pt`, which loads with
 `torch.load(weights_only=True)`. Stage 3 partitions parameters; DeepSpeed's zero_to_fp32 merges the
 partitions, and the buffers (puzzle-embedding table, H_init/L_init) come from the module states file.
@@ -17,10 +17,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hrm_mega.checkpoint.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
+from hrm_mega.checkpoint.universal import UNIVERSAL, UniversalCheckpoint
 from hrm_mega.config import Config, config_from_dict
-from hrm_mega.convert.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
 from hrm_mega.models import build_model
-from hrm_mega.training.universal import UNIVERSAL, UniversalCheckpoint
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -78,7 +78,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     if path.is_dir() and (path / "client").is_dir():
         state, config = consolidate_checkpoint(path)
     elif path.is_dir() and (path / WEIGHTS).is_file():
-        from hrm_mega.convert.model_dir import load_model_dir
+        from hrm_mega.checkpoint.model_dir import load_model_dir
 
         return load_model_dir(path)
     elif path.is_file() and path.suffix == ".safetensors":
