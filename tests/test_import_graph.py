@@ -13,16 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Bottom to top; a module may import its own layer or lower ones. Adding a layer is one line.
 LAYERS: list[tuple[str, ...]] = [
+    ("hrm_mega.resources",),  # where the shipped recipes and sbatch files are
     ("hrm_mega.config",),
     ("hrm_mega.distributed",),  # process groups, seeds, collectives
+    ("hrm_mega.launch",),  # launch planning: layouts, hosts, launcher commands
     ("hrm_mega.data",),
+    ("hrm_mega.prep",),  # shard builders (data_prep)
     ("hrm_mega.optim",),
     ("hrm_mega.models",),  # the KV cache included
     ("hrm_mega.checkpoint",),  # checkpoint I/O, below both training and convert
     ("hrm_mega.inference", "hrm_mega.convert"),
     ("hrm_mega.rl",),
     ("hrm_mega.training",),
-    ("hrm_mega.cli",),  # entry points: the CLI (and the packages that launch, plan or prepare runs)
+    ("hrm_mega.cli", "hrm_mega.entry"),  # the CLI and the entry points that launchers start
 ]
 # Top-level folders of the repository that hold entry scripts; the library never imports them.
 FORBIDDEN = ("pipelines", "launch", "data_prep")
