@@ -17,8 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hrm_mega import distributed
-from hrm_mega.config import Config, load_config
+from hrm_mega.config import Config, load_config, resolve_layout
 from launch import LaunchError
 from launch.hosts import deepspeed_hostfile, expand_hostlist
 
@@ -102,6 +101,9 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
     _check_network_options(request)
     config = load_config(request.config, list(request.overrides))
     layout = check_layout(config, request.nodes, request.procs_per_node)
+    # everything else the config decides at this world size, for the command the entry runs
+    command = {"posttrain_rl": "rl", "pretrain": "train"}.get(request.entry.rsplit(".", 1)[-1])
+    config.validate(request.nodes * request.procs_per_node, command)  # type: ignore[arg-type]
     if request.launcher == "slurm":
         return _plan_slurm(request, layout)
     if request.launcher == "deepspeed":
@@ -118,7 +120,7 @@ def check_layout(config: Config, nodes: int, procs_per_node: int) -> str:
             f"--nodes {nodes} x --procs-per-node {procs_per_node} = {world} ranks is not a multiple of "
             f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}"
         )
-    distributed.check_layout(config, world)  # heads, kv heads, MLP width, vocab, CycleBlocks vs tp and pp
+    resolve_layout(config, world)  # heads, kv heads, MLP width, vocab, CycleBlocks vs tp and pp
     nodes_text, dp = f"{nodes} node{'s' if nodes > 1 else ''}", world // (tp * pp)
     return f"{nodes_text} x {procs_per_node} processes = {world} ranks = tp {tp} x pp {pp} x dp {dp}"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hrm_mega.config import PuzzleModelConfig
+from hrm_mega.config import PuzzleModelConfig, swiglu_intermediate
 from hrm_mega.models.layers import (
     GatedMLP,
     RMSNorm,
@@ -19,7 +19,6 @@ from hrm_mega.models.layers import (
     rms_norm,
     row_linear,
     set_init,
-    swiglu_intermediate,
     trunc_normal_,
 )
 from hrm_mega.models.puzzle import RecursiveReasoner

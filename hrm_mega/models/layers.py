@@ -312,12 +312,6 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def swiglu_intermediate(hidden: int, expansion: float, multiple: int = 256) -> int:
-    """HRM's SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
-    inter = round(expansion * hidden * 2 / 3)
-    return -(inter // -multiple) * multiple
-
-
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 

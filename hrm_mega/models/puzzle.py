@@ -22,14 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_mega.config import PuzzleModelConfig
+from hrm_mega.config.model import PuzzleModelConfig, swiglu_intermediate
 from hrm_mega.models.block import BlockStack, SeqContext, attention_block, sequence_mlp_block
 from hrm_mega.models.layers import (
     RotaryEmbedding,
     column_linear,
     init_parameters,
     set_init,
-    swiglu_intermediate,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
 from hrm_mega.models.vocab import vocab_embedding

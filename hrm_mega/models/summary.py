@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hrm_mega.config import Config, PuzzleModelConfig
-from hrm_mega.models.layers import swiglu_intermediate
+from hrm_mega.config import Config, PuzzleModelConfig, swiglu_intermediate
 from hrm_mega.models.puzzle import RecursiveReasoner, count_parameters
 
 

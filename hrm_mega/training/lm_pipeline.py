@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from hrm_mega.config import ConfigError, LMModelConfig
-from hrm_mega.distributed import pipeline_stage_blocks, pipeline_topology
+from hrm_mega.config import ConfigError, LMModelConfig, pipeline_stage_blocks
+from hrm_mega.distributed import pipeline_topology
 from hrm_mega.models.lm_pipeline import build_pipeline_module
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.training.lm import SUM_KEYS, LMTrainer, h_cycles_set
