@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hrm_mega.config import Config, load_config, resolve_layout
+from hrm_mega.config import Config, read_config, resolve_layout
 from launch import LaunchError
 from launch.hosts import deepspeed_hostfile, expand_hostlist
 
@@ -99,11 +99,13 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
     if not _module_exists(request.entry):
         raise LaunchError(f"--entry {request.entry}: no such module")
     _check_network_options(request)
-    config = load_config(request.config, list(request.overrides))
-    layout = check_layout(config, request.nodes, request.procs_per_node)
-    # everything else the config decides at this world size, for the command the entry runs
+    config = read_config(request.config, list(request.overrides))
+    config.parallel.validate()
+    layout = check_layout(config, request.nodes, request.procs_per_node)  # first: names --nodes, --procs
+    # the rest, and what starting the entry's command needs (manifest, rl section); the batch-vs-dp checks
+    # are left to the ranks, since the documented plans put tiny recipes on more ranks than partitions
     command = {"posttrain_rl": "rl", "pretrain": "train"}.get(request.entry.rsplit(".", 1)[-1])
-    config.validate(request.nodes * request.procs_per_node, command)  # type: ignore[arg-type]
+    config.validate(command=command)  # type: ignore[arg-type]
     if request.launcher == "slurm":
         return _plan_slurm(request, layout)
     if request.launcher == "deepspeed":

@@ -18,7 +18,7 @@ from hrm_mega.config.model import (
     model_config_from_dict,
     swiglu_intermediate,
 )
-from hrm_mega.config.run import Config, config_from_dict, load_config, save_resolved
+from hrm_mega.config.run import Config, config_from_dict, load_config, read_config, save_resolved
 from hrm_mega.config.schema import ConfigError
 from hrm_mega.config.sections import DataConfig, LogConfig, OptimConfig, ParallelConfig, RLConfig, TrainConfig
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_config",
     "model_config_from_dict",
     "pipeline_stage_blocks",
+    "read_config",
     "resolve_layout",
     "save_resolved",
     "swiglu_intermediate",

@@ -76,10 +76,16 @@ def load_config(
 ) -> Config:
     """Loads a YAML file (following `base:` links), applies `a.b=c` overrides and validates (see
     Config.validate for `world_size` and `command`)."""
+    return read_config(path, overrides).validate(world_size, command)
+
+
+def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """load_config without the validation, for a caller that checks something else first (then
+    calls Config.validate)."""
     raw = _read_yaml_with_bases(Path(path)) if path is not None else {}
     for item in overrides or []:
         _apply_override(raw, item)
-    return config_from_dict(raw).validate(world_size, command)
+    return config_from_dict(raw)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
