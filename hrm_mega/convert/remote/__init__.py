@@ -6,12 +6,15 @@ flat files, rewriting `from hrm_mega.models.layers import X` into `from .layers 
 `from hrm_mega import distributed` into `from . import distributed`, and adds the two wrapper files of
 this package: configuration_hrm_mega.py (the HF config) and modeling_hrm_mega.py (the HF model
 classes). transformers loads the wrapper, which imports the copies; hrm-mega need not be installed.
+Of hrm-mega's config only the model section travels (hrm_mega/config/model.py and the schema.py it
+builds on; layout.py comes along through distributed.py's type import): no run, train, optim or RL
+section, and no YAML loading.
 
 `ship_model_code` checks what transformers will do with the directory: its loader copies only the files
 it reaches through `from .module import` lines, and imports every third-party package that the
 entry file names (outside try blocks) to check it is installed. So every shipped module must be
-reachable that way, and no shipped module may import a package beyond torch, numpy, pyyaml,
-safetensors and transformers when it is imported (imports inside functions, such as megatron-core's for
+reachable that way, and no shipped module may import a package beyond torch, numpy, safetensors and
+transformers when it is imported (imports inside functions, such as megatron-core's for
 tensor parallelism, run only when that code path does).
 
 These files are templates: the wrapper's relative imports resolve only inside an export.
@@ -29,7 +32,7 @@ MODEL_ROOTS = ("hrm_mega.models.lm", "hrm_mega.models.puzzle")
 WRAPPER_FILES = ("configuration_hrm_mega.py", "modeling_hrm_mega.py")
 ENTRY = "modeling_hrm_mega.py"
 # Importable wherever transformers is: its own dependencies, plus torch.
-LOAD_TIME_PACKAGES = frozenset({"torch", "numpy", "yaml", "safetensors", "transformers", "huggingface_hub"})
+LOAD_TIME_PACKAGES = frozenset({"torch", "numpy", "safetensors", "transformers", "huggingface_hub"})
 
 CONFIG_CLASS = "configuration_hrm_mega.HRMMegaConfig"
 LM_CLASS = "HRMGemmaForCausalLM"
