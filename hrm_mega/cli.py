@@ -7,14 +7,15 @@ import os
 import sys
 from collections.abc import Callable
 
-from hrm_mega.config import Command, ConfigError, load_config
+from hrm_mega.config import Command, ConfigError, load_config, resolve_layout
 from pipelines.common import add_config_args
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from hrm_mega.models.summary import describe
 
-    config = load_config(args.config, args.overrides, world_size=args.world_size)
+    config = load_config(args.config, args.overrides)
+    resolve_layout(config, args.world_size)  # the layout of the estimate; batch and data need not fit it
     print(describe(config, world_size=args.world_size))
     return 0
 
