@@ -70,8 +70,6 @@ def check_sections(c: Config) -> None:
         )
     if c.optim.ema_decay > 0 and par.zero_stage == 3:
         raise ConfigError("optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2")
-    if c.data.augment and isinstance(m, LMModelConfig):
-        raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
 
 
 def rollout_rows(c: Config) -> int:
@@ -119,6 +117,8 @@ def check_run(c: Config, command: Command) -> None:
         raise ValueError(f"command={command!r} must be one of {', '.join(COMMANDS)}")
     if command == "rl":
         check_rl(c)
+    elif c.data.augment and isinstance(c.model, LMModelConfig):
+        raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
     check_manifest(c, command)
 
 
