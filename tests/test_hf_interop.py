@@ -285,14 +285,19 @@ def test_shipped_sources_import_each_other_relatively(tmp_path: Path) -> None:
     source = textwrap.dedent("""\
         from __future__ import annotations
 
+        from typing import TYPE_CHECKING
+
         from hrm_mega import distributed
         from hrm_mega.models.layers import (
             RMSNorm,
             rms_norm as norm,
         )
 
+        if TYPE_CHECKING:
+            from hrm_mega.config.run import Config
 
-        def lazy():
+
+        def lazy(config: Config):
             from hrm_mega.models.block import BlockStack  # only when called
             return BlockStack, distributed, RMSNorm, norm
         """)
@@ -305,7 +310,12 @@ def test_shipped_sources_import_each_other_relatively(tmp_path: Path) -> None:
     assert "from . import distributed\n" in rewritten
     assert "from .layers import RMSNorm, rms_norm as norm\n" in rewritten
     assert "    from .block import BlockStack  # only when called\n" in rewritten
+    assert "    pass  # type-only import of run (not shipped)\n" in rewritten  # annotations stay strings
     assert "hrm_mega" not in rewritten and "return BlockStack, distributed" in rewritten
+    with pytest.raises(remote.ShippingError, match="needs `from __future__ import annotations`"):
+        remote.rewrite_imports(
+            source.replace("from __future__ import annotations\n", ""), flat, where="example"
+        )
     with pytest.raises(remote.ShippingError, match="`import hrm_mega.models.lm` cannot be shipped"):
         remote.rewrite_imports("import hrm_mega.models.lm\n", flat, where="example")
     with pytest.raises(remote.ShippingError, match="takes a name from a package __init__"):
@@ -313,6 +323,7 @@ def test_shipped_sources_import_each_other_relatively(tmp_path: Path) -> None:
 
     shipped = remote.ship_model_code(tmp_path)  # the real closure, checked as transformers will load it
     assert {"lm.py", "puzzle.py", "layers.py", "model.py", "schema.py"} <= {f.name for f in shipped}
+    assert "layout.py" not in {f.name for f in shipped}  # distributed.py imports it for annotations only
     assert_only_the_model_config_is_shipped(shipped)
     block = tmp_path / "block.py"
     block.write_text("import deepspeed\n" + block.read_text())
