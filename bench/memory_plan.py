@@ -41,8 +41,14 @@ from pathlib import Path
 
 import torch
 
-from hrm_mega.config import Config, ConfigError, LMModelConfig, load_config
-from hrm_mega.distributed import check_layout, pipeline_stage_blocks
+from hrm_mega.config import (
+    Config,
+    ConfigError,
+    LMModelConfig,
+    load_config,
+    pipeline_stage_blocks,
+    resolve_layout,
+)
 from hrm_mega.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +185,7 @@ def estimate(config: Config, groups: list[ParamGroup], gpus: int, tokens: int) -
 def layouts(config: Config, gpus: int, gpus_per_node: int) -> list[Config]:
     """Layouts to show: pure DP at ZeRO 1-3; every TP within a node at ZeRO-1; and for every TP the
     fewest pipeline stages that fit the GPUs, at ZeRO-1. Invalid ones are dropped by the repo's own
-    checks (ParallelConfig.validate and hrm_mega.distributed.check_layout)."""
+    checks (ParallelConfig.validate and hrm_mega.config.resolve_layout)."""
 
     def layout(tp: int, pp: int, zero: int) -> Config | None:
         # Blocks that do not split evenly go to the first stages (the last holds the tail and logits).
@@ -190,7 +196,7 @@ def layouts(config: Config, gpus: int, gpus_per_node: int) -> list[Config]:
         )
         try:
             cfg.parallel.validate()
-            check_layout(cfg, gpus)
+            resolve_layout(cfg, gpus)
         except ConfigError:
             return None
         return cfg

@@ -327,7 +327,7 @@ def layer_evaluations(n: int, t: int, per_l: int, per_h: int, grad_mode: str) ->
 
 def analytic_volume(trainer: Any, case: Case, cycles: int) -> tuple[dict[str, dict[str, int]], list[str]]:
     """({group: {traffic term: bytes}} this rank should move in one step (module docstring), notes)."""
-    from hrm_mega.distributed import pipeline_stage_blocks
+    from hrm_mega.config import pipeline_stage_blocks
 
     cfg, w = trainer.config, trainer.world
     layout, c = w.layout, cfg.model

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from hrm_mega.config import ConfigError, load_config
+from hrm_mega.config import Command, ConfigError, load_config, resolve_layout
 from hrm_mega.entry.common import add_config_args
 from hrm_mega.resources import recipe
 
@@ -15,6 +16,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from hrm_mega.models.summary import describe
 
     config = load_config(args.config, args.overrides)
+    resolve_layout(config, args.world_size)  # the layout of the estimate; batch and data need not fit it
     print(describe(config, world_size=args.world_size))
     return 0
 
@@ -31,7 +33,6 @@ def cmd_import_hrm(args: argparse.Namespace) -> int:
 def _run_entry_point(module: str, argv: list[str], nproc: int) -> int:
     """Runs hrm_mega.entry.<module> in this process, or under torchrun on this machine when nproc > 1."""
     if nproc > 1:
-        import os
         import subprocess
 
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -43,12 +44,25 @@ def _run_entry_point(module: str, argv: list[str], nproc: int) -> int:
     return importlib.import_module(f"hrm_mega.entry.{module}").main(argv)
 
 
+def check_before_start(args: argparse.Namespace, command: Command, overrides: list[str]) -> None:
+    """Validates the config as the ranks will (at their world size), here, so that a bad config costs one
+    line before torchrun, DeepSpeed or megatron-core start (and is not reported once per rank)."""
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be >= 1")
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    load_config(args.config, overrides, world_size=world, command=command)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    check_before_start(args, "train", args.overrides)
     argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
     return _run_entry_point("pretrain", argv, args.nproc)
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
+    check_before_start(
+        args, "rl", [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
+    )
     argv = [args.config, *[f"--set={o}" for o in args.overrides], "--resume", args.resume]
     argv += ["--init", args.init] if args.init else []
     return _run_entry_point("posttrain_rl", argv, args.nproc)

@@ -1,4 +1,4 @@
-"""The 3D layout (tensor x data x pipeline), its checks and process groups; seeding; rank helpers.
+"""Process groups of the 3D layout (tensor x data x pipeline); seeding; rank helpers.
 
 Rank order is tensor-parallel fastest, then data-parallel, then pipeline stage:
 
@@ -6,8 +6,8 @@ Rank order is tensor-parallel fastest, then data-parallel, then pipeline stage:
 
 DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model) and megatron-core's parallel_state
 (order tp-cp-ep-dp-pp) both describe exactly this layout; `init_model_parallel` builds the two and
-checks that they agree. `check_layout` runs before any process-group work, so a bad layout costs one
-line of error, not a hang.
+checks that they agree. The layout itself is arithmetic on the config (hrm_mega.config.layout), checked
+when the config is loaded, so a bad layout costs one line of error, not a hang.
 
 Model code asks only two questions of this module: how many tensor-parallel ranks there are and
 which one this is. With no distributed setup both answers describe a single process, so every model
@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from hrm_mega.config import Config
+    from hrm_mega.config.layout import Layout
 
 _tp_size = 1
 _tp_rank = 0
@@ -70,87 +69,7 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of a global rank."""
-        return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
-
-
-def check_layout(config: Config, world_size: int) -> Layout:
-    """The layout of `world_size` ranks under config.parallel, or a one-line ConfigError naming the
-    fields. Pure: call it before any process-group work."""
-    from hrm_mega.config import ConfigError
-
-    par, m = config.parallel, config.model
-    tp, pp = par.tp, par.pp
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not parallel.tp x parallel.pp x dp: tp {tp} x pp {pp} = {tp * pp} "
-            "does not divide it; launch a multiple of tp x pp ranks"
-        )
-    for name, value in _tp_split_sizes(config).items():
-        if value % tp:
-            raise ConfigError(f"model.{name}={value} is not divisible by parallel.tp={tp}")
-    if m.vocab_size % tp:
-        padded = -(m.vocab_size // -tp) * tp
-        raise ConfigError(
-            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={tp}; pad it: set "
-            f"model.vocab_size={padded} (the data's token ids stay below it)"
-        )
-    if pp > 1:  # (the puzzle family, a single CycleBlock, is rejected by Config.validate)
-        pipeline_stage_blocks(config)  # raises on a bad partition
-    return Layout(tp, pp, world_size // (tp * pp))
-
-
-def _tp_split_sizes(config: Config) -> dict[str, int]:
-    """Model sizes that tensor parallelism splits, by config field name."""
-    from hrm_mega.config import swiglu_intermediate
-
-    m = config.model
-    if m.family == "hrm_gemma":
-        return {
-            "num_heads": m.num_heads,
-            "num_kv_heads": m.num_kv_heads,
-            "intermediate_size": m.intermediate_size,
-        }
-    sizes = {"expansion (MLP width)": swiglu_intermediate(m.hidden_size, m.expansion)}
-    if m.token_mixer == "attention":
-        sizes["num_heads"] = m.num_heads
-    else:
-        total_len = m.seq_len + m.prefix_len
-        sizes["expansion (sequence-MLP width)"] = swiglu_intermediate(total_len, m.expansion)
-    return sizes
-
-
-def pipeline_stage_blocks(config: Config) -> list[int]:
-    """How many CycleBlocks each pipeline stage holds: parallel.pp_blocks if given, else an even split."""
-    from hrm_mega.config import ConfigError
-
-    pp, groups = config.parallel.pp, config.model.num_groups
-    given = config.parallel.pp_blocks
-    if given:
-        if len(given) != pp or sum(given) != groups or min(given) < 1:
-            raise ConfigError(
-                f"parallel.pp_blocks={given} must list {pp} positive CycleBlock counts (one per stage) "
-                f"summing to the model's {groups} CycleBlocks"
-            )
-        return list(given)
-    if groups % pp:
-        raise ConfigError(
-            f"parallel.pp={pp} does not divide the model's {groups} CycleBlocks "
-            f"(model.num_layers // (model.local_per_global + 1)); change parallel.pp or give "
-            "parallel.pp_blocks, e.g. [2, 1]"
-        )
-    return [groups // pp] * pp
+# The layout arithmetic (Layout, resolve_layout, pipeline_stage_blocks) is hrm_mega.config.layout's.
 
 
 # --------------------------------------------------------------------------------------------------

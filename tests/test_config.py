@@ -119,3 +119,17 @@ def test_info_on_an_lm_recipe_reports_gemma_counts(capsys):
     assert cli_main(["info", str(ROOT / "configs/lm/hrmgemma_1b.yaml")]) == 0
     out = capsys.readouterr().out
     assert "Gemma 3: 999,885,952" in out  # transformers' Gemma3ForCausalLM count for the 1B shape
+
+
+def test_the_model_section_has_the_type_of_its_family():
+    import hrm_mega.config as config_module
+    from hrm_mega.config import LMModelConfig, PuzzleModelConfig
+
+    assert type(load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml").model) is PuzzleModelConfig
+    lm = load_config(ROOT / "configs/lm/hrmgemma_tiny.yaml").model
+    assert type(lm) is LMModelConfig and lm.value_head is False  # no getattr(..., default) needed
+    assert not hasattr(config_module, "ModelConfig")  # the alias that typed every LM config as a puzzle one
+    with pytest.raises(ConfigError, match="unknown config key model.value_head"):
+        load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", ["model.value_head=true"])
+    with pytest.raises(ConfigError, match="model.family='gemma' is unknown; did you mean hrm_gemma"):
+        load_config(None, ["model.family=gemma"])

@@ -7,6 +7,8 @@ is tiny, random and built here; everything is fp32 and nothing is downloaded.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import io
 import json
 import os
@@ -29,6 +31,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+import hrm_mega.config as hrm_config
 from hrm_mega.checkpoint.consolidate import load_model
 from hrm_mega.checkpoint.model_dir import save_model_dir
 from hrm_mega.config import Config, DataConfig, LMModelConfig
@@ -256,6 +259,8 @@ def test_recursive_reasoner_exports_remote_code(tmp_path: Path, capsys, tiny_con
     out = tmp_path / "export"
     printed = run_ok(export_hf.main, [ckpt, out], capsys)
     assert "RecursiveReasonerModel" in printed and "tokenizer" not in printed
+    assert_only_the_model_config_is_shipped(sorted(out.glob("*.py")))
+    assert json.loads((out / "config.json").read_text())["hrm_model"] == dataclasses.asdict(tiny_config)
     hf = AutoModel.from_pretrained(out, trust_remote_code=True)
     generator = torch.Generator().manual_seed(8)
     batch = {
@@ -280,14 +285,19 @@ def test_shipped_sources_import_each_other_relatively(tmp_path: Path) -> None:
     source = textwrap.dedent("""\
         from __future__ import annotations
 
+        from typing import TYPE_CHECKING
+
         from hrm_mega import distributed
         from hrm_mega.models.layers import (
             RMSNorm,
             rms_norm as norm,
         )
 
+        if TYPE_CHECKING:
+            from hrm_mega.config.run import Config
 
-        def lazy():
+
+        def lazy(config: Config):
             from hrm_mega.models.block import BlockStack  # only when called
             return BlockStack, distributed, RMSNorm, norm
         """)
@@ -300,18 +310,38 @@ def test_shipped_sources_import_each_other_relatively(tmp_path: Path) -> None:
     assert "from . import distributed\n" in rewritten
     assert "from .layers import RMSNorm, rms_norm as norm\n" in rewritten
     assert "    from .block import BlockStack  # only when called\n" in rewritten
+    assert "    pass  # type-only import of run (not shipped)\n" in rewritten  # annotations stay strings
     assert "hrm_mega" not in rewritten and "return BlockStack, distributed" in rewritten
+    with pytest.raises(remote.ShippingError, match="needs `from __future__ import annotations`"):
+        remote.rewrite_imports(
+            source.replace("from __future__ import annotations\n", ""), flat, where="example"
+        )
     with pytest.raises(remote.ShippingError, match="`import hrm_mega.models.lm` cannot be shipped"):
         remote.rewrite_imports("import hrm_mega.models.lm\n", flat, where="example")
     with pytest.raises(remote.ShippingError, match="takes a name from a package __init__"):
         remote.rewrite_imports("from hrm_mega.models import build_model\n", flat, where="example")
 
     shipped = remote.ship_model_code(tmp_path)  # the real closure, checked as transformers will load it
-    assert {"lm.py", "puzzle.py", "layers.py", "config.py"} <= {f.name for f in shipped}
+    assert {"lm.py", "puzzle.py", "layers.py", "model.py", "schema.py"} <= {f.name for f in shipped}
+    assert "layout.py" not in {f.name for f in shipped}  # distributed.py imports it for annotations only
+    assert_only_the_model_config_is_shipped(shipped)
     block = tmp_path / "block.py"
     block.write_text("import deepspeed\n" + block.read_text())
     with pytest.raises(remote.ShippingError, match="block.py imports deepspeed when it is imported"):
         remote.check_loadable(tmp_path, shipped)
+
+
+def assert_only_the_model_config_is_shipped(shipped: list[Path]) -> None:
+    """No shipped file defines or names a config section beyond the model's (run, RL, train, optim, ...)."""
+    run_sections = {name for name in hrm_config.__all__ if name.endswith("Config")} - {
+        "PuzzleModelConfig", "LMModelConfig",
+    }  # fmt: skip
+    assert {"Config", "RLConfig", "TrainConfig", "OptimConfig", "DataConfig"} <= run_sections
+    for f in shipped:
+        names = {n.id for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Name)}
+        names |= {n.name for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ClassDef)}
+        assert not names & run_sections, (f.name, names & run_sections)
+        assert "load_config" not in f.read_text() and "rl.rewards" not in f.read_text(), f.name
 
 
 @pytest.mark.slow

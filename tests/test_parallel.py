@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from test_lm_training import lm_cmd
 from test_training import env, train_cmd
 
-from hrm_mega.config import ConfigError, load_config
-from hrm_mega.distributed import check_layout, pipeline_stage_blocks
+from hrm_mega.config import ConfigError, load_config, pipeline_stage_blocks, resolve_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-4  # the acceptance tolerance on per-step loss and gradient norm
@@ -172,7 +171,7 @@ def lm_config(*overrides: str):
 @pytest.mark.parametrize(
     "config,world,message",
     [
-        (lambda: puzzle_config("parallel.tp=2"), 3, "world size 3 is not parallel.tp x parallel.pp x dp"),
+        (lambda: puzzle_config("parallel.tp=2", "model.vocab_size=12"), 3, "world size 3 is not parallel.tp x parallel.pp x dp"),
         (lambda: lm_config("parallel.tp=4"), 4, "model.num_kv_heads=2 is not divisible by parallel.tp=4"),
         (lambda: lm_config("parallel.tp=8"), 8, "model.num_heads=4 is not divisible by parallel.tp=8"),
         (lambda: puzzle_config("parallel.tp=2"), 2, "model.vocab_size=11 is not divisible by parallel.tp=2; "
@@ -184,7 +183,7 @@ def lm_config(*overrides: str):
 )  # fmt: skip
 def test_invalid_layouts_are_one_line_errors(config, world, message):
     with pytest.raises(ConfigError) as error:
-        check_layout(config(), world)
+        resolve_layout(config(), world)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -199,7 +198,7 @@ def test_zero_above_1_with_pipeline_stages_and_puzzle_stages_are_rejected_by_the
 
 
 def test_valid_layouts_and_stage_partitions():
-    layout = check_layout(lm_config("parallel.tp=2", "parallel.pp=2"), 8)
+    layout = resolve_layout(lm_config("parallel.tp=2", "parallel.pp=2"), 8)
     assert (layout.tp, layout.pp, layout.dp) == (2, 2, 2)
     # rank = (pp_rank * dp + dp_rank) * tp + tp_rank: TP fastest, then DP, then PP
     assert [layout.coordinates(r) for r in (0, 1, 2, 5, 7)] == [

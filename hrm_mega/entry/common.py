@@ -18,6 +18,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def world_size() -> int:
+    """The number of ranks the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_main(command: str, body: Callable[[], int]) -> int:
     """Runs `body`; user errors (all ValueError subclasses in hrm-mega) print one line and exit 2."""
     try:

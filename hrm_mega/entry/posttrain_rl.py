@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from hrm_mega.entry.common import add_config_args, run_main, train_and_report
+from hrm_mega.entry.common import add_config_args, run_main, train_and_report, world_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from hrm_mega.training.trainer import build_trainer
 
     overrides = [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, world_size=world_size(), command="rl")
     return train_and_report(build_trainer(config, resume=args.resume, rl=True))
 
 

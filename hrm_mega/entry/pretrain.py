@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from hrm_mega.entry.common import add_config_args, run_main, train_and_report
+from hrm_mega.entry.common import add_config_args, run_main, train_and_report, world_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from hrm_mega.training.trainer import build_trainer
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides, world_size=world_size(), command="train")
     return train_and_report(build_trainer(config, resume=args.resume))
 
 

@@ -17,8 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hrm_mega import distributed
-from hrm_mega.config import Config, load_config
+from hrm_mega.config import Config, read_config, resolve_layout
 from hrm_mega.launch import LaunchError
 from hrm_mega.launch.hosts import deepspeed_hostfile, expand_hostlist
 from hrm_mega.resources import slurm_scripts_dir
@@ -102,8 +101,15 @@ def plan_launch(request: LaunchRequest, environ: dict[str, str] | None = None) -
     if not _module_exists(request.entry):
         raise LaunchError(f"--entry {request.entry}: no such module")
     _check_network_options(request)
-    config = load_config(request.config, list(request.overrides))
-    layout = check_launch_layout(config, request.nodes, request.procs_per_node)
+    config = read_config(request.config, list(request.overrides))
+    config.parallel.validate()
+    layout = check_launch_layout(
+        config, request.nodes, request.procs_per_node
+    )  # first: names --nodes, --procs
+    # the rest, and what starting the entry's command needs (manifest, rl section); the batch-vs-dp checks
+    # are left to the ranks, since the documented plans put tiny recipes on more ranks than partitions
+    command = {"posttrain_rl": "rl", "pretrain": "train"}.get(request.entry.rsplit(".", 1)[-1])
+    config.validate(command=command)  # type: ignore[arg-type]
     if request.launcher == "slurm":
         return _plan_slurm(request, layout)
     if request.launcher == "deepspeed":
@@ -121,7 +127,7 @@ def check_launch_layout(config: Config, nodes: int, procs_per_node: int) -> str:
             f"--nodes {nodes} x --procs-per-node {procs_per_node} = {world} ranks is not a multiple of "
             f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp}"
         )
-    distributed.check_layout(config, world)  # heads, kv heads, MLP width, vocab, CycleBlocks vs tp and pp
+    resolve_layout(config, world)  # heads, kv heads, MLP width, vocab, CycleBlocks vs tp and pp
     nodes_text, dp = f"{nodes} node{'s' if nodes > 1 else ''}", world // (tp * pp)
     return f"{nodes_text} x {procs_per_node} processes = {world} ranks = tp {tp} x pp {pp} x dp {dp}"
 

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hrm_mega.config import LMModelConfig
+from hrm_mega.config.model import LMModelConfig
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.attention import flash_attn_func
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_mega.config import PuzzleModelConfig, swiglu_intermediate
+from hrm_mega.config.model import PuzzleModelConfig, swiglu_intermediate
 from hrm_mega.models.block import BlockStack, SeqContext, attention_block, sequence_mlp_block
 from hrm_mega.models.layers import (
     RotaryEmbedding,

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from hrm_mega.config import Config, ConfigError
-from hrm_mega.distributed import Layout, MegatronMPU, check_layout, init_model_parallel
+from hrm_mega.config import Config, ConfigError, Layout, resolve_layout
+from hrm_mega.distributed import MegatronMPU, init_model_parallel
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def setup_distributed(config: Config) -> World:
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    layout = check_layout(config, int(os.environ["WORLD_SIZE"]))
+    layout = resolve_layout(config, int(os.environ["WORLD_SIZE"]))
     par = config.parallel
     _one_extension_build_per_environment()
     import deepspeed
@@ -110,9 +110,7 @@ def bf16_supported() -> bool:
 def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run. Batch sizes are in samples (rows) per optimizer step."""
     train, par = config.train, config.parallel
-    micro = train.micro_batch or local_batch
-    if local_batch % micro:
-        raise ConfigError(f"train.micro_batch={micro} does not divide the per-rank batch {local_batch}")
+    micro = train.micro_batch or local_batch  # it divides local_batch (checked by load_config)
     if train.precision == "bf16" and not bf16_supported():
         raise ConfigError("train.precision=bf16 is not supported by this GPU; use train.precision=fp32")
     ds: dict[str, Any] = {

@@ -56,34 +56,20 @@ class Task(ABC):
     # Whether a checkpoint resumes at another data-parallel size (not when replicas keep their own state,
     # like the puzzle task's ACT rows in flight).
     reshards_data_parallel: bool = True
-    # Fields of manifest.json that must equal the model config's fields of the same name (the model's
-    # vocab_size may exceed the data's: padded, e.g. to a multiple of parallel.tp).
-    manifest_fields: tuple[str, ...] = ("seq_len",)
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     # --- set-up, in the order the Trainer calls it ----------------------------------------------------
 
-    def check_data(self) -> dict[str, Any]:
-        """The dataset's manifest, checked against the config."""
-        c, d = self.config.model, self.config.data
-        if not d.path:
+    def read_data(self) -> dict[str, Any]:
+        """The dataset's manifest (load_config has checked it against the config)."""
+        if not self.config.data.path:
             raise ConfigError(
                 "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
             )
-        self.manifest = manifest = read_manifest(d.path)
-        if manifest["vocab_size"] > c.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={c.vocab_size} is smaller than {d.path}/manifest.json's vocab_size "
-                f"{manifest['vocab_size']}"
-            )
-        for name in self.manifest_fields:
-            if manifest[name] != getattr(c, name):
-                raise ConfigError(
-                    f"model.{name}={getattr(c, name)} but {d.path}/manifest.json has {name}={manifest[name]}"
-                )
-        return manifest
+        self.manifest = read_manifest(self.config.data.path)
+        return self.manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
         """The model on this rank's device: initialised from the seed, or from train.init_from."""

@@ -7,6 +7,7 @@ stream, one optimizer step, the evaluation and whatever extra state its checkpoi
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 from pathlib import Path
@@ -94,14 +95,13 @@ class Trainer:
     nonfinite_in_a_row: int = 0
 
     def __init__(self, config: Config, task: Task, resume: str | None = "auto") -> None:
-        self.config, self.task = config, task
+        # Every check the config and the dataset's manifest allow, before any process group starts
+        # (the entry points have run them already; a Trainer built in-process gets them here).
+        self.config = config.validate(int(os.environ.get("WORLD_SIZE", "1")), task.command)
+        self.task = task
         self.run_dir = Path(config.log.out_dir)
         self.world = ds.setup_distributed(config)
-        if self.config.optim.ema_decay > 0 and self.config.parallel.zero_stage == 3:
-            raise ConfigError(
-                "optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2"
-            )
-        self.manifest = task.check_data()
+        self.manifest = task.read_data()
         seed_everything(config.train.seed)
         self.model = task.build_model(self)
         self.local_batch = config.train.global_batch // self.world.dp_size

@@ -6,12 +6,15 @@ flat files, rewriting `from hrm_mega.models.layers import X` into `from .layers 
 `from hrm_mega import distributed` into `from . import distributed`, and adds the two wrapper files of
 this package: configuration_hrm_mega.py (the HF config) and modeling_hrm_mega.py (the HF model
 classes). transformers loads the wrapper, which imports the copies; hrm-mega need not be installed.
+Of hrm-mega's config only the model section travels (hrm_mega/config/model.py and the schema.py it
+builds on): no run, train, optim or RL section, and no YAML loading. Imports under `if TYPE_CHECKING:`
+name types for annotations only; they are not followed, and become `pass` in the copies.
 
 `ship_model_code` checks what transformers will do with the directory: its loader copies only the files
 it reaches through `from .module import` lines, and imports every third-party package that the
 entry file names (outside try blocks) to check it is installed. So every shipped module must be
-reachable that way, and no shipped module may import a package beyond torch, numpy, pyyaml,
-safetensors and transformers when it is imported (imports inside functions, such as megatron-core's for
+reachable that way, and no shipped module may import a package beyond torch, numpy, safetensors and
+transformers when it is imported (imports inside functions, such as megatron-core's for
 tensor parallelism, run only when that code path does).
 
 These files are templates: the wrapper's relative imports resolve only inside an export.
@@ -29,7 +32,7 @@ MODEL_ROOTS = ("hrm_mega.models.lm", "hrm_mega.models.puzzle")
 WRAPPER_FILES = ("configuration_hrm_mega.py", "modeling_hrm_mega.py")
 ENTRY = "modeling_hrm_mega.py"
 # Importable wherever transformers is: its own dependencies, plus torch.
-LOAD_TIME_PACKAGES = frozenset({"torch", "numpy", "yaml", "safetensors", "transformers", "huggingface_hub"})
+LOAD_TIME_PACKAGES = frozenset({"torch", "numpy", "safetensors", "transformers", "huggingface_hub"})
 
 CONFIG_CLASS = "configuration_hrm_mega.HRMMegaConfig"
 LM_CLASS = "HRMGemmaForCausalLM"
@@ -86,8 +89,10 @@ def source_closure(roots: tuple[str, ...]) -> dict[str, Path]:
             continue
         found[name] = _module_file(name)
         tree = ast.parse(found[name].read_text(), filename=str(found[name]))
+        type_only = _type_only_imports(tree)
         for node in ast.walk(tree):
-            pending.extend(target for target, _ in _hrm_imports(node, where=name))
+            if node not in type_only:
+                pending.extend(target for target, _ in _hrm_imports(node, where=name))
     return dict(sorted(found.items()))
 
 
@@ -107,13 +112,22 @@ def rewrite_imports(source: str, flat: dict[str, str], where: str) -> str:
     """The source with every `hrm_mega` import made relative to the flat directory; nothing else changes."""
     lines = source.splitlines(keepends=True)
     edits = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    type_only = _type_only_imports(tree)
+    for node in ast.walk(tree):
         targets = _hrm_imports(node, where)
         if not targets:
             continue
         assert isinstance(node, ast.ImportFrom)
         module = targets[0][0]
-        if targets[0][1] is None:  # from hrm_mega.x.y import names
+        if node in type_only:  # names for annotations only, which stay strings: not shipped
+            if not _postpones_annotations(tree):
+                raise ShippingError(
+                    f"{where}: an `if TYPE_CHECKING:` import of hrm_mega code needs "
+                    "`from __future__ import annotations` to be shipped"
+                )
+            statement = f"pass  # type-only import of {module.rsplit('.', 1)[-1]} (not shipped)"
+        elif targets[0][1] is None:  # from hrm_mega.x.y import names
             statement = f"from .{flat[module]} import {_names(node.names)}"
         else:  # from hrm_mega(.x) import submodule [as alias], ...
             statement = "from . import " + ", ".join(
@@ -153,6 +167,24 @@ def _hrm_imports(node: ast.AST, where: str) -> list[tuple[str, str | None]]:
             )
         targets.append((target, alias.asname or alias.name))
     return targets
+
+
+def _type_only_imports(tree: ast.Module) -> set[ast.AST]:
+    """The import statements inside `if TYPE_CHECKING:` blocks (they never run)."""
+    found: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            found.update(n for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.ImportFrom))
+    return found
+
+
+def _postpones_annotations(tree: ast.Module) -> bool:
+    return any(
+        isinstance(n, ast.ImportFrom)
+        and n.module == "__future__"
+        and any(a.name == "annotations" for a in n.names)
+        for n in tree.body
+    )
 
 
 def _names(aliases: list[ast.alias]) -> str:

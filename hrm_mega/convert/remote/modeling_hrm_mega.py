@@ -23,11 +23,11 @@ import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .config import config_from_dict
 from .configuration_hrm_mega import HRMMegaConfig
 from .distributed import tp_size  # noqa: F401 (see below)
 from .layers import RotaryEmbedding
 from .lm import HRMGemma, lm_loss
+from .model import model_config_from_dict
 from .puzzle import RecursiveReasoner
 from .recurrence import Carry
 
@@ -38,7 +38,7 @@ from .recurrence import Carry
 
 def model_config(config: HRMMegaConfig, family: str) -> Any:
     """The hrm-mega model config from the HF config, checked the way hrm-mega checks a recipe."""
-    model = config_from_dict({"model": config.hrm_model}).model
+    model = model_config_from_dict(config.hrm_model)
     if model.family != family:
         raise ValueError(f"config.json: hrm_model.family={model.family!r}, this class needs {family!r}")
     model.validate()

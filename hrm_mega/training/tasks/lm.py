@@ -29,14 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hrm_mega.config import Config, ConfigError, LMModelConfig
+from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
 from hrm_mega.data.stream import SampleStream
-from hrm_mega.distributed import (
-    all_finite,
-    all_reduce_sums,
-    pipeline_stage_blocks,
-    pipeline_topology,
-)
+from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
 from hrm_mega.models.vocab import cross_entropy
@@ -55,29 +50,12 @@ LOSS_KEYS = ("loss", "ce", "halt_bce", "compute_cost", "expected_cycles", "disti
 
 
 class LMTask(Task):
-    manifest_fields = ()  # an LM's sequence length is the data's; max_position is checked in check_data
     teacher: HRMGemma | None = None
     _tokens_last_step: int = 0
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.pipeline = config.parallel.pp > 1
-
-    def check_data(self) -> dict[str, Any]:
-        manifest = super().check_data()
-        c, path = self.config.model, self.config.data.path
-        if manifest.get("task") != "text":
-            raise ConfigError(
-                f"{path} holds {manifest.get('task')!r} data; train.task=lm needs a text dataset "
-                "(build one with `hrm-mega prep text`)"
-            )
-        if manifest["seq_len"] > c.max_position:
-            raise ConfigError(
-                f"model.max_position={c.max_position} is shorter than {path}'s seq_len {manifest['seq_len']}"
-            )
-        if self.config.data.augment:
-            raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
-        return manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
         t = self.config.train
@@ -87,11 +65,6 @@ class LMTask(Task):
                 if isinstance(block, HaltingCycleBlock):
                     block.recompute = t.activation_checkpointing
             return model
-        for name, value in (("train.init_from", t.init_from), ("train.compile", t.compile)):
-            if value:
-                raise ConfigError(
-                    f"{name} is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
-                )
         self.pipeline_loss = PipelineLoss(self.config.model)
         return build_pipeline_module(
             self.config.model, t.seed, pipeline_topology(), pipeline_stage_blocks(self.config),
@@ -106,11 +79,6 @@ class LMTask(Task):
                 client_optimizer(trainer.engine), self.config.optim.grad_clip if own_clip else None,
                 trainer.world.tp_rank, trainer.world.dp_size,
             )  # fmt: skip
-        if t.distill_weight > 0 and trainer.world.model_parallel:
-            raise ConfigError(
-                "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
-                "single-process model); distil first, or set train.distill_weight=0"
-            )
         if t.distill_weight > 0:
             from hrm_mega.checkpoint.consolidate import load_model
 

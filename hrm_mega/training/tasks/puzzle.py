@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hrm_mega.config import Config, ConfigError
+from hrm_mega.config import Config
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums, data_parallel_group
 from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
@@ -42,7 +42,6 @@ LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 class PuzzleTask(Task):
     reshards_data_parallel = False  # the ACT rows in flight belong to their replica
-    manifest_fields = ("seq_len", "num_puzzle_identifiers")
     sign_sgd: SparseSignSGD
     act: ACTState | None = None
 
@@ -57,8 +56,7 @@ class PuzzleTask(Task):
         )  # fmt: skip
 
     def build_stream(self, trainer: Trainer) -> SampleStream:
-        d = self.config.data
-        transform = augmentation(trainer.manifest["task"]) if d.augment else None
+        transform = augment_sudoku_sample if self.config.data.augment else None  # sudoku only (load_config)
         return self.sample_stream(trainer, self.config.train.global_batch, transform)
 
     def set_lr_scale(self, scale: float) -> None:
@@ -188,12 +186,6 @@ def evaluate_modes(trainer: Trainer) -> dict[str, float]:
         metrics = evaluate_puzzles(trainer.model, trainer.config, trainer.world, mode, trainer.ema)
         results |= {f"eval_{mode}/{key}": value for key, value in metrics.items()}
     return results
-
-
-def augmentation(task: str):
-    if task != "sudoku":
-        raise ConfigError(f"data.augment=true is only available for sudoku data, not {task!r}")
-    return augment_sudoku_sample
 
 
 def augment_sudoku_sample(sample: dict[str, Any], rng) -> dict[str, Any]:

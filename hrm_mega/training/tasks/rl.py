@@ -78,20 +78,9 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 
 def rollout_batch_config(config: Config) -> Config:
     """The config with train.global_batch = rl.prompts_per_step * rl.group_size, the rows of a step (the
-    pretraining recipe's batch does not apply); checked like any config."""
-    rl, t = config.rl, config.train
-    rows = rl.prompts_per_step * rl.group_size
-    if t.micro_batch and rows % t.micro_batch:
-        raise ConfigError(
-            f"train.micro_batch={t.micro_batch} does not divide the {rows} rollouts of a step "
-            f"(rl.prompts_per_step={rl.prompts_per_step} x rl.group_size={rl.group_size})"
-        )
-    if rows % config.data.partitions:
-        raise ConfigError(
-            f"data.partitions={config.data.partitions} does not divide the {rows} rollouts of a step; "
-            "change rl.prompts_per_step or data.partitions"
-        )
-    return dataclasses.replace(config, train=dataclasses.replace(t, global_batch=rows)).validate()
+    pretraining recipe's batch does not apply); load_config has checked it (command="rl")."""
+    rows = config.rl.prompts_per_step * config.rl.group_size
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch=rows))
 
 
 def check_same_tokenizer(source: Config, config: Config) -> None:
@@ -124,14 +113,13 @@ class Environment(ABC):
     """What RL needs from a model family: prompts, scored rollouts, and an evaluation. The puzzle one is
     training/tasks/rl_puzzle.py, the language-model one training/tasks/rl_lm.py."""
 
-    manifest_fields: tuple[str, ...] = ("seq_len",)
     compute_metric: str = "mean_compute"  # the name of the logged mean compute per rollout
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
-    def check_data(self, manifest: dict[str, Any]) -> None:
-        """Checks of the dataset beyond the Task's."""
+    def read_data(self, manifest: dict[str, Any]) -> None:
+        """What the environment reads from the dataset beyond its manifest (e.g. a tokenizer)."""
         return None
 
     @abstractmethod
@@ -169,19 +157,15 @@ class RLTask(Task):
     def __init__(self, config: Config, environment: type[Environment]) -> None:
         super().__init__(rollout_batch_config(config))
         self.env = environment(self.config)
-        self.manifest_fields = environment.manifest_fields
 
-    def check_data(self) -> dict[str, Any]:
-        manifest = super().check_data()
-        self.env.check_data(manifest)
+    def read_data(self) -> dict[str, Any]:
+        manifest = super().read_data()
+        self.env.read_data(manifest)
         return manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
-        c = self.config
-        if not c.train.init_from:
-            raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
         model = self._initial_model(trainer)
-        if c.train.compile:
+        if self.config.train.compile:
             model.compile()
         return model
 
@@ -197,21 +181,7 @@ class RLTask(Task):
 
     def setup(self, trainer: Trainer) -> None:
         c = self.config
-        rl, par = c.rl, c.parallel
-        if par.zero_stage == 3 or par.pp > 1:
-            raise ConfigError(
-                "RL rollouts run the whole model on every rank; "
-                "use parallel.zero_stage <= 2 and parallel.pp=1"
-            )
-        if rl.prompts_per_step % trainer.world.dp_size:
-            raise ConfigError(
-                f"rl.prompts_per_step={rl.prompts_per_step} must be a multiple of the "
-                f"{trainer.world.dp_size} data-parallel ranks (each rank rolls out whole groups)"
-            )
-        if not rl.rewards:
-            raise ConfigError(
-                "rl.rewards is empty; name at least one reward, e.g. --set rl.rewards.sudoku_valid=1"
-            )
+        rl = c.rl
         for module in rl.reward_modules:
             try:
                 importlib.import_module(module)
@@ -220,11 +190,7 @@ class RLTask(Task):
                     f"rl.reward_modules: cannot import {module!r} ({e}); is it on PYTHONPATH?"
                 ) from None
         for name in rl.rewards:
-            get_reward(name)  # unknown names fail here, before any rollout
-        if rl.algorithm == "ppo" and getattr(c.model, "value_head", False) is not True:
-            raise ConfigError(
-                "rl.algorithm=ppo needs a value head: an hrm_gemma model with model.value_head=true"
-            )
+            get_reward(name)  # names from rl.reward_modules fail here, before any rollout
         self.dp_size = trainer.world.dp_size
         self.local_prompts = rl.prompts_per_step // self.dp_size
         if rl.beta > 0:  # the frozen reference: the initial weights, rebuilt (also after a resume)

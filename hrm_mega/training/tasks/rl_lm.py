@@ -40,26 +40,13 @@ OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}  # for the per-operation accurac
 
 
 class ArithmeticEnvironment(Environment):
-    manifest_fields = ()
     compute_metric = "mean_cycles"
     stream: ArithmeticPrompts
 
-    def check_data(self, manifest: dict[str, Any]) -> None:
+    def read_data(self, manifest: dict[str, Any]) -> None:
+        """The dataset's tokenizer (load_config has checked that there is one)."""
         c = self.config
-        if manifest.get("task") != "text":
-            raise ConfigError(
-                f"{c.data.path} holds {manifest.get('task')!r} data; an hrm_gemma model needs the text "
-                "dataset it was trained on (its tokenizer)"
-            )
         tokenizer = Path(c.data.path) / "tokenizer.model"
-        if not tokenizer.is_file():
-            raise ConfigError(
-                f"{tokenizer} does not exist; data.path must be a dataset built by `hrm-mega prep text`"
-            )
-        if c.rl.prompts != "arithmetic":
-            raise ConfigError(
-                "rl.prompts=dataset applies to puzzles; language models use rl.prompts=arithmetic"
-            )
         import sentencepiece as spm
 
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))

@@ -10,9 +10,8 @@ here (it lives outside the engine; pretraining's sparse sign-SGD owns it).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from hrm_mega.config import ConfigError
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import puzzle_rollout
@@ -26,28 +25,7 @@ _ROLLOUT_STREAM = 0x726F6C6C  # "roll": the seed stream of the rollout draws
 
 
 class PuzzleEnvironment(Environment):
-    manifest_fields = ("seq_len", "num_puzzle_identifiers")
     compute_metric = "mean_segments"
-
-    def check_data(self, manifest: dict[str, Any]) -> None:
-        c = self.config
-        if manifest.get("task") == "text":
-            raise ConfigError(f"{c.data.path} holds text; a puzzle model needs a puzzle dataset")
-        if c.rl.prompts != "dataset":
-            raise ConfigError(
-                f"rl.prompts={c.rl.prompts} applies to language models; puzzles use rl.prompts=dataset"
-            )
-        if c.rl.algorithm != "grpo":
-            raise ConfigError(
-                "rl.algorithm=ppo needs a value head, which puzzle models lack; use rl.algorithm=grpo"
-            )
-        if c.data.augment:
-            raise ConfigError("data.augment=true applies to pretraining; set data.augment=false for RL")
-        if c.rl.prompts_per_step % c.data.partitions:
-            raise ConfigError(
-                f"data.partitions={c.data.partitions} does not divide "
-                f"rl.prompts_per_step={c.rl.prompts_per_step}"
-            )
 
     def build_stream(self, trainer: Trainer) -> SampleStream:
         return trainer.task.sample_stream(trainer, self.config.rl.prompts_per_step)

@@ -1,0 +1,248 @@
+"""Checks across config sections, run by Config.validate before any engine or process group starts.
+
+Three levels, each a function of what is known at the time:
+
+- check_sections: the config alone (layout against the model, pipeline limits, distillation, EMA, ...);
+- check_world: the world size too (the data-parallel size and what it must divide);
+- check_run: what starting `hrm-mega train` or `hrm-mega rl` needs: the dataset's manifest.json
+  (data.path; when it is there) against the model, and for RL the rl section against the model and
+  the layout.
+
+Every message is one line naming the dotted field. The trainer still meets some of these conditions again
+later (e.g. the stream refuses a bad partition split); the config is where they are first refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from hrm_mega.config.layout import check_model_layout, resolve_layout
+from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig
+from hrm_mega.config.schema import ConfigError
+
+if TYPE_CHECKING:
+    from hrm_mega.config.run import Config
+
+Command = Literal["train", "rl"]
+COMMANDS: tuple[str, ...] = ("train", "rl")
+# The rewards hrm_mega/rl/rewards.py registers (tests/test_config_errors.py keeps the two lists equal);
+# other names must come from a module in rl.reward_modules, which only the RL trainer imports.
+BUILTIN_REWARDS = (
+    "answer_format",
+    "arithmetic_exact_match",
+    "maze_path_length",
+    "maze_valid",
+    "sudoku_valid",
+)
+
+
+def check_sections(c: Config) -> None:
+    """Checks that need the config only."""
+    m, par, t = c.model, c.parallel, c.train
+    if isinstance(m, PuzzleModelConfig) and par.pp > 1:
+        raise ConfigError(
+            f"parallel.pp={par.pp} is not supported for model.family=puzzle "
+            "(a single CycleBlock cannot be split into stages); use parallel.tp or data parallelism"
+        )
+    if t.task not in ("auto", c.task):
+        raise ConfigError(f"train.task={t.task} does not fit model.family={m.family} (use {c.task})")
+    if c.task == "puzzle" and (t.cycles_range or t.distill_weight or t.activation_checkpointing):
+        raise ConfigError(
+            "train.cycles_range, train.distill_* and train.activation_checkpointing apply to train.task=lm only"
+        )
+    if t.global_batch % c.data.partitions:
+        raise ConfigError(
+            f"data.partitions={c.data.partitions} does not divide train.global_batch={t.global_batch}"
+        )
+    check_model_layout(c)
+    if par.pp > 1:
+        for name, value in (("train.init_from", t.init_from), ("train.compile", t.compile)):
+            if value:
+                raise ConfigError(
+                    f"{name} is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
+                )
+    if t.distill_weight > 0 and par.tp * par.pp > 1:
+        raise ConfigError(
+            "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
+            "single-process model); distil first, or set train.distill_weight=0"
+        )
+    if c.optim.ema_decay > 0 and par.zero_stage == 3:
+        raise ConfigError("optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2")
+
+
+def rollout_rows(c: Config) -> int:
+    """The rows of one RL step: rl.prompts_per_step x rl.group_size (RL's train.global_batch)."""
+    return c.rl.prompts_per_step * c.rl.group_size
+
+
+def check_world(c: Config, world_size: int, command: Command | None = None) -> None:
+    """Checks that need the world size: the layout, and the batch and partitions against dp."""
+    dp = resolve_layout(c, world_size).dp
+    d, t = c.data, c.train
+    rl = command == "rl"
+    batch = rollout_rows(c) if rl else t.global_batch
+    if rl and c.rl.prompts_per_step % dp:
+        raise ConfigError(
+            f"rl.prompts_per_step={c.rl.prompts_per_step} must be a multiple of the "
+            f"{dp} data-parallel ranks (each rank rolls out whole groups)"
+        )
+    if batch % dp:
+        raise ConfigError(f"train.global_batch={batch} is not a multiple of the {dp} data-parallel ranks")
+    local = batch // dp
+    if local % (t.micro_batch or local):
+        raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the per-rank batch {local}")
+    if _streams_data(c, command):
+        if d.partitions % dp:
+            raise ConfigError(
+                f"data.partitions={d.partitions} must be a multiple of the {dp} data-parallel ranks "
+                "(each rank owns data.partitions / dp of them)"
+            )
+        if d.num_workers > d.partitions // dp:
+            raise ConfigError(
+                f"data.num_workers={d.num_workers} must be <= data.partitions / dp = {d.partitions // dp} "
+                "(a worker serves at least one partition)"
+            )
+
+
+def _streams_data(c: Config, command: Command | None) -> bool:
+    """Whether the run streams data.path's train split (LM RL generates its prompts instead)."""
+    return not (command == "rl" and c.task == "lm")
+
+
+def check_run(c: Config, command: Command) -> None:
+    """Checks of starting `command` ("train" or "rl"): the dataset's manifest, and the rl section."""
+    if command not in COMMANDS:
+        raise ValueError(f"command={command!r} must be one of {', '.join(COMMANDS)}")
+    if command == "rl":
+        check_rl(c)
+    elif c.data.augment and isinstance(c.model, LMModelConfig):
+        raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
+    check_manifest(c, command)
+
+
+def check_rl(c: Config) -> None:
+    """The rl section against the model, the layout and the batch (config only)."""
+    rl, par, t, d = c.rl, c.parallel, c.train, c.data
+    rows = rollout_rows(c)
+    if t.micro_batch and rows % t.micro_batch:
+        raise ConfigError(
+            f"train.micro_batch={t.micro_batch} does not divide the {rows} rollouts of a step "
+            f"(rl.prompts_per_step={rl.prompts_per_step} x rl.group_size={rl.group_size})"
+        )
+    if rows % d.partitions:
+        raise ConfigError(
+            f"data.partitions={d.partitions} does not divide the {rows} rollouts of a step; "
+            "change rl.prompts_per_step or data.partitions"
+        )
+    if par.zero_stage == 3 or par.pp > 1:
+        raise ConfigError(
+            "RL rollouts run the whole model on every rank; use parallel.zero_stage <= 2 and parallel.pp=1"
+        )
+    if not t.init_from:
+        raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
+    if not rl.rewards:
+        raise ConfigError(
+            "rl.rewards is empty; name at least one reward, e.g. --set rl.rewards.sudoku_valid=1"
+        )
+    unknown = [name for name in rl.rewards if name not in BUILTIN_REWARDS]
+    if unknown and not rl.reward_modules:
+        raise ConfigError(
+            f"rl.rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(BUILTIN_REWARDS)} (or "
+            "register your own with @register_reward in a module named in rl.reward_modules)"
+        )
+    if isinstance(c.model, PuzzleModelConfig):
+        if rl.prompts != "dataset":
+            raise ConfigError(
+                f"rl.prompts={rl.prompts} applies to language models; puzzles use rl.prompts=dataset"
+            )
+        if rl.algorithm != "grpo":
+            raise ConfigError(
+                "rl.algorithm=ppo needs a value head, which puzzle models lack; use rl.algorithm=grpo"
+            )
+        if d.augment:
+            raise ConfigError("data.augment=true applies to pretraining; set data.augment=false for RL")
+        if rl.prompts_per_step % d.partitions:
+            raise ConfigError(
+                f"data.partitions={d.partitions} does not divide rl.prompts_per_step={rl.prompts_per_step}"
+            )
+    else:
+        if rl.prompts != "arithmetic":
+            raise ConfigError(
+                "rl.prompts=dataset applies to puzzles; language models use rl.prompts=arithmetic"
+            )
+        if rl.algorithm == "ppo" and not c.model.value_head:
+            raise ConfigError(
+                "rl.algorithm=ppo needs a value head: an hrm_gemma model with model.value_head=true"
+            )
+
+
+def read_manifest_json(data_path: str) -> dict[str, Any] | None:
+    """data.path's manifest.json as a dict, None if there is none here (the data layer reads it in full,
+    and refuses a missing one, when the run starts)."""
+    path = Path(data_path) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"data.path={data_path}: {path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"data.path={data_path}: {path} is not a JSON object")
+    return manifest
+
+
+def check_manifest(c: Config, command: Command) -> None:
+    """The dataset named by data.path against the model and the data section, when it is here."""
+    d, m = c.data, c.model
+    manifest = read_manifest_json(d.path) if d.path else None
+    if manifest is None:  # the data layer refuses a missing dataset when the run reads it
+        return
+    task = manifest.get("task")
+    where = f"{d.path}/manifest.json"
+    vocab = manifest.get("vocab_size")
+    if isinstance(vocab, int) and vocab > m.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than {where}'s vocab_size {vocab}")
+    if isinstance(m, PuzzleModelConfig):
+        if command == "rl" and task == "text":
+            raise ConfigError(f"{d.path} holds text; a puzzle model needs a puzzle dataset")
+        for name in ("seq_len", "num_puzzle_identifiers"):
+            if name in manifest and manifest[name] != getattr(m, name):
+                raise ConfigError(f"model.{name}={getattr(m, name)} but {where} has {name}={manifest[name]}")
+        if d.augment and command == "train" and task != "sudoku":
+            raise ConfigError(f"data.augment=true is only available for sudoku data, not {task!r}")
+    elif task != "text":
+        if command == "rl":
+            raise ConfigError(
+                f"{d.path} holds {task!r} data; an hrm_gemma model needs the text dataset it was trained on "
+                "(its tokenizer)"
+            )
+        raise ConfigError(
+            f"{d.path} holds {task!r} data; train.task=lm needs a text dataset (build one with `hrm-mega prep text`)"
+        )
+    elif (
+        command == "train"
+        and isinstance(manifest.get("seq_len"), int)
+        and manifest["seq_len"] > m.max_position
+    ):
+        raise ConfigError(
+            f"model.max_position={m.max_position} is shorter than {d.path}'s seq_len {manifest['seq_len']}"
+        )
+    if command == "rl" and isinstance(m, LMModelConfig):
+        tokenizer = Path(d.path) / "tokenizer.model"
+        if not tokenizer.is_file():
+            raise ConfigError(
+                f"{tokenizer} does not exist; data.path must be a dataset built by `hrm-mega prep text`"
+            )
+        return  # LM RL reads the tokenizer, not the rows
+    split = manifest.get("splits", {}).get(d.train_split)
+    if split is None:
+        known = ", ".join(sorted(manifest.get("splits", {})))
+        raise ConfigError(f"data.train_split={d.train_split!r} is not a split of {where} (has: {known})")
+    shards = len(split.get("shards", []))
+    if shards < d.partitions:
+        raise ConfigError(
+            f"data.partitions={d.partitions} exceeds the {shards} shards of {d.path}/{d.train_split}; "
+            "lower data.partitions or rebuild with more shards"
+        )

@@ -1,0 +1,185 @@
+"""The model section of a run config, one dataclass per model family: PuzzleModelConfig
+(RecursiveReasoner) and LMModelConfig (HRMGemma).
+
+This module and schema.py are all of the config that remote-code Hugging Face exports ship (next to the
+model code that reads them); nothing here knows about training, data or RL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hrm_mega.config.schema import ConfigError, build, positive, suggest
+
+
+def swiglu_intermediate(hidden: int, expansion: float, multiple: int = 256) -> int:
+    """HRM's SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
+    inter = round(expansion * hidden * 2 / 3)
+    return -(inter // -multiple) * multiple
+
+
+@dataclass
+class PuzzleModelConfig:
+    """RecursiveReasoner: the HRM-ACT-v1 / TRM puzzle model (DESIGN section 5)."""
+
+    family: Literal["puzzle"] = "puzzle"
+    # Data-dependent sizes; recipes state them and training checks them against the manifest.
+    vocab_size: int = 11
+    seq_len: int = 81
+    num_puzzle_identifiers: int = 1
+    # Transformer
+    hidden_size: int = 512
+    num_heads: int = 8
+    expansion: float = 4.0
+    rms_norm_eps: float = 1e-5
+    pos_encoding: Literal["rope", "learned", "none"] = "rope"
+    rope_theta: float = 10000.0
+    token_mixer: Literal["attention", "mlp"] = "attention"  # TRM's attention-free "mlp_t" variant
+    # Recurrence: a CycleBlock with an L module run l_cycles times per H update, h_cycles times.
+    h_layers: int = 4
+    l_layers: int = 4
+    h_cycles: int = 2
+    l_cycles: int = 2
+    shared_net: bool = False  # TRM: one network serves as both L and H
+    grad_mode: Literal["one_step", "last_cycle", "full"] = "one_step"
+    injection: Literal["add", "gated"] = "add"
+    # Puzzle embedding prefix: puzzle_emb_ndim values spread over puzzle_emb_len positions.
+    puzzle_emb_ndim: int = 512
+    puzzle_emb_len: int = 0  # 0 = ceil(puzzle_emb_ndim / hidden_size), as HRM; TRM uses 16
+    # ACT
+    halt_max_steps: int = 16
+    halt_exploration_prob: float = 0.1
+    q_target: Literal["bootstrap", "halt_only"] = "bootstrap"
+    loss: Literal["stablemax", "softmax"] = "stablemax"
+
+    @property
+    def prefix_len(self) -> int:
+        if self.puzzle_emb_len > 0:
+            return self.puzzle_emb_len
+        return -(self.puzzle_emb_ndim // -self.hidden_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        positive(self, "model", "vocab_size", "seq_len", "num_puzzle_identifiers", "hidden_size", "num_heads")
+        positive(self, "model", "h_cycles", "l_cycles", "l_layers", "halt_max_steps")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.hidden_size/num_heads={self.head_dim} must be even for rope")
+        if not self.shared_net and self.h_layers < 1:
+            raise ConfigError("model.h_layers must be >= 1 unless model.shared_net=true (TRM)")
+        if self.expansion <= 0:
+            raise ConfigError(f"model.expansion={self.expansion} must be > 0")
+        if self.puzzle_emb_ndim < 0 or self.puzzle_emb_len < 0:
+            raise ConfigError("model.puzzle_emb_ndim and model.puzzle_emb_len must be >= 0")
+        if self.puzzle_emb_ndim > self.prefix_len * self.hidden_size:
+            raise ConfigError(
+                f"model.puzzle_emb_ndim={self.puzzle_emb_ndim} does not fit in model.puzzle_emb_len="
+                f"{self.puzzle_emb_len} positions of model.hidden_size={self.hidden_size}"
+            )
+        if not 0.0 <= self.halt_exploration_prob <= 1.0:
+            raise ConfigError(f"model.halt_exploration_prob={self.halt_exploration_prob} must be in [0, 1]")
+        if self.rms_norm_eps <= 0:
+            raise ConfigError(f"model.rms_norm_eps={self.rms_norm_eps} must be > 0")
+
+
+@dataclass
+class LMModelConfig:
+    """HRMGemma: the Gemma 3 text decoder with each local-global group wrapped in a CycleBlock (DESIGN 5).
+
+    Defaults are Gemma 3 1B at N = T = 1, i.e. exactly Gemma 3; recipes under configs/lm/ set the rest.
+    """
+
+    family: Literal["hrm_gemma"] = "hrm_gemma"
+    vocab_size: int = 262144
+    hidden_size: int = 1152
+    intermediate_size: int = 6912
+    num_layers: int = 26
+    num_heads: int = 4
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    query_pre_attn_scalar: int = 256  # attention scores are scaled by query_pre_attn_scalar**-0.5
+    sliding_window: int = 512  # local layers see keys at distance < sliding_window
+    local_per_global: int = 5  # the layer pattern: this many local layers, then one global layer
+    rope_local_base: float = 10000.0
+    rope_global_base: float = 1000000.0
+    rope_scaling: float = 1.0  # linear RoPE scaling factor of the global layers (1 = none; 8 for 4B+)
+    rms_norm_eps: float = 1e-6
+    max_position: int = 32768
+    tie_embeddings: bool = True
+    # Recurrence: every group runs its local layers (L) l_cycles times per global-layer (H) update, h_cycles times.
+    h_cycles: int = 1
+    l_cycles: int = 1
+    # "full" backpropagates through every cycle (exact gradient; at N = T = 1 all modes coincide);
+    # "one_step" / "last_cycle" keep training memory flat in the number of cycles.
+    grad_mode: Literal["one_step", "last_cycle", "full"] = "full"
+    injection: Literal["add", "gated"] = "gated"  # gated (zero-init) keeps an imported Gemma 3 exact
+    # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
+    # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
+    halt_tolerance: float = 0.01
+    halt_loss_weight: float = 0.1
+    compute_cost_weight: float = 0.01
+    value_head: bool = False  # a scalar head on the final hidden states (PPO critic)
+
+    @property
+    def group_size(self) -> int:
+        return self.local_per_global + 1
+
+    @property
+    def num_groups(self) -> int:
+        """Complete local-global groups; each becomes one CycleBlock."""
+        return self.num_layers // self.group_size
+
+    @property
+    def num_tail_layers(self) -> int:
+        """Trailing local layers after the last global one (Gemma 3 1B: 26 = 4 x 6 + 2)."""
+        return self.num_layers % self.group_size
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """The kind of every layer, in order: "local" or "global"."""
+        return ["global" if (i + 1) % self.group_size == 0 else "local" for i in range(self.num_layers)]
+
+    def validate(self) -> None:
+        positive(self, "model", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        positive(self, "model", "num_kv_heads", "head_dim", "query_pre_attn_scalar", "sliding_window")
+        positive(self, "model", "local_per_global", "max_position", "h_cycles", "l_cycles")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rope")
+        if self.num_layers < self.group_size:
+            raise ConfigError(
+                f"model.num_layers={self.num_layers} is fewer than one local-global group "
+                f"(model.local_per_global+1={self.group_size})"
+            )
+        for name in ("rope_local_base", "rope_global_base", "rope_scaling", "rms_norm_eps", "halt_tolerance"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
+        for name in ("halt_loss_weight", "compute_cost_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+
+
+MODEL_FAMILIES: dict[str, type[PuzzleModelConfig] | type[LMModelConfig]] = {
+    "puzzle": PuzzleModelConfig,
+    "hrm_gemma": LMModelConfig,
+}
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> PuzzleModelConfig | LMModelConfig:
+    """The model section of its family (model.family, default puzzle) from a dict; not validated."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model must be a mapping, got {type(raw).__name__}")
+    family = raw.get("family", "puzzle")
+    if family not in MODEL_FAMILIES:
+        raise ConfigError(f"model.family={family!r} is unknown{suggest(family, MODEL_FAMILIES)}")
+    return build(MODEL_FAMILIES[family], raw, "model")

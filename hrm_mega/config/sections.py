@@ -1,0 +1,238 @@
+"""The run sections of a config besides the model: parallel layout, data, optimizer, training loop, logging
+and RL post-training. Each validates its own fields; checks across sections live in checks.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hrm_mega.config.schema import ConfigError, positive
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    pp_blocks: list[int] = field(default_factory=list)  # CycleBlocks per pipeline stage; [] = even split
+    zero_stage: int = 0
+    timeout_minutes: float = 10.0  # distributed collectives give up after this
+
+    def validate(self) -> None:
+        positive(self, "parallel", "tp", "pp")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} cannot combine with parallel.pp={self.pp}; "
+                "DeepSpeed pipeline parallelism supports ZeRO stage 0 or 1"
+            )
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"parallel.timeout_minutes={self.timeout_minutes} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset directory with manifest.json (see docs/data_format.md)
+    train_split: str = "train"
+    eval_split: str = "test"
+    partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    corrupt_policy: Literal["skip", "fail"] = "fail"
+    augment: bool = False  # on-the-fly augmentation keyed by sample id
+
+    def validate(self) -> None:
+        positive(self, "data", "partitions")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam_atan2", "adamw"] = "adam_atan2"
+    lr: float = 1e-4
+    lr_min_ratio: float = 1.0
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    puzzle_emb_lr: float = 1e-2
+    puzzle_emb_weight_decay: float = 0.1
+    ema_decay: float = 0.0  # 0 disables EMA; TRM uses 0.999
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ConfigError(f"optim.lr_min_ratio={self.lr_min_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["auto", "puzzle", "lm"] = "auto"  # auto: puzzle for model.family=puzzle, lm for hrm_gemma
+    seed: int = 0
+    # Start a fresh run from these weights (any checkpoint `hrm-mega eval` reads, e.g. an `import-hf`
+    # model directory); the recipe may change what leaves shapes alone, such as the cycle counts.
+    init_from: str = ""
+    global_batch: int = 768
+    micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
+    steps: int = 1000  # optimizer steps; one step is one ACT segment
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the model (fuses norms/activations; the first steps compile)
+    activation_checkpointing: bool = False  # HRMGemma: recompute each CycleBlock in backward
+    eval_interval: int = 0  # 0 = only at the end
+    eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])
+    eval_max_samples: int = 0  # 0 = the whole eval split
+    checkpoint_interval: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 3  # abort after this many non-finite losses in a row
+    # task lm: draw the H cycles of each step uniformly from [lo, hi] (same on every rank), so the model
+    # stays robust when cycles are raised at test time; [] trains at model.h_cycles.
+    cycles_range: list[int] = field(default_factory=list)
+    # task lm: distil from a teacher (any checkpoint `hrm-mega eval` reads, same vocabulary):
+    # loss += distill_weight * T^2 * KL(teacher || student) at temperature T on the labelled tokens.
+    distill_from: str = ""
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+    def validate(self) -> None:
+        positive(self, "train", "global_batch", "steps", "keep_checkpoints", "max_nonfinite_steps")
+        if self.micro_batch < 0:
+            raise ConfigError(f"train.micro_batch={self.micro_batch} must be >= 0")
+        if self.micro_batch and self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.micro_batch={self.micro_batch} does not divide train.global_batch={self.global_batch}"
+            )
+        for mode in self.eval_modes:
+            if mode not in ("fixed", "adaptive"):
+                raise ConfigError(f"train.eval_modes has {mode!r}; use 'fixed' and/or 'adaptive'")
+        if self.cycles_range and (
+            len(self.cycles_range) != 2 or not 1 <= self.cycles_range[0] <= self.cycles_range[1]
+        ):
+            raise ConfigError(
+                f"train.cycles_range={self.cycles_range} must be [lo, hi] with 1 <= lo <= hi, or []"
+            )
+        if self.distill_weight < 0 or self.distill_temperature <= 0:
+            raise ConfigError("train.distill_weight must be >= 0 and train.distill_temperature > 0")
+        if self.distill_weight > 0 and not self.distill_from:
+            raise ConfigError("train.distill_weight > 0 needs train.distill_from (a teacher checkpoint)")
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/default"
+    log_interval: int = 10
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "hrm-mega"
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        positive(self, "log", "log_interval")
+        if not self.out_dir:
+            raise ConfigError("log.out_dir must not be empty")
+
+
+@dataclass
+class RLConfig:
+    """RL post-training (`hrm-mega rl`, docs/rl.md). Read only by the RL trainer.
+
+    A step rolls out group_size samples for each of prompts_per_step prompts (so the step has
+    prompts_per_step * group_size rows; train.global_batch is set to that), scores them with the named
+    rewards, and takes `iterations` optimizer steps on them against the log-probs of the policy that sampled.
+    """
+
+    algorithm: Literal["grpo", "ppo"] = "grpo"  # ppo needs an hrm_gemma model with model.value_head=true
+    prompts_per_step: int = 8  # over all data-parallel ranks
+    group_size: int = 8  # samples per prompt; GRPO's advantages compare the samples of one prompt
+    iterations: int = 1  # optimizer steps on each batch of rollouts (ratios against the old log-probs)
+    # Sampling. LM: temperature, top-k/top-p, up to max_new_tokens new tokens, decoded with KV caches and
+    # per-token halting (max_cycles 0 = model.h_cycles; halt_threshold 0 = no early halting).
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    max_cycles: int = 0
+    halt_threshold: float = 0.0
+    rollout_chunk: int = 1  # LM prompts per generate call; the draws are seeded per chunk
+    # Puzzles: halting of the ACT loop during rollouts (sample: a Boltzmann policy over the Q-head, whose
+    # decisions are actions; greedy: the evaluation rule; fixed: every row runs halt_max_steps segments).
+    halting: Literal["sample", "greedy", "fixed"] = "sample"
+    # Loss: ratio clipped to [1 - eps_low, 1 + eps_high]; beta * k3 KL to a frozen copy of the initial
+    # weights (beta 0: no reference model is loaded); aggregation over the actions of the step.
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    kl_estimator: Literal["k3"] = "k3"
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
+    # GRPO: reward minus the group mean, divided by the group's std, the step's std, or nothing (Dr. GRPO).
+    scale: Literal["group", "batch", "none"] = "group"
+    # GRPO: leave groups whose samples all got the same reward (zero advantages) out of the update: no
+    # training forward for them, and they do not count in the loss's normaliser (DAPO's dynamic sampling,
+    # without refilling the batch).
+    drop_uniform_groups: bool = False
+    # PPO: GAE over the completion tokens, advantages whitened over the step, clipped value loss.
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2  # 0 = no value clipping
+    value_coef: float = 0.1
+    # Rewards by registered name (hrm_mega/rl/rewards.py) with their weights; then
+    # reward -= compute_cost_lambda * compute used / budget (ACT segments, or H cycles per token).
+    rewards: dict[str, float] = field(default_factory=dict)
+    reward_modules: list[str] = field(default_factory=list)  # imported first: their @register_reward runs
+    compute_cost_lambda: float = 0.0
+    # Prompts: dataset (puzzles: the train split of data.path) or arithmetic (LM: generated a+b=, a-b=,
+    # a*b= questions in the corpus format, operands of 1..arithmetic_max_digits digits, keyed by seed).
+    prompts: Literal["dataset", "arithmetic"] = "dataset"
+    arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*"])
+    arithmetic_max_digits: int = 4
+    arithmetic_train_pool: int = 0  # 0: new train questions every step; N: cycle through a fixed N of them
+    eval_prompts: int = 200  # LM: held-out questions, never used for training, answered greedily
+
+    def validate(self) -> None:
+        positive(
+            self, "rl", "prompts_per_step", "group_size", "iterations", "max_new_tokens", "rollout_chunk"
+        )
+        positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
+        if self.arithmetic_train_pool < 0:
+            raise ConfigError(
+                f"rl.arithmetic_train_pool={self.arithmetic_train_pool} must be >= 0 (0 = no pool)"
+            )
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ConfigError("rl.temperature must be > 0, rl.top_p in (0, 1] and rl.top_k >= 0")
+        if self.max_cycles < 0 or not 0.0 <= self.halt_threshold < 1.0:
+            raise ConfigError("rl.max_cycles must be >= 0 and rl.halt_threshold in [0, 1) (0 = no halting)")
+        if not 0.0 <= self.eps_low < 1.0 or self.eps_high < 0:
+            raise ConfigError(
+                f"rl.eps_low={self.eps_low} must be in [0, 1) and rl.eps_high={self.eps_high} >= 0"
+            )
+        for name in ("beta", "value_clip", "value_coef", "compute_cost_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rl.{name}={getattr(self, name)} must be >= 0")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ConfigError(f"rl.gamma={self.gamma} and rl.lam={self.lam} must be in [0, 1]")
+        if self.drop_uniform_groups and self.algorithm != "grpo":
+            raise ConfigError(
+                "rl.drop_uniform_groups applies to rl.algorithm=grpo (PPO's advantages are per token)"
+            )
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ConfigError("rl.group_size must be >= 2 for rl.algorithm=grpo (advantages compare a group)")
+        if not isinstance(self.rewards, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in self.rewards.items()
+        ):
+            raise ConfigError(
+                f"rl.rewards={self.rewards!r} must map reward names to weights, e.g. {{sudoku_valid: 1.0}}"
+            )
+        bad = [op for op in self.arithmetic_ops if op not in ("+", "-", "*")]
+        if bad or not self.arithmetic_ops:
+            raise ConfigError(f"rl.arithmetic_ops={self.arithmetic_ops} must be a non-empty list of +, -, *")
