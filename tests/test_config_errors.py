@@ -124,6 +124,7 @@ def assert_refused_early(cmd: list[str], command: str, message: str) -> None:
     assert "torch.distributed.run" not in imported
 
 
+@pytest.mark.slow  # a process per case (each exits at the config check, ~1-2 s)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cli_refuses_a_bad_config_in_one_line_before_any_engine(data, case) -> None:
     _, command, recipe, sets, nproc, message = case
@@ -132,6 +133,7 @@ def test_cli_refuses_a_bad_config_in_one_line_before_any_engine(data, case) -> N
     assert_refused_early(cli(data, command, recipe, *sets, nproc=nproc, extra=extra), command, message)
 
 
+@pytest.mark.slow
 def test_info_and_launch_dry_run_refuse_a_bad_layout_the_same_way(data) -> None:
     sets = ["--set", "parallel.tp=2", "--set", "model.num_kv_heads=1"]
     message = "model.num_kv_heads=1 is not divisible by parallel.tp=2"

@@ -97,7 +97,7 @@ def test_rollout_batch_config_sets_the_step_rows() -> None:
     assert config.train.global_batch == 32
     with pytest.raises(ConfigError, match="train.micro_batch=64 does not divide the 32 rollouts"):
         overrides = ["rl.prompts_per_step=8", "rl.group_size=4", "train.micro_batch=64"]
-        rollout_batch_config(load_config(PUZZLE_RECIPE, overrides))
+        load_config(PUZZLE_RECIPE, overrides, command="rl")
 
 
 def test_step_seed_is_a_function_of_seed_step_and_stream() -> None:
