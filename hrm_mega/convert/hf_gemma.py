@@ -135,17 +135,12 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: LMModelConfig) ->
             raise ValueError(
                 f"from_hf_state_dict: unexpected key {key} for a {config.num_layers}-layer Gemma 3"
             )
-    out: dict[str, torch.Tensor] = {}
-    for hf_key, our_key in mapping.items():
-        if hf_key not in hf_sd:
-            raise ValueError(f"from_hf_state_dict: missing key {hf_key}")
-        tensor, want = hf_sd[hf_key], ours[our_key].shape
-        if tensor.shape != want:
-            raise ValueError(
-                f"from_hf_state_dict: {hf_key} has shape {tuple(tensor.shape)} but {our_key} "
-                f"needs {tuple(want)}; does the config match the checkpoint?"
-            )
-        out[our_key] = tensor
+    out = _take(
+        hf_sd,
+        [(hf_key, our_key, ours[our_key].shape) for hf_key, our_key in mapping.items()],
+        "from_hf_state_dict",
+        "{src} has shape {got} but {dst} needs {want}; does the config match the checkpoint?",
+    )
     dtype = out["embed_tokens.weight"].dtype
     for name, param in ours.items():
         if name in out:
@@ -156,6 +151,22 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: LMModelConfig) ->
         out[name] = torch.full(param.shape, rule.value, dtype=dtype)
     if len(out) != len(ours):
         raise ValueError(f"from_hf_state_dict: built {len(out)} tensors, HRMGemma has {len(ours)}")
+    return out
+
+
+def _take(
+    sd: dict[str, torch.Tensor], moves: list[tuple[str, str, torch.Size]], name: str, mismatch: str
+) -> dict[str, torch.Tensor]:
+    """{dst: sd[src]} for each (src, dst, shape) move; a missing src or another shape raises, the latter
+    with `mismatch` formatted with src, dst, got and want."""
+    out: dict[str, torch.Tensor] = {}
+    for src, dst, want in moves:
+        if src not in sd:
+            raise ValueError(f"{name}: missing key {src}")
+        if sd[src].shape != want:
+            got = tuple(sd[src].shape)
+            raise ValueError(f"{name}: " + mismatch.format(src=src, dst=dst, got=got, want=tuple(want)))
+        out[dst] = sd[src]
     return out
 
 
@@ -170,16 +181,12 @@ def to_hf_state_dict(our_sd: dict[str, torch.Tensor], config: LMModelConfig) -> 
     for key in our_sd:
         if key not in ours:
             raise ValueError(f"to_hf_state_dict: unexpected key {key} for this HRMGemma config")
-    out: dict[str, torch.Tensor] = {}
-    for hf_key, our_key in mapping.items():
-        if our_key not in our_sd:
-            raise ValueError(f"to_hf_state_dict: missing key {our_key}")
-        tensor, want = our_sd[our_key], ours[our_key].shape
-        if tensor.shape != want:
-            raise ValueError(
-                f"to_hf_state_dict: {our_key} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
-            )
-        out[hf_key] = tensor
+    out = _take(
+        our_sd,
+        [(our_key, hf_key, ours[our_key].shape) for hf_key, our_key in mapping.items()],
+        "to_hf_state_dict",
+        "{src} has shape {got}, expected {want}",
+    )
     if config.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     dropped = [k for k in ours if k not in mapping.values()]

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import Config, load_config
 from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, text_state_dict
+from hrm_mega.data.shards import read_json
 
 TEXT_TYPES = ("gemma3_text", "gemma3")
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -63,10 +64,7 @@ def read_hf_config(hf_dir: Path) -> Any:
         raise CheckpointError(f"{hf_dir}: no such directory (expected a Hugging Face checkpoint directory)")
     if not path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    raw = read_json(path, CheckpointError)
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in TEXT_TYPES:
         raise CheckpointError(

@@ -171,14 +171,24 @@ def _int_array(record: Record, member: str, spec: SampleSpec) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _sample_id(record: Record) -> int:
+    key = record["__key__"]
+    if not key.isdigit():
+        raise DataFormatError(f"key {key!r} is not a decimal sample index")
+    return int(key)
+
+
+def _check_ids(ids: np.ndarray, what: str, spec: SampleSpec) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
+        raise DataFormatError(f"{what} token id outside [0, vocab_size={spec.vocab_size})")
+
+
 def decode_puzzle(record: Record, spec: SampleSpec) -> dict[str, Any]:
     """Decodes one puzzle record into numpy int64 `inputs`/`labels` [seq_len] plus integer ids.
 
     Raises DataFormatError with a short reason (the caller adds the shard and key).
     """
-    key = record["__key__"]
-    if not key.isdigit():
-        raise DataFormatError(f"key {key!r} is not a decimal sample index")
+    sample_id = _sample_id(record)
     inputs = _int_array(record, "inputs.npy", spec)
     labels = _int_array(record, "labels.npy", spec)
     if "meta.json" not in record:
@@ -189,11 +199,8 @@ def decode_puzzle(record: Record, spec: SampleSpec) -> dict[str, Any]:
         raise DataFormatError(f"bad meta.json ({exn})") from None
     if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("puzzle_id", "group_id")):
         raise DataFormatError("meta.json needs integer puzzle_id and group_id")
-    if inputs.min() < 0 or inputs.max() >= spec.vocab_size:
-        raise DataFormatError(f"inputs token id outside [0, vocab_size={spec.vocab_size})")
-    target = labels[labels != spec.ignore_label_id]
-    if target.size and (target.min() < 0 or target.max() >= spec.vocab_size):
-        raise DataFormatError(f"labels token id outside [0, vocab_size={spec.vocab_size})")
+    _check_ids(inputs, "inputs", spec)
+    _check_ids(labels[labels != spec.ignore_label_id], "labels", spec)
     if not 0 <= meta["puzzle_id"] < spec.num_puzzle_identifiers:
         raise DataFormatError(f"puzzle_id {meta['puzzle_id']} outside [0, {spec.num_puzzle_identifiers})")
     return {
@@ -201,7 +208,7 @@ def decode_puzzle(record: Record, spec: SampleSpec) -> dict[str, Any]:
         "labels": labels,
         "puzzle_identifiers": meta["puzzle_id"],
         "group_id": meta["group_id"],
-        "sample_id": int(key),
+        "sample_id": sample_id,
     }
 
 
@@ -218,13 +225,10 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
 
     Raises DataFormatError with a short reason (the caller adds the shard and key).
     """
-    key = record["__key__"]
-    if not key.isdigit():
-        raise DataFormatError(f"key {key!r} is not a decimal sample index")
+    sample_id = _sample_id(record)
     tokens = _int_array(record, "tokens.npy", spec)
     docs = _int_array(record, "docs.npy", spec)
-    if tokens.min() < 0 or tokens.max() >= spec.vocab_size:
-        raise DataFormatError(f"tokens.npy token id outside [0, vocab_size={spec.vocab_size})")
+    _check_ids(tokens, "tokens.npy", spec)
     real = docs >= 0
     if docs.min() < -1 or (not real[0]) or (real[1:] & ~real[:-1]).any():
         raise DataFormatError("docs.npy: document indices must be >= 0, with -1 (padding) only at the end")
@@ -238,7 +242,7 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
         "labels": np.where(real & ~starts, tokens, spec.ignore_label_id),
         "position_ids": np.arange(spec.seq_len) - np.flatnonzero(starts)[doc_ids],
         "doc_ids": doc_ids,
-        "sample_id": int(key),
+        "sample_id": sample_id,
     }
 
 

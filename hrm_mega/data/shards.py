@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,18 @@ def write_manifest(
     return path
 
 
+def read_json(path: Path, error: type[Exception], required: Sequence[str] = ()) -> Any:
+    """The JSON value in `path` (UTF-8), holding every key in `required`; else `error` with one line."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise error(f"{path}: missing field(s) {', '.join(missing)}")
+    return value
+
+
 _REQUIRED_KEYS = ("format", "task", "vocab_size", "seq_len", "num_puzzle_identifiers", "splits")
 
 
@@ -165,13 +178,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
         raise DataFormatError(f"{path}: no manifest.json; build the dataset with `hrm-mega prep ...` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise DataFormatError(f"{path}: missing field(s) {', '.join(missing)}")
+    manifest = read_json(path, DataFormatError, _REQUIRED_KEYS)
     if manifest["format"] != FORMAT:
         raise DataFormatError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
     return manifest

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,13 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume", default="auto",
+        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
+    )  # fmt: skip
+
+
 def run_main(command: str, body: Callable[[], int]) -> int:
     """Runs `body`; user errors (all ValueError subclasses in hrm-mega) print one line and exit 2."""
     try:
@@ -34,9 +42,34 @@ def run_main(command: str, body: Callable[[], int]) -> int:
         return 2
 
 
-def train_and_report(trainer: Any) -> int:
-    """Runs a built trainer to its last step; rank 0 prints the final step and results as one JSON line."""
+def train_and_report(config: Any, resume: str, rl: bool = False) -> int:
+    """Builds the trainer and runs it to its last step; rank 0 prints the final step and results as one
+    JSON line."""
+    from hrm_mega.training.trainer import build_trainer
+
+    trainer = build_trainer(config, resume=resume, rl=rl)
     results = trainer.train()
     if trainer.world.rank == 0:
         print(json.dumps({"step": trainer.step, **results}), flush=True)
     return 0
+
+
+def build_dataset(data: Path, builds: list[list[str]], label: str) -> bool:
+    """Runs the `hrm_mega.prep` command lines in `builds` unless `data` holds a dataset already (it has a
+    manifest); each is printed after `label` first. False when one fails (it has printed why)."""
+    from hrm_mega.prep.cli import main as prep_main
+
+    if (data / "manifest.json").is_file():
+        return True
+    for build in builds:
+        print(f"{label}python -m hrm_mega.prep {' '.join(build)}", flush=True)
+        if prep_main(build) != 0:
+            return False
+    return True
+
+
+def demo_config(recipe: Path, args: argparse.Namespace) -> Any:
+    """A demo's recipe with its --data, --out and --set applied."""
+    from hrm_mega.config import load_config
+
+    return load_config(recipe, [f"data.path={args.data}", f"log.out_dir={args.out}", *args.overrides])

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from hrm_mega.entry.common import run_main
+from hrm_mega.entry.common import build_dataset, demo_config, run_main
 from hrm_mega.resources import recipe
 
 RECIPE = recipe("puzzle/hrm_sudoku_demo.yaml")
@@ -31,17 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.config import load_config
-    from hrm_mega.prep.cli import main as prep_main
-
-    config = load_config(RECIPE, [f"data.path={args.data}", f"log.out_dir={args.out}", *args.overrides])
+    config = demo_config(RECIPE, args)
     data = Path(args.data)
     t0 = time.perf_counter()
-    if not (data / "manifest.json").is_file():
-        build = ["sudoku", "--out", str(data), "--quiet", *DATASET_ARGS]
-        print(f"[demo] building {data}: python -m hrm_mega.prep {' '.join(build)}", flush=True)
-        if prep_main(build) != 0:
-            return 2
+    if not build_dataset(
+        data, [["sudoku", "--out", str(data), "--quiet", *DATASET_ARGS]], f"[demo] building {data}: "
+    ):
+        return 2
     t_data = time.perf_counter() - t0
 
     if args.resume == "none":

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hrm_mega.checkpoint.consolidate import load_model
+    from hrm_mega.data.reader import iterate_split
     from hrm_mega.data.shards import read_manifest
-    from hrm_mega.data.stream import iterate_split
     from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
 
     model, config = load_model(args.checkpoint)

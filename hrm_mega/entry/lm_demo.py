@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from hrm_mega.entry.common import run_main
+from hrm_mega.entry.common import build_dataset, demo_config, run_main
 from hrm_mega.resources import recipe
 
 RECIPE = recipe("lm/hrmgemma_tiny.yaml")
@@ -32,24 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.config import load_config
-    from hrm_mega.prep.cli import main as prep_main
-
-    config = load_config(RECIPE, [f"data.path={args.data}", f"log.out_dir={args.out}", *args.overrides])
     data = Path(args.data)
+    config = demo_config(RECIPE, args)
     t0 = time.perf_counter()
-    if not (data / "manifest.json").is_file():
-        corpus = data.parent / f"{data.name}-corpus"
-        steps = [
-            ["corpus", "--out", str(corpus), "--docs", "20000", "--seed", "0", "--overwrite"],
-            ["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
-             "--vocab-size", str(config.model.vocab_size), "--seq-len", "128", "--out", str(data),
-             "--samples-per-shard", "256", "--seed", "0"],
-        ]  # fmt: skip
-        for build in steps:
-            print(f"[demo-lm] python -m hrm_mega.prep {' '.join(build)}", flush=True)
-            if prep_main(build) != 0:
-                return 2
+    corpus = data.parent / f"{data.name}-corpus"
+    steps = [
+        ["corpus", "--out", str(corpus), "--docs", "20000", "--seed", "0", "--overwrite"],
+        ["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
+         "--vocab-size", str(config.model.vocab_size), "--seq-len", "128", "--out", str(data),
+         "--samples-per-shard", "256", "--seed", "0"],
+    ]  # fmt: skip
+    if not build_dataset(data, steps, "[demo-lm] "):
+        return 2
     t_data = time.perf_counter() - t0
 
     shutil.rmtree(args.out, ignore_errors=True)

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from hrm_mega.entry.common import add_config_args, run_main, train_and_report, world_size
+from hrm_mega.entry.common import add_config_args, add_resume_arg, run_main, train_and_report, world_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,19 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pretrained model: a checkpoint (step-*/), a model directory or a consolidated .safetensors "
         "(sets train.init_from; default: the recipe's)",
     )  # fmt: skip
-    p.add_argument(
-        "--resume", default="auto",
-        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
-    )  # fmt: skip
+    add_resume_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.trainer import build_trainer
-
     overrides = [*args.overrides, *([f"train.init_from={args.init}"] if args.init else [])]
     config = load_config(args.config, overrides, world_size=world_size(), command="rl")
-    return train_and_report(build_trainer(config, resume=args.resume, rl=True))
+    return train_and_report(config, args.resume, rl=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from hrm_mega.config import load_config
-from hrm_mega.entry.common import add_config_args, run_main, train_and_report, world_size
+from hrm_mega.entry.common import add_config_args, add_resume_arg, run_main, train_and_report, world_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,18 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hrm_mega.entry.pretrain", description="pretraining on DeepSpeed (ACT puzzles or LM)"
     )
     add_config_args(p)
-    p.add_argument(
-        "--resume", default="auto",
-        help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
-    )  # fmt: skip
+    add_resume_arg(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrm_mega.training.trainer import build_trainer
-
-    config = load_config(args.config, args.overrides, world_size=world_size(), command="train")
-    return train_and_report(build_trainer(config, resume=args.resume))
+from hrm_mega.entry.common import add_config_args, add_resume_arg, run_main, train_and_report, world_size
 
 
 def main(argv: list[str] | None = None) -> int:

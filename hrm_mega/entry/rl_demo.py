@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from hrm_mega.entry.common import run_main
+from hrm_mega.entry.common import build_dataset, run_main
 from hrm_mega.resources import recipe
 
 PRETRAIN = recipe("lm/hrmgemma_arith_tiny.yaml")
@@ -43,7 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from hrm_mega.config import load_config
 
     t0 = time.perf_counter()
-    if build_data(Path(args.data)) != 0:
+    data = Path(args.data)
+    corpus = data.parent / f"{data.name}-corpus"
+    steps = [
+        ["corpus", "--out", str(corpus), *CORPUS_ARGS, "--overwrite"],
+        ["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
+         "--vocab-size", "274", "--atomic-symbols", "=", "--seq-len", "128", "--out", str(data), "--samples-per-shard", "256",
+         "--seed", "0"],
+    ]  # fmt: skip
+    if not build_dataset(data, steps, "[demo-rl] "):
         return 2
     paths = [f"data.path={args.data}", f"log.out_dir={args.pretrain_out}"]
     pretrain = load_config(PRETRAIN, [*paths, *args.pretrain_overrides])
@@ -75,25 +83,6 @@ def run(args: argparse.Namespace) -> int:
     report = {"before": before, "after": after, "seconds": {"data+pretrain": t_pretrain, "rl": t_rl}}
     (Path(args.out) / "demo_results.json").write_text(json.dumps(report, indent=2))
     print_report(before, after, int(before["eval/questions"]), t_pretrain, t_rl, config.train.steps)
-    return 0
-
-
-def build_data(data: Path) -> int:
-    from hrm_mega.prep.cli import main as prep_main
-
-    if (data / "manifest.json").is_file():
-        return 0
-    corpus = data.parent / f"{data.name}-corpus"
-    steps = [
-        ["corpus", "--out", str(corpus), *CORPUS_ARGS, "--overwrite"],
-        ["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
-         "--vocab-size", "274", "--atomic-symbols", "=", "--seq-len", "128", "--out", str(data), "--samples-per-shard", "256",
-         "--seed", "0"],
-    ]  # fmt: skip
-    for build in steps:
-        print(f"[demo-rl] python -m hrm_mega.prep {' '.join(build)}", flush=True)
-        if prep_main(build) != 0:
-            return 2
     return 0
 
 

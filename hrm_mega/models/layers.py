@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -233,28 +235,33 @@ def skip_init(_: torch.Tensor) -> None:
 
 def column_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
     """A linear whose output features are split across TP ranks (e.g. q/k/v, gate/up)."""
-    if distributed.tp_size() == 1:
-        layer = nn.Linear(in_features, out_features, bias=bias)
-    else:
-        layer = _column_parallel_class()(
-            in_features, out_features, config=megatron_parallel_config(), init_method=skip_init, bias=bias,
-            gather_output=False,
-        )  # fmt: skip
-        mark_split(layer.weight, dim=0)
-    _init_linear(layer, in_features)
-    return layer
+    return _tp_linear(in_features, out_features, bias, _column_parallel_class, 0, gather_output=False)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Module:
     """A linear whose input features are split across TP ranks (e.g. attention output, down projection)."""
+    return _tp_linear(
+        in_features, out_features, bias, _row_parallel_class, 1, input_is_parallel=True, skip_bias_add=False
+    )
+
+
+def _tp_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    parallel_class: Callable[[], type[nn.Module]],
+    split_dim: int,
+    **options: Any,
+) -> nn.Module:
+    """nn.Linear at TP=1, else parallel_class()'s layer with its weight split along `split_dim`."""
     if distributed.tp_size() == 1:
         layer = nn.Linear(in_features, out_features, bias=bias)
     else:
-        layer = _row_parallel_class()(
+        layer = parallel_class()(
             in_features, out_features, config=megatron_parallel_config(), init_method=skip_init, bias=bias,
-            input_is_parallel=True, skip_bias_add=False,
+            **options,
         )  # fmt: skip
-        mark_split(layer.weight, dim=1)
+        mark_split(layer.weight, dim=split_dim)
     _init_linear(layer, in_features)
     return layer
 

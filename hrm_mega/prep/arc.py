@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from hrm_mega.data.augment import (
     arc_grid_to_canvas,
     random_colour_permutation,
 )
+from hrm_mega.data.shards import read_json
 from hrm_mega.prep.common import (
     DataPrepError,
     DatasetWriter,
@@ -95,10 +95,7 @@ def _grid(value: Any, path: Path, where: str) -> np.ndarray:
 
 def load_task(path: Path) -> dict[str, list[Pair]]:
     """{"train": pairs, "test": pairs} of one task file, validated."""
-    try:
-        task = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataPrepError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    task = read_json(path, DataPrepError)
     if (
         not isinstance(task, dict)
         or not isinstance(task.get("train"), list)

@@ -8,6 +8,7 @@ depends only on the seed (write_order). So the bytes on disk do not depend on th
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import multiprocessing
@@ -15,7 +16,7 @@ import os
 import sys
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -246,6 +247,94 @@ def write_split(
     bar.close()
 
 
+# augment(split, index, copy, inputs, labels) -> copy number `copy` (>= 1) of item `index` of `split`
+Augment = Callable[[str, int, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def copies_in_write_order(
+    seed: int, split: str, items: Sequence[Sample], copies: int, augment: Augment
+) -> Iterator[Sample]:
+    """Every item and its `copies - 1` augmented copies (same meta, plus "aug": the copy number), in
+    write_order over the item-major numbering."""
+    for position in write_order(seed, split, len(items) * copies).tolist():
+        index, copy = divmod(position, copies)
+        inputs, labels, meta = items[index]
+        if copy:
+            inputs, labels = augment(split, index, copy, inputs, labels)
+        yield inputs, labels, {**meta, "aug": copy}
+
+
+def write_dataset(
+    args: argparse.Namespace,
+    command: str,
+    items: dict[str, list[Sample]],
+    train_copies: int,
+    augment: Augment,
+    *,
+    task: str,
+    builder_version: str,
+    vocab_size: int,
+    seq_len: int,
+    extra: dict[str, Any],
+) -> Path:
+    """Writes each split's items into --out (train ones with `train_copies - 1` augmented copies each,
+    copies_in_write_order), then the manifest of a one-identifier dataset."""
+    writer = DatasetWriter(args.out, vocab_size, seq_len, args.samples_per_shard, args.overwrite)
+    for split in SPLITS:
+        copies = train_copies if split == "train" else 1
+        samples = copies_in_write_order(args.seed, split, items[split], copies, augment)
+        write_split(writer, split, samples, len(items[split]) * copies, args.quiet)
+    return writer.finish(
+        task=task,
+        builder_version=builder_version,
+        seed=args.seed,
+        command=command,
+        num_puzzle_identifiers=1,
+        extra=extra,
+    )
+
+
+# ---- CSV import shared by the builders -------------------------------------------------------------
+
+CSV_HEADER = ("source", "question", "answer", "rating")
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-empty row of a `source,question,answer,rating` CSV."""
+    if not path.is_file():
+        raise DataPrepError(f"{path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header) != CSV_HEADER:
+            raise DataPrepError(f"{path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(CSV_HEADER):
+                raise DataPrepError(f"{path}:{reader.line_num}: expected 4 fields, got {len(row)}")
+            yield reader.line_num, row
+
+
+Table = TypeVar("Table", bound=Sized)
+
+
+def read_csv_splits(
+    args: argparse.Namespace, read: Callable[[Path], Table]
+) -> dict[str, tuple[Table, list[int]]]:
+    """Per split, the table read from --from-csv (or --test-csv) and the rows of it to use (pick_rows)."""
+    tables = {"train": read(args.from_csv)}
+    tables["test"] = tables["train"] if args.test_csv is None else read(args.test_csv)
+    picks = pick_rows(
+        args.seed,
+        len(tables["train"]),
+        None if args.test_csv is None else len(tables["test"]),
+        args.test_fraction,
+        {"train": args.train, "test": args.test},
+    )
+    return {split: (tables[split], picks[split].tolist()) for split in SPLITS}
+
+
 # ---- argparse helpers shared by the builders -------------------------------------------------------
 
 
@@ -268,6 +357,19 @@ def fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
     return value
+
+
+def add_csv_arguments(parser: argparse.ArgumentParser, noun: str, alphabet: str) -> None:
+    """--from-csv, --test-csv and --test-fraction, in a group titled with the CSV's header and alphabet."""
+    c = parser.add_argument_group(f"CSV import (header {','.join(CSV_HEADER)}; {alphabet})")
+    c.add_argument("--from-csv", type=Path, help=f"import {noun} instead of generating them")
+    c.add_argument("--test-csv", type=Path, help="test split CSV (default: split off --test-fraction)")
+    c.add_argument("--test-fraction", type=fraction, default=0.1, help="test share without --test-csv")
+
+
+def add_split_counts(parser: argparse.ArgumentParser, noun: str) -> None:
+    parser.add_argument("--train", type=non_negative_int, help=f"train {noun} (default 1000; CSV: all rows)")
+    parser.add_argument("--test", type=non_negative_int, help=f"test {noun} (default 200; CSV: all rows)")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

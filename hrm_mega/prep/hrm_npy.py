@@ -15,12 +15,12 @@ seeded random order (HRM's files keep a puzzle's augmentations together); test k
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hrm_mega.data.shards import read_json
 from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
@@ -40,13 +40,7 @@ def read_metadata(split_dir: Path) -> dict[str, Any]:
     path = split_dir / "dataset.json"
     if not path.is_file():
         raise DataPrepError(f"{path}: missing (expected HRM's train/ and test/ folders with dataset.json)")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataPrepError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    missing = [k for k in _REQUIRED_META if k not in meta]
-    if missing:
-        raise DataPrepError(f"{path}: missing field(s) {', '.join(missing)}")
+    meta = read_json(path, DataPrepError, _REQUIRED_META)
     if meta["pad_id"] != 0:
         raise DataPrepError(f"{path}: pad_id {meta['pad_id']} is not 0, the PAD id of hrm-mega datasets")
     return meta

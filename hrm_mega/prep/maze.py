@@ -17,10 +17,9 @@ The train split is written in a seeded random order (common.write_order); test k
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,18 @@ from hrm_mega.data.augment import dihedral_transform
 from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
-    DatasetWriter,
     Sample,
     add_common_arguments,
+    add_csv_arguments,
+    add_split_counts,
+    csv_rows,
     fraction,
     generate_splits,
     item_rng,
     non_negative_int,
-    pick_rows,
     positive_int,
-    write_order,
-    write_split,
+    read_csv_splits,
+    write_dataset,
 )
 
 TASK = "maze"
@@ -48,7 +48,6 @@ BUILDER_VERSION = "1"
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5  # token ids: 1 + index in CHARSET
 VOCAB_SIZE = len(CHARSET) + 1
-CSV_HEADER = ("source", "question", "answer", "rating")
 _S_TRIES = 20  # start cells tried per maze before carving a new maze
 
 
@@ -169,16 +168,12 @@ def generate_job(job: tuple[Spec, str, int]) -> Sample:
     return inputs, labels, {"puzzle_id": 0, "group_id": index, "path_len": path_len}
 
 
-def samples_in_write_order(spec: Spec, split: str, mazes: list[Sample]) -> Iterator[Sample]:
-    """Every maze plus, in the train split with `aug`, its 7 other dihedral images (same group_id)."""
-    copies = 8 if spec.aug and split == "train" else 1
-    for position in write_order(spec.seed, split, len(mazes) * copies).tolist():
-        index, tid = divmod(position, copies)
-        inputs, labels, meta = mazes[index]
-        if tid:
-            inputs = dihedral_transform(inputs.reshape(spec.size, spec.size), tid).reshape(-1)
-            labels = dihedral_transform(labels.reshape(spec.size, spec.size), tid).reshape(-1)
-        yield inputs, labels, {**meta, "aug": tid}
+def dihedral_copy(
+    size: int, split: str, index: int, tid: int, inputs: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy `tid` of a maze: its dihedral image number `tid` (with --aug, the 7 others per train maze)."""
+    inputs = dihedral_transform(inputs.reshape(size, size), tid).reshape(-1)
+    return inputs, dihedral_transform(labels.reshape(size, size), tid).reshape(-1)
 
 
 # ---- CSV import ---------------------------------------------------------------------------------------
@@ -199,29 +194,16 @@ def _tokens(text: str, path: Path, line: int, field: str, size: int, allowed: st
 
 def read_csv(path: Path, size: int) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     """Rows of a `source,question,answer,rating` maze CSV as (inputs, labels, meta)."""
-    if not path.is_file():
-        raise DataPrepError(f"{path}: no such file")
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != CSV_HEADER:
-            raise DataPrepError(f"{path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
-        for row in reader:
-            if not row:
-                continue
-            line = reader.line_num
-            if len(row) != len(CSV_HEADER):
-                raise DataPrepError(f"{path}:{line}: expected 4 fields, got {len(row)}")
-            source, question, answer, rating = row
-            inputs = _tokens(question, path, line, "question", size, CHARSET[:4])
-            labels = _tokens(answer, path, line, "answer", size, CHARSET)
-            if (inputs == START).sum() != 1 or (inputs == GOAL).sum() != 1:
-                raise DataPrepError(f"{path}:{line}: question needs exactly one 'S' and one 'G'")
-            if ((labels != inputs) & ~((labels == PATH) & (inputs == OPEN))).any():
-                raise DataPrepError(f"{path}:{line}: answer differs from question other than ' ' -> 'o'")
-            meta = {"path_len": int((labels == PATH).sum()) + 1, "rating": rating, "source": source}
-            rows.append((inputs, labels, meta))
+    for line, (source, question, answer, rating) in csv_rows(path):
+        inputs = _tokens(question, path, line, "question", size, CHARSET[:4])
+        labels = _tokens(answer, path, line, "answer", size, CHARSET)
+        if (inputs == START).sum() != 1 or (inputs == GOAL).sum() != 1:
+            raise DataPrepError(f"{path}:{line}: question needs exactly one 'S' and one 'G'")
+        if ((labels != inputs) & ~((labels == PATH) & (inputs == OPEN))).any():
+            raise DataPrepError(f"{path}:{line}: answer differs from question other than ' ' -> 'o'")
+        meta = {"path_len": int((labels == PATH).sum()) + 1, "rating": rating, "source": source}
+        rows.append((inputs, labels, meta))
     return rows
 
 
@@ -231,18 +213,14 @@ def read_csv(path: Path, size: int) -> list[tuple[np.ndarray, np.ndarray, dict[s
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("maze", help="shortest-path mazes (generated, or from an HRM maze CSV)")
     add_common_arguments(p)
-    p.add_argument("--train", type=non_negative_int, help="train mazes (default 1000; CSV: all rows)")
-    p.add_argument("--test", type=non_negative_int, help="test mazes (default 200; CSV: all rows)")
+    add_split_counts(p, "mazes")
     p.add_argument("--size", type=positive_int, default=30, help="grid side (default 30 -> seq_len 900)")
     p.add_argument("--aug", action="store_true", help="add the 7 other dihedral images of each train maze")
     g = p.add_argument_group("generation")
     g.add_argument("--min-path-len", type=non_negative_int, default=0, help="fewest moves from S to G")
     g.add_argument("--loop-fraction", type=fraction, default=0.05, help="share of inner walls knocked out")
     g.add_argument("--max-attempts", type=positive_int, default=1000, help="mazes tried per sample")
-    c = p.add_argument_group("CSV import (header source,question,answer,rating; strings over '# SGo')")
-    c.add_argument("--from-csv", type=Path, help="import mazes instead of generating them")
-    c.add_argument("--test-csv", type=Path, help="test split CSV (default: split off --test-fraction)")
-    c.add_argument("--test-fraction", type=fraction, default=0.1, help="test share without --test-csv")
+    add_csv_arguments(p, "mazes", "strings over '# SGo'")
     p.set_defaults(run=run)
 
 
@@ -257,14 +235,9 @@ def run(args: argparse.Namespace, command: str) -> Path:
         mazes = generate_splits(generate_job, spec, args, "maze", SPLITS)
         extra.update(source="generated", min_path_len=args.min_path_len, loop_fraction=args.loop_fraction)
     else:
-        tables = {"train": read_csv(args.from_csv, args.size)}
-        tables["test"] = tables["train"] if args.test_csv is None else read_csv(args.test_csv, args.size)
-        test_rows = None if args.test_csv is None else len(tables["test"])
-        counts = {"train": args.train, "test": args.test}
-        picks = pick_rows(args.seed, len(tables["train"]), test_rows, args.test_fraction, counts)
         mazes = {}
-        for split in SPLITS:
-            rows = [tables[split][r] for r in picks[split].tolist()]
+        for split, (table, picked) in read_csv_splits(args, lambda path: read_csv(path, args.size)).items():
+            rows = [table[r] for r in picked]
             mazes[split] = [(i, l, {"puzzle_id": 0, "group_id": k, **m}) for k, (i, l, m) in enumerate(rows)]
         extra.update(
             source="csv", train_csv=str(args.from_csv), test_csv=args.test_csv and str(args.test_csv)
@@ -279,17 +252,15 @@ def run(args: argparse.Namespace, command: str) -> Path:
         for split in SPLITS
     }
 
-    writer = DatasetWriter(
-        args.out, VOCAB_SIZE, args.size * args.size, args.samples_per_shard, args.overwrite
-    )
-    for split in SPLITS:
-        total = len(mazes[split]) * (8 if args.aug and split == "train" else 1)
-        write_split(writer, split, samples_in_write_order(spec, split, mazes[split]), total, args.quiet)
-    return writer.finish(
+    return write_dataset(
+        args,
+        command,
+        mazes,
+        8 if args.aug else 1,
+        partial(dihedral_copy, args.size),
         task=TASK,
         builder_version=BUILDER_VERSION,
-        seed=args.seed,
-        command=command,
-        num_puzzle_identifiers=1,
+        vocab_size=VOCAB_SIZE,
+        seq_len=args.size * args.size,
         extra=extra,
     )

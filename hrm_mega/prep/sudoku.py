@@ -13,9 +13,8 @@ The train split is written in a seeded random order (common.write_order); test k
 from __future__ import annotations
 
 import argparse
-import csv
-from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,17 @@ from hrm_mega.data.augment import sudoku_augment
 from hrm_mega.prep.common import (
     SPLITS,
     DataPrepError,
-    DatasetWriter,
     Sample,
     add_common_arguments,
-    fraction,
+    add_csv_arguments,
+    add_split_counts,
+    csv_rows,
     generate_splits,
     item_rng,
     non_negative_int,
-    pick_rows,
     positive_int,
-    write_order,
-    write_split,
+    read_csv_splits,
+    write_dataset,
 )
 from hrm_mega.prep.sudoku_solver import GenerationError, generate
 
@@ -44,7 +43,6 @@ BUILDER_VERSION = "1"
 VOCAB_SIZE = 11
 SEQ_LEN = 81
 MIN_POSSIBLE_GIVENS = 17  # no sudoku with fewer givens has a unique solution
-CSV_HEADER = ("source", "question", "answer", "rating")
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,6 @@ class Spec:
     """What a worker needs to make one puzzle."""
 
     seed: int
-    num_aug: int
     min_givens: int = 0
     max_givens: int = 0
     min_rating: int = 0
@@ -77,19 +74,12 @@ def generate_job(job: tuple[Spec, str, int]) -> Sample:
     return inputs, labels, {"puzzle_id": 0, "group_id": index, "givens": p.givens, "rating": p.rating}
 
 
-def samples_in_write_order(spec: Spec, split: str, puzzles: list[Sample]) -> Iterator[Sample]:
-    """Every puzzle plus, in the train split, `num_aug` augmented copies (same group_id), in write order.
-
-    Copy `aug` of puzzle `i` draws from its own generator (seed, split, i, aug), so it does not depend
-    on the order in which samples are written.
-    """
-    copies = 1 + (spec.num_aug if split == "train" else 0)
-    for position in write_order(spec.seed, split, len(puzzles) * copies).tolist():
-        index, aug = divmod(position, copies)
-        inputs, labels, meta = puzzles[index]
-        if aug:
-            inputs, labels = sudoku_augment(inputs, labels, item_rng(spec.seed, split, index, stream=aug))
-        yield inputs, labels, {**meta, "aug": aug}
+def augmented_copy(
+    seed: int, split: str, index: int, aug: int, inputs: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy `aug` of puzzle `index`: a sudoku_augment drawn from its own generator (seed, split, index,
+    aug), so it does not depend on the order in which samples are written."""
+    return sudoku_augment(inputs, labels, item_rng(seed, split, index, stream=aug))
 
 
 # ---- CSV import -----------------------------------------------------------------------------------------
@@ -101,6 +91,9 @@ class CsvPuzzles:
     answers: np.ndarray  # [N, 81] uint8 digits
     sources: list[str]
     ratings: list[int | float | None]
+
+    def __len__(self) -> int:
+        return len(self.sources)
 
 
 def _number(text: str) -> int | float:
@@ -148,33 +141,19 @@ def _check_solutions(questions: np.ndarray, answers: np.ndarray, lines: list[int
 
 def read_csv(path: Path, min_rating: int | None = None) -> CsvPuzzles:
     """Reads a `source,question,answer,rating` CSV; rows rated below `min_rating` are dropped."""
-    if not path.is_file():
-        raise DataPrepError(f"{path}: no such file")
     questions, answers, sources, ratings, lines = [], [], [], [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != CSV_HEADER:
-            raise DataPrepError(f"{path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(CSV_HEADER):
-                raise DataPrepError(f"{path}:{reader.line_num}: expected 4 fields, got {len(row)}")
-            source, question, answer, rating_text = row
-            try:
-                rating = _number(rating_text) if rating_text.strip() else None
-            except ValueError:
-                raise DataPrepError(
-                    f"{path}:{reader.line_num}: rating {rating_text!r} is not a number"
-                ) from None
-            if min_rating is not None and (rating is None or rating < min_rating):
-                continue
-            questions.append(question)
-            answers.append(answer)
-            sources.append(source)
-            ratings.append(rating)
-            lines.append(reader.line_num)
+    for line, (source, question, answer, rating_text) in csv_rows(path):
+        try:
+            rating = _number(rating_text) if rating_text.strip() else None
+        except ValueError:
+            raise DataPrepError(f"{path}:{line}: rating {rating_text!r} is not a number") from None
+        if min_rating is not None and (rating is None or rating < min_rating):
+            continue
+        questions.append(question)
+        answers.append(answer)
+        sources.append(source)
+        ratings.append(rating)
+        lines.append(line)
     q = _grids(questions, lines, path, "question", blank_ok=True)
     a = _grids(answers, lines, path, "answer", blank_ok=False)
     _check_solutions(q, a, lines, path)
@@ -187,8 +166,7 @@ def read_csv(path: Path, min_rating: int | None = None) -> CsvPuzzles:
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("sudoku", help="9x9 sudoku (generated, or from a sudoku-extreme CSV)")
     add_common_arguments(p)
-    p.add_argument("--train", type=non_negative_int, help="train puzzles (default 1000; CSV: all rows)")
-    p.add_argument("--test", type=non_negative_int, help="test puzzles (default 200; CSV: all rows)")
+    add_split_counts(p, "puzzles")
     p.add_argument("--num-aug", type=non_negative_int, default=0, help="augmented copies per train puzzle")
     g = p.add_argument_group("generation")
     g.add_argument("--givens", type=positive_int, help="exact number of givens (sets min and max)")
@@ -200,10 +178,7 @@ def add_parser(subparsers: Any) -> None:
         help="hardness filter: solver guesses (generated) or the CSV rating column (import)",
     )
     g.add_argument("--max-attempts", type=positive_int, default=1000, help="grids tried per puzzle")
-    c = p.add_argument_group("CSV import (header source,question,answer,rating; '.' or '0' blank)")
-    c.add_argument("--from-csv", type=Path, help="import puzzles instead of generating them")
-    c.add_argument("--test-csv", type=Path, help="test split CSV (default: split off --test-fraction)")
-    c.add_argument("--test-fraction", type=fraction, default=0.1, help="test share without --test-csv")
+    add_csv_arguments(p, "puzzles", "'.' or '0' blank")
     p.set_defaults(run=run)
 
 
@@ -225,18 +200,8 @@ def _givens_range(args: argparse.Namespace) -> tuple[int, int]:
 def _csv_puzzles(args: argparse.Namespace) -> tuple[dict[str, list[Sample]], dict[str, Any]]:
     if any(v is not None for v in (args.givens, args.min_givens, args.max_givens)):
         raise DataPrepError("--givens/--min-givens/--max-givens apply to generated puzzles, not --from-csv")
-    tables = {"train": read_csv(args.from_csv, args.min_rating)}
-    tables["test"] = tables["train"] if args.test_csv is None else read_csv(args.test_csv, args.min_rating)
-    picks = pick_rows(
-        args.seed,
-        len(tables["train"].sources),
-        None if args.test_csv is None else len(tables["test"].sources),
-        args.test_fraction,
-        {"train": args.train, "test": args.test},
-    )
     puzzles: dict[str, list[Sample]] = {}
-    for split in SPLITS:
-        table, rows = tables[split], picks[split].tolist()
+    for split, (table, rows) in read_csv_splits(args, lambda path: read_csv(path, args.min_rating)).items():
         inputs = table.questions[rows].astype(np.int16) + 1
         labels = table.answers[rows].astype(np.int16) + 1
         givens = np.count_nonzero(table.questions[rows], axis=1).tolist()
@@ -277,7 +242,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
         if args.test_csv is not None:
             raise DataPrepError("--test-csv: needs --from-csv")
         lo, hi = _givens_range(args)
-        spec = Spec(args.seed, args.num_aug, lo, hi, args.min_rating or 0, args.max_attempts)
+        spec = Spec(args.seed, lo, hi, args.min_rating or 0, args.max_attempts)
         puzzles = generate_splits(generate_job, spec, args, "sudoku", SPLITS)
         extra: dict[str, Any] = {
             "source": "generated",
@@ -287,19 +252,18 @@ def run(args: argparse.Namespace, command: str) -> Path:
             "rating": "solver guesses to exhaust the search (hrm_mega.prep.sudoku_solver.rate)",
         }
     else:
-        spec = Spec(args.seed, args.num_aug)
         puzzles, extra = _csv_puzzles(args)
     extra.update(num_aug=args.num_aug, stats={split: _stats(puzzles[split]) for split in SPLITS})
 
-    writer = DatasetWriter(args.out, VOCAB_SIZE, SEQ_LEN, args.samples_per_shard, args.overwrite)
-    for split in SPLITS:
-        total = len(puzzles[split]) * (1 + (args.num_aug if split == "train" else 0))
-        write_split(writer, split, samples_in_write_order(spec, split, puzzles[split]), total, args.quiet)
-    return writer.finish(
+    return write_dataset(
+        args,
+        command,
+        puzzles,
+        1 + args.num_aug,
+        partial(augmented_copy, args.seed),
         task=TASK,
         builder_version=BUILDER_VERSION,
-        seed=args.seed,
-        command=command,
-        num_puzzle_identifiers=1,
+        vocab_size=VOCAB_SIZE,
+        seq_len=SEQ_LEN,
         extra=extra,
     )
