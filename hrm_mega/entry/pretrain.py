@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-from hrm_mega.entry.common import add_config_args, add_resume_arg, run_main, train_and_report, world_size
+    config = load_config(args.config, args.overrides, world_size=world_size(), command="train")
+    return train_and_report(config, args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:
