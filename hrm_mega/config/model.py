@@ -21,7 +21,7 @@ def swiglu_intermediate(hidden: int, expansion: float, multiple: int = 256) -> i
 
 @dataclass
 class PuzzleModelConfig:
-    """RecursiveReasoner: the HRM-ACT-v1 / TRM puzzle model (DESIGN section 5)."""
+    """RecursiveReasoner: the HRM-ACT-v1 / TRM puzzle model (docs/architecture.md)."""
 
     family: Literal["puzzle"] = "puzzle"
     # Data-dependent sizes; recipes state them and training checks them against the manifest.
@@ -91,7 +91,7 @@ class PuzzleModelConfig:
 
 @dataclass
 class LMModelConfig:
-    """HRMGemma: the Gemma 3 text decoder with each local-global group wrapped in a CycleBlock (DESIGN 5).
+    """HRMGemma: the Gemma 3 text decoder with each local-global group wrapped in a CycleBlock (docs/architecture.md).
 
     Defaults are Gemma 3 1B at N = T = 1, i.e. exactly Gemma 3; recipes under configs/lm/ set the rest.
     """
