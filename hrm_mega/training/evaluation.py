@@ -35,21 +35,27 @@ def eval_batch_size(config: Config, world: ds.World) -> int:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode for the duration, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def evaluation(
     model: torch.nn.Module, config: Config, world: ds.World, ema: EMA | None = None
 ) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
     """Eval mode, and the EMA weights if the run keeps them, for the duration; yields this rank's share
     of the eval split as device batches (rows past train.eval_max_samples marked not valid)."""
     d, t = config.data, config.train
-    was_training = model.training
-    model.eval()
-    try:
-        with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-            batches = iterate_split(
-                d.path, d.eval_split, batch_size=eval_batch_size(config, world), dp_rank=world.dp_rank,
-                dp_size=world.dp_size, corrupt_policy=d.corrupt_policy,
-            )  # fmt: skip
-            batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
-            yield ({k: v.to(world.device) for k, v in b.items()} for b in batches)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), ema.swapped(model) if ema is not None else contextlib.nullcontext():
+        batches = iterate_split(
+            d.path, d.eval_split, batch_size=eval_batch_size(config, world), dp_rank=world.dp_rank,
+            dp_size=world.dp_size, corrupt_policy=d.corrupt_policy,
+        )  # fmt: skip
+        batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
+        yield ({k: v.to(world.device) for k, v in b.items()} for b in batches)

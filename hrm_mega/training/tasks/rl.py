@@ -43,6 +43,7 @@ from hrm_mega.rl.losses import loss_normalizer, policy_loss, value_loss
 from hrm_mega.rl.rewards import get_reward
 from hrm_mega.rl.rollout import LMRollout, PolicyOutput, PuzzleRollout, logprob_mismatch, recompute_policy
 from hrm_mega.training import engine as ds
+from hrm_mega.training.evaluation import eval_mode
 from hrm_mega.training.task import Task, load_init_weights
 
 if TYPE_CHECKING:
@@ -224,11 +225,8 @@ class RLTask(Task):
         rl = self.config.rl
         lr = trainer.set_lr()
         t0 = time.perf_counter()
-        was_training = trainer.model.training
-        trainer.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(trainer.model):
             batch = self.env.rollout(trainer, self.local_prompts)
-        trainer.model.train(was_training)
         t_rollout = time.perf_counter() - t0
 
         micro = self.config.train.micro_batch or trainer.local_batch

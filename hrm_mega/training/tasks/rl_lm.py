@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hrm_mega.config import ConfigError
-from hrm_mega.distributed import all_reduce
+from hrm_mega.distributed import all_reduce_sums
 from hrm_mega.inference.generate import generate, left_pad
 from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rewards import (
@@ -30,6 +30,7 @@ from hrm_mega.rl.rewards import (
     shape_for_compute,
 )
 from hrm_mega.rl.rollout import LMRollout, lm_rollout
+from hrm_mega.training.evaluation import eval_mode
 from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
 
 if TYPE_CHECKING:
@@ -91,23 +92,13 @@ class ArithmeticEnvironment(Environment):
         chunks = []
         for first in range(0, len(questions), rl.rollout_chunk):
             ids, mask = self.encode([p for p, _ in questions[first : first + rl.rollout_chunk]], device)
-            chunks.append(
-                lm_rollout(
-                    trainer.model,
-                    ids,
-                    attention_mask=mask,
-                    group_size=rl.group_size,
-                    max_new_tokens=rl.max_new_tokens,
-                    temperature=rl.temperature,
-                    top_k=rl.top_k,
-                    top_p=rl.top_p,
-                    seed=step_seed(self.config.train.seed, trainer.step, start + first),
-                    eos_id=self.eos_id,
-                    pad_id=self.pad_id,
-                    vocab_limit=self.vocab_limit,
-                    **self.halting(),
-                )  # fmt: skip
-            )
+            seed = step_seed(self.config.train.seed, trainer.step, start + first)
+            chunks.append(lm_rollout(
+                trainer.model, ids, attention_mask=mask, group_size=rl.group_size,
+                max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                seed=seed, eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit,
+                **self.halting(),
+            ))  # fmt: skip
         ro = concat_lm_rollouts(chunks, rl.max_new_tokens)
         completions = [self.tokenizer.decode(t) for t in ro.completion_lists(self.eos_id)]
         repeat = [q for q in questions for _ in range(rl.group_size)]
@@ -133,17 +124,21 @@ class ArithmeticEnvironment(Environment):
         and the mean H cycles per generated token."""
         rl = self.config.rl
         mine = self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]
-        model, device = trainer.model, trainer.world.device
-        ops = list(OP_NAMES)
-        # questions, exact, format, cycle sum, tokens; then questions and exact per operation
-        sums = torch.zeros(5 + 2 * len(ops), dtype=torch.float64)
-        was_training = model.training
-        model.eval()
-        try:
+        ops = list(OP_NAMES.values())
+        keys = (
+            "questions",
+            "exact",
+            "format",
+            "cycles",
+            "tokens",
+            *(f"{k}_{op}" for op in ops for k in "nr"),
+        )
+        sums = dict.fromkeys(keys, 0.0)  # n_op: questions of an operation, r_op: right answers of it
+        with eval_mode(trainer.model) as model:
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
                 prompts = [p for p, _ in part]
-                ids, mask = self.encode(prompts, device)
+                ids, mask = self.encode(prompts, trainer.world.device)
                 gen = generate(
                     model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
                     eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit, **self.halting(),
@@ -153,32 +148,24 @@ class ArithmeticEnvironment(Environment):
                 finished = torch.tensor([n > 0 and row[n - 1] == self.eos_id for row, n in rows])
                 exact = arithmetic_exact_match(
                     prompts=prompts, completions=texts, answers=[a for _, a in part]
-                ).double()
-                fmt = answer_format(completions=texts, finished=finished)
-                steps = torch.arange(gen.tokens.shape[1])
-                real = steps[None, :] < gen.lengths.cpu()[:, None]
-                cycles = gen.cycles.cpu()[real].float().mean(dim=-1)  # per real token, over the blocks
-                of_op = torch.tensor(
-                    [[operation(p) == op for op in ops] for p in prompts], dtype=torch.float64
                 )
-                values = [len(part), exact.sum(), fmt.sum(), cycles.sum(), real.sum()]
-                sums[:5] += torch.tensor([float(v) for v in values], dtype=torch.float64)
-                sums[5:] += torch.cat([of_op.sum(dim=0), (of_op * exact[:, None]).sum(dim=0)])
-        finally:
-            model.train(was_training)
-        totals = all_reduce(sums).tolist()
-        n, exact, fmt, cycles, tokens = totals[:5]
-        per_op = dict(zip(ops, zip(totals[5 : 5 + len(ops)], totals[5 + len(ops) :])))
+                real = torch.arange(gen.tokens.shape[1])[None, :] < gen.lengths.cpu()[:, None]
+                sums["questions"] += len(part)
+                sums["exact"] += float(exact.sum())
+                sums["format"] += float(answer_format(completions=texts, finished=finished).sum())
+                sums["cycles"] += float(gen.cycles.cpu()[real].float().mean(dim=-1).sum())  # per token
+                sums["tokens"] += float(real.sum())
+                for prompt, right in zip(prompts, exact.tolist()):
+                    sums[f"n_{OP_NAMES[operation(prompt)]}"] += 1
+                    sums[f"r_{OP_NAMES[operation(prompt)]}"] += float(right)
+        s = all_reduce_sums(sums)
+        per_op = {f"eval/exact_accuracy_{op}": s[f"r_{op}"] / s[f"n_{op}"] for op in ops if s[f"n_{op}"]}
         return {
-            "eval/exact_accuracy": exact / max(n, 1.0),
-            **{
-                f"eval/exact_accuracy_{OP_NAMES[op]}": right / asked
-                for op, (asked, right) in per_op.items()
-                if asked
-            },
-            "eval/answer_format": fmt / max(n, 1.0),
-            "eval/mean_cycles": cycles / max(tokens, 1.0),
-            "eval/questions": n,
+            "eval/exact_accuracy": s["exact"] / max(s["questions"], 1.0),
+            **per_op,
+            "eval/answer_format": s["format"] / max(s["questions"], 1.0),
+            "eval/mean_cycles": s["cycles"] / max(s["tokens"], 1.0),
+            "eval/questions": s["questions"],
         }
 
     def summary_lines(self) -> list[str]:
