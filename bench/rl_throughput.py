@@ -1,6 +1,6 @@
 """RL step throughput on the CPU: rollout tokens/s, training tokens/s, and the share of a step each takes.
 
-A GRPO step as the RL trainer runs it (hrm_mega/training/rl.py), without DeepSpeed and checkpoints:
+A GRPO step as the RL trainer runs it (hrm_mega/training/tasks/rl.py), without DeepSpeed and checkpoints:
 
     rollout   no grad: group_size samples per prompt (LM: lm_rollout, KV-cached decoding with per-token
               halting; puzzles: puzzle_rollout, the ACT loop and per-cell sampling), rewards

@@ -155,7 +155,7 @@ def test_info_and_launch_dry_run_refuse_a_bad_layout_the_same_way(data) -> None:
     assert_refused_early(launch, "launch", message)
     # launch knows the command from the entry module: RL's checks apply to posttrain_rl
     launch_rl = [sys.executable, "-X", "importtime", "-m", "hrm_mega.cli", "launch", "--dry-run",
-                 "--entry", "pipelines.posttrain_rl", str(RL_PUZZLE), "--set", "parallel.zero_stage=3"]  # fmt: skip
+                 "--entry", "hrm_mega.entry.posttrain_rl", str(RL_PUZZLE), "--set", "parallel.zero_stage=3"]  # fmt: skip
     assert_refused_early(launch_rl, "launch", "parallel.zero_stage <= 2")
 
 

@@ -17,7 +17,7 @@ packed is the hidden state, flattened, followed by the running token sums of eac
 stage that made them; only these three numbers travel, and their gradient flows back with the hidden
 state's. They ride inside the hidden tensor because DeepSpeed runs one backward pass per floating-point
 tensor a stage sends: two tensors would run the stage's backward twice. The last stage turns logits and
-sums into the loss (training/lm_pipeline.py).
+sums into the loss (training/tasks/lm.py, PipelineLoss).
 
 The number of H cycles N is part of every micro-batch's inputs (`cycles`, a one-element int tensor that
 travels with the positions), not state of the stage modules: DeepSpeed calls each stage's forward itself,

@@ -17,7 +17,7 @@ Data parallelism and micro-batches. Each denominator above is a count over the w
 function takes `normalizer`: the step's total (actions, rows, or rows * max_len) over all micro-batches
 and ranks. `loss_normalizer(...)` gives one batch's share; all-reduce the shares (a sum) and pass the
 result to every micro-batch. The micro-batches' losses then add up to the step's loss, which is the
-same at any DP size (as hrm_mega/training/lm.py does for the LM's token means). Without `normalizer`
+same at any DP size (as hrm_mega/training/tasks/lm.py does for the LM's token means). Without `normalizer`
 the batch's own count is used.
 
 Metrics are detached means over this call's masked actions, plus `actions` (their count): weight by

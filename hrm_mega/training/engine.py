@@ -129,7 +129,7 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if par.pp > 1 and par.zero_stage == 0:
         # DeepSpeed's fp32 pipeline path clips without reporting the norm; the pipeline trainer clips
-        # in its optimizer-step hook instead (training/lm_pipeline.py, StepGuard).
+        # in its optimizer-step hook instead (training/tasks/lm.py, StepGuard).
         ds["gradient_clipping"] = 0.0
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}

@@ -1,8 +1,9 @@
 """The Task interface: what differs between puzzle, language-model and RL training, handed to the one
 Trainer (training/trainer.py) as torchtitan hands its trainer a train spec.
 
-A task owns its dataset checks, its model build, its stream, one optimizer step, its metrics, its
-evaluation and the extra state its checkpoints carry. The Trainer owns the engine, the loop, the
+A task owns its dataset, its model build, its stream, one optimizer step, its metrics, its evaluation
+and the extra state its checkpoints carry (its config checks are in hrm_mega/config/checks.py, run by
+load_config before anything starts). The Trainer owns the engine, the loop, the
 learning-rate schedule, the non-finite guard, EMA, checkpoints and logging. Task methods get the trainer
 so that they can reach those (trainer.engine, trainer.world, trainer.stream, trainer.step, ...).
 
@@ -51,8 +52,8 @@ def build_task(config: Config, rl: bool = False) -> Task:
 
 class Task(ABC):
     config: Config
-    manifest: dict[str, Any]  # the dataset's manifest.json, read by check_data
-    command: str = "train"  # the hrm-mega command the run summary names
+    manifest: dict[str, Any]  # the dataset's manifest.json, read by read_data
+    command: str = "train"  # the hrm-mega command: names the run, selects the config checks (train | rl)
     # Whether a checkpoint resumes at another data-parallel size (not when replicas keep their own state,
     # like the puzzle task's ACT rows in flight).
     reshards_data_parallel: bool = True

@@ -235,7 +235,7 @@ class RLTask(Task):
         n_micro = trainer.world.dp_size * len(chunks)  # micro-batches run by all ranks together
         # DeepSpeed averages gradients over dp x its configured accumulation steps (which can differ from
         # len(chunks) when groups are dropped); the losses below are already shares of the whole step's
-        # normaliser, so that division is undone (as in training/lm.py).
+        # normaliser, so that division is undone (as in training/tasks/lm.py).
         undo_average = float(trainer.world.dp_size * trainer.engine.gradient_accumulation_steps())
         share = (
             loss_normalizer(rl.aggregation, batch.mask[trained], self.env.max_actions())
