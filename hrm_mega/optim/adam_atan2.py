@@ -1,20 +1,25 @@
 """Adam-atan2: Adam with the division m / (sqrt(v) + eps) replaced by atan2(m, sqrt(v)).
 
-atan2 is bounded and scale-invariant, so the update needs no epsilon and cannot blow up when v is tiny
-(HRM trains with it). This is a pure-PyTorch version: no CUDA extension, so it runs on CPU and GPU, for
-fp32, fp16 and bf16 parameters.
+atan2 is bounded and scale-invariant, so the update needs no epsilon and cannot blow up when v is tiny.
+HRM and TRM train with the `adam-atan2` package (0.0.3, a CUDA kernel); this is a pure-PyTorch version of
+the same update, so it runs on CPU and GPU, for fp32, fp16 and bf16 parameters.
 
-Per parameter, with the step count t starting at 1:
+Per parameter, with the step count t starting at 1, in the package's order:
 
+    p *= 1 - lr*wd                                   (decoupled weight decay, as AdamW, first)
     m = b1*m + (1-b1)*g
     v = b2*v + (1-b2)*g^2
-    p *= 1 - lr*wd                                   (decoupled weight decay, as AdamW)
     p -= lr/(1-b1^t) * a * atan2(m, b * sqrt(v) / sqrt(1-b2^t))
 
-`a` scales the update and `b` scales the denominator inside atan2. For small |m| / (b*sqrt(v)) we have
-a*atan2(m, b*sqrt(v)) ~ (a/b) * m/sqrt(v), i.e. plain Adam with lr*a/b; for large ratios the update
-saturates at a*pi/2. The defaults a=1.27, b=1 follow the published `adam-atan2` package; a=1, b=1 gives
-the unscaled form `p -= lr/(1-b1^t) * atan2(m, sqrt(v)/sqrt(1-b2^t))`.
+The defaults a=1, b=1 are the package's update, `p -= lr/(1-b1^t) * atan2(m, sqrt(v)/sqrt(1-b2^t))`.
+`a` and `b` are explicit options: `a` scales the update and `b` the denominator inside atan2. For small
+|m| / (b*sqrt(v)), a*atan2(m, b*sqrt(v)) ~ (a/b) * m/sqrt(v), i.e. plain Adam with lr*a/b; for large
+ratios the update saturates at a*pi/2. (a=1.27 is the scale of a different atan2 optimizer, not of the
+package HRM and TRM import; the demo recipe was tuned with it and sets it explicitly.)
+
+One deliberate difference: for bf16/fp16 parameters the package keeps the moments in the parameter's
+dtype; we keep them in fp32 (and round the parameter once per step). The official trainers hold fp32
+parameters, where the two agree.
 
 It is a plain `torch.optim.Optimizer`, so DeepSpeed accepts it as a client optimizer under ZeRO 0-3
 (with `zero_allow_untested_optimizer: true`). State per parameter: "step" (python int), "exp_avg" and
@@ -45,8 +50,9 @@ class AdamATan2(torch.optim.Optimizer):
         lr: learning rate, a float or a 0-dim tensor (so a schedule can change it without recompiling).
         betas: (b1, b2), the decay rates of the first and second moments, each in [0, 1).
         weight_decay: decoupled weight decay; each step multiplies the parameter by 1 - lr*weight_decay.
-        a: scale of the atan2 update (the update is bounded by a*pi/2 per unit lr).
-        b: scale of the denominator inside atan2; a/b is the effective Adam step in the small-ratio regime.
+        a: scale of the atan2 update (bounded by a*pi/2 per unit lr); 1 is the adam-atan2 package.
+        b: scale of the denominator inside atan2 (a/b is the effective Adam step in the small-ratio
+            regime); 1 is the adam-atan2 package.
     """
 
     def __init__(
@@ -55,7 +61,7 @@ class AdamATan2(torch.optim.Optimizer):
         lr: float | torch.Tensor = 1e-4,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.0,
-        a: float = 1.27,
+        a: float = 1.0,
         b: float = 1.0,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, a=a, b=b)
@@ -99,7 +105,9 @@ class AdamATan2(torch.optim.Optimizer):
                 denom = v.sqrt().mul_(b / math.sqrt(1 - b2**t))
                 update = torch.atan2(m, denom).mul_(lr * a / bias1)  # lr may be a 0-dim tensor
 
-                # Low-precision parameters are updated in fp32 and rounded once.
+                # Low-precision parameters are updated in fp32 and rounded once. The decay multiplies
+                # the old parameter and the update does not depend on it, so decaying here is the
+                # package's decay-first order.
                 master = p if p.dtype == m.dtype else p.to(m.dtype)
                 if wd != 0:
                     master.mul_(1 - lr * wd)
