@@ -133,3 +133,50 @@ def test_the_model_section_has_the_type_of_its_family():
         load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", ["model.value_head=true"])
     with pytest.raises(ConfigError, match="model.family='gemma' is unknown; did you mean hrm_gemma"):
         load_config(None, ["model.family=gemma"])
+
+
+# The optimizer settings of the official trainers. Both pretrain.py files (sapientinc/HRM and
+# SamsungSAILMontreal/TinyRecursiveModels) build `adam_atan2.AdamATan2(lr, weight_decay, betas=(beta1,
+# beta2))` from the adam-atan2 package (no update scale: our adam_atan2_scale=1), step it right after
+# backward and the gradient all-reduce with no clip_grad_norm_ (grad_clip 0), and set the lr from
+# cosine_schedule_with_warmup_lr_lambda. Defaults from config/cfg_pretrain.yaml (both repositories, the
+# ARC recipe): global_batch_size 768, lr 1e-4, lr_min_ratio 1.0, lr_warmup_steps 2000, beta1 0.9,
+# beta2 0.95, weight_decay 0.1, puzzle_emb_lr 1e-2, puzzle_emb_weight_decay 0.1, EMA off (TRM: ema_rate
+# 0.999 when ema=True).
+OFFICIAL_DEFAULTS = dict(
+    name="adam_atan2", adam_atan2_scale=1.0, grad_clip=0.0, lr=1e-4, lr_min_ratio=1.0, warmup_steps=2000,
+    beta1=0.9, beta2=0.95, weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema_decay=0.0,
+)  # fmt: skip
+# The Sudoku-Extreme and Maze-Hard commands of HRM's README and TRM's README override
+# "lr=1e-4 puzzle_emb_lr=1e-4 weight_decay=1.0 puzzle_emb_weight_decay=1.0"; TRM's add "ema=True".
+SUDOKU_MAZE = dict(lr=1e-4, puzzle_emb_lr=1e-4, weight_decay=1.0, puzzle_emb_weight_decay=1.0)
+OFFICIAL_OPTIM = {
+    "hrm_sudoku": OFFICIAL_DEFAULTS | SUDOKU_MAZE,  # HRM README, "Sudoku Extreme (1k)"
+    "hrm_maze": OFFICIAL_DEFAULTS | SUDOKU_MAZE,  # HRM README, "Maze 30x30 Hard (1k)"
+    "hrm_arc": OFFICIAL_DEFAULTS,  # HRM README, "ARC-1": pretrain.py with cfg_pretrain.yaml as it is
+    "trm_sudoku": OFFICIAL_DEFAULTS | SUDOKU_MAZE | {"ema_decay": 0.999},  # TRM README, "Sudoku-Extreme"
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_OPTIM))
+def test_paper_recipes_use_the_official_optimizer_and_no_clipping(name):
+    import torch
+
+    from hrm_mega.training.engine import World, deepspeed_config
+
+    cfg = load_config(ROOT / f"configs/puzzle/{name}.yaml")
+    got = {key: getattr(cfg.optim, key) for key in OFFICIAL_OPTIM[name]}
+    assert got == OFFICIAL_OPTIM[name]
+    assert cfg.train.global_batch == 768  # global_batch_size in every official command
+    # What DeepSpeed is told: 0 turns its clipping off.
+    world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    assert deepspeed_config(cfg, world, cfg.train.global_batch)["gradient_clipping"] == 0.0
+
+
+def test_adam_atan2_scale_is_checked():
+    with pytest.raises(ConfigError, match=r"optim.adam_atan2_scale=0.0 must be > 0"):
+        load_config(ROOT / "configs/puzzle/hrm_sudoku.yaml", ["optim.adam_atan2_scale=0"])
+    with pytest.raises(ConfigError, match="applies only to optim.name=adam_atan2, not adamw"):
+        load_config(
+            ROOT / "configs/puzzle/hrm_sudoku.yaml", ["optim.name=adamw", "optim.adam_atan2_scale=1.27"]
+        )

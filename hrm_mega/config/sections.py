@@ -58,7 +58,10 @@ class OptimConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
+    # AdamATan2's update scale `a`: 1 is the adam-atan2 package that HRM and TRM train with; the demo
+    # recipe keeps the 1.27 it was tuned with (hrm_mega/optim/adam_atan2.py).
+    adam_atan2_scale: float = 1.0
+    grad_clip: float = 1.0  # 0 disables clipping; the paper puzzle recipes set 0, as HRM and TRM
     puzzle_emb_lr: float = 1e-2
     puzzle_emb_weight_decay: float = 0.1
     ema_decay: float = 0.0  # 0 disables EMA; TRM uses 0.999
@@ -75,6 +78,13 @@ class OptimConfig:
             raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.grad_clip must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+        if not self.adam_atan2_scale > 0:
+            raise ConfigError(f"optim.adam_atan2_scale={self.adam_atan2_scale} must be > 0")
+        if self.name != "adam_atan2" and self.adam_atan2_scale != 1.0:
+            raise ConfigError(
+                f"optim.adam_atan2_scale={self.adam_atan2_scale} applies only to optim.name=adam_atan2, "
+                f"not {self.name}"
+            )
 
 
 @dataclass

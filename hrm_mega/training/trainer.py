@@ -128,7 +128,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if o.name == "adamw":
             return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        return AdamATan2(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return AdamATan2(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, a=o.adam_atan2_scale
+        )
 
     # --- what a task's step calls ----------------------------------------------------------------
 
