@@ -14,7 +14,7 @@ Per parameter, with the step count t starting at 1, in the package's order:
 The defaults a=1, b=1 are the package's update, `p -= lr/(1-b1^t) * atan2(m, sqrt(v)/sqrt(1-b2^t))`.
 `a` and `b` are explicit options: `a` scales the update and `b` the denominator inside atan2. For small
 |m| / (b*sqrt(v)), a*atan2(m, b*sqrt(v)) ~ (a/b) * m/sqrt(v), i.e. plain Adam with lr*a/b; for large
-ratios the update saturates at a*pi/2. (a=1.27 is the scale of a different atan2 optimizer, not of the
+ratios the update saturates at a*pi/2. (a=1.27 is the default of a different atan2 package, not of the
 package HRM and TRM import; the demo recipe was tuned with it and sets it explicitly.)
 
 One deliberate difference: for bf16/fp16 parameters the package keeps the moments in the parameter's
