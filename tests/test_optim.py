@@ -338,7 +338,9 @@ def hrm_lr(current_step: int, base_lr: float, warmup: int, total: int, min_ratio
     if current_step < warmup:
         return base_lr * float(current_step) / float(max(1, warmup))
     progress = float(current_step - warmup) / float(max(1, total - warmup))
-    return base_lr * (min_ratio + max(0.0, (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))))
+    return base_lr * (
+        min_ratio + max(0.0, (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    )
 
 
 @pytest.mark.parametrize(
@@ -348,7 +350,9 @@ def hrm_lr(current_step: int, base_lr: float, warmup: int, total: int, min_ratio
 def test_lr_at_is_hrms_schedule_at_every_update(warmup, total, min_ratio):
     kw = dict(base_lr=1e-3, warmup_steps=warmup, total_steps=total, min_ratio=min_ratio)
     for step in range(1, total + 1):
-        assert lr_at(step, **kw) == pytest.approx(hrm_lr(step, 1e-3, warmup, total, min_ratio), rel=1e-12, abs=0)
+        assert lr_at(step, **kw) == pytest.approx(
+            hrm_lr(step, 1e-3, warmup, total, min_ratio), rel=1e-12, abs=0
+        )
     assert LRSchedule(**kw)(total) == lr_at(total, **kw)
 
 
