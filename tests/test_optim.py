@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import hrm_lr
 
 from hrm_mega.optim import EMA, AdamATan2, LRSchedule, SparseSignSGD, lr_at
 
@@ -330,17 +331,6 @@ def test_sparse_sign_sgd_two_gloo_ranks_match_single_process(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # LR schedule
 # --------------------------------------------------------------------------------------------------
-
-
-def hrm_lr(current_step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Transcribed from sapientinc/HRM pretrain.py, cosine_schedule_with_warmup_lr_lambda (num_cycles
-    0.5); its train_batch advances train_state.step before computing the LR, so updates are 1..total."""
-    if current_step < warmup:
-        return base_lr * float(current_step) / float(max(1, warmup))
-    progress = float(current_step - warmup) / float(max(1, total - warmup))
-    return base_lr * (
-        min_ratio + max(0.0, (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
-    )
 
 
 @pytest.mark.parametrize(

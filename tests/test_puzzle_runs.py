@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_optim import hrm_lr
+from conftest import hrm_lr
 
 from hrm_mega.checkpoint.consolidate import load_model
 from hrm_mega.config import load_config
