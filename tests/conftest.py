@@ -1,6 +1,7 @@
 """Shared test set-up: CPU DeepSpeed, few threads, a tiny puzzle-model config, the tiny datasets that the
-training tests share (session-scoped: built once, then only read), subprocess helpers, a transcription of HRM's LR schedule, and the guard that
-keeps `pytest -m "not slow"` a unit suite: a test not marked slow may not start a run."""
+training tests share (session-scoped: built once, then only read), subprocess helpers, a transcription of
+HRM's LR schedule, and the guard that keeps `pytest -m "not slow"` a unit suite: a test not marked slow
+may not start a run."""
 
 import contextlib
 import math
