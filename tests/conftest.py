@@ -1,8 +1,10 @@
 """Shared test set-up: CPU DeepSpeed, few threads, a tiny puzzle-model config, the tiny datasets that the
-training tests share (session-scoped: built once, then only read), subprocess helpers, and the guard that
-keeps `pytest -m "not slow"` a unit suite: a test not marked slow may not start a run."""
+training tests share (session-scoped: built once, then only read), subprocess helpers, a transcription of
+HRM's LR schedule, and the guard that keeps `pytest -m "not slow"` a unit suite: a test not marked slow
+may not start a run."""
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -150,3 +152,14 @@ def sigkill_after_step(
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def hrm_lr(current_step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Transcribed from sapientinc/HRM pretrain.py, cosine_schedule_with_warmup_lr_lambda (num_cycles
+    0.5); its train_batch advances train_state.step before computing the LR, so updates are 1..total."""
+    if current_step < warmup:
+        return base_lr * float(current_step) / float(max(1, warmup))
+    progress = float(current_step - warmup) / float(max(1, total - warmup))
+    return base_lr * (
+        min_ratio + max(0.0, (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    )

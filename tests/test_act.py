@@ -19,7 +19,7 @@ from hrm_mega.models.act import (
 )
 from hrm_mega.models.puzzle import RecursiveReasoner, SegmentOutput
 from hrm_mega.models.recurrence import Carry
-from hrm_mega.models.vocab import log_stablemax
+from hrm_mega.models.vocab import IGNORE_LABEL, log_stablemax
 
 
 def make_batch(config, n, start_id=0, seed=0):
@@ -235,5 +235,31 @@ def test_puzzle_metrics_by_hand():
     m = puzzle_metrics(recs)
     assert m == {"samples": 2, "exact_accuracy": 0.5, "token_accuracy": 0.75, "q_halt_accuracy": 0.5,
                  "mean_segments": 3.0}  # fmt: skip
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(ValueError, match="no labelled samples"):
         puzzle_metrics([])
+
+
+def test_rows_without_labels_are_not_counted_as_solved(tiny_config):
+    """A row whose labels are all ignored is left out of every metric (as HRM's loss head does), in
+    evaluation records and in the training metrics alike; before, it counted as an exact solve."""
+    from hrm_mega.inference.puzzle import PuzzleRecord
+
+    unlabelled = torch.full((2,), IGNORE_LABEL)
+    recs = [
+        PuzzleRecord(0, torch.tensor([1, 2]), torch.tensor([1, 2]), 2, 1.0),  # solved, q right
+        PuzzleRecord(1, torch.tensor([1, 3]), torch.tensor([1, 2]), 4, 1.0),  # half, q wrong
+        PuzzleRecord(2, torch.tensor([5, 5]), unlabelled, 6, 1.0),  # nothing to check
+    ]
+    m = puzzle_metrics(recs)
+    assert m == {"samples": 2, "exact_accuracy": 0.5, "token_accuracy": 0.75, "q_halt_accuracy": 0.5,
+                 "mean_segments": 3.0}  # fmt: skip
+    with pytest.raises(ValueError, match="no labelled samples"):
+        puzzle_metrics(recs[2:])
+
+    # Training metrics: the halted unlabelled row 1 is neither counted nor solved.
+    logits = torch.zeros(2, 2, 3)
+    labels = torch.stack([torch.zeros(2, dtype=torch.long), unlabelled])
+    out = SegmentOutput(Carry(torch.zeros(2), torch.zeros(2)), logits, torch.ones(2), torch.zeros(2))
+    _, m = act_loss(tiny_config, out, labels, halted=torch.tensor([True, True]), steps=torch.tensor([1, 3]))
+    assert m["count"] == 1 and m["exact_accuracy"] == 1 and m["segments"] == 1
+    assert m["token_accuracy"] == 1 and m["q_halt_accuracy"] == 1

@@ -251,10 +251,13 @@ def test_hrm_gemma_with_open_gates_exports_remote_code(tmp_path: Path, capsys) -
     assert torch.equal(generated[1, 2:], greedy_reference(model, prompt[1:, :4], 5)[0])
 
 
-def test_recursive_reasoner_exports_remote_code(tmp_path: Path, capsys, tiny_config) -> None:
+@pytest.mark.parametrize("puzzle_emb_ndim", [32, 0])  # 0: no puzzle-embedding table at all
+def test_recursive_reasoner_exports_remote_code(tmp_path: Path, capsys, tiny_config, puzzle_emb_ndim) -> None:
+    tiny_config = dataclasses.replace(tiny_config, puzzle_emb_ndim=puzzle_emb_ndim)
     model = perturbed(RecursiveReasoner(tiny_config).init_weights(0), seed=6)
-    with torch.no_grad():
-        model.puzzle_emb.normal_(generator=torch.Generator().manual_seed(7))
+    if model.puzzle_emb is not None:
+        with torch.no_grad():
+            model.puzzle_emb.normal_(generator=torch.Generator().manual_seed(7))
     ckpt = save_model_dir(model.state_dict(), Config(model=tiny_config), tmp_path / "ckpt")
     out = tmp_path / "export"
     printed = run_ok(export_hf.main, [ckpt, out], capsys)

@@ -143,10 +143,12 @@ def test_to_official_inverts_from_official(checkpoint):
 
 
 def official_forward(sd: dict[str, torch.Tensor], inputs, puzzle_ids, h_cycles: int, l_cycles: int):
-    """HRM-ACT-v1 inner forward, written directly on the official tensors (fp32, no autograd tricks)."""
+    """HRM-ACT-v1 inner forward, written directly on the official tensors (fp32, no autograd tricks).
+    Without puzzle_emb.weights (puzzle_emb_ndim 0) there is no prefix, as in HRM."""
     h, heads, eps = MODEL["hidden_size"], MODEL["num_heads"], 1e-5
     d = h // heads
-    b, n = inputs.shape[0], MODEL["seq_len"] + PREFIX_LEN
+    prefix_len = PREFIX_LEN if "puzzle_emb.weights" in sd else 0
+    b, n = inputs.shape[0], MODEL["seq_len"] + prefix_len
 
     def rms(x):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -173,8 +175,11 @@ def official_forward(sd: dict[str, torch.Tensor], inputs, puzzle_ids, h_cycles: 
             hidden = block(hidden, f"{name}_level.layers.{i}.")
         return hidden
 
-    pe = F.pad(sd["puzzle_emb.weights"][puzzle_ids], (0, PREFIX_LEN * h - MODEL["puzzle_emb_ndim"]))
-    x = math.sqrt(h) * torch.cat((pe.view(b, PREFIX_LEN, h), sd["embed_tokens.embedding_weight"][inputs]), 1)
+    x = sd["embed_tokens.embedding_weight"][inputs]
+    if prefix_len:
+        pe = F.pad(sd["puzzle_emb.weights"][puzzle_ids], (0, prefix_len * h - MODEL["puzzle_emb_ndim"]))
+        x = torch.cat((pe.view(b, prefix_len, h), x), 1)
+    x = math.sqrt(h) * x
     z_H = sd["H_init"].float().expand(b, n, h)
     z_L = sd["L_init"].float().expand(b, n, h)
     for _ in range(h_cycles):
@@ -182,7 +187,7 @@ def official_forward(sd: dict[str, torch.Tensor], inputs, puzzle_ids, h_cycles: 
             z_L = level("L", z_L, z_H + x, MODEL["l_layers"])
         z_H = level("H", z_H, z_L, MODEL["h_layers"])
     q = z_H[:, 0] @ sd["q_head.weight"].T + sd["q_head.bias"]
-    return (z_H @ sd["lm_head.weight"].T)[:, PREFIX_LEN:], q[:, 0], q[:, 1]
+    return (z_H @ sd["lm_head.weight"].T)[:, prefix_len:], q[:, 0], q[:, 1]
 
 
 @pytest.mark.parametrize("cycles", [(1, 1), (2, 3)])
@@ -208,6 +213,28 @@ def test_imported_model_computes_the_official_forward(tmp_path, checkpoint, cycl
     # guard: a different cycle count is a different function, so the comparison above is sharp
     other, _, _ = official_forward(off, inputs, ids, n + 1, t)
     assert not torch.allclose(got.logits, other, atol=1e-3)
+
+
+def test_checkpoint_without_puzzle_embedding_imports_and_exports(tmp_path):
+    """HRM with puzzle_emb_ndim 0 saves no puzzle_emb.weights: our model has no table either, computes
+    the official forward, and exports back to the same keys."""
+    sd = {k: v for k, v in official_state().items() if not k.endswith("puzzle_emb.weights")}
+    path, out = tmp_path / "step_1", tmp_path / "imported"
+    torch.save(sd, path)
+    assert run_cli(path, out, "--config", write_config(tmp_path, puzzle_emb_ndim=0)) == 0
+    model, _ = load_model_dir(out)
+    assert model.puzzle_emb is None and "puzzle_emb" not in model.state_dict()
+    off = {k[len(PREFIX) :]: v for k, v in sd.items()}
+    inputs = torch.randint(
+        0, MODEL["vocab_size"], (3, MODEL["seq_len"]), generator=torch.Generator().manual_seed(1)
+    )
+    ids = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        got = model(model.initial_carry(3), {"inputs": inputs, "puzzle_identifiers": ids})
+    logits, q_halt, _ = official_forward(off, inputs, ids, MODEL["h_cycles"], MODEL["l_cycles"])
+    torch.testing.assert_close(got.logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.q_halt, q_halt, rtol=1e-4, atol=1e-4)
+    assert set(to_official(model.state_dict())) == set(sd)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Model building blocks against naive implementations written here: RMSNorm, RoPE, gated MLPs,
-name-seeded initialisation, TP=1 linear factories, and a whole RecursiveReasoner forward."""
+name-seeded initialisation, TP=1 linear factories, a whole RecursiveReasoner forward, and TRM's
+sequence-MLP block against a transcription of TinyRecursiveModels' block."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hrm_mega.config import PuzzleModelConfig, swiglu_intermediate
+from hrm_mega.models.block import SeqContext
 from hrm_mega.models.layers import (
     GatedMLP,
     RMSNorm,
@@ -360,3 +364,76 @@ def test_recursive_reasoner_bf16_keeps_q_in_fp32(tiny_config):
     assert out.q_halt.dtype == out.q_continue.dtype == torch.float32
     # bf16 forward stays close to fp32 (loose: bf16 has 8 bits of mantissa and the carry recurs)
     torch.testing.assert_close(out.logits.float(), ref.logits.detach(), rtol=0.1, atol=0.15)
+
+
+# --------------------------------------------------------------------------------------------------
+# TRM's attention-free block (token_mixer: mlp)
+# --------------------------------------------------------------------------------------------------
+
+
+def trm_swiglu_width(hidden: int, expansion: float) -> int:
+    """TRM models/layers.py SwiGLU: _find_multiple(round(expansion * hidden * 2 / 3), 256)."""
+    inter = round(expansion * hidden * 2 / 3)
+    return -(inter // -256) * 256
+
+
+def trm_mlp_t_block(
+    x: torch.Tensor, w: dict[str, torch.Tensor], eps: float, norm_axis: str = "sequence"
+) -> torch.Tensor:
+    """Transcribed from TinyRecursiveModels trm.py (TinyRecursiveReasoningModel_ACTV1Block, mlp_t=True):
+    transpose to [B, D, L], SwiGLU over the sequence axis, post-norm over it, transpose back, then the
+    feature SwiGLU and post-norm. Weights in TRM's fused layout (gate_up_proj = [gate; up]).
+    norm_axis="feature" is the plausible mistake (first norm after transposing back), for a guard."""
+
+    def rms(h):
+        h = h.float()
+        return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+
+    def swiglu(h, gate_up, down):
+        gate, up = (h @ gate_up.T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ down.T
+
+    h = x.transpose(1, 2)
+    h = h + swiglu(h, w["mlp_t.gate_up_proj"], w["mlp_t.down_proj"])
+    h = rms(h).transpose(1, 2) if norm_axis == "sequence" else rms(h.transpose(1, 2))
+    return rms(h + swiglu(h, w["mlp.gate_up_proj"], w["mlp.down_proj"]))
+
+
+def test_sequence_mlp_block_matches_trm(tiny_config):
+    cfg = dataclasses.replace(
+        tiny_config, token_mixer="mlp", shared_net=True, h_layers=0, l_layers=2, puzzle_emb_len=4
+    )
+    model = RecursiveReasoner(cfg).init_weights(seed=2)
+    block = model.cycle.L.layers[0]
+    total = cfg.seq_len + 4
+    # TRM sizes the token mixer by the whole sequence (puzzle prefix included), the MLP by the features.
+    assert block.mixer.gate_proj.weight.shape == (trm_swiglu_width(total, cfg.expansion), total)
+    assert block.mlp.gate_proj.weight.shape == (
+        trm_swiglu_width(cfg.hidden_size, cfg.expansion),
+        cfg.hidden_size,
+    )
+    assert not list(block.norms.parameters())  # weightless norms, as TRM's rms_norm
+
+    w = {}
+    for name, mlp in (("mlp_t", block.mixer), ("mlp", block.mlp)):
+        w[f"{name}.gate_up_proj"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        w[f"{name}.down_proj"] = mlp.down_proj.weight.detach()
+    x = randn(3, total, cfg.hidden_size, seed=21) * 2.0
+    with torch.no_grad():
+        got = block(x, SeqContext())
+    want = trm_mlp_t_block(x, w, cfg.rms_norm_eps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # guard: normalising the mixer's output over features instead is a different function
+    assert not torch.allclose(got, trm_mlp_t_block(x, w, cfg.rms_norm_eps, norm_axis="feature"), atol=1e-3)
+
+
+def test_no_puzzle_embedding_means_no_table_and_a_zero_prefix(tiny_config):
+    none = RecursiveReasoner(dataclasses.replace(tiny_config, puzzle_emb_ndim=0)).init_weights(seed=3)
+    assert none.puzzle_emb is None and none.prefix_len == 0 and "puzzle_emb" not in none.state_dict()
+    out = none(none.initial_carry(2), tiny_batch(tiny_config, 2))
+    assert out.carry.z_H.shape[1] == tiny_config.seq_len
+    padded = RecursiveReasoner(
+        dataclasses.replace(tiny_config, puzzle_emb_ndim=0, puzzle_emb_len=2)
+    ).init_weights(3)
+    x = padded.embed(tiny_batch(tiny_config, 2)["inputs"], None)
+    assert x.shape[1] == tiny_config.seq_len + 2 and torch.equal(x[:, :2], torch.zeros_like(x[:, :2]))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import hrm_lr
 
 from hrm_mega.optim import EMA, AdamATan2, LRSchedule, SparseSignSGD, lr_at
 
@@ -432,23 +433,34 @@ def test_sparse_sign_sgd_two_gloo_ranks_match_single_process(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "warmup, total, min_ratio",
+    [(100, 1100, 0.1), (0, 10, 0.0), (3, 10, 1.0), (5, 5, 0.0), (20, 8, 0.5), (1, 2, 0.0)],
+)
+def test_lr_at_is_hrms_schedule_at_every_update(warmup, total, min_ratio):
+    kw = dict(base_lr=1e-3, warmup_steps=warmup, total_steps=total, min_ratio=min_ratio)
+    for step in range(1, total + 1):
+        assert lr_at(step, **kw) == pytest.approx(
+            hrm_lr(step, 1e-3, warmup, total, min_ratio), rel=1e-12, abs=0
+        )
+    assert LRSchedule(**kw)(total) == lr_at(total, **kw)
+
+
 def test_lr_at_key_points():
     kw = dict(base_lr=1e-3, warmup_steps=100, total_steps=1100, min_ratio=0.1)
-    assert lr_at(0, **kw) == 0.0
+    assert lr_at(1, **kw) == pytest.approx(1e-5)  # the first update already moves
     assert lr_at(50, **kw) == pytest.approx(5e-4)
     assert lr_at(100, **kw) == pytest.approx(1e-3)
     assert lr_at(600, **kw) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway through the cosine
-    assert lr_at(1100, **kw) == pytest.approx(1e-4)
+    assert lr_at(1100, **kw) == pytest.approx(1e-4)  # the last update is at the floor
     assert lr_at(5000, **kw) == pytest.approx(1e-4)
-    assert lr_at(1099, **kw) > lr_at(1100, **kw)
     lrs = [lr_at(s, **kw) for s in range(100, 1101)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:]))  # monotone decay
-    # No warmup: step 0 is already base_lr; min_ratio=1 is a constant LR.
-    assert lr_at(0, base_lr=2.0, warmup_steps=0, total_steps=10, min_ratio=0.0) == 2.0
+    # No warmup: the first update is at base_lr; min_ratio=1 is a constant LR.
+    assert lr_at(1, base_lr=2.0, warmup_steps=0, total_steps=10, min_ratio=1.0) == 2.0
     assert lr_at(7, base_lr=2.0, warmup_steps=0, total_steps=10, min_ratio=1.0) == 2.0
-
-    sched = LRSchedule(base_lr=1e-3, warmup_steps=100, total_steps=1100, min_ratio=0.1)
-    assert [sched(s) for s in (0, 100, 600, 2000)] == [lr_at(s, **kw) for s in (0, 100, 600, 2000)]
+    # warmup >= total: the whole run is warmup, as in HRM.
+    assert lr_at(8, base_lr=1.0, warmup_steps=20, total_steps=8, min_ratio=0.0) == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize(
@@ -457,7 +469,7 @@ def test_lr_at_key_points():
         (dict(step=-1), "step"),
         (dict(base_lr=-1.0), "base_lr"),
         (dict(warmup_steps=-5), "warmup_steps"),
-        (dict(total_steps=10), "total_steps"),  # <= warmup_steps
+        (dict(total_steps=0), "total_steps"),
         (dict(min_ratio=1.5), "min_ratio"),
         (dict(min_ratio=-0.1), "min_ratio"),
     ],
@@ -471,7 +483,7 @@ def test_lr_at_rejects_bad_arguments(kwargs, field):
 
 def test_lr_schedule_validates_on_construction():
     with pytest.raises(ValueError, match="total_steps"):
-        LRSchedule(base_lr=1e-3, total_steps=5, warmup_steps=5)
+        LRSchedule(base_lr=1e-3, total_steps=0, warmup_steps=5)
 
 
 # --------------------------------------------------------------------------------------------------

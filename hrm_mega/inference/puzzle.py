@@ -122,10 +122,14 @@ METRIC_SUMS = ("samples", "exact", "token", "q_right", "segments")
 
 
 def metric_sums(records: Iterable[PuzzleRecord]) -> torch.Tensor:
-    """Sums over records, in the order of METRIC_SUMS (a tensor, so ranks can all-reduce it)."""
+    """Sums over records, in the order of METRIC_SUMS (a tensor, so ranks can all-reduce it). Records
+    with no labels (every label ignored) are left out, as HRM's loss head leaves them out of its
+    metrics: there is nothing to be right or wrong about."""
     sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64)
     for r in records:
         valid = r.labels != IGNORE_LABEL
+        if not valid.any():
+            continue
         correct = (r.prediction == r.labels) & valid
         solved = bool(correct.sum() == valid.sum())
         token = float(correct.sum()) / max(1, int(valid.sum()))
@@ -134,10 +138,11 @@ def metric_sums(records: Iterable[PuzzleRecord]) -> torch.Tensor:
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
-    """exact_accuracy, token_accuracy, q_halt_accuracy (q_halt >= 0 iff solved) and mean_segments."""
+    """exact_accuracy, token_accuracy, q_halt_accuracy (q_halt >= 0 iff solved) and mean_segments over
+    the `samples` labelled samples."""
     n = float(sums[0])
     if n == 0:
-        raise ValueError("no samples were evaluated; is the eval split empty?")
+        raise ValueError("no labelled samples were evaluated; is the eval split empty or without labels?")
     exact, token, q_right, segments = (float(v) / n for v in sums[1:])
     return {
         "samples": int(n),

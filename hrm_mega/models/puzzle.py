@@ -10,7 +10,9 @@ One forward call is one ACT segment:
 The ACT loop that calls it segment after segment (halting, refills, Q targets) lives in
 hrm_mega.models.act. The puzzle-embedding table is a buffer, not a parameter: it is trained by sparse
 sign-SGD outside the main optimizer, so ZeRO never shards it. A training step passes the batch's rows
-of it in `batch["puzzle_emb"]` (a leaf tensor with requires_grad) to collect their gradients.
+of it in `batch["puzzle_emb"]` (a leaf tensor with requires_grad) to collect their gradients. With
+puzzle_emb_ndim = 0 there is no table (`puzzle_emb` is None and absent from the state dict, as in HRM);
+a prefix of puzzle_emb_len > 0 positions then starts at zero.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class RecursiveReasoner(nn.Module):
 
         self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / self.embed_scale)
-        self.register_buffer("puzzle_emb", torch.zeros(c.num_puzzle_identifiers, c.puzzle_emb_ndim))
+        table = torch.zeros(c.num_puzzle_identifiers, c.puzzle_emb_ndim) if c.puzzle_emb_ndim else None
+        self.register_buffer("puzzle_emb", table)
         if c.pos_encoding == "learned":
             self.embed_pos = nn.Parameter(torch.empty(self.total_len, c.hidden_size))
             set_init(self.embed_pos, "trunc_normal", 1.0 / self.embed_scale)
@@ -99,11 +102,14 @@ class RecursiveReasoner(nn.Module):
         r = reset.view(-1, 1, 1)
         return Carry(torch.where(r, self.H_init, carry.z_H), torch.where(r, self.L_init, carry.z_L))
 
-    def embed(self, inputs: torch.Tensor, puzzle_emb: torch.Tensor) -> torch.Tensor:
-        """inputs: [b, seq_len] token ids; puzzle_emb: [b, puzzle_emb_ndim] -> x: [b, prefix+seq_len, h]."""
+    def embed(self, inputs: torch.Tensor, puzzle_emb: torch.Tensor | None) -> torch.Tensor:
+        """inputs: [b, seq_len] token ids; puzzle_emb: [b, puzzle_emb_ndim] or None (no table)
+        -> x: [b, prefix+seq_len, h]."""
         c = self.config
         x = self.embed_tokens(inputs)
         if self.prefix_len:
+            if puzzle_emb is None:
+                puzzle_emb = x.new_zeros(x.shape[0], 0)
             pad = self.prefix_len * c.hidden_size - puzzle_emb.shape[-1]
             prefix = F.pad(puzzle_emb.to(x.dtype), (0, pad)).view(-1, self.prefix_len, c.hidden_size)
             x = torch.cat((prefix, x), dim=1)
@@ -114,7 +120,7 @@ class RecursiveReasoner(nn.Module):
     def forward(self, carry: Carry, batch: dict[str, torch.Tensor]) -> SegmentOutput:
         """One segment. batch: inputs [b, seq_len], puzzle_identifiers [b], optional puzzle_emb rows."""
         puzzle_emb = batch.get("puzzle_emb")
-        if puzzle_emb is None:
+        if puzzle_emb is None and self.puzzle_emb is not None:
             puzzle_emb = self.puzzle_emb[batch["puzzle_identifiers"]]
         x = self.embed(batch["inputs"], puzzle_emb)
         carry = Carry(
@@ -134,6 +140,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         n = sum(p.numel() for p in child.parameters())
         if n:
             counts[name] = n
-    if isinstance(model, RecursiveReasoner):
+    if isinstance(model, RecursiveReasoner) and model.puzzle_emb is not None:
         counts["puzzle_emb (buffer)"] = model.puzzle_emb.numel()
     return counts

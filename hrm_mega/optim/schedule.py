@@ -1,9 +1,14 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor, then constant.
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (HRM's and TRM's schedule).
 
-    step < warmup_steps:            lr = base_lr * step / warmup_steps        (0 at step 0)
-    warmup_steps <= step < total:   cosine from base_lr down to base_lr * min_ratio
-    step >= total_steps:            lr = base_lr * min_ratio
+Steps count optimizer updates from 1, as the official trainers do (they advance `train_state.step`
+before computing the LR), so the first update already has a non-zero LR:
 
+    step < warmup_steps:             lr = base_lr * step / warmup_steps
+    warmup_steps <= step <= total:   cosine from base_lr (at warmup_steps) down to base_lr * min_ratio
+                                     (reached at total_steps, the run's last update)
+    step > total_steps:              lr = base_lr * min_ratio
+
+warmup_steps >= total_steps is allowed, as in HRM: the whole run is then warmup.
 min_ratio = 1 gives warmup followed by a constant LR (the HRM/TRM puzzle recipes).
 The schedule is a pure function of the step, so a resumed run needs no scheduler state.
 """
@@ -15,15 +20,13 @@ from dataclasses import dataclass
 
 
 def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """The learning rate at optimizer step `step` (0-based)."""
+    """The learning rate of optimizer update number `step` (1 = the first update of a run)."""
     _check(base_lr, warmup_steps, total_steps, min_ratio)
     if step < 0:
         raise ValueError(f"lr_at: step must be >= 0, got {step}")
     if step < warmup_steps:
         return base_lr * step / warmup_steps
-    if step >= total_steps:
-        return base_lr * min_ratio
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -32,9 +35,8 @@ def _check(base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float
         raise ValueError(f"lr schedule: base_lr must be >= 0, got {base_lr}")
     if warmup_steps < 0:
         raise ValueError(f"lr schedule: warmup_steps must be >= 0, got {warmup_steps}")
-    # warmup_steps == total_steps would leave no room to decay; ask for an explicit, consistent setting.
-    if total_steps <= warmup_steps:
-        raise ValueError(f"lr schedule: total_steps ({total_steps}) must be > warmup_steps ({warmup_steps})")
+    if total_steps < 1:
+        raise ValueError(f"lr schedule: total_steps must be >= 1, got {total_steps}")
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"lr schedule: min_ratio must be in [0, 1], got {min_ratio}")
 

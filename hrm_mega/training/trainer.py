@@ -135,10 +135,11 @@ class Trainer:
     # --- what a task's step calls ----------------------------------------------------------------
 
     def set_lr(self) -> float:
-        """Sets this step's learning rate (warmup, then cosine to optim.lr_min_ratio); returns it."""
+        """Sets this step's learning rate (warmup, then cosine to optim.lr_min_ratio); returns it. The
+        update about to run is number step + 1, as HRM counts them: the first one is not at LR 0."""
         o, t = self.config.optim, self.config.train
         scale = lr_at(
-            self.step, base_lr=1.0, warmup_steps=min(o.warmup_steps, t.steps - 1), total_steps=t.steps,
+            self.step + 1, base_lr=1.0, warmup_steps=o.warmup_steps, total_steps=t.steps,
             min_ratio=o.lr_min_ratio,
         )  # fmt: skip
         self.task.set_lr_scale(scale)

@@ -5,7 +5,8 @@ One optimizer step is one ACT segment for every row of the global batch (deep su
     halted rows take new samples from the stream       (refill: nothing is dropped)
     loss = act_loss(engine(carry, batch))              (+ a no-grad look-ahead for bootstrap Q targets)
     engine.backward(loss); engine.step()               (AdamATan2 under ZeRO, clipping, accumulation)
-    sign_sgd.step(puzzle ids, their gradients)         (the embedding table lives outside ZeRO)
+    sign_sgd.step(puzzle ids, their gradients)         (the embedding table lives outside ZeRO; none
+                                                        when model.puzzle_emb_ndim = 0)
     ema.update(model)
 
 The ACT controller (carry, step counts, current rows) lives here, outside the engine. Everything that
@@ -16,6 +17,7 @@ and a resumed run continues exactly as the uninterrupted one would have.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,11 +44,14 @@ LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 class PuzzleTask(Task):
     reshards_data_parallel = False  # the ACT rows in flight belong to their replica
-    sign_sgd: SparseSignSGD
+    sign_sgd: SparseSignSGD | None = None  # None: the model has no puzzle-embedding table
     act: ACTState | None = None
+    _sparse_step: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, trainer: Trainer) -> None:
         model: RecursiveReasoner = trainer.model
+        if model.puzzle_emb is None:
+            return
         if model.puzzle_emb.dtype != torch.float32:  # bf16 engines cast buffers; sign-SGD needs fp32
             model.puzzle_emb = model.puzzle_emb.float()
         o = self.config.optim
@@ -60,7 +65,8 @@ class PuzzleTask(Task):
         return self.sample_stream(trainer, self.config.train.global_batch, transform)
 
     def set_lr_scale(self, scale: float) -> None:
-        self.sign_sgd.lr = self.config.optim.puzzle_emb_lr * scale
+        if self.sign_sgd is not None:
+            self.sign_sgd.lr = self.config.optim.puzzle_emb_lr * scale
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -77,9 +83,7 @@ class PuzzleTask(Task):
         cfg = self.config
         state = self._next_rows(trainer)
         lr = trainer.set_lr()
-        ids = state.batch["puzzle_identifiers"]
-        puzzle_emb = trainer.model.puzzle_emb[ids].clone().requires_grad_(True)  # leaf: its rows' grads
-        self._sparse_step = (ids, puzzle_emb)
+        rows_of = self._puzzle_emb_leaf(trainer, state.batch["puzzle_identifiers"])
 
         micro = cfg.train.micro_batch or trainer.local_batch
         sums = dict.fromkeys((*METRIC_KEYS, *LOSS_KEYS, "loss", "finite"), 0.0)
@@ -88,7 +92,7 @@ class PuzzleTask(Task):
         for i, rows in enumerate(micro_batches):
             trainer.start_micro_batch(i, len(micro_batches))
             sub = _select(state, rows)
-            sub = replace(sub, batch={**sub.batch, "puzzle_emb": puzzle_emb[rows]})
+            sub = replace(sub, batch={**sub.batch, **rows_of(rows)})
             loss, metrics, new_sub, _ = step_segment(
                 trainer.engine, cfg.model, sub, training=True, seed=cfg.train.seed
             )
@@ -103,9 +107,22 @@ class PuzzleTask(Task):
         grad_norm = trainer.apply_update(finite)
         return self._step_metrics(sums, lr, grad_norm, finite)
 
+    def _puzzle_emb_leaf(
+        self, trainer: Trainer, ids: torch.Tensor
+    ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """Copies this step's rows of the table into a leaf that collects their gradients; returns the
+        batch entries of a micro-batch's rows (nothing when the model has no table)."""
+        if self.sign_sgd is None:
+            self._sparse_step = None
+            return lambda rows: {}
+        puzzle_emb = trainer.model.puzzle_emb[ids].clone().requires_grad_(True)
+        self._sparse_step = (ids, puzzle_emb)
+        return lambda rows: {"puzzle_emb": puzzle_emb[rows]}
+
     def after_optimizer_step(self) -> None:
-        ids, puzzle_emb = self._sparse_step
-        self.sign_sgd.step(ids, puzzle_emb.grad)
+        if self._sparse_step is not None:
+            ids, puzzle_emb = self._sparse_step
+            self.sign_sgd.step(ids, puzzle_emb.grad)
 
     def step_counts(self) -> tuple[int, int]:
         rows = self.config.train.global_batch
@@ -159,6 +176,8 @@ class PuzzleTask(Task):
         )
 
     def summary_lines(self, trainer: Trainer) -> list[str]:
+        if trainer.model.puzzle_emb is None:
+            return ["  no puzzle embedding (model.puzzle_emb_ndim=0)"]
         return [f"  + {trainer.model.puzzle_emb.numel():,} puzzle-embedding values (sparse sign-SGD)"]
 
 

@@ -1,0 +1,150 @@
+"""Whole puzzle runs in this process (no launcher, a world of one on the CPU), on the tiny sudoku data:
+
+- a tiny TRM run (configs/puzzle/trm_sudoku_tiny.yaml, shrunk): the loss falls, every update's LR is
+  HRM's schedule at HRM's step, evaluation uses the EMA weights (and only them), a resume keeps the EMA;
+- an HRM run with model.puzzle_emb_ndim=0 (no puzzle embedding) trains, checkpoints, evaluates and
+  resumes.
+
+The runs are module-scoped and small (seconds each); the process group they start is taken down with
+the module, so later tests see a clean process.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import hrm_lr
+
+from hrm_mega.checkpoint.consolidate import load_model
+from hrm_mega.config import load_config
+from hrm_mega.inference.puzzle import run_fixed
+from hrm_mega.training.evaluation import evaluation
+from hrm_mega.training.tasks.puzzle import evaluate_puzzles
+from hrm_mega.training.trainer import Trainer, build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, WARMUP, LR, MIN_RATIO = 24, 3, 1e-2, 0.5
+SMALL = [
+    "model.hidden_size=32", "model.num_heads=2", "model.puzzle_emb_ndim=32", "model.halt_max_steps=2",
+    "model.h_cycles=2", "model.l_cycles=2", "train.global_batch=8", "data.partitions=2",
+    "data.shuffle_buffer=16", "train.eval_interval=0", "train.checkpoint_interval=0",
+    "train.eval_modes=fixed", "train.eval_max_samples=8", "log.wandb=disabled", "log.log_interval=1",
+    "log.progress_bar=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world_of_one() -> Iterator[None]:
+    """Restores the environment (setup_distributed writes RANK, MASTER_PORT, ...) and takes the process
+    group down after the module's runs."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def config(recipe: str, run_dir: Path, data: Path, *overrides: str):
+    return load_config(
+        ROOT / "configs/puzzle" / recipe, [*SMALL, f"data.path={data}", f"log.out_dir={run_dir}", *overrides]
+    )
+
+
+def logged(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def checkpoint_dir(trainer: Trainer) -> Path:
+    (path,) = sorted((trainer.run_dir / "checkpoints").glob("step-*"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny TRM run
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trm_run(world_of_one, tiny_sudoku, tmp_path_factory) -> tuple[Trainer, dict[str, float]]:
+    run_dir = tmp_path_factory.mktemp("trm") / "run"
+    cfg = config(
+        "trm_sudoku_tiny.yaml", run_dir, tiny_sudoku, f"train.steps={STEPS}", f"optim.warmup_steps={WARMUP}",
+        f"optim.lr={LR}", f"optim.lr_min_ratio={MIN_RATIO}", "optim.ema_decay=0.9",
+    )  # fmt: skip
+    assert cfg.model.token_mixer == "mlp" and cfg.model.shared_net  # still TRM after shrinking
+    trainer = build_trainer(cfg, resume="none")
+    return trainer, trainer.train()
+
+
+def test_trm_run_loss_falls_and_every_update_has_hrms_lr(trm_run):
+    trainer, _ = trm_run
+    records = logged(trainer.run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+    # The update logged as step k is HRM's train_state.step == k: the first is at LR/WARMUP, not 0.
+    for r in records:
+        assert r["lr"] == pytest.approx(hrm_lr(r["step"], LR, WARMUP, STEPS, MIN_RATIO), rel=1e-12), r["step"]
+    assert records[0]["lr"] > 0 and records[-1]["lr"] == pytest.approx(LR * MIN_RATIO)
+
+
+def test_trm_evaluation_uses_the_ema_weights(trm_run):
+    """The run's evaluation equals evaluating the checkpoint's model loaded with the EMA shadow, and
+    differs from evaluating the raw weights; the raw weights are back in place afterwards."""
+    trainer, results = trm_run
+    cfg, model = trainer.config, trainer.model
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def q_halts(m, ema):
+        with evaluation(m, cfg, trainer.world, ema) as batches:
+            return torch.tensor([r.q_halt for r in run_fixed(m, cfg.model, batches)])
+
+    with_ema, without = q_halts(model, trainer.ema), q_halts(model, None)
+    loaded, _ = load_model(checkpoint_dir(trainer))  # a training checkpoint loads with its EMA weights
+    torch.testing.assert_close(q_halts(loaded, None), with_ema, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(with_ema, without, atol=1e-4)
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    metrics = evaluate_puzzles(loaded, cfg, trainer.world, "fixed")
+    assert metrics == pytest.approx({k.removeprefix("eval_fixed/"): v for k, v in results.items()})
+
+
+def test_trm_resume_keeps_the_ema_state(trm_run):
+    trainer, _ = trm_run
+    resumed = build_trainer(trainer.config, resume="auto")
+    assert resumed.step == STEPS
+    assert resumed.ema.shadow.keys() == trainer.ema.shadow.keys()
+    for name, shadow in trainer.ema.shadow.items():
+        assert torch.equal(resumed.ema.shadow[name], shadow), name
+    params = dict(resumed.model.named_parameters())
+    assert any(not torch.equal(params[n].float(), s) for n, s in resumed.ema.shadow.items())  # not re-seeded
+
+
+# --------------------------------------------------------------------------------------------------
+# No puzzle embedding (model.puzzle_emb_ndim=0)
+# --------------------------------------------------------------------------------------------------
+
+
+NO_EMB = ["model.puzzle_emb_ndim=0", "model.h_layers=1", "model.l_layers=1"]
+
+
+def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(world_of_one, tiny_sudoku, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=3")
+    trainer = build_trainer(cfg, resume="none")
+    assert trainer.model.puzzle_emb is None and trainer.task.sign_sgd is None
+    results = trainer.train()
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged(run_dir))
+    assert results["eval_fixed/samples"] == 8
+    model, _ = load_model(checkpoint_dir(trainer))
+    assert model.puzzle_emb is None and "puzzle_emb" not in model.state_dict()
+
+    longer = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=4")
+    resumed = build_trainer(longer, resume="auto")
+    assert resumed.step == 3
+    resumed.train()
+    assert [r["step"] for r in logged(run_dir)] == [1, 2, 3, 4]
