@@ -125,9 +125,15 @@ def test_consolidating_a_tp2_pp2_checkpoint_gives_the_single_process_weights(lm_
         run_ok([sys.executable, "-m", "hrm_mega.cli", "consolidate", str(checkpoint), str(files[name])])
     a, b = load_file(files["single"]), load_file(files["split"])
     assert a.keys() == b.keys() and len(a) > 20
+    lr = 3e-3  # TINY_LM's optim.lr
     for key in a:
         assert a[key].shape == b[key].shape, key
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+        # The layouts reduce in another order, so a weight whose gradient is near zero can get a visibly
+        # different Adam update (m / sqrt(v) amplifies rounding there): allow 1 in 1000 elements to differ
+        # by less than one step's worth (lr); a wrong reshard would move whole rows or columns.
+        off = ~torch.isclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+        assert int(off.sum()) <= max(1, a[key].numel() // 1000), key
+        assert float((b[key] - a[key]).abs().max()) < lr, key
     assert not torch.equal(a["embed_tokens.weight"], torch.zeros_like(a["embed_tokens.weight"]))
     # `hrm-mega eval` (one process) on the split checkpoint reproduces what the 4 ranks logged
     out = run_ok([sys.executable, "-m", "hrm_mega.cli", "eval", str(split / "checkpoints/step-00000005")])
