@@ -10,6 +10,9 @@ faster), and the last line is the geometric mean over all rows.
     python bench/compare_trees.py --old /tmp/old-main --rounds 4 -- \\
         bench/train_throughput.py --recipes hrm_sudoku_tiny --steps 5
     python bench/compare_trees.py --old /tmp/old-main --rounds 4 -- bench/lm_throughput.py --sections train,decode
+
+--same-script runs this checkout's bench script in both trees (each tree's hrm_mega on PYTHONPATH), so
+that the harness is identical and only the library code differs (the script must run on both).
 """
 
 from __future__ import annotations
@@ -62,9 +65,12 @@ def main() -> None:
     p.add_argument("--old", type=Path, required=True, help="the other checkout (e.g. a worktree of main)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--same-script", action="store_true", help="run this checkout's bench script in both")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- bench/<script>.py [its arguments]")
     args = p.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.same_script:
+        command = [str(ROOT / command[0]), *command[1:]]
     ratios: dict[str, list[float]] = defaultdict(list)
     for r in range(args.rounds):
         order = [("old", args.old.resolve()), ("new", ROOT)]

@@ -9,6 +9,9 @@ Executed FLOPs count every segment that runs: the no-grad cycles, the differenti
 2x backward) and the look-ahead forward (hrm_mega.models.summary.segment_flops).
 
     python bench/train_throughput.py [--steps 3] [--paper-batch 32] [--tiny-batch 64] [--threads 2]
+
+The recipes are read from the checkout whose hrm_mega is imported, so bench/compare_trees.py --same-script
+can run this one script against another checkout's code (and that checkout's recipes).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import hrm_mega  # noqa: E402
 from hrm_mega.config import load_config  # noqa: E402
 from hrm_mega.data.shards import ShardWriter, write_manifest  # noqa: E402
 from hrm_mega.models.act import initial_state, step_segment  # noqa: E402
@@ -31,7 +35,7 @@ from hrm_mega.models.puzzle import RecursiveReasoner  # noqa: E402
 from hrm_mega.models.summary import segment_flops  # noqa: E402
 from hrm_mega.optim import AdamATan2  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+RECIPES = Path(hrm_mega.__file__).resolve().parents[1] / "configs" / "puzzle"
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
@@ -114,17 +118,18 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile=true)")
     p.add_argument("--recipes", default="hrm_sudoku_tiny,hrm_sudoku", help="comma-separated recipe names")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    peaks = {torch.float32: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
-    print(f"matmul peak ({args.threads} threads): fp32 {peaks[torch.float32] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s")  # fmt: skip
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {dtypes[name]: matmul_peak(dtypes[name]) for name in args.precisions.split(",")}
+    measured = ", ".join(f"{name} {peaks[dtypes[name]] / 1e9:.1f}" for name in args.precisions.split(","))
+    print(f"hrm_mega from {RECIPES.parents[1]}; matmul peak ({args.threads} threads), GFLOP/s: {measured}")
     header = f"{'recipe':<12} {'prec':<5} {'target':<9} {'loop':<8} {'ms/step':>9} {'rows/s':>8} {'tok/s':>8} {'MFU':>6}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
         batches = {"hrm_sudoku_tiny": args.tiny_batch, "hrm_sudoku": args.paper_batch}
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         for recipe in args.recipes.split(","):
             batch = batches[recipe]
             for precision in args.precisions.split(","):
@@ -134,9 +139,9 @@ def main() -> None:
                         f"train.global_batch={batch}", f"data.path={data}", "data.partitions=8",
                         f"log.out_dir={tmp}/run", "log.wandb=disabled", "log.progress_bar=false",
                         f"train.precision={precision}", f"model.q_target={target}", "train.steps=1000",
-                        f"train.compile={str(args.compile).lower()}",
+                        f"train.compile={str(args.compile).lower()}", *args.set,
                     ]  # fmt: skip
-                    config = load_config(ROOT / f"configs/puzzle/{recipe}.yaml", overrides)
+                    config = load_config(RECIPES / f"{recipe}.yaml", overrides)
                     flops = segment_flops(config.model).train_per_segment * batch
                     loops = [("bare", lambda c=config, d=dtype: bare_loop(c, d, args.steps))]
                     if not args.skip_trainer:

@@ -115,6 +115,10 @@ def check_run(c: Config, command: Command) -> None:
     """Checks of starting `command` ("train" or "rl"): the dataset's manifest, and the rl section."""
     if command not in COMMANDS:
         raise ValueError(f"command={command!r} must be one of {', '.join(COMMANDS)}")
+    if not c.data.path:
+        raise ConfigError(
+            "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
+        )
     if command == "rl":
         check_rl(c)
     elif c.data.augment and isinstance(c.model, LMModelConfig):

@@ -589,12 +589,17 @@ def lm_loss(
     """
     targets = labels[:, 1:]
     ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()  # vocab-parallel under TP
-    halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
-    mask = torch.ones_like(halt_logits[0, 0]) if token_mask is None else token_mask.to(halt_logits.dtype)
-    groups = halt_logits.shape[0]
-    sums = sum(halting_token_sums(halt_logits[g], converged[g], mask) for g in range(groups)) / groups
+    mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
-    return lm_loss_terms(ce_sum, sums, config, counts)
+    return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)
+
+
+def halting_sums(aux: dict[str, torch.Tensor], token_mask: torch.Tensor) -> torch.Tensor:
+    """Every CycleBlock's halting terms summed over the masked tokens (halting_token_sums), averaged over
+    the blocks: what a pipeline's stages add up and pass along."""
+    halt_logits, converged = aux["halt_logits"], aux["converged"]  # [G, N, b, s], [G, N-1, b, s]
+    mask, groups = token_mask.to(halt_logits.dtype), halt_logits.shape[0]
+    return sum(halting_token_sums(halt_logits[g], converged[g], mask) for g in range(groups)) / groups
 
 
 def lm_loss_terms(

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from hrm_mega.config import Config, ConfigError, Layout, resolve_layout
-from hrm_mega.distributed import MegatronMPU, init_model_parallel
+from hrm_mega.distributed import MegatronMPU, all_reduce, init_model_parallel
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,21 @@ def initialize(
     mpu = MegatronMPU() if layout is not None and layout.tp > 1 and layout.pp == 1 else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], world: World) -> float:
+    """Global L2 norm of the gradients in .grad, already averaged over data-parallel replicas: split
+    tensor-parallel parameters count on every TP rank, replicated ones once, a pipeline's second copy of
+    the tied embedding (ds_pipe_replicated) not at all, every pipeline stage's parameters once."""
+    square = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or world.tp_rank == 0:
+            square += p.grad.detach().double().square().sum().cpu()
+    if world.model_parallel:  # every replica adds the same gradients
+        square = all_reduce(square, group=torch.distributed.group.WORLD) / world.dp_size
+    return float(square.sqrt())
 
 
 def client_optimizer(engine: Any) -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""Run logging on rank 0: metrics.jsonl (always), wandb (offline unless configured), a progress bar."""
+"""A step's metric sums, and run logging on rank 0: metrics.jsonl (always), wandb (offline unless
+configured), a progress bar."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hrm_mega.config import Config
+
+
+def add_micro_batch(
+    sums: dict[str, float], loss: torch.Tensor, terms: dict[str, float], counts: dict[str, float]
+) -> None:
+    """Adds one micro-batch to its step's sums: `counts` always, the loss `terms` only when its loss is
+    finite (a skipped micro-batch adds no NaN to the step's means), and whether it was (sums["finite"])."""
+    finite = math.isfinite(float(loss.detach()))
+    for k, v in counts.items():
+        sums[k] += v
+    for k, v in terms.items():
+        sums[k] += v if finite else 0.0
+    sums["finite"] += float(finite)
 
 
 class MetricsLogger:

@@ -65,10 +65,6 @@ class Task(ABC):
 
     def read_data(self) -> dict[str, Any]:
         """The dataset's manifest (load_config has checked it against the config)."""
-        if not self.config.data.path:
-            raise ConfigError(
-                "data.path is empty; build a dataset with `hrm-mega prep ...` and point data.path at it"
-            )
         self.manifest = read_manifest(self.config.data.path)
         return self.manifest
 

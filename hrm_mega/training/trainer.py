@@ -6,7 +6,6 @@ stream, one optimizer step, the evaluation and whatever extra state its checkpoi
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
@@ -20,7 +19,7 @@ from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.data.stream import SampleStream
-from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything, tensor_parallel_group
+from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
 from hrm_mega.training.metrics import MetricsLogger, Throughput
@@ -160,9 +159,12 @@ class Trainer:
             self.engine.zero_grad()
             self.count_update(applied=False)
             return float("nan")
-        grad_norm = self._grad_norm_before_step()
+        # Without ZeRO the DP-averaged gradients sit in .grad before the step; ZeRO computes the norm in
+        # its step, so it is read from the engine afterwards.
+        zero = self.config.parallel.zero_stage > 0
+        grad_norm = float("nan") if zero else ds.grad_norm(self.model.parameters(), self.world)
         self.engine.step()
-        if math.isnan(grad_norm):
+        if zero:
             grad_norm = float(self.engine.get_global_grad_norm())
         self.task.after_optimizer_step()
         self.count_update(applied=True)
@@ -183,24 +185,6 @@ class Trainer:
                 f"step {self.step}: non-finite loss in {self.nonfinite_in_a_row} consecutive steps "
                 f"(train.max_nonfinite_steps={limit}); lower optim.lr or check the data"
             )
-
-    def _grad_norm_before_step(self) -> float:
-        """Global L2 norm of the DP-averaged gradients before clipping. ZeRO optimizers compute it in
-        their step (read it from the engine afterwards); without ZeRO the gradients sit in .grad. Under
-        tensor parallelism split parameters add up over the TP group; replicated ones count once."""
-        if self.config.parallel.zero_stage > 0:
-            return float("nan")
-        split = replicated = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                square = p.grad.detach().double().square().sum().cpu()
-                if getattr(p, "tensor_model_parallel", False):
-                    split = split + square
-                else:
-                    replicated = replicated + square
-        if self.world.model_parallel:
-            split = all_reduce(split, group=tensor_parallel_group())
-        return float((split + replicated).sqrt())
 
     # --- the loop --------------------------------------------------------------------------------
 

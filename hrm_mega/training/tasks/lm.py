@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
-from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, lm_loss, lm_loss_terms
+from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
 from hrm_mega.models.vocab import cross_entropy
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 from hrm_mega.training.engine import client_optimizer
 from hrm_mega.training.evaluation import evaluation
+from hrm_mega.training.metrics import add_micro_batch
 from hrm_mega.training.task import Task
 
 if TYPE_CHECKING:
@@ -75,10 +76,8 @@ class LMTask(Task):
         t = self.config.train
         if self.pipeline:
             own_clip = self.config.parallel.zero_stage == 0  # see engine.deepspeed_config
-            self.guard = StepGuard(
-                client_optimizer(trainer.engine), self.config.optim.grad_clip if own_clip else None,
-                trainer.world.tp_rank, trainer.world.dp_size,
-            )  # fmt: skip
+            clip = self.config.optim.grad_clip if own_clip else None
+            self.guard = StepGuard(client_optimizer(trainer.engine), clip, trainer.world)
         if t.distill_weight > 0:
             from hrm_mega.checkpoint.consolidate import load_model
 
@@ -138,7 +137,8 @@ class LMTask(Task):
             parts = self.loss(trainer.engine, mb, normalizers, cycles)
             if all_finite(parts["loss"]):
                 trainer.engine.backward(parts["loss"] * n_micro)
-            _add_micro_batch(sums, parts, int((mb["labels"][:, 1:] != -100).sum()))
+            tokens = float((mb["labels"][:, 1:] != -100).sum())
+            add_micro_batch(sums, parts["loss"], _terms(parts), counts={"tokens": tokens})
         sums = all_reduce_sums(sums)
         finite = sums["finite"] == n_micro
         return sums, finite, trainer.apply_update(finite)
@@ -149,7 +149,7 @@ class LMTask(Task):
     ) -> tuple[dict[str, float], bool, float]:  # fmt: skip
         self.pipeline_loss.start(normalizers, scale=n_micro)
         trainer.engine.train_batch(iter([self._stage_inputs(mb, cycles) for mb in micro_batches]))
-        sums = self._from_last_stage(trainer, self.pipeline_loss.sums)
+        sums = from_last_stage(trainer.engine, trainer.world, self.pipeline_loss.sums)
         finite = not self.guard.skipped
         trainer.count_update(applied=finite)
         if not finite:
@@ -165,13 +165,6 @@ class LMTask(Task):
         step's H cycles), the last the labels."""
         mask = self._token_mask(mb)
         return pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles), mb["labels"]
-
-    def _from_last_stage(self, trainer: Trainer, sums: dict[str, float]) -> dict[str, float]:
-        """The last stage's sums (one rank per TP group counts), summed over replicas, on every rank."""
-        reports = trainer.engine.is_last_stage() and trainer.world.tp_rank == 0
-        return all_reduce_sums(
-            sums if reports else dict.fromkeys(sums, 0.0), group=torch.distributed.group.WORLD
-        )
 
     def _token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["input_ids"] != int(self.manifest.get("pad_id", 0))
@@ -199,9 +192,7 @@ class LMTask(Task):
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, _ = self.teacher(
-                    mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"]
-                )
+                teacher_logits, _ = self.teacher(ids, position_ids=positions, doc_ids=docs)
             parts["distill"] = distillation_loss(
                 logits, teacher_logits, mb["labels"], t.distill_temperature, normalizer=normalizers[0]
             )
@@ -217,35 +208,18 @@ class LMTask(Task):
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Token-level loss and perplexity on the eval split (every rank takes its share), and the
         expected cycles the halting heads would spend."""
-        if self.pipeline:
-            results = self._evaluate_pipeline(trainer)
-        else:
-            results = evaluate_lm(trainer.model, self.config, trainer.world, trainer.ema)
+        pipeline = (trainer.engine, self.pipeline_loss) if self.pipeline else None
+        results = evaluate_lm(trainer.model, self.config, trainer.world, trainer.ema, pipeline=pipeline)
         results = {f"eval/{k}": v for k, v in results.items()}
         baseline = trainer.manifest.get("extra", {}).get("unigram_entropy_nats")
         if baseline is not None:
             results["eval/unigram_baseline"] = float(baseline)
         return results
 
-    def _evaluate_pipeline(self, trainer: Trainer) -> dict[str, float]:
-        self.pipeline_loss.start(normalizers=None)
-        with evaluation(trainer.model, self.config, trainer.world, trainer.ema) as batches:
-            for b in batches:
-                labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-                mask, cycles = labels != -100, self.config.model.h_cycles
-                inputs = pipeline_inputs(b["input_ids"], b["position_ids"], b["doc_ids"], mask, cycles)
-                trainer.engine.eval_batch(
-                    iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
-                )
-        return eval_results(self._from_last_stage(trainer, self.pipeline_loss.sums))
-
     def summary_lines(self, trainer: Trainer) -> list[str]:
         c, t = self.config.model, self.config.train
-        cycles = (
-            f"{t.cycles_range[0]}..{t.cycles_range[1]} (sampled per step)"
-            if t.cycles_range
-            else str(c.h_cycles)
-        )
+        lo_hi = t.cycles_range
+        cycles = f"{lo_hi[0]}..{lo_hi[1]} (sampled per step)" if lo_hi else str(c.h_cycles)
         return [f"  {c.num_groups} CycleBlocks, H cycles {cycles}, L cycles {c.l_cycles}, grad {c.grad_mode}"]
 
 
@@ -271,13 +245,14 @@ class PipelineLoss:
         targets = labels[:, 1:]
         ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()
         tokens = float((targets != -100).sum())
-        if self.normalizers is None:  # halting[2]: expected cycles summed over the labelled tokens
-            for k, v in zip(EVAL_KEYS, (float(ce_sum), tokens, float(halting[2]))):
+        if self.normalizers is None:  # halting[2]: expected cycles summed over the labelled positions
+            masked = float((labels != -100).sum())
+            for k, v in zip(EVAL_KEYS, (float(ce_sum), tokens, float(halting[2]), masked)):
                 self.sums[k] += v
             return ce_sum
         parts = lm_loss_terms(ce_sum, halting, self.config, self.normalizers)
         parts["distill"] = torch.zeros(())  # no teacher with pipeline stages
-        _add_micro_batch(self.sums, parts, tokens)
+        add_micro_batch(self.sums, parts["loss"], _terms(parts), counts={"tokens": tokens})
         return parts["loss"] * self.scale
 
 
@@ -289,10 +264,8 @@ class StepGuard:
     parameters count on every TP rank, replicated ones once, the tied embedding's second copy not at all,
     every stage's parameters once; gradients are already averaged over data-parallel replicas."""
 
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, clip: float | None, tp_rank: int, dp_size: int
-    ) -> None:
-        self.clip, self.tp_rank, self.dp_size = clip, tp_rank, dp_size
+    def __init__(self, optimizer: torch.optim.Optimizer, clip: float | None, world: ds.World) -> None:
+        self.clip, self.world = clip, world
         self.skipped, self.grad_norm = False, float("nan")
         optimizer.register_step_pre_hook(self)
 
@@ -308,26 +281,16 @@ class StepGuard:
                     p.grad = None
             return
         if self.clip is not None:
-            self.grad_norm = self._global_norm(params)
+            self.grad_norm = ds.grad_norm(params, self.world)
             scale = self.clip / (self.grad_norm + 1e-6)  # DeepSpeed's rule
             if self.clip > 0 and scale < 1:
                 for p in params:
                     p.grad.mul_(scale)
 
-    def _global_norm(self, params: list[torch.Tensor]) -> float:
-        square = torch.zeros((), dtype=torch.float64)
-        for p in params:
-            if getattr(p, "ds_pipe_replicated", False):
-                continue
-            if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
-                square += p.grad.detach().double().square().sum().cpu()
-        torch.distributed.all_reduce(square)  # every replica adds the same (averaged) gradients
-        return float((square / self.dp_size).sqrt())
-
 
 # --- helpers -------------------------------------------------------------------------------------
 
-EVAL_KEYS = ("nll", "tokens", "cycles")
+EVAL_KEYS = ("nll", "tokens", "cycles", "labelled")  # tokens: targets; labelled: positions with a label
 
 
 def distillation_loss(
@@ -347,13 +310,8 @@ def distillation_loss(
     return kl_sum / max(count, 1.0) * temperature**2
 
 
-def _add_micro_batch(sums: dict[str, float], parts: dict[str, torch.Tensor], tokens: float) -> None:
-    """Adds one micro-batch's loss shares (zeros when its loss is not finite), tokens and finiteness."""
-    finite = math.isfinite(float(parts["loss"].detach()))
-    for k in LOSS_KEYS:
-        sums[k] += float(parts[k].detach()) if finite else 0.0
-    sums["tokens"] += float(tokens)
-    sums["finite"] += float(finite)
+def _terms(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(parts[k].detach()) for k in LOSS_KEYS}
 
 
 def eval_results(sums: dict[str, float]) -> dict[str, float]:
@@ -362,28 +320,39 @@ def eval_results(sums: dict[str, float]) -> dict[str, float]:
     return {
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
-        "mean_cycles": sums["cycles"] / max(sums["tokens"], 1.0),
+        "mean_cycles": sums["cycles"] / max(sums["labelled"], 1.0),
         "tokens": sums["tokens"],
     }
 
 
 @torch.no_grad()
 def evaluate_lm(
-    model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None, cycles: int | None = None
-) -> dict[str, float]:
+    model: HRMGemma, config: Config, world: ds.World, ema: EMA | None = None, cycles: int | None = None,
+    pipeline: tuple[Any, PipelineLoss] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """Token-level loss and perplexity on the eval split (every rank takes its share) at `cycles` H
-    cycles (default model.h_cycles), and the expected cycles the halting heads would spend."""
-    sums = dict.fromkeys(EVAL_KEYS, 0.0)
+    cycles (default model.h_cycles), and the expected cycles the halting heads would spend. With pipeline
+    stages, `pipeline` is (the PipelineEngine, its last stage's PipelineLoss), which runs the batches."""
+    scores = PipelineLoss(config.model) if pipeline is None else pipeline[1]
+    scores.start(normalizers=None)
     with evaluation(model, config, world, ema) as batches:
         for b in batches:
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
-            logits, aux = model(
-                b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"], cycles=cycles
-            )
-            target = labels[:, 1:]
-            tokens = int((target != -100).sum())
-            parts = lm_loss(logits, labels, aux, config.model, token_mask=labels != -100)
-            sums["nll"] += float(cross_entropy(logits[:, :-1], target, "softmax").sum())
-            sums["tokens"] += tokens
-            sums["cycles"] += float(parts["expected_cycles"]) * tokens
-    return eval_results(all_reduce_sums(sums))
+            ids, positions, docs, mask = b["input_ids"], b["position_ids"], b["doc_ids"], labels != -100
+            if pipeline is None:
+                logits, aux = model(ids, position_ids=positions, doc_ids=docs, cycles=cycles)
+                scores((logits, halting_sums(aux, mask)), labels)
+            else:
+                inputs = pipeline_inputs(ids, positions, docs, mask, cycles or config.model.h_cycles)
+                pipeline[0].eval_batch(
+                    iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
+                )
+    if pipeline is None:
+        return eval_results(all_reduce_sums(scores.sums))
+    return eval_results(from_last_stage(pipeline[0], world, scores.sums))
+
+
+def from_last_stage(engine: Any, world: ds.World, sums: dict[str, float]) -> dict[str, float]:
+    """The last pipeline stage's sums (one rank per TP group counts), summed over replicas, on every rank."""
+    reports = engine.is_last_stage() and world.tp_rank == 0
+    return all_reduce_sums(sums if reports else dict.fromkeys(sums, 0.0), group=torch.distributed.group.WORLD)

@@ -16,7 +16,6 @@ and a resumed run continues exactly as the uninterrupted one would have.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from hrm_mega.models.recurrence import Carry
 from hrm_mega.optim import EMA, SparseSignSGD
 from hrm_mega.training import engine as ds
 from hrm_mega.training.evaluation import eval_batch_size, evaluation
+from hrm_mega.training.metrics import add_micro_batch
 from hrm_mega.training.task import Task
 
 if TYPE_CHECKING:
@@ -98,7 +98,12 @@ class PuzzleTask(Task):
             )
             if all_finite(loss):
                 trainer.engine.backward(loss)
-            _add_micro_batch(sums, loss, metrics, len(rows))
+            n = len(rows)  # the loss and its parts are means over the micro-batch's rows
+            terms = {
+                "loss": float(loss.detach()) * n,
+                **{k: float(metrics[k]) * n for k in LOSS_KEYS if k in metrics},
+            }
+            add_micro_batch(sums, loss, terms, counts={k: float(metrics[k]) for k in METRIC_KEYS})
             chunks.append(replace(new_sub, batch=state.batch))
         self.act = _merge(state, chunks)
 
@@ -233,18 +238,3 @@ def _merge(state: ACTState, chunks: list[ACTState]) -> ACTState:
         torch.cat([c.halted for c in chunks]),
         state.batch,
     )
-
-
-def _add_micro_batch(
-    sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, torch.Tensor], rows: int
-) -> None:
-    """Adds one micro-batch of `rows` rows: metric sums, loss parts and the loss weighted by rows, and
-    whether its loss was finite."""
-    for k in METRIC_KEYS:
-        sums[k] += float(metrics[k])
-    for k in LOSS_KEYS:
-        sums[k] += float(metrics[k]) * rows if k in metrics else 0.0
-    value = float(loss.detach())
-    finite = math.isfinite(value)
-    sums["loss"] += value * rows if finite else 0.0
-    sums["finite"] += float(finite)

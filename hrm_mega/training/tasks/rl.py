@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from hrm_mega.config import Config, ConfigError
+from hrm_mega.config.checks import read_manifest_json
 from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums
 from hrm_mega.models import build_model
 from hrm_mega.rl.advantages import gae as gae_advantages
@@ -44,6 +43,7 @@ from hrm_mega.rl.rewards import get_reward
 from hrm_mega.rl.rollout import LMRollout, PolicyOutput, PuzzleRollout, logprob_mismatch, recompute_policy
 from hrm_mega.training import engine as ds
 from hrm_mega.training.evaluation import eval_mode
+from hrm_mega.training.metrics import add_micro_batch
 from hrm_mega.training.task import Task, load_init_weights
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ WEIGHTED_KEYS = (
 # Step shares (already divided by the step's normaliser): they add up over micro-batches and ranks.
 SHARE_KEYS = ("loss", "pg_loss", "kl", "value_loss")
 MISMATCH_KEYS = ("logprob_diff_mean_abs", "kl_rollout_train")
+PPO_KEYS = ("value_loss", "value_clip_frac", "value_mean", "return_mean")  # logged for PPO only
 
 
 @dataclass
@@ -89,10 +90,8 @@ def check_same_tokenizer(source: Config, config: Config) -> None:
     that run's dataset is still there to compare): token ids would silently mean other pieces."""
 
     def tokenizer_hash(data_path: str) -> str | None:
-        manifest = Path(data_path) / "manifest.json"
-        if not data_path or not manifest.is_file():
-            return None
-        return json.loads(manifest.read_text()).get("extra", {}).get("tokenizer_sha256")
+        manifest = read_manifest_json(data_path) if data_path else None
+        return (manifest or {}).get("extra", {}).get("tokenizer_sha256")
 
     theirs, ours = tokenizer_hash(source.data.path), tokenizer_hash(config.data.path)
     if theirs and ours and theirs != ours:
@@ -237,11 +236,8 @@ class RLTask(Task):
         # len(chunks) when groups are dropped); the losses below are already shares of the whole step's
         # normaliser, so that division is undone (as in training/tasks/lm.py).
         undo_average = float(trainer.world.dp_size * trainer.engine.gradient_accumulation_steps())
-        share = (
-            loss_normalizer(rl.aggregation, batch.mask[trained], self.env.max_actions())
-            if len(trained)
-            else 0.0
-        )
+        max_len = self.env.max_actions()
+        share = loss_normalizer(rl.aggregation, batch.mask[trained], max_len) if len(trained) else 0.0
         normalizer = max(all_reduce_sums({"share": share})["share"], 1.0)
         need_old = rl.iterations > 1 or rl.algorithm == "ppo"
         policy = EngineView(trainer.engine)
@@ -250,9 +246,11 @@ class RLTask(Task):
             ref = self._policy(self.reference, batch, chunks) if self.reference is not None else None
         advantages, returns = self._advantages(batch, old)
 
-        sums = dict.fromkeys((*SHARE_KEYS, *WEIGHTED_KEYS, *MISMATCH_KEYS, "actions", "finite"), 0.0)
+        mismatch = [f"mismatch/{k}" for k in (*MISMATCH_KEYS, "actions")]
+        sums = dict.fromkeys((*SHARE_KEYS, *WEIGHTED_KEYS, *mismatch, "actions", "finite"), 0.0)
         grad_norms, skipped = [], 0
-        mismatch = self._mismatch_rows(batch, old.logprobs[trained], trained) if old is not None else None
+        if old is not None:
+            self._add_mismatch(sums, batch, old.logprobs[trained], trained)
         for iteration in range(rl.iterations):
             finite = 0.0
             for i, rows in enumerate(chunks):
@@ -261,8 +259,7 @@ class RLTask(Task):
                     new = recompute_policy(policy, batch.rollout.select(rows))
                     loss, metrics = self._loss(batch, rows, new, old, ref, advantages, returns, normalizer)
                     if old is None and iteration == 0:
-                        part = self._mismatch_rows(batch, new.logprobs, rows)
-                        mismatch = part if mismatch is None else {k: mismatch[k] + part[k] for k in part}
+                        self._add_mismatch(sums, batch, new.logprobs, rows)
                     scale = undo_average
                 else:  # no rows of this rank are left, but every rank joins the micro-batch's collectives
                     loss, metrics, scale = _no_rows_loss(policy, batch), None, 0.0
@@ -270,16 +267,18 @@ class RLTask(Task):
                     trainer.engine.backward(loss * scale)
                     finite += 1.0
                 if metrics is not None:
-                    _accumulate(sums, loss, metrics)
+                    actions = float(metrics["actions"])  # WEIGHTED_KEYS are per-action means
+                    terms = {k: float(metrics[k]) for k in SHARE_KEYS[1:] if k in metrics}
+                    terms |= {k: float(metrics[k]) * actions for k in WEIGHTED_KEYS if k in metrics}
+                    add_micro_batch(sums, loss, {"loss": float(loss.detach()), **terms}, {"actions": actions})
             ok = all_reduce_sums({"finite": finite})["finite"] == n_micro
             grad_norms.append(trainer.apply_update(ok))
             skipped += int(not ok)
         t_train = time.perf_counter() - t0 - t_rollout
         trained_share = torch.zeros(batch.rewards.shape[0]).index_fill_(0, trained.cpu(), 1.0)
         batch.row_metrics["trained_fraction"] = trained_share
-        return self._step_metrics(
-            batch, sums, mismatch, grad_norms, skipped, lr, {"rollout_s": t_rollout, "train_s": t_train}
-        )
+        seconds = {"rollout_s": t_rollout, "train_s": t_train}
+        return self._step_metrics(batch, sums, grad_norms, skipped, lr, seconds)
 
     def _trained_rows(self, batch: Rollouts) -> torch.Tensor:
         """The rows the update trains on: all of them, or with rl.drop_uniform_groups (GRPO) those of
@@ -372,19 +371,22 @@ class RLTask(Task):
         return loss, metrics
 
     @staticmethod
-    def _mismatch_rows(batch: Rollouts, logprobs: torch.Tensor, rows: torch.Tensor) -> dict[str, float]:
-        """Sums (weighted by actions) of how far the training forward's `logprobs` of `rows` are from the
-        sampler's, and the actions they cover."""
+    def _add_mismatch(
+        sums: dict[str, float], batch: Rollouts, logprobs: torch.Tensor, rows: torch.Tensor
+    ) -> None:
+        """Adds how far the training forward's `logprobs` of `rows` are from the sampler's (weighted by
+        actions), and the actions they cover."""
         mask = batch.mask[rows]
         actions = float(mask.sum())
         m = logprob_mismatch(batch.logprobs[rows], logprobs.detach(), mask)
-        return {**{k: float(m[k]) * actions for k in MISMATCH_KEYS}, "actions": actions}
+        for k in MISMATCH_KEYS:
+            sums[f"mismatch/{k}"] += float(m[k]) * actions
+        sums["mismatch/actions"] += actions
 
     def _step_metrics(
         self,
         batch: Rollouts,
         sums: dict[str, float],
-        mismatch: dict[str, float] | None,
         grad_norms: list[float],
         skipped: int,
         lr: float,
@@ -394,7 +396,6 @@ class RLTask(Task):
         rewards = batch.rewards.double()
         local = {
             **sums,
-            **{f"mismatch/{k}": v for k, v in (mismatch or dict.fromkeys((*MISMATCH_KEYS, "actions"), 0.0)).items()},
             "actions_once": float(batch.mask.sum()),
             "count": float(rewards.numel()), "r_sum": float(rewards.sum()), "r_sq": float((rewards**2).sum()),
             **{f"reward/{n}": float(v.double().sum()) for n, v in batch.parts.items()},
@@ -403,34 +404,27 @@ class RLTask(Task):
             **seconds,
         }  # fmt: skip
         total = all_reduce_sums(local)
-        count = total["count"]
-        finite = skipped == 0
-        out: dict[str, float] = {k: total[k] / rl.iterations for k in SHARE_KEYS}
-        if not finite:
-            out["loss"] = float("nan")
-        if self.reference is None:
-            del out["kl"]
-        if rl.algorithm != "ppo":
-            del out["value_loss"]
-        weight = max(total["actions"], 1.0)
-        for k in WEIGHTED_KEYS:
-            if (k.startswith("value_") or k == "return_mean") and rl.algorithm != "ppo":
-                continue
-            if k == "kl_mean" and self.reference is None:
-                continue
-            out[k] = total[k] / weight
-        for k in MISMATCH_KEYS:
-            out[f"mismatch/{k}"] = total[f"mismatch/{k}"] / max(total["mismatch/actions"], 1.0)
-        mean = total["r_sum"] / count
-        out["reward_mean"] = mean
-        out["reward_std"] = math.sqrt(
-            max(total["r_sq"] / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        count, actions = total["count"], max(total["actions"], 1.0)
+        out = {k: total[k] / rl.iterations for k in SHARE_KEYS} | {
+            k: total[k] / actions for k in WEIGHTED_KEYS
+        }
+        out |= {
+            f"mismatch/{k}": total[f"mismatch/{k}"] / max(total["mismatch/actions"], 1.0)
+            for k in MISMATCH_KEYS
+        }
+        unused = (PPO_KEYS if rl.algorithm != "ppo" else ()) + (
+            ("kl", "kl_mean") if self.reference is None else ()
         )
-        out |= {f"reward/{n}": total[f"reward/{n}"] / count for n in batch.parts}
-        out[self.env.compute_metric] = total[self.env.compute_metric] / count
-        out |= {n: total[n] / count for n in batch.row_metrics}
-        out |= {"lr": lr, "grad_norm": float(np.nanmean(grad_norms)) if finite else float("nan")}
-        out |= {"skipped_steps": skipped}
+        out = {k: v for k, v in out.items() if k not in unused}
+        if skipped:
+            out["loss"] = float("nan")
+        mean = total["r_sum"] / count
+        var = max(total["r_sq"] / count - mean * mean, 0.0) * count / max(count - 1, 1)  # unbiased
+        out |= {"reward_mean": mean, "reward_std": math.sqrt(var)}
+        per_row = [f"reward/{n}" for n in batch.parts] + [self.env.compute_metric, *batch.row_metrics]
+        out |= {k: total[k] / count for k in per_row}
+        grad_norm = float("nan") if skipped else float(np.nanmean(grad_norms))
+        out |= {"lr": lr, "grad_norm": grad_norm, "skipped_steps": skipped}
         out |= {k: total[k] / self.dp_size for k in seconds}  # mean over ranks
         out["rollout_share"] = out["rollout_s"] / max(out["rollout_s"] + out["train_s"], 1e-9)
         self._counts = (int(count), int(total["actions_once"]))
@@ -438,22 +432,6 @@ class RLTask(Task):
 
     def step_counts(self) -> tuple[int, int]:
         return self._counts
-
-
-def _accumulate(sums: dict[str, float], loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-    finite = math.isfinite(float(loss.detach()))
-    actions = float(metrics["actions"])
-    sums["finite"] += float(finite)
-    sums["actions"] += actions
-    if not finite:
-        return
-    sums["loss"] += float(loss.detach())
-    for k in SHARE_KEYS[1:]:
-        if k in metrics:
-            sums[k] += float(metrics[k])
-    for k in WEIGHTED_KEYS:
-        if k in metrics:
-            sums[k] += float(metrics[k]) * actions
 
 
 def _no_rows_loss(policy: Any, batch: Rollouts) -> torch.Tensor:

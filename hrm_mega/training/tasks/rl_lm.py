@@ -125,15 +125,8 @@ class ArithmeticEnvironment(Environment):
         rl = self.config.rl
         mine = self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]
         ops = list(OP_NAMES.values())
-        keys = (
-            "questions",
-            "exact",
-            "format",
-            "cycles",
-            "tokens",
-            *(f"{k}_{op}" for op in ops for k in "nr"),
-        )
-        sums = dict.fromkeys(keys, 0.0)  # n_op: questions of an operation, r_op: right answers of it
+        op_keys = [f"{k}_{op}" for op in ops for k in "nr"]  # n_/r_: questions, right answers
+        sums = dict.fromkeys(("questions", "exact", "format", "cycles", "tokens", *op_keys), 0.0)
         with eval_mode(trainer.model) as model:
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
