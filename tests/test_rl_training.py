@@ -23,10 +23,11 @@ from hrm_mega.models import build_model
 from hrm_mega.prep.text import train_tokenizer
 from hrm_mega.rl.prompts import ArithmeticPrompts
 from hrm_mega.rl.rollout import lm_policy, lm_rollout
+from hrm_mega.training.task import load_init_weights
 from hrm_mega.training.tasks.rl import (
     EngineView,
+    RLTask,
     check_same_tokenizer,
-    load_init_weights_rl,
     rollout_batch_config,
     step_seed,
 )
@@ -174,8 +175,8 @@ def test_init_loading_keeps_a_fresh_value_head_and_is_strict_otherwise(tmp_path:
     model, config = _tiny_lm(value_head=True)
     torch.nn.init.normal_(model.value_head.weight)
     config.train.init_from = str(tmp_path / "src")
-    fresh = load_init_weights_rl(model, config)
-    assert fresh == ["value_head.weight", "value_head.bias"]
+    fresh, _ = load_init_weights(model, config, RLTask.keep_fresh, f"--init {config.train.init_from}")
+    assert fresh == ("value_head.weight", "value_head.bias")
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
     wider = load_config(
@@ -184,7 +185,7 @@ def test_init_loading_keeps_a_fresh_value_head_and_is_strict_otherwise(tmp_path:
     )
     wider.train.init_from = str(tmp_path / "src")
     with pytest.raises(CheckpointError, match="--init .*has shape"):
-        load_init_weights_rl(build_model(wider.model).init_weights(seed=0), wider)
+        load_init_weights(build_model(wider.model).init_weights(seed=0), wider, RLTask.keep_fresh, "--init x")
 
 
 def test_a_text_dataset_with_another_tokenizer_is_refused(tmp_path: Path) -> None:

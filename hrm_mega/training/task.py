@@ -57,6 +57,12 @@ class Task(ABC):
     # Whether a checkpoint resumes at another data-parallel size (not when replicas keep their own state,
     # like the puzzle task's ACT rows in flight).
     reshards_data_parallel: bool = True
+    # train.init_from: how errors name it, and parameters the source may lack (a value head added for
+    # PPO keeps its initialisation; fresh_keys lists them after initial_model).
+    init_label: str = "train.init_from="
+    keep_fresh: tuple[str, ...] = ()
+    fresh_keys: tuple[str, ...] = ()
+    init_config: Config | None = None  # the train.init_from model's config
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -69,23 +75,29 @@ class Task(ABC):
         return self.manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
-        """The model on this rank's device: initialised from the seed, or from train.init_from."""
-        config = self.config
-        model = build_model(config.model).init_weights(config.train.seed).to(trainer.world.device)
-        if config.train.init_from:
-            load_init_weights(model, config)
-        if config.train.compile:
+        """The model to train: initial_model, compiled when train.compile."""
+        model = self.initial_model(trainer)
+        if self.config.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, are unchanged
+        return model
+
+    def initial_model(self, trainer: Trainer) -> torch.nn.Module:
+        """The model on this rank's device: initialised from the seed, then from train.init_from."""
+        c = self.config
+        model = build_model(c.model).init_weights(c.train.seed).to(trainer.world.device)
+        if c.train.init_from:
+            label = f"{self.init_label}{c.train.init_from}"
+            self.fresh_keys, self.init_config = load_init_weights(model, c, self.keep_fresh, label)
         return model
 
     def setup(self, trainer: Trainer) -> None:
         """Set-up that needs the engine (e.g. optimizers living outside it, a teacher)."""
         return None
 
-    @abstractmethod
     def build_stream(self, trainer: Trainer) -> Any:
-        """The training stream (partitioned, deterministic given the seed, resumable): a SampleStream
-        or anything with its progress / state_dict / load_state_dict / close."""
+        """The training stream (partitioned, deterministic given the seed, resumable): this rank's share of
+        the train split, or anything with SampleStream's progress / state_dict / load_state_dict / close."""
+        return self.sample_stream(trainer, self.config.train.global_batch)
 
     def sample_stream(self, trainer: Trainer, global_batch: int, transform: Any = None) -> SampleStream:
         """This rank's share of the train split, `global_batch` rows per step over all ranks."""
@@ -134,11 +146,11 @@ class Task(ABC):
 
 def load_init_weights(
     model: torch.nn.Module, config: Config, keep_fresh: tuple[str, ...] = (), label: str | None = None
-) -> list[str]:
+) -> tuple[tuple[str, ...], Config]:
     """Copies train.init_from into the freshly built model strictly (every key, every shape), except
     that parameters under the `keep_fresh` prefixes which the source lacks (a value head added for PPO)
-    keep their initialisation. Returns those keys. A resumed run then overwrites all with its checkpoint.
-    `label`: how errors name the source (default: train.init_from=PATH)."""
+    keep their initialisation. Returns those keys and the source's config. A resumed run then overwrites
+    all with its checkpoint. `label`: how errors name the source (default: train.init_from=PATH)."""
     from hrm_mega.checkpoint.consolidate import load_model
     from hrm_mega.checkpoint.model_dir import load_state_dict_strict
 
@@ -154,4 +166,4 @@ def load_init_weights(
     fresh = [k for k in own if k.startswith(keep_fresh) and k not in state] if keep_fresh else []
     state |= {k: own[k] for k in fresh}
     load_state_dict_strict(model, state, source=label)
-    return fresh
+    return tuple(fresh), source_config

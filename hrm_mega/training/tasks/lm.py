@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
-from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
@@ -82,18 +81,13 @@ class LMTask(Task):
             from hrm_mega.checkpoint.consolidate import load_model
 
             teacher, teacher_config = load_model(t.distill_from)
-            if (
-                teacher_config.model.family != "hrm_gemma"
-                or teacher_config.model.vocab_size != self.config.model.vocab_size
-            ):
+            m = teacher_config.model
+            if m.family != "hrm_gemma" or m.vocab_size != self.config.model.vocab_size:
                 raise ConfigError(
                     f"train.distill_from={t.distill_from}: the teacher must be an hrm_gemma model with "
                     f"vocab_size {self.config.model.vocab_size}"
                 )
             self.teacher = teacher.to(trainer.world.device).eval().requires_grad_(False)
-
-    def build_stream(self, trainer: Trainer) -> SampleStream:
-        return self.sample_stream(trainer, self.config.train.global_batch)
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -276,9 +270,7 @@ class StepGuard:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         self.skipped = not bool(flag[0] == 1)
         if self.skipped:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+            optimizer.zero_grad(set_to_none=True)
             return
         if self.clip is not None:
             self.grad_norm = ds.grad_norm(params, self.world)

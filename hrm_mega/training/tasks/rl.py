@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from hrm_mega.config import Config, ConfigError
-from hrm_mega.config.checks import read_manifest_json
+from hrm_mega.config.checks import read_manifest_json, rollout_rows
 from hrm_mega.distributed import all_finite, all_reduce, all_reduce_sums
-from hrm_mega.models import build_model
 from hrm_mega.rl.advantages import gae as gae_advantages
 from hrm_mega.rl.advantages import group_advantages, masked_moments, std_from_moments, whiten
 from hrm_mega.rl.losses import loss_normalizer, policy_loss, value_loss
@@ -44,7 +43,7 @@ from hrm_mega.rl.rollout import LMRollout, PolicyOutput, PuzzleRollout, logprob_
 from hrm_mega.training import engine as ds
 from hrm_mega.training.evaluation import eval_mode
 from hrm_mega.training.metrics import add_micro_batch
-from hrm_mega.training.task import Task, load_init_weights
+from hrm_mega.training.task import Task
 
 if TYPE_CHECKING:
     from hrm_mega.training.trainer import Trainer
@@ -81,8 +80,9 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 def rollout_batch_config(config: Config) -> Config:
     """The config with train.global_batch = rl.prompts_per_step * rl.group_size, the rows of a step (the
     pretraining recipe's batch does not apply); load_config has checked it (command="rl")."""
-    rows = config.rl.prompts_per_step * config.rl.group_size
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, global_batch=rows))
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, global_batch=rollout_rows(config))
+    )
 
 
 def check_same_tokenizer(source: Config, config: Config) -> None:
@@ -99,14 +99,6 @@ def check_same_tokenizer(source: Config, config: Config) -> None:
             f"data.path={config.data.path} has another tokenizer than {source.data.path}, the dataset "
             f"--init {config.train.init_from} was trained on; point data.path at that dataset"
         )
-
-
-def load_init_weights_rl(model: torch.nn.Module, config: Config) -> list[str]:
-    """load_init_weights for RL: errors name --init, and a value head the source lacks (PPO on a
-    pretrained LM) keeps its fresh initialisation. Returns the keys left fresh."""
-    return load_init_weights(
-        model, config, keep_fresh=("value_head.",), label=f"--init {config.train.init_from}"
-    )
 
 
 class Environment(ABC):
@@ -150,8 +142,9 @@ class RLTask(Task):
     """GRPO or PPO around the pretraining Trainer, for the model family's Environment."""
 
     command = "rl"
+    init_label = "--init "
+    keep_fresh = ("value_head.",)  # PPO on a pretrained LM adds a value head
     reference: torch.nn.Module | None = None
-    fresh_keys: list[str]
     _counts: tuple[int, int] = (0, 0)
 
     def __init__(self, config: Config, environment: type[Environment]) -> None:
@@ -163,20 +156,9 @@ class RLTask(Task):
         self.env.read_data(manifest)
         return manifest
 
-    def build_model(self, trainer: Trainer) -> torch.nn.Module:
-        model = self._initial_model(trainer)
-        if self.config.train.compile:
-            model.compile()
-        return model
-
-    def _initial_model(self, trainer: Trainer) -> torch.nn.Module:
-        """The --init weights; a value head the source lacks (PPO on a pretrained LM) stays fresh."""
-        from hrm_mega.checkpoint.consolidate import load_model
-
-        c = self.config
-        check_same_tokenizer(load_model(c.train.init_from)[1], c)
-        model = build_model(c.model).init_weights(c.train.seed).to(trainer.world.device)
-        self.fresh_keys = load_init_weights_rl(model, c)
+    def initial_model(self, trainer: Trainer) -> torch.nn.Module:
+        model = super().initial_model(trainer)  # train.init_from is required for RL (load_config)
+        check_same_tokenizer(self.init_config, self.config)
         return model
 
     def setup(self, trainer: Trainer) -> None:
@@ -194,7 +176,7 @@ class RLTask(Task):
         self.dp_size = trainer.world.dp_size
         self.local_prompts = rl.prompts_per_step // self.dp_size
         if rl.beta > 0:  # the frozen reference: the initial weights, rebuilt (also after a resume)
-            self.reference = self._initial_model(trainer).eval().requires_grad_(False)
+            self.reference = self.initial_model(trainer).eval().requires_grad_(False)
 
     def build_stream(self, trainer: Trainer) -> Any:
         return self.env.build_stream(trainer)
