@@ -117,10 +117,13 @@ def plot_accuracy_against_segments(table, path: Path) -> Path:
     )
     ax.plot([m["mean_segments"] for _, m in adaptive], [100 * m["exact_accuracy"] for _, m in adaptive], "s",
             label="adaptive")  # fmt: skip
+    points: dict[tuple[float, float], list[str]] = {}  # thresholds that land on the same point share a label
     for name, m in adaptive:
-        ax.annotate(name.split(", ")[1], (m["mean_segments"], 100 * m["exact_accuracy"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -10))  # fmt: skip
-    ax.set_xlabel("mean ACT segments per puzzle")
+        label = name.split(", ")[1].removeprefix("threshold ").removeprefix("the ")
+        points.setdefault((m["mean_segments"], 100 * m["exact_accuracy"]), []).append(label)
+    for xy, labels in points.items():
+        ax.annotate(", ".join(labels), xy, fontsize=7, textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("mean ACT segments per puzzle (adaptive points: halting thresholds)")
     ax.set_ylabel("exact accuracy (%)")
     ax.set_title("make demo: accuracy against compute (held-out split)")
     ax.grid(alpha=0.3)
