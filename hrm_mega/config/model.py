@@ -51,6 +51,14 @@ class PuzzleModelConfig:
     halt_max_steps: int = 16
     halt_exploration_prob: float = 0.1
     q_target: Literal["bootstrap", "halt_only"] = "bootstrap"
+    # Where q_halt is read: "first" = a linear head on position 0 (HRM, TRM); "cells" = a per-cell MLP
+    # that estimates whether each answer cell is right, q_halt = logit(prod of those probabilities)
+    # (docs/configs.md, "Halting"; halt_only targets).
+    q_head: Literal["first", "cells"] = "first"
+    # Inference's halting rule (adaptive evaluation, RL rollouts; training halts by the q_target's rule):
+    # 0 = the q_target's (q_halt > 0, or q_halt > q_continue); in (0, 1): halt once sigmoid(q_halt) >
+    # halt_threshold (higher: more segments, fewer early mistakes).
+    halt_threshold: float = 0.0
     loss: Literal["stablemax", "softmax"] = "stablemax"
 
     @property
@@ -85,6 +93,14 @@ class PuzzleModelConfig:
             )
         if not 0.0 <= self.halt_exploration_prob <= 1.0:
             raise ConfigError(f"model.halt_exploration_prob={self.halt_exploration_prob} must be in [0, 1]")
+        if not 0.0 <= self.halt_threshold < 1.0:
+            raise ConfigError(
+                f"model.halt_threshold={self.halt_threshold} must be in [0, 1) (0: the q_target's rule)"
+            )
+        if self.q_head == "cells" and self.q_target != "halt_only":
+            raise ConfigError(
+                "model.q_head=cells estimates q_halt only; set model.q_target=halt_only (or model.q_head=first)"
+            )
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"model.rms_norm_eps={self.rms_norm_eps} must be > 0")
 

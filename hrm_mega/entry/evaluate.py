@@ -1,6 +1,9 @@
-"""Evaluation entry point: `hrm-mega eval CKPT --data DIR [--mode fixed|adaptive]`.
+"""Evaluation entry point: `hrm-mega eval CKPT --data DIR [--mode fixed|adaptive|table]`.
 
 Puzzle models: one JSON line with exact_accuracy, token_accuracy, q_halt_accuracy and mean_segments.
+`--halt-threshold T` sets the adaptive halting rule (model.halt_threshold: halt once sigmoid(q_halt) > T).
+`--mode table` prints one line per fixed depth (1..halt_max_steps) and per adaptive threshold
+(`--thresholds`), all read from one pass of every row through every segment.
 Language models (HRMGemma): one JSON line with loss, ppl and mean_cycles on the eval split, at the
 trained H cycles or at `--cycles N`. CKPT is a training checkpoint (runs/.../checkpoints/step-*), a
 consolidated .safetensors file or a model directory.
@@ -21,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
     p.add_argument("--data", help="dataset directory (default: the data.path the model was trained on)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
-    p.add_argument("--mode", choices=["fixed", "adaptive"], default="fixed")
+    p.add_argument("--mode", choices=["fixed", "adaptive", "table"], default="fixed")
+    p.add_argument("--halt-threshold", type=float, help="puzzles: model.halt_threshold for adaptive halting")
+    p.add_argument(
+        "--thresholds",
+        default="0,0.5,0.8,0.9,0.95,0.99",
+        help="--mode table: adaptive thresholds (0: the rule)",
+    )
     p.add_argument("--batch-size", type=int, default=0, help="rows per forward (default: train.global_batch)")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0 = all)")
     p.add_argument("--predictions", help="write one JSON line per sample (id, prediction, segments) here")
@@ -35,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from hrm_mega.checkpoint.consolidate import load_model
     from hrm_mega.data.reader import iterate_split
     from hrm_mega.data.shards import read_manifest
-    from hrm_mega.inference.puzzle import metric_sums, metrics_from_sums, run_adaptive, run_fixed
+    from hrm_mega.inference.puzzle import (
+        metric_sums,
+        metrics_from_sums,
+        run_adaptive,
+        run_fixed,
+        run_trajectories,
+    )
 
     model, config = load_model(args.checkpoint)
     data = replace(
@@ -45,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return evaluate_lm_checkpoint(model, replace(config, data=data), args)
     if args.cycles:
         raise ValueError("--cycles applies to HRMGemma checkpoints; puzzle models run model.h_cycles")
+    if args.halt_threshold is not None:
+        config = replace(config, model=replace(config.model, halt_threshold=args.halt_threshold))
+        config.model.validate()
     manifest = read_manifest(data.path)
     for field in ("vocab_size", "seq_len"):
         if manifest[field] != getattr(config.model, field):
@@ -58,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_samples:
         batches = _first(batches, args.max_samples)
+    if args.mode == "table":
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+        traj = run_trajectories(model, config.model, batches)
+        rows = [{"mode": "fixed", "threshold": None, **metrics_from_sums(traj.fixed(k))}
+                for k in range(1, config.model.halt_max_steps + 1)]  # fmt: skip
+        rows += [
+            {"mode": "adaptive", "threshold": t, **metrics_from_sums(traj.adaptive(t))} for t in thresholds
+        ]
+        for row in rows:
+            print(json.dumps({**row, "split": data.eval_split}), flush=True)
+        return 0
     with torch.no_grad():
         if args.mode == "fixed":
             records = list(run_fixed(model, config.model, batches))
@@ -79,8 +108,10 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
     from hrm_mega.training.engine import World
     from hrm_mega.training.tasks.lm import evaluate_lm
 
-    if args.mode != "fixed" or args.predictions:
-        raise ValueError("--mode adaptive and --predictions apply to puzzle models, not HRMGemma")
+    if args.mode != "fixed" or args.predictions or args.halt_threshold is not None:
+        raise ValueError(
+            "--mode adaptive/table, --halt-threshold and --predictions apply to puzzle models, not HRMGemma"
+        )
     if args.cycles < 0:
         raise ValueError(f"--cycles={args.cycles} must be >= 1")
     train = replace(config.train, global_batch=args.batch_size or config.train.global_batch,

@@ -5,6 +5,11 @@
   halt_max_steps), and a new sample takes its place, so the batch stays full while samples remain.
 
 Both return one record per sample; `puzzle_metrics` turns records into the reported numbers.
+
+`run_trajectories` runs every row for all halt_max_steps segments and keeps what each segment gave;
+since rows do not interact, it answers "fixed at k segments" and "adaptive at threshold t" for every
+k and t from one pass (`Trajectories.fixed`, `Trajectories.adaptive`): the accuracy-against-segments
+table of `hrm-mega eval --table` and `make demo`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hrm_mega.config import PuzzleModelConfig
-from hrm_mega.models.act import IGNORE_LABEL, q_says_halt
+from hrm_mega.models.act import IGNORE_LABEL, halt_logit, q_says_halt
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import gather_vocab
 
@@ -155,3 +160,64 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
 
 def puzzle_metrics(records: Iterable[PuzzleRecord]) -> dict[str, float]:
     return metrics_from_sums(metric_sums(records))
+
+
+@dataclass
+class Trajectories:
+    """Labelled rows run for all S = halt_max_steps segments; column s holds what segment s+1 gave."""
+
+    solved: torch.Tensor  # [n, S] bool: every labelled cell right
+    token: torch.Tensor  # [n, S] fp64: the share of labelled cells right
+    halt_prob: torch.Tensor  # [n, S] fp64: sigmoid(q_halt)
+    rule_halts: torch.Tensor  # [n, S] bool: the q_target's own rule (model.halt_threshold = 0) halts
+
+    def fixed(self, segments: int) -> torch.Tensor:
+        """metric_sums (METRIC_SUMS order) of running every row `segments` segments."""
+        return self._sums(torch.full((self.solved.shape[0],), segments - 1, dtype=torch.long))
+
+    def adaptive(self, threshold: float) -> torch.Tensor:
+        """metric_sums of per-row halting: a row stops after the first segment where sigmoid(q_halt) >
+        threshold (threshold 0: the q_target's own rule), and after the last one at the latest."""
+        halts = self.rule_halts.clone() if threshold == 0 else self.halt_prob > threshold
+        halts[:, -1] = True
+        return self._sums(halts.long().argmax(dim=1))  # the first segment that halts
+
+    def _sums(self, stop: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(stop.shape[0])
+        solved = self.solved[rows, stop]
+        q_right = (self.halt_prob[rows, stop] >= 0.5) == solved  # as metric_sums: q_halt >= 0 iff solved
+        values = (
+            float(stop.shape[0]),
+            solved.sum(),
+            self.token[rows, stop].sum(),
+            q_right.sum(),
+            (stop + 1).sum(),
+        )
+        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+
+@torch.no_grad()
+def run_trajectories(
+    model: torch.nn.Module, config: PuzzleModelConfig, batches: Iterable[dict[str, torch.Tensor]]
+) -> Trajectories:
+    """Runs every valid, labelled row for halt_max_steps segments, recording each segment (Trajectories)."""
+    columns: list[list[torch.Tensor]] = [[], [], [], []]
+    for batch in batches:
+        keep = batch.get("valid", torch.ones(batch["inputs"].shape[0], dtype=torch.bool)).bool()
+        labels = batch["labels"]
+        valid = labels != IGNORE_LABEL
+        keep = (keep & valid.any(dim=1)).cpu()
+        carry = model.initial_carry(labels.shape[0])
+        per_segment: list[list[torch.Tensor]] = [[], [], [], []]
+        for _ in range(config.halt_max_steps):
+            out = model(carry, batch)
+            carry = out.carry
+            correct = (gather_vocab(out.logits).argmax(-1) == labels) & valid
+            solved = correct.sum(-1) == valid.sum(-1)
+            token = correct.sum(-1).double() / valid.sum(-1).clamp_min(1)
+            values = (solved, token, torch.sigmoid(out.q_halt.double()), halt_logit(config, out, 0.0) > 0)
+            for column, v in zip(per_segment, values):
+                column.append(v.cpu()[keep])
+        for column, parts in zip(columns, per_segment):
+            column.append(torch.stack(parts, dim=1))
+    return Trajectories(*(torch.cat(c) for c in columns))

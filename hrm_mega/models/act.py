@@ -9,13 +9,14 @@ A training step is one segment for every row of the batch. Rows carry their own 
     loss, metrics = act_loss(out, ...)
 
 Halting (training): a row halts at halt_max_steps, or when its Q-head says so (bootstrap: q_halt >
-q_continue; halt_only: q_halt > 0), unless exploration holds it: with probability p a minimum step count
+q_continue; halt_only: q_halt > 0; model.halt_threshold applies at inference only), unless exploration holds it: with probability p a minimum step count
 is drawn from U{2..halt_max_steps}, redrawn every step as in HRM. Exploration draws are keyed by
 (seed, sample id, epoch, step), not by rank or batch position, so a run is identical at any DP size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -136,7 +137,7 @@ def decide_halting(
     is_last = steps >= config.halt_max_steps
     if not training or config.halt_max_steps == 1:
         return is_last, is_last
-    halted = is_last | q_says_halt(config, out)
+    halted = is_last | q_says_halt(config, out, threshold=0.0)  # the threshold is an inference knob
     if config.halt_exploration_prob > 0:
         explore = (
             keyed_uniform(seed, *sample_keys, steps, torch.zeros_like(steps)) < config.halt_exploration_prob
@@ -147,10 +148,20 @@ def decide_halting(
     return halted, is_last
 
 
-def q_says_halt(config: PuzzleModelConfig, out: SegmentOutput) -> torch.Tensor:
-    if config.q_target == "halt_only":
-        return out.q_halt > 0
-    return out.q_halt > out.q_continue
+def halt_logit(config: PuzzleModelConfig, out: SegmentOutput, threshold: float | None = None) -> torch.Tensor:
+    """The logit of the halting decision after a segment, positive exactly where the rule halts:
+    q_halt - q_continue (bootstrap) or q_halt (halt_only); with a threshold t (default
+    model.halt_threshold), q_halt - logit(t), i.e. halt when sigmoid(q_halt) > t."""
+    t = config.halt_threshold if threshold is None else threshold
+    if t:
+        return out.q_halt - math.log(t / (1 - t))
+    return out.q_halt if config.q_target == "halt_only" else out.q_halt - out.q_continue
+
+
+def q_says_halt(
+    config: PuzzleModelConfig, out: SegmentOutput, threshold: float | None = None
+) -> torch.Tensor:
+    return halt_logit(config, out, threshold) > 0
 
 
 def q_continue_target(next_out: SegmentOutput, is_last: torch.Tensor) -> torch.Tensor:
@@ -173,9 +184,13 @@ def act_loss(
     q_continue_target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean over rows of: per-row-averaged token CE + 0.5 * (BCE(q_halt, correct) + BCE(q_cont, target)).
+    With q_head = "cells" the halting term is each cell's BCE against whether that cell is right (an
+    unlabelled cell counts as right), averaged over the row's cells: q_halt is their product.
 
-    Metrics are sums over the rows that halted this step (divide by `count` to report them), plus the
-    loss parts as batch means.
+    Metrics are sums over the rows that halted this step (divide by `count` to report them), the loss
+    parts as batch means, and over every labelled row of the step how the halting rule decided:
+    `unsolved_continue` of `unsolved` rows (wrong after this segment) were sent on, `solved_halt` of
+    `solved` rows were stopped.
     """
     with torch.no_grad():
         valid = labels != IGNORE_LABEL
@@ -190,9 +205,19 @@ def act_loss(
             "q_halt_accuracy": (counted & ((out.q_halt >= 0) == seq_correct)).sum(),
             "segments": torch.where(counted, steps, 0).sum(),  # ACT segments of the counted rows
         }
+        says_halt, labelled = q_says_halt(config, out, threshold=0.0), n_valid > 0
+        metrics["unsolved"] = (labelled & ~seq_correct).sum()
+        metrics["unsolved_continue"] = (labelled & ~seq_correct & ~says_halt).sum()
+        metrics["solved"] = (labelled & seq_correct).sum()
+        metrics["solved_halt"] = (labelled & seq_correct & says_halt).sum()
     b = labels.shape[0]
     lm_loss = (token_cross_entropy(out.logits, labels, config.loss).sum(-1) / n_valid.clamp_min(1)).sum() / b
-    q_halt_loss = F.binary_cross_entropy_with_logits(out.q_halt, seq_correct.float(), reduction="sum") / b
+    if out.cell_logits is not None:
+        right = (correct | ~valid).float()
+        per_cell = F.binary_cross_entropy_with_logits(out.cell_logits, right, reduction="none")
+        q_halt_loss = per_cell.mean(-1).sum() / b
+    else:
+        q_halt_loss = F.binary_cross_entropy_with_logits(out.q_halt, seq_correct.float(), reduction="sum") / b
     loss = lm_loss + 0.5 * q_halt_loss
     metrics["lm_loss"], metrics["q_halt_loss"] = lm_loss.detach(), q_halt_loss.detach()
     if q_continue_target is not None:

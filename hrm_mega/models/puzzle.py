@@ -6,6 +6,9 @@ One forward call is one ACT segment:
     z_H, carry = CycleBlock(x, carry, cycles=N)                # N x T recurrent updates (N = h_cycles)
     logits = lm_head(z_H)[:, prefix:]                          # answer tokens
     q_halt, q_continue = q_head(z_H[:, 0])                     # halting Q-values, read at position 0
+    or, with q_head = "cells":
+    c_i = cell_head(z_H[:, prefix + i])                         # logit P(cell i is right), no gradient
+    q_halt = logit(prod_i sigmoid(c_i))                         #   into z_H; trained per cell (act_loss)
 
 The ACT loop that calls it segment after segment (halting, refills, Q targets) lives in
 hrm_mega.models.act. The puzzle-embedding table is a buffer, not a parameter: it is trained by sparse
@@ -30,6 +33,7 @@ from hrm_mega.models.layers import (
     RotaryEmbedding,
     column_linear,
     init_parameters,
+    lecun_init,
     set_init,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
@@ -41,7 +45,8 @@ class SegmentOutput:
     carry: Carry  # detached, for the next segment
     logits: torch.Tensor  # [batch, seq_len, vocab] (this rank's vocabulary slice under TP)
     q_halt: torch.Tensor  # [batch], fp32
-    q_continue: torch.Tensor  # [batch], fp32
+    q_continue: torch.Tensor  # [batch], fp32 (zeros with q_head = "cells")
+    cell_logits: torch.Tensor | None = None  # [batch, seq_len], fp32: q_head = "cells" only
 
 
 class RecursiveReasoner(nn.Module):
@@ -73,9 +78,18 @@ class RecursiveReasoner(nn.Module):
         self.register_buffer("L_init", set_init(torch.empty(c.hidden_size), "trunc_normal", 1.0))
 
         self.lm_head = column_linear(c.hidden_size, c.vocab_size)  # vocab-parallel logits under TP
-        self.q_head = nn.Linear(c.hidden_size, 2)
-        set_init(self.q_head.weight, "constant", 0.0)  # Q starts near zero: sigmoid(-5) ~ 0.007
-        set_init(self.q_head.bias, "constant", -5.0)
+        if c.q_head == "cells":
+            # Whether a cell is right is not linear in z_H (a linear probe finds nothing; docs/configs.md),
+            # hence a small MLP. It starts at P = 1/2 per cell, so no row halts before it has learned.
+            h = c.hidden_size
+            self.cell_head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, 1))
+            lecun_init(self.cell_head[0].weight, h)
+            for p in (self.cell_head[0].bias, self.cell_head[2].weight, self.cell_head[2].bias):
+                set_init(p, "constant", 0.0)
+        else:
+            self.q_head = nn.Linear(c.hidden_size, 2)
+            set_init(self.q_head.weight, "constant", 0.0)  # Q starts near zero: sigmoid(-5) ~ 0.007
+            set_init(self.q_head.bias, "constant", -5.0)
 
     def _block(self) -> nn.Module:
         c = self.config
@@ -129,6 +143,11 @@ class RecursiveReasoner(nn.Module):
         ctx = SeqContext(ropes={"global": self.rotary() if self.rotary is not None else None})
         z_H, new_carry = self.cycle(x, carry, ctx, cycles=self.config.h_cycles)
         logits = self.lm_head(z_H)[:, self.prefix_len :]
+        if self.config.q_head == "cells":
+            cells = self.cell_head(z_H[:, self.prefix_len :].detach()).squeeze(-1).float()
+            log_p = F.logsigmoid(cells).sum(-1)  # log P(every cell is right)
+            q_halt = log_p - torch.log((-torch.expm1(log_p)).clamp_min(1e-30))  # its logit, stably
+            return SegmentOutput(new_carry, logits, q_halt, torch.zeros_like(q_halt), cells)
         q = self.q_head(z_H[:, 0]).float()
         return SegmentOutput(new_carry, logits, q[:, 0], q[:, 1])
 

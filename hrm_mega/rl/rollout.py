@@ -52,8 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.inference.generate import stream_generate
-from hrm_mega.models.act import keyed_uniform
-from hrm_mega.models.puzzle import SegmentOutput
+from hrm_mega.models.act import halt_logit, keyed_uniform
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import gather_vocab, log_stablemax
 
@@ -174,12 +173,6 @@ class PuzzleRollout:
         return _select(self, rows)
 
 
-def halt_logit(out: SegmentOutput, q_target: str) -> torch.Tensor:
-    """The logit of P(halt) after a segment: q_halt - q_continue (bootstrap) or q_halt (halt_only).
-    Positive exactly where the greedy rule (models.act.q_says_halt) halts."""
-    return out.q_halt if q_target == "halt_only" else out.q_halt - out.q_continue
-
-
 def _halt_logprob(logit: torch.Tensor, halt: torch.Tensor) -> torch.Tensor:
     return torch.where(halt, F.logsigmoid(logit), F.logsigmoid(-logit))
 
@@ -252,7 +245,7 @@ def puzzle_rollout(
             segments = torch.where(running, m + 1, segments)
             if m + 1 == max_steps or halting == "fixed":
                 continue
-            logit = halt_logit(out, config.q_target)
+            logit = halt_logit(config, out)
             if halting == "greedy":
                 halt = logit > 0
             else:
@@ -314,7 +307,7 @@ def puzzle_policy(model: torch.nn.Module, rollout: PuzzleRollout) -> PolicyOutpu
         final_logits = (
             out.logits if final_logits is None else torch.where(last[:, None, None], out.logits, final_logits)
         )
-        logit = halt_logit(out, config.q_target)
+        logit = halt_logit(config, out)
         halt_lp.append(torch.where(decisions[:, m], _halt_logprob(logit, last), 0.0))
         halt_ent.append(torch.where(decisions[:, m], _halt_entropy(logit.detach()), 0.0))
     pad = max_steps - len(halt_lp)

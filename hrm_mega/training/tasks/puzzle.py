@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from hrm_mega.training.trainer import Trainer
 
 METRIC_KEYS = ("count", "token_accuracy", "exact_accuracy", "q_halt_accuracy", "segments")
+DECISION_KEYS = ("unsolved", "unsolved_continue", "solved", "solved_halt")  # act_loss: every labelled row
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "q_continue_loss")
 
 
@@ -86,7 +87,7 @@ class PuzzleTask(Task):
         rows_of = self._puzzle_emb_leaf(trainer, state.batch["puzzle_identifiers"])
 
         micro = cfg.train.micro_batch or trainer.local_batch
-        sums = dict.fromkeys((*METRIC_KEYS, *LOSS_KEYS, "loss", "finite"), 0.0)
+        sums = dict.fromkeys((*METRIC_KEYS, *DECISION_KEYS, *LOSS_KEYS, "loss", "finite"), 0.0)
         chunks = []
         micro_batches = torch.arange(trainer.local_batch).split(micro)
         for i, rows in enumerate(micro_batches):
@@ -103,7 +104,8 @@ class PuzzleTask(Task):
                 "loss": float(loss.detach()) * n,
                 **{k: float(metrics[k]) * n for k in LOSS_KEYS if k in metrics},
             }
-            add_micro_batch(sums, loss, terms, counts={k: float(metrics[k]) for k in METRIC_KEYS})
+            counts = {k: float(metrics[k]) for k in (*METRIC_KEYS, *DECISION_KEYS)}
+            add_micro_batch(sums, loss, terms, counts=counts)
             chunks.append(replace(new_sub, batch=state.batch))
         self.act = _merge(state, chunks)
 
@@ -150,6 +152,10 @@ class PuzzleTask(Task):
             "token_accuracy": sums["token_accuracy"] / count,
             "q_halt_accuracy": sums["q_halt_accuracy"] / count,
             "mean_segments": sums["segments"] / count,
+            # The halting rule on every row of the step: the share of wrong rows sent on (what adaptive
+            # accuracy needs) and of right rows stopped (what saves compute).
+            "q_continue_when_wrong": sums["unsolved_continue"] / max(sums["unsolved"], 1.0),
+            "q_halt_when_right": sums["solved_halt"] / max(sums["solved"], 1.0),
             "skipped_step": int(not finite),
         }
 
