@@ -148,3 +148,48 @@ def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(world_of_one
     assert resumed.step == 3
     resumed.train()
     assert [r["step"] for r in logged(run_dir)] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's halting table, figure and `hrm-mega eval --mode table`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_demo_prints_the_halting_table_and_the_eval_cli_agrees(
+    world_of_one, tiny_sudoku, tmp_path, capsys
+):
+    from hrm_mega.entry import demo, evaluate
+
+    out = tmp_path / "demo"
+    small = [o for o in SMALL if not o.startswith("train.eval_modes")] + [
+        "train.steps=4",
+        "log.wandb=disabled",
+    ]
+    overrides = [x for o in small for x in ("--set", o)]
+    assert demo.main(["--data", str(tiny_sudoku), "--out", str(out), *overrides]) == 0
+    printed = capsys.readouterr().out
+    for row in ("fixed, 1 segment", "fixed, 2 segments", "adaptive, the halt_only rule", "adaptive, threshold 0.8",
+                "adaptive run, model.halt_threshold=0.8", "halting bar ("):  # fmt: skip
+        assert row in printed, row
+    assert (out / "accuracy_vs_segments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "demo_results.json").read_text())
+    # The real adaptive run of the trainer's evaluation is what the one-pass table says for its threshold.
+    assert results["adaptive run, model.halt_threshold=0.8"] == pytest.approx(
+        results["adaptive, threshold 0.8"]
+    )
+
+    ckpt = str(out / "checkpoints" / "step-00000004")
+    common = ["--data", str(tiny_sudoku), "--max-samples", "8"]
+    assert evaluate.main([ckpt, *common, "--mode", "table", "--thresholds", "0,0.8"]) == 0
+    table = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["mode"], r["threshold"]) for r in table] == [("fixed", None), ("fixed", None), ("adaptive", 0.0),
+                                                            ("adaptive", 0.8)]  # fmt: skip
+    assert evaluate.main([ckpt, *common, "--mode", "fixed"]) == 0
+    fixed = json.loads(capsys.readouterr().out)
+    assert evaluate.main([ckpt, *common, "--mode", "adaptive", "--halt-threshold", "0.8"]) == 0
+    adaptive = json.loads(capsys.readouterr().out)
+    keys = ("samples", "exact_accuracy", "token_accuracy", "mean_segments")
+    assert {k: table[1][k] for k in keys} == pytest.approx({k: fixed[k] for k in keys})
+    assert {k: table[3][k] for k in keys} == pytest.approx({k: adaptive[k] for k in keys})
+    assert evaluate.main([ckpt, *common, "--halt-threshold", "1.5"]) == 2  # one line naming the field
+    assert "model.halt_threshold=1.5" in capsys.readouterr().err
