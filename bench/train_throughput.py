@@ -68,12 +68,16 @@ def make_dataset(root: Path, samples: int = 2048) -> Path:
 
 
 def time_steps(step, steps: int) -> float:
+    """The median seconds of `steps` timed steps: robust to the bursts of other tenants of a shared
+    machine, which a mean over a few steps is not."""
     for _ in range(2):  # warm-up: allocations, first calls, and (with --compile) the compilations
         step()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def bare_loop(config, dtype: torch.dtype, steps: int) -> float:

@@ -41,6 +41,8 @@ def segment_flops(c: PuzzleModelConfig) -> FlopEstimate:
     h_layers = c.l_layers if c.shared_net else c.h_layers
     l_update, h_update = c.l_layers * block, h_layers * block
     head = 2 * total_len * c.hidden_size * c.vocab_size
+    if c.q_head == "cells":  # an h -> h -> 1 MLP on every answer cell
+        head += 2 * c.seq_len * c.hidden_size * (c.hidden_size + 1)
     forward = c.h_cycles * (c.l_cycles * l_update + h_update) + head
     if c.grad_mode == "one_step":
         differentiated = l_update + h_update + head
