@@ -9,7 +9,7 @@ Both return one record per sample; `puzzle_metrics` turns records into the repor
 `run_trajectories` runs every row for all halt_max_steps segments and keeps what each segment gave;
 since rows do not interact, it answers "fixed at k segments" and "adaptive at threshold t" for every
 k and t from one pass (`Trajectories.fixed`, `Trajectories.adaptive`): the accuracy-against-segments
-table of `hrm-mega eval --table` and `make demo`.
+table of `hrm-mega eval --mode table` and `make demo`.
 """
 
 from __future__ import annotations
