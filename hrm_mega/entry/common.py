@@ -45,12 +45,14 @@ def run_main(command: str, body: Callable[[], int]) -> int:
 def train_and_report(config: Any, resume: str, rl: bool = False) -> int:
     """Builds the trainer and runs it to its last step; rank 0 prints the final step and results as one
     JSON line."""
+    from hrm_mega.training.engine import shutdown_distributed
     from hrm_mega.training.trainer import build_trainer
 
     trainer = build_trainer(config, resume=resume, rl=rl)
     results = trainer.train()
     if trainer.world.rank == 0:
         print(json.dumps({"step": trainer.step, **results}), flush=True)
+    shutdown_distributed()
     return 0
 
 

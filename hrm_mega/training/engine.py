@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,18 @@ def setup_distributed(config: Config) -> World:
         init_model_parallel(layout)
     pp_rank, dp_rank, tp_rank = layout.coordinates(rank)
     return World(rank, layout.world_size, local_rank, dp_rank, layout.dp, device, tp_rank, pp_rank, layout)
+
+
+def shutdown_distributed() -> None:
+    """Destroys the process groups and lets gloo's worker threads finish before the interpreter shuts
+    down. A gloo thread frees a collective's tensors only after waking the caller, and that needs the
+    GIL; a thread still waiting for it when interpreter shutdown begins aborts the process (SIGABRT,
+    "terminate called without an active exception") after a successful run. The pause releases the
+    GIL to them. Only where every rank arrives (the end of a run, a preemption stop): destroying the
+    groups while a peer is still inside a collective can hang, so a rank that failed leaves them."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        time.sleep(0.5)
 
 
 def _one_extension_build_per_environment() -> None:

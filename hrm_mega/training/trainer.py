@@ -245,6 +245,7 @@ class Trainer:
             f"preempted: SIGTERM received, stopped after step {self.step} with a complete checkpoint {path}; "
             f"exit code {PREEMPTED_EXIT_CODE}, resume with --resume auto"
         )
+        ds.shutdown_distributed()
         raise Preempted(PREEMPTED_EXIT_CODE)
 
     def log_evaluation(self) -> dict[str, float]:
