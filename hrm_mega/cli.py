@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from hrm_mega.config import Command, ConfigError, load_config, resolve_layout
-from hrm_mega.entry.common import add_config_args
+from hrm_mega.entry.common import add_config_args, world_size
 from hrm_mega.resources import recipe
 
 
@@ -49,7 +49,7 @@ def check_before_start(args: argparse.Namespace, command: Command, overrides: li
     line before torchrun, DeepSpeed or megatron-core start (and is not reported once per rank)."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc} must be >= 1")
-    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.nproc if args.nproc > 1 else world_size()
     load_config(args.config, overrides, world_size=world, command=command)
 
 
@@ -99,6 +99,10 @@ PASS_THROUGH: dict[str, tuple[str, str]] = {
     "launch": (
         "hrm_mega.entry.launch",
         "plan and start a run on torchrun, the deepspeed launcher or Slurm: hrm-mega launch ... CONFIG",
+    ),
+    "plot": (
+        "hrm_mega.entry.plot",
+        "draw a run's loss, lr, grad norm, accuracy and segments: hrm-mega plot RUN_DIR [--out FILE.png]",
     ),
     "import-hf": (
         "hrm_mega.entry.import_hf",

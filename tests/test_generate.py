@@ -346,7 +346,7 @@ def test_cli_streams_the_greedy_continuation_and_stats(lm_checkpoint: Path, caps
     from hrm_mega.entry.generate import main
 
     argv = [str(lm_checkpoint), "--prompt", "12 plus 7 is", "--prompt", "3 plus", "--max-new-tokens", "6",
-            "--max-cycles", "3", "--halt-threshold", "0.5"]  # fmt: skip
+            "--max-cycles", "3", "--halt-threshold", "0.5", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     stats = json.loads(lines[-1])
@@ -388,6 +388,8 @@ def test_cli_samples_reproducibly(lm_checkpoint: Path, capsys) -> None:
         (["--greedy", "--top-p", "0.9"], "--greedy takes no --temperature, --top-k or --top-p"),
         (["--top-p", "1.5"], r"top_p=1.5 must be in \(0, 1\]"),
         (["--max-cycles", "0"], r"max_cycles=\[1?0\] must be >= 1"),
+        (["--device", "banana"], r"--device banana: not a device name \(cpu, cuda, cuda:N\)"),
+        (["--device", "cuda:7"], r"--device cuda:7: (no CUDA device is visible|this machine shows \d)"),
     ],
 )
 def test_cli_errors_are_one_line(lm_checkpoint: Path, capsys, extra, message) -> None:

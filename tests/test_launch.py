@@ -18,11 +18,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from PIL import Image
 
 from hrm_mega.entry.launch import main as launch_main
+from hrm_mega.entry.plot import main as plot_main
 from hrm_mega.launch import LaunchError
 from hrm_mega.launch.hosts import deepspeed_hostfile, expand_hostlist
 from hrm_mega.launch.planner import LaunchRequest, env_defaults, plan_launch, wrap_command
+from hrm_mega.launch.srun import adopt_srun_environment
 from hrm_mega.training.trainer import PREEMPTED_EXIT_CODE, SigtermFlag
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -536,7 +539,10 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the restarted ranks read the first attempt's gloo addresses
     from torchrun's shared store and exited 1 (`Gloo connectFullMesh failed ... Connection refused`)."""
     run_dir = tmp_path / "run"
-    command = launch_cmd(run_dir, dataset, "train.checkpoint_interval=4", options=("--max-restarts", "1"))
+    command = launch_cmd(
+        run_dir, dataset, "train.checkpoint_interval=4", "log.wandb=offline", "log.tensorboard=true",
+        options=("--max-restarts", "1"),
+    )  # fmt: skip
     proc = start(command)
     wait_for_step(proc, run_dir, 6)
     killed_after = last_logged_step(run_dir)
@@ -551,6 +557,34 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tmp_path, dataset, dp
     assert step % 4 == 0 and 4 <= step <= killed_after + 1  # the last checkpoint before the kill
     assert "connectFullMesh failed" not in out
     assert losses(run_dir) == dp2_reference
+    # The trail is clean across the restart: one metrics.jsonl record and one TensorBoard value per
+    # step, one W&B run (both attempts' offline directories carry the id kept in the run directory).
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    assert [e.step for e in tensorboard_scalars(run_dir / "tensorboard", "loss")] == list(range(1, STEPS + 1))
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    attempts = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(name.endswith(f"-{run_id}") for name in attempts), attempts
+    # stdout is a pipe, not a terminal: a plain progress line for every logged step, in both attempts.
+    for s in range(1, STEPS + 1):
+        assert re.search(
+            rf"^step {s}/{STEPS}  loss \d+\.\d{{4}}  lr \S+  grad_norm \S+  .* eta \d+m\d\ds$", out, re.M
+        ), s
+    # `hrm-mega plot` draws the run: five panels (loss, lr, grad norm, accuracy, segments), 3 x 2.
+    png = tmp_path / "curves.png"
+    assert plot_main([str(run_dir), "--out", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1386, 704)
+        assert len(image.convert("L").getcolors(maxcolors=1 << 16)) > 20  # drawn, not blank
+
+
+def tensorboard_scalars(log_dir: Path, tag: str) -> list:
+    """The scalar events of `tag` as TensorBoard's own reader sees them (purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), purge_orphaned_data=True)
+    events.Reload()
+    return events.Scalars(tag)
 
 
 @pytest.mark.slow
@@ -565,3 +599,21 @@ def test_launch_rejects_a_model_that_does_not_split_over_tp_before_submitting():
         "hrm-mega launch: error: model.vocab_size=11 is not divisible by parallel.tp=2; pad it: set "
         "model.vocab_size=12 (the data's token ids stay below it)"
     )
+
+
+def test_srun_tasks_take_rank_world_and_rendezvous_from_slurm():
+    step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+            "SLURM_STEP_NODELIST": "gpu[07-08]"}  # fmt: skip
+    env = dict(step)
+    assert adopt_srun_environment(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07", "MASTER_PORT": "23456"
+    }  # fmt: skip
+    env = {**step, "MASTER_PORT": "29500"}
+    assert adopt_srun_environment(env) and env["MASTER_PORT"] == "29500"
+    # torchrun under srun (its RANK wins), one task, or a batch script (no job step): left alone
+    for env in ({**step, "RANK": "0"}, {**step, "SLURM_STEP_NUM_TASKS": "1"}, {"SLURM_PROCID": "0"}):
+        before = dict(env)
+        assert not adopt_srun_environment(env) and env == before
+    with pytest.raises(LaunchError, match=r"^srun started 4 tasks but did not set SLURM_LOCALID; start"):
+        adopt_srun_environment({k: v for k, v in step.items() if k != "SLURM_LOCALID"})

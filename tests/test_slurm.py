@@ -42,7 +42,7 @@ TINY = [
     "optim.warmup_steps=2", "log.wandb=disabled", "log.log_interval=1", "log.progress_bar=false",
     "train.eval_modes=fixed", "train.eval_max_samples=8", "data.shuffle_buffer=16", f"train.steps={STEPS}",
 ]  # fmt: skip
-PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
+PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}  # fmt: skip
 
@@ -335,3 +335,32 @@ def test_bad_config_fails_the_job_fast_with_a_one_line_error(cluster, tiny_sudok
     assert errors == ["hrm-mega launch: error: data.partitions=2 does not divide train.global_batch=7"], log
     assert "Traceback" not in log and "torchrun" not in log, log  # it stopped before starting anything
     assert not (tmp_path / "run").exists()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_two_srun_tasks_train_one_dp2_run_with_torchruns_losses(cluster, tiny_sudoku, tmp_path):
+    """`srun --nodes 2 --ntasks 2 python -m hrm_mega.entry.pretrain ...`, no torchrun: each task takes its
+    rank, the world size and the rendezvous host from Slurm's variables, and the two train one DP=2 run
+    with the losses of torchrun's DP=2 run (not two worlds of one writing one directory)."""
+    overrides = [*TINY, "train.steps=8", f"data.path={tiny_sudoku}"]
+    reference = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+         "hrm_mega.entry.pretrain", str(RECIPE), *sets(*overrides, f"log.out_dir={tmp_path / 'torchrun'}")],
+        env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    run = subprocess.run(
+        [cluster.programs["srun"], "--nodes", "2", "--ntasks", "2", "--kill-on-bad-exit=1", sys.executable,
+         "-m", "hrm_mega.entry.pretrain", str(RECIPE), *sets(*overrides, f"log.out_dir={tmp_path / 'srun'}")],
+        env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + cluster.daemon_logs()
+    assert run.stdout.count("hrm-mega train (puzzle)") == 1  # rank 0 alone reports
+    assert "world 2 = tp 1 x pp 1 x dp 2" in run.stdout, run.stdout[-3000:]
+    assert losses(tmp_path / "srun") == losses(tmp_path / "torchrun")
+    assert sorted(losses(tmp_path / "srun")) == list(range(1, 9))

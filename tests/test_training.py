@@ -148,7 +148,8 @@ def test_eval_command_reproduces_the_logged_evaluation(tmp_path, tiny_sudoku):
     ][-1]
     checkpoint = run_dir / "checkpoints" / (run_dir / "checkpoints/latest").read_text().strip()
     for mode in ("fixed", "adaptive"):
-        out = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(checkpoint), "--mode", mode])
+        device = ["--device", "cpu"] if mode == "adaptive" else []  # the default: the GPU if any, else cpu
+        out = run([sys.executable, "-m", "hrm_mega.cli", "eval", str(checkpoint), "--mode", mode, *device])
         assert out.returncode == 0, out.stderr[-2000:]
         result = json.loads(out.stdout.strip().splitlines()[-1])
         for key in ("samples", "exact_accuracy", "token_accuracy", "q_halt_accuracy", "mean_segments"):

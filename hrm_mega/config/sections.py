@@ -144,7 +144,8 @@ class LogConfig:
     log_interval: int = 10
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "hrm-mega"
-    progress_bar: bool = True
+    tensorboard: bool = False  # event files in <out_dir>/tensorboard
+    progress_bar: bool = True  # on a terminal; elsewhere (Slurm) a plain line per logged step
 
     def validate(self) -> None:
         positive(self, "log", "log_interval")

@@ -20,7 +20,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def world_size() -> int:
-    """The number of ranks the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    """The number of ranks the launcher started (WORLD_SIZE; under a bare `srun`, its task count; 1
+    without a launcher)."""
+    from hrm_mega.launch.srun import adopt_srun_environment
+
+    adopt_srun_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -29,6 +33,39 @@ def add_resume_arg(p: argparse.ArgumentParser) -> None:
         "--resume", default="auto",
         help="auto (latest complete checkpoint in the run dir, if any), none, or a checkpoint path",
     )  # fmt: skip
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default=None,
+        help="where the model runs: cpu, cuda or cuda:N (default: the GPU when one is visible, else cpu)",
+    )  # fmt: skip
+
+
+def resolve_device(name: str | None) -> Any:  # torch.device
+    """--device: the named device, checked to exist here; by default the GPU when one is visible."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA device is visible on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine shows {count} CUDA device(s), cuda:0..{count - 1}"
+            )
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"--device {name}: unusable here ({str(e).splitlines()[0]})") from None
+    return device
 
 
 def run_main(command: str, body: Callable[[], int]) -> int:

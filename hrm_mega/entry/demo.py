@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from hrm_mega.entry.common import build_dataset, demo_config, run_main
+from hrm_mega.entry.plot import plot_run
 from hrm_mega.resources import recipe
 
 RECIPE = recipe("puzzle/hrm_sudoku_demo.yaml")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "demo_results.json").write_text(json.dumps({name: m for name, m in rows}, indent=2))
     figure = plot_accuracy_against_segments(table, out / "accuracy_vs_segments.png")
-    print(f"figure: {figure}")
+    print(f"figures: {figure}, {plot_run(out, out / 'metrics.png')} (training curves)")
     return 0
 
 

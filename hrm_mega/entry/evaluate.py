@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import replace
 
-from hrm_mega.entry.common import run_main
+from hrm_mega.entry.common import add_device_arg, resolve_device, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0 = all)")
     p.add_argument("--predictions", help="write one JSON line per sample (id, prediction, segments) here")
     p.add_argument("--cycles", type=int, default=0, help="HRMGemma: H cycles per block (default: as trained)")
+    add_device_arg(p)
     return p
 
 
@@ -52,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
         run_trajectories,
     )
 
+    device = resolve_device(args.device)
     model, config = load_model(args.checkpoint)
+    model.to(device)
     data = replace(
         config.data, path=args.data or config.data.path, eval_split=args.split or config.data.eval_split
     )
     if config.task == "lm":
-        return evaluate_lm_checkpoint(model, replace(config, data=data), args)
+        return evaluate_lm_checkpoint(model, replace(config, data=data), args, device)
     if args.cycles:
         raise ValueError("--cycles applies to HRMGemma checkpoints; puzzle models run model.h_cycles")
     if args.halt_threshold is not None:
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_samples:
         batches = _first(batches, args.max_samples)
+    batches = ({k: v.to(device) for k, v in b.items()} for b in batches)
     if args.mode == "table":
         thresholds = [float(t) for t in args.thresholds.split(",")]
         traj = run_trajectories(model, config.model, batches)
@@ -102,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
-    import torch
+def evaluate_lm_checkpoint(model, config, args: argparse.Namespace, device) -> int:
 
     from hrm_mega.training.engine import World
     from hrm_mega.training.tasks.lm import evaluate_lm
@@ -116,7 +119,7 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace) -> int:
         raise ValueError(f"--cycles={args.cycles} must be >= 1")
     train = replace(config.train, global_batch=args.batch_size or config.train.global_batch,
                     eval_max_samples=args.max_samples)  # fmt: skip
-    world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=device)
     cycles = args.cycles or config.model.h_cycles
     metrics = evaluate_lm(model, replace(config, train=train), world, cycles=cycles)
     print(json.dumps({"split": config.data.eval_split, "cycles": cycles, **metrics}), flush=True)

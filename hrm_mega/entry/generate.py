@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from hrm_mega.entry.common import run_main
+from hrm_mega.entry.common import add_device_arg, resolve_device, run_main
 
 TOKENIZER = "tokenizer.model"
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halt-threshold", type=float, help="stop a token's cycles once P(halt) reaches this")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--no-bos", action="store_true", help="do not start the prompts with the tokenizer's BOS")
+    add_device_arg(p)
     return p
 
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = {k: v for k, v in sampling.items() if v is not None}
     if args.greedy and sampling:
         raise ValueError("--greedy takes no --temperature, --top-k or --top-p")
+    device = resolve_device(args.device)
     model, config = load_model(args.checkpoint)
     if not isinstance(model, HRMGemma):
         raise ValueError(
@@ -69,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
     bos = [] if args.no_bos or tokenizer.bos_id() < 0 else [tokenizer.bos_id()]
     prompts = [bos + tokenizer.encode(text) for text in args.prompt]
     pad_id = max(tokenizer.pad_id(), 0)
-    input_ids, attention_mask = left_pad(prompts, pad_id=pad_id)
+    input_ids, attention_mask = left_pad(prompts, pad_id=pad_id, device=device)
     eos_id = tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None
 
-    model.eval()
+    model.to(device).eval()
     printer = TextPrinter(tokenizer, prompts)
     new_tokens = cycle_sum = 0
     start = time.perf_counter()

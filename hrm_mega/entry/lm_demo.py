@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from hrm_mega.entry.common import build_dataset, demo_config, run_main
+from hrm_mega.entry.plot import plot_run
 from hrm_mega.resources import recipe
 
 RECIPE = recipe("lm/hrmgemma_tiny.yaml")
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print_report(rows, baseline, samples, t_data, t_train, config.train.steps)
     report = {"baseline": baseline, "eval": rows, "samples": samples, "seconds": [t_data, t_train]}
     (Path(args.out) / "demo_results.json").write_text(json.dumps(report, indent=2))
+    print(f"training curves: {plot_run(Path(args.out), Path(args.out) / 'metrics.png')}")
     return 0
 
 

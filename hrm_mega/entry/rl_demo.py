@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from hrm_mega.entry.common import build_dataset, run_main
+from hrm_mega.entry.plot import plot_run
 from hrm_mega.resources import recipe
 
 PRETRAIN = recipe("lm/hrmgemma_arith_tiny.yaml")
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"before": before, "after": after, "seconds": {"data+pretrain": t_pretrain, "rl": t_rl}}
     (Path(args.out) / "demo_results.json").write_text(json.dumps(report, indent=2))
     print_report(before, after, int(before["eval/questions"]), t_pretrain, t_rl, config.train.steps)
+    print(f"training curves: {plot_run(Path(args.out), Path(args.out) / 'metrics.png')}")
     return 0
 
 

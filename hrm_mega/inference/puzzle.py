@@ -79,7 +79,11 @@ def run_adaptive(
     batch = _take(source, batch_size)
     if batch is None:
         return
-    carry, steps = model.initial_carry(batch["inputs"].shape[0]), torch.zeros(batch["inputs"].shape[0])
+    device = batch["inputs"].device
+    carry, steps = (
+        model.initial_carry(batch["inputs"].shape[0]),
+        torch.zeros(batch["inputs"].shape[0], device=device),
+    )
     while batch is not None:
         out = model(carry, batch)
         steps = steps + 1
@@ -99,7 +103,7 @@ def run_adaptive(
             fresh = model.initial_carry(n)
             batch = {k: torch.cat([batch[k], new[k].to(batch[k].device)]) for k in batch}
             carry = Carry(torch.cat([carry.z_H, fresh.z_H]), torch.cat([carry.z_L, fresh.z_L]))
-            steps = torch.cat([steps, torch.zeros(n)])
+            steps = torch.cat([steps, torch.zeros(n, device=device)])
         if batch["inputs"].shape[0] == 0:
             batch = None
 

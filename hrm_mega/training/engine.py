@@ -22,6 +22,7 @@ import torch
 
 from hrm_mega.config import Config, ConfigError, Layout, resolve_layout
 from hrm_mega.distributed import MegatronMPU, all_reduce, init_model_parallel
+from hrm_mega.launch.srun import adopt_srun_environment
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def setup_distributed(config: Config) -> World:
     torch.distributed (through DeepSpeed) and, with tp or pp > 1, the model-parallel groups."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    adopt_srun_environment()  # one srun task per rank
     if "RANK" not in os.environ:  # started without a launcher: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
