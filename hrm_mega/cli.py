@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from hrm_mega import __version__
 from hrm_mega.config import Command, ConfigError, load_config, resolve_layout
 from hrm_mega.entry.common import add_config_args, world_size
 from hrm_mega.resources import recipe
@@ -18,6 +19,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     resolve_layout(config, args.world_size)  # the layout of the estimate; batch and data need not fit it
     print(describe(config, world_size=args.world_size))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hrm_mega.config.run import recipe_names
+
+    if args.list:
+        print("\n".join(recipe_names()))
+        return 0
+    if args.config is None:
+        raise ConfigError("give a recipe (a YAML file or a shipped recipe's name), or --list")
+    print(load_config(args.config, args.overrides, world_size=args.world_size).to_yaml(), end="")
     return 0
 
 
@@ -122,7 +135,20 @@ def run_pass_through(command: str, argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hrm-mega", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hrm-mega {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "config", help="print a recipe's resolved config (after --set), validated; --list names the recipes"
+    )
+    p.add_argument("config", nargs="?", help="YAML file or shipped recipe name, e.g. hrm_sudoku_tiny")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=100 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--world-size", type=int, default=None, help="also check the layout for this many ranks")
+    p.add_argument("--list", action="store_true", help="list the recipes shipped with hrm-mega")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("info", help="print parameter counts, FLOPs and memory estimate of a recipe")
     add_config_args(p)

@@ -70,6 +70,20 @@ BAD = [
         ["model.shared_net=false", "model.h_layers=0"],
         "model.h_layers must be >= 1 unless model.shared_net=true",
     ),
+    (
+        ["parallel.deepspeed.zero_optimization.stage=3"],
+        "parallel.deepspeed.zero_optimization.stage is derived from parallel.zero_stage; set that instead",
+    ),
+    (
+        ["parallel.deepspeed.train_batch_size=64"],
+        "parallel.deepspeed.train_batch_size is derived from train.global_batch; set that instead",
+    ),
+    (
+        ["parallel.deepspeed.gradient_clipping=0"],
+        "parallel.deepspeed.gradient_clipping is derived from optim.grad_clip; set that instead",
+    ),
+    (["parallel.deepspeed.bf16={enabled: true}"], "parallel.deepspeed.bf16 is derived from train.precision"),
+    (["parallel.deepspeed=5"], "parallel.deepspeed must be a mapping of DeepSpeed config keys, got 5"),
     (["trainsteps"], "expected KEY=VALUE"),
     (["train.eval_modes=[fixed,*]"], "--set 'train.eval_modes=[fixed,*]': the value is not valid YAML"),
 ]
@@ -180,3 +194,72 @@ def test_adam_atan2_scale_is_checked():
         load_config(
             ROOT / "configs/puzzle/hrm_sudoku.yaml", ["optim.name=adamw", "optim.adam_atan2_scale=1.27"]
         )
+
+
+def test_the_deepspeed_pass_through_merges_into_the_generated_config():
+    from hrm_mega.config.run import deep_merge
+
+    generated = {"steps_per_print": 2**31 - 1, "zero_optimization": {"stage": 2, "reduce_bucket_size": 9}}
+    extra = {"steps_per_print": 50, "zero_optimization": {"overlap_comm": True}, "flops_profiler": {}}
+    assert deep_merge(generated, extra) == {
+        "steps_per_print": 50,
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": 9, "overlap_comm": True},
+        "flops_profiler": {},
+    }
+    assert generated["steps_per_print"] == 2**31 - 1  # the generated config itself is not changed
+    config = load_config(None, ["parallel.deepspeed.zero_optimization.overlap_comm=true"])
+    assert config.parallel.deepspeed == {"zero_optimization": {"overlap_comm": True}}
+
+
+def test_a_shipped_recipe_loads_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not next to configs/: the name alone finds it
+    by_path = load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml").to_dict()
+    for name in (
+        "hrm_sudoku_tiny",
+        "hrm_sudoku_tiny.yaml",
+        "puzzle/hrm_sudoku_tiny",
+        "configs/puzzle/hrm_sudoku_tiny.yaml",
+    ):
+        assert load_config(name).to_dict() == by_path, name
+    with pytest.raises(
+        ConfigError, match=r"^config file sudoku does not exist, and no shipped recipe has that name"
+    ):
+        load_config("sudoku")
+
+
+def test_the_config_command_prints_the_resolved_config_and_lists_recipes(capsys):
+    from importlib.metadata import version
+
+    from hrm_mega.cli import main as cli_main
+    from hrm_mega.config import config_from_dict
+
+    assert (
+        cli_main(["config", "hrm_sudoku_tiny", "--set", "train.steps=3", "--set", "log.tensorboard=true"])
+        == 0
+    )
+    printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    expected = load_config(
+        ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml", ["train.steps=3", "log.tensorboard=true"]
+    )
+    assert printed == expected
+    assert cli_main(["config", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "puzzle/hrm_sudoku_tiny" in names and "lm/hrmgemma_tiny" in names
+    assert len(names) == len(list((ROOT / "configs").rglob("*.yaml")))
+    assert cli_main(["config", "hrm_sudoku_tiny", "--world-size", "3"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"hrm-mega {version('hrm-mega')}\n"
+
+
+def test_the_field_reference_in_docs_is_current():
+    from hrm_mega.config.reference import field_reference, with_reference
+
+    document = (ROOT / "docs/configs.md").read_text()
+    assert with_reference(document) == document, (
+        "docs/configs.md is out of date: python -m hrm_mega.config.reference --write docs/configs.md"
+    )
+    reference = field_reference()
+    assert "| `deepspeed` | dict[str, Any] | `{}` | Merged into the generated DeepSpeed config" in reference
+    assert "| `tensorboard` | bool | `false` |" in reference

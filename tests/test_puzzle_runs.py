@@ -134,9 +134,13 @@ NO_EMB = ["model.puzzle_emb_ndim=0", "model.h_layers=1", "model.l_layers=1"]
 
 def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(world_of_one, tiny_sudoku, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=3")
+    cfg = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=3",
+                 "parallel.deepspeed.steps_per_print=7")  # fmt: skip
     trainer = build_trainer(cfg, resume="none")
     assert trainer.model.puzzle_emb is None and trainer.task.sign_sgd is None
+    # the pass-through reaches the engine and the saved DeepSpeed config
+    assert trainer.engine.steps_per_print() == 7
+    assert json.loads((run_dir / "ds_config.json").read_text())["steps_per_print"] == 7
     results = trainer.train()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged(run_dir))
     assert results["eval_fixed/samples"] == 8
@@ -171,7 +175,8 @@ def test_the_demo_prints_the_halting_table_and_the_eval_cli_agrees(
     for row in ("fixed, 1 segment", "fixed, 2 segments", "adaptive, the halt_only rule", "adaptive, threshold 0.8",
                 "adaptive run, model.halt_threshold=0.8", "halting bar ("):  # fmt: skip
         assert row in printed, row
-    assert (out / "accuracy_vs_segments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("accuracy_vs_segments.png", "metrics.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "demo_results.json").read_text())
     # The real adaptive run of the trainer's evaluation is what the one-pass table says for its threshold.
     assert results["adaptive run, model.halt_threshold=0.8"] == pytest.approx(

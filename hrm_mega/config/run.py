@@ -23,6 +23,7 @@ from hrm_mega.config.layout import resolve_layout
 from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig, model_config_from_dict
 from hrm_mega.config.schema import ConfigError, build, reject_unknown
 from hrm_mega.config.sections import DataConfig, LogConfig, OptimConfig, ParallelConfig, RLConfig, TrainConfig
+from hrm_mega.resources import recipes_dir
 
 
 @dataclass
@@ -82,7 +83,7 @@ def load_config(
 def read_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """load_config without the validation, for a caller that checks something else first (then
     calls Config.validate)."""
-    raw = _read_yaml_with_bases(Path(path)) if path is not None else {}
+    raw = _read_yaml_with_bases(find_config(path)) if path is not None else {}
     for item in overrides or []:
         _apply_override(raw, item)
     return config_from_dict(raw)
@@ -98,6 +99,34 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     for name, value in raw.items():
         kwargs[name] = build(type(sections[name].default_factory()), value or {}, name)  # type: ignore[misc]
     return Config(**kwargs)
+
+
+def find_config(path: str | Path) -> Path:
+    """A YAML file, or else a recipe shipped with the package named by its file name or its path under
+    configs/, with or without .yaml: `hrm_sudoku_tiny`, `puzzle/hrm_sudoku_tiny.yaml`."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    name = given.as_posix().removesuffix(".yaml").removeprefix("configs/")
+    shipped = recipes_dir()
+    matches = [
+        p for p in sorted(shipped.rglob(f"{given.name.removesuffix('.yaml')}.yaml"))
+        if p.relative_to(shipped).with_suffix("").as_posix().endswith(name)
+    ]  # fmt: skip
+    if len(matches) > 1:
+        names = ", ".join(p.relative_to(shipped).with_suffix("").as_posix() for p in matches)
+        raise ConfigError(f"recipe {path} is ambiguous: {names}")
+    if not matches:
+        raise ConfigError(
+            f"config file {given} does not exist, and no shipped recipe has that name (hrm-mega config --list)"
+        )
+    return matches[0]
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes, as paths under configs/ without .yaml (each also loads by its file name)."""
+    shipped = recipes_dir()
+    return sorted(p.relative_to(shipped).with_suffix("").as_posix() for p in shipped.rglob("*.yaml"))
 
 
 def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -117,14 +146,15 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, 
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(_read_yaml_with_bases(path.parent / base, (*seen, path)), data)
+    return deep_merge(_read_yaml_with_bases(path.parent / base, (*seen, path)), data)
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, mappings merged key by key; neither is changed."""
     merged = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -4,9 +4,40 @@ and RL post-training. Each validates its own fields; checks across sections live
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from hrm_mega.config.schema import ConfigError, positive
+
+# DeepSpeed config keys that hrm-mega derives from its own fields: set there, so that validation holds.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "amp": "train.precision",
+    "optimizer": "the optim section",
+    "scheduler": "the optim section",
+    "zero_allow_untested_optimizer": "optim.name",
+    "pipeline": "parallel.pp",
+    "zero_optimization.stage": "parallel.zero_stage",
+}
+
+
+def check_deepspeed_passthrough(extra: Any) -> None:
+    """parallel.deepspeed is a mapping that sets none of the keys hrm-mega owns (DEEPSPEED_OWNED)."""
+    if not isinstance(extra, dict):
+        raise ConfigError(f"parallel.deepspeed must be a mapping of DeepSpeed config keys, got {extra!r}")
+    zero = extra.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError("parallel.deepspeed.zero_optimization must be a mapping")
+    keys = [*extra, *(f"zero_optimization.{k}" for k in zero)]
+    for key in keys:
+        if key in DEEPSPEED_OWNED:
+            raise ConfigError(
+                f"parallel.deepspeed.{key} is derived from {DEEPSPEED_OWNED[key]}; set that instead"
+            )
 
 
 @dataclass
@@ -18,9 +49,13 @@ class ParallelConfig:
     pp_blocks: list[int] = field(default_factory=list)  # CycleBlocks per pipeline stage; [] = even split
     zero_stage: int = 0
     timeout_minutes: float = 10.0  # distributed collectives give up after this
+    # Merged into the generated DeepSpeed config (saved as <out_dir>/ds_config.json), e.g.
+    # {steps_per_print: 100, zero_optimization: {overlap_comm: true}}; keys that other fields own are refused.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         positive(self, "parallel", "tp", "pp")
+        check_deepspeed_passthrough(self.deepspeed)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be one of 0, 1, 2, 3")
         if self.pp > 1 and self.zero_stage > 1:

@@ -12,7 +12,10 @@ from typing import Any
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML recipe, e.g. configs/puzzle/hrm_sudoku_tiny.yaml")
+    p.add_argument(
+        "config",
+        help="YAML file or shipped recipe name, e.g. configs/puzzle/hrm_sudoku_tiny.yaml or hrm_sudoku_tiny",
+    )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.steps=100 (repeatable)",

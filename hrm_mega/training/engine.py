@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hrm_mega.config import Config, ConfigError, Layout, resolve_layout
+from hrm_mega.config.run import deep_merge
 from hrm_mega.distributed import MegatronMPU, all_reduce, init_model_parallel
 from hrm_mega.launch.srun import adopt_srun_environment
 
@@ -149,7 +150,7 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
         ds["gradient_clipping"] = 0.0
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    return ds
+    return deep_merge(ds, par.deepspeed)  # parallel.deepspeed: checked to set none of the keys above
 
 
 def zero_buckets(hidden: int) -> dict[str, int]:

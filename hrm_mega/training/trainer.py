@@ -6,6 +6,7 @@ stream, one optimizer step, the evaluation and whatever extra state its checkpoi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -104,12 +105,11 @@ class Trainer:
         seed_everything(config.train.seed)
         self.model = task.build_model(self)
         self.local_batch = config.train.global_batch // self.world.dp_size
-        self.engine = ds.initialize(
-            self.model,
-            self.build_optimizer(),
-            ds.deepspeed_config(config, self.world, self.local_batch),
-            self.world,
-        )
+        ds_config = ds.deepspeed_config(config, self.world, self.local_batch)
+        if self.world.rank == 0:  # the DeepSpeed config as the engine got it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        self.engine = ds.initialize(self.model, self.build_optimizer(), ds_config, self.world)
         task.setup(self)
         self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         self.stream = task.build_stream(self)
