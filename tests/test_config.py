@@ -263,3 +263,20 @@ def test_the_field_reference_in_docs_is_current():
     reference = field_reference()
     assert "| `deepspeed` | dict[str, Any] | `{}` | Merged into the generated DeepSpeed config" in reference
     assert "| `tensorboard` | bool | `false` |" in reference
+
+
+def test_changed_fields_lists_every_difference_by_its_dotted_name():
+    from hrm_mega.config.run import changed_fields
+
+    old = load_config(ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml").to_dict()
+    new = load_config(
+        ROOT / "configs/puzzle/hrm_sudoku_tiny.yaml",
+        ["optim.lr=0.5", "data.path=elsewhere", "parallel.deepspeed.steps_per_print=3"],
+    ).to_dict()
+    assert changed_fields(old, new) == [
+        ("parallel.deepspeed", {}, {"steps_per_print": 3}),
+        ("data.path", old["data"]["path"], "elsewhere"),
+        ("optim.lr", old["optim"]["lr"], 0.5),
+    ]
+    assert changed_fields(old, old) == []
+    assert changed_fields({"a": {"x": 1}}, {"a": {}}) == [("a.x", 1, None)]

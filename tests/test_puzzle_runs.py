@@ -11,6 +11,8 @@ the module, so later tests see a clean process.
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from conftest import hrm_lr
 
 from hrm_mega.checkpoint.consolidate import load_model
-from hrm_mega.config import load_config
+from hrm_mega.config import ConfigError, load_config
 from hrm_mega.inference.puzzle import run_fixed
 from hrm_mega.training.evaluation import evaluation
 from hrm_mega.training.tasks.puzzle import evaluate_puzzles
@@ -132,7 +134,9 @@ def test_trm_resume_keeps_the_ema_state(trm_run):
 NO_EMB = ["model.puzzle_emb_ndim=0", "model.h_layers=1", "model.l_layers=1"]
 
 
-def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(world_of_one, tiny_sudoku, tmp_path):
+def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(
+    world_of_one, tiny_sudoku, tmp_path, capsys
+):
     run_dir = tmp_path / "run"
     cfg = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=3",
                  "parallel.deepspeed.steps_per_print=7")  # fmt: skip
@@ -147,9 +151,33 @@ def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(world_of_one
     model, _ = load_model(checkpoint_dir(trainer))
     assert model.puzzle_emb is None and "puzzle_emb" not in model.state_dict()
 
-    longer = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=4")
+    # Other data is refused before any engine starts: other order fields, other shards. The same shards
+    # moved elsewhere, and a changed optimizer, are reported.
+    moved, subset = tmp_path / "moved", tmp_path / "subset"
+    shutil.copytree(tiny_sudoku, moved)
+    shutil.copytree(tiny_sudoku, subset)
+    manifest = json.loads((subset / "manifest.json").read_text())
+    dropped = manifest["splits"]["train"]["shards"].pop()
+    manifest["splits"]["train"]["num_samples"] -= dropped["num_samples"]
+    (subset / "manifest.json").write_text(json.dumps(manifest))
+    for changed, reason in (
+        ("data.shuffle_buffer=8", "data.shuffle_buffer 16 -> 8"),
+        (
+            f"data.path={subset}",
+            f"the train shards under data.path differ from the checkpoint's; data.path '{tiny_sudoku}' -> '{subset}'",
+        ),
+    ):
+        other = config("hrm_sudoku_tiny.yaml", run_dir, tiny_sudoku, *NO_EMB, "train.steps=4", changed)
+        with pytest.raises(
+            ConfigError, match=rf"^resuming \S+step-00000003 on other training data \({re.escape(reason)}\)"
+        ):
+            build_trainer(other, resume="auto")
+    capsys.readouterr()
+    longer = config("hrm_sudoku_tiny.yaml", run_dir, moved, *NO_EMB, "train.steps=4", "optim.lr=0.005")
     resumed = build_trainer(longer, resume="auto")
     assert resumed.step == 3
+    assert (f"changed since the checkpoint: parallel.deepspeed {{'steps_per_print': 7}} -> {{}}; data.path '{tiny_sudoku}' -> '{moved}'; optim.lr {cfg.optim.lr!r} -> 0.005; "
+            "train.steps 3 -> 4") in capsys.readouterr().out  # fmt: skip
     resumed.train()
     assert [r["step"] for r in logged(run_dir)] == [1, 2, 3, 4]
 

@@ -182,6 +182,19 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         ) from None
 
 
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, old value, new value) for every field whose value differs between two config dicts
+    (Config.to_dict), in field order; a field missing on one side counts as changed."""
+    out = []
+    for key in [*new, *(k for k in old if k not in new)]:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "deepspeed":
+            out += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def save_resolved(config: Config, path: str | Path) -> Path:
     """Writes the fully resolved config, so that a run can be reproduced from its directory alone."""
     path = Path(path)

@@ -141,6 +141,10 @@ class TrainConfig:
     checkpoint_interval: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 3  # abort after this many non-finite losses in a row
+    # A resume refuses other training data than the checkpoint's (other shards under data.path, or another
+    # data.path, train_split, partitions, shuffle_buffer or augment) unless this is true; the new data is
+    # then read from its start.
+    allow_data_change: bool = False
     # task lm: draw the H cycles of each step uniformly from [lo, hi] (same on every rank), so the model
     # stays robust when cycles are raised at test time; [] trains at model.h_cycles.
     cycles_range: list[int] = field(default_factory=list)

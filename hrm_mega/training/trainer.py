@@ -6,6 +6,7 @@ stream, one optimizer step, the evaluation and whatever extra state its checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from hrm_mega.checkpoint.atomic import CheckpointManager, read_client_state, res
 from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
+from hrm_mega.config.run import changed_fields
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything
 from hrm_mega.optim import EMA, AdamATan2, lr_at
@@ -102,6 +104,11 @@ class Trainer:
         self.run_dir = Path(config.log.out_dir)
         self.world = ds.setup_distributed(config)
         self.manifest = task.read_data()
+        # The checkpoint to resume from, checked against this config before any engine starts.
+        self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
+        start = resolve_resume(resume, self.checkpoints)
+        self.resume_notes: list[str] = []  # what changed since the checkpoint, printed with the summary
+        saved = self.check_resume(start) if start is not None else None
         seed_everything(config.train.seed)
         self.model = task.build_model(self)
         self.local_batch = config.train.global_batch // self.world.dp_size
@@ -113,14 +120,12 @@ class Trainer:
         task.setup(self)
         self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         self.stream = task.build_stream(self)
-        self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
-        start = resolve_resume(resume, self.checkpoints)
-        if start is not None:
-            self.load_checkpoint(start)
+        if start is not None and saved is not None:
+            self.load_checkpoint(start, *saved)
         if self.world.rank == 0:
             save_resolved(config, self.run_dir / "config.yaml")
         self.logger = MetricsLogger(config, self.run_dir, self.world.rank, config.train.steps, self.step)
-        self.logger.print(self.summary(start))
+        self.logger.print("\n".join([self.summary(start), *self.resume_notes]))
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
@@ -267,6 +272,7 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world_size": self.world.world_size,
             "config": self.config.to_dict(),
+            "data_fingerprint": data_fingerprint(self.manifest, self.config.data.train_split),
             **extra_client,
         }
 
@@ -281,15 +287,45 @@ class Trainer:
         self.logger.print(f"saved checkpoint {path}")
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
-        the saved one, from the layout-free copy (checkpoint/universal.py) otherwise."""
+    def check_resume(self, path: Path) -> tuple[dict[str, Any], bool]:
+        """The checkpoint's rank-0 client state, after checking that its model is this config's, noting
+        every other field that changed, and refusing other training data unless train.allow_data_change.
+        The bool is False when the data changed (and that is allowed): the stream then starts at the new
+        data's beginning."""
         first, _ = read_client_state(path, 0)
         for key, value in first["config"]["model"].items():
             if getattr(self.config.model, key) != value:
                 raise ConfigError(
                     f"model.{key}={getattr(self.config.model, key)!r} differs from the checkpoint's {value!r} ({path})"
                 )
+        changes = [
+            c
+            for c in changed_fields(first["config"], self.config.to_dict())
+            if c[0] != "train.allow_data_change"
+        ]
+        saved_print = first.get("data_fingerprint")  # absent in checkpoints from before it was recorded
+        same_shards = saved_print == data_fingerprint(self.manifest, self.config.data.train_split)
+        reasons = [f"{name} {old!r} -> {new!r}" for name, old, new in changes if name in DATA_ORDER_FIELDS]
+        if same_shards and len(reasons) == 1 and reasons[0].startswith("data.path "):
+            reasons = []  # the same shards, moved
+        if saved_print is not None and not same_shards:
+            reasons.insert(0, "the train shards under data.path differ from the checkpoint's")
+        if reasons and not self.config.train.allow_data_change:
+            raise ConfigError(
+                f"resuming {path} on other training data ({'; '.join(reasons)}): its saved position does not "
+                "apply; resume with the checkpoint's data, or set train.allow_data_change=true to read the new "
+                "data from its start"
+            )
+        if changes:
+            listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
+            self.resume_notes.append(f"  changed since the checkpoint: {listed}")
+        if reasons:
+            self.resume_notes.append("  train.allow_data_change=true: the new data is read from its start")
+        return first, not reasons
+
+    def load_checkpoint(self, path: Path, first: dict[str, Any], same_data: bool) -> None:
+        """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
+        the saved one, from the layout-free copy (checkpoint/universal.py) otherwise."""
         saved = first["config"]["parallel"]
         par = self.config.parallel
         same_layout = first["world_size"] == self.world.world_size and all(
@@ -304,7 +340,8 @@ class Trainer:
             client, tensors = self._load_other_layout(path, first)
         self.step = client["step"]
         self.nonfinite_in_a_row = client["nonfinite_in_a_row"]
-        self.stream.load_state_dict(client["stream"])
+        if same_data:
+            self.stream.load_state_dict(client["stream"])
         torch.set_rng_state(tensors["rng.torch"])
         self.task.load_state(self, client, tensors)
 
@@ -363,3 +400,20 @@ def reduce_progress(progress: dict[str, float | int], dp_size: int) -> dict[str,
     out = all_reduce_sums(dict(progress))
     out["epoch"] = out["epoch"] / dp_size  # each rank's fraction of its own partitions
     return {f"data/{k}": v for k, v in out.items()}
+
+
+# The data fields that decide which samples a step reads, and in what order: a resume keeps the stream's
+# saved position only when they (and the train shards) are the checkpoint's.
+DATA_ORDER_FIELDS = (
+    "data.path",
+    "data.train_split",
+    "data.partitions",
+    "data.shuffle_buffer",
+    "data.augment",
+)
+
+
+def data_fingerprint(manifest: dict[str, Any], split: str) -> str:
+    """The identity of a split's shards (names, sample counts and sha256 from the manifest)."""
+    shards = manifest["splits"][split]["shards"]
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
