@@ -72,7 +72,7 @@ CASES = [
     ("rl_zero3", "rl", RL_PUZZLE, ["parallel.zero_stage=3"], 1, "parallel.zero_stage <= 2"),
     ("distill_tp", "train", LM, ["train.distill_weight=1", "train.distill_from=x", "parallel.tp=2"], 2,
      "train.distill_weight > 0 needs parallel.tp=1"),
-    ("partitions_shards", "train", PUZZLE, ["data.partitions=16"], 1, "data.partitions=16 exceeds the 8 shards"),
+    ("partitions_samples", "train", PUZZLE, ["data.partitions=64"], 1, "data.partitions=64 exceeds the 32 samples"),
     ("ema_zero3", "train", PUZZLE, ["optim.ema_decay=0.999", "parallel.zero_stage=3"], 1,
      "optim.ema_decay > 0 is not supported with parallel.zero_stage=3"),
     ("micro_per_rank", "train", PUZZLE, ["train.micro_batch=64"], 2,

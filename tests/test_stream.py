@@ -118,6 +118,33 @@ def test_one_epoch_two_ranks_two_workers_exactly_once(data: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_fewer_shards_than_partitions_are_cut_into_sample_runs(tmp_path: Path) -> None:
+    """A dataset smaller than one default shard: 2 shards, 8 partitions at DP=2. Every sample once per
+    epoch, the same rows at DP=1 and DP=2, and an exact resume."""
+    small = build(tmp_path / "small", [12, 9])
+    layouts = {}
+    for dp in (1, 2):
+        streams = [make(small, partitions=8, global_batch=8, dp_rank=d, dp_size=dp) for d in range(dp)]
+        layouts[dp] = run(streams, [np.ones(8, dtype=bool)] * 2)
+        for s in streams:
+            s.close()
+    assert layouts[1] == layouts[2]
+    # 21 samples over 8 partitions: 2 or 3 each, so 3 full takes end epoch 0 of every partition
+    items = [item for row in layouts[1].values() for item in row]
+    assert sorted(sid for sid, epoch, _ in items if epoch == 0) == list(range(21))
+
+    resumed = make(small, partitions=8, global_batch=8)
+    run([resumed], [np.ones(8, dtype=bool)])
+    state = json.loads(json.dumps(resumed.state_dict()))
+    after = run([resumed], [np.ones(8, dtype=bool)] * 3, first=False)
+    again = make(small, partitions=8, global_batch=8)
+    again.load_state_dict(state)
+    assert run([again], [np.ones(8, dtype=bool)] * 3, first=False) == after
+    resumed.close()
+    again.close()
+
+
+@pytest.mark.timeout(60)
 def test_rows_see_the_same_samples_for_any_dp_size_and_worker_count(data: Path) -> None:
     masks = halting_masks(40, 8, seed=0)
     layouts = {}
@@ -279,7 +306,7 @@ def test_a_killed_worker_fails_fast_instead_of_hanging(data: Path) -> None:
     [
         (dict(partitions=3), "partitions=3 must be a multiple of dp_size=2"),
         (dict(global_batch=6), "global_batch=6 must be a positive multiple of partitions=4"),
-        (dict(partitions=16, global_batch=16), "partitions=16 exceeds the 8 shards"),
+        (dict(partitions=128, global_batch=128), "partitions=128 exceeds the 69 samples"),
         (dict(num_workers=3), "num_workers=3"),
         (dict(dp_rank=2), "dp_rank=2"),
         (dict(corrupt_policy="ignore"), "corrupt_policy='ignore'"),

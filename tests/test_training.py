@@ -208,3 +208,26 @@ def test_compiled_training_matches_eager_and_keeps_checkpoint_names(tmp_path, ti
         [sys.executable, "-m", "hrm_mega.cli", "eval", str(tmp_path / "compiled/checkpoints/step-00000003")]
     )
     assert out.returncode == 0, out.stderr[-2000:]  # state-dict names are unchanged by compile
+
+
+@pytest.mark.slow
+def test_the_quick_start_trains_a_dataset_smaller_than_one_shard_at_dp2(tmp_path):
+    """README's quick start at a small size: `prep sudoku` writes one shard (fewer than the recipe's two
+    partitions), and `hrm-mega train RECIPE_NAME --nproc 2` trains it at DP=2."""
+    data = tmp_path / "sudoku"
+    prep = run([sys.executable, "-m", "hrm_mega.cli", "prep", "sudoku", "--out", str(data), "--train", "64",
+                "--test", "16", "--givens", "30"])  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    assert len(json.loads((data / "manifest.json").read_text())["splits"]["train"]["shards"]) == 1
+    sets = [
+        *TINY,
+        "train.steps=3",
+        "train.eval_modes=fixed",
+        f"data.path={data}",
+        f"log.out_dir={tmp_path / 'run'}",
+    ]
+    done = run([sys.executable, "-m", "hrm_mega.cli", "train", "hrm_sudoku_tiny", "--nproc", "2",
+                *[f"--set={s}" for s in sets]])  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "world 2 = tp 1 x pp 1 x dp 2" in done.stdout
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]

@@ -244,9 +244,9 @@ def check_manifest(c: Config, command: Command) -> None:
     if split is None:
         known = ", ".join(sorted(manifest.get("splits", {})))
         raise ConfigError(f"data.train_split={d.train_split!r} is not a split of {where} (has: {known})")
-    shards = len(split.get("shards", []))
-    if shards < d.partitions:
+    samples = int(split.get("num_samples", 0))
+    if samples < d.partitions:
         raise ConfigError(
-            f"data.partitions={d.partitions} exceeds the {shards} shards of {d.path}/{d.train_split}; "
-            "lower data.partitions or rebuild with more shards"
+            f"data.partitions={d.partitions} exceeds the {samples} samples of {d.path}/{d.train_split}; "
+            "lower data.partitions (each partition needs a sample)"
         )

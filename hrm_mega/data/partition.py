@@ -1,7 +1,8 @@
 """Partition planning: which slots each partition of a split visits, and in which order. Pure arithmetic on
 shard sample counts (no I/O); the design is in docs/data.md.
 
-A split's shards are dealt to P logical *partitions* (shard i -> partition i % P). Global batch row r
+A split's shards are dealt to P logical *partitions* (shard i -> partition i % P; a split with fewer
+shards than partitions is cut into P runs of consecutive samples). Global batch row r
 only ever reads partition r * P // B, so what a row sees depends neither on the data-parallel size nor on
 the number of loader workers. Each partition is an endless run of epochs: epoch e visits the partition's
 shards in an order shuffled by (seed, partition, e), and shuffles their samples in a bounded buffer
@@ -101,14 +102,22 @@ class PartitionPlan:
 def shard_partitions(
     counts: Sequence[int], partitions: int, *, seed: int, shuffle_buffer: int
 ) -> list[PartitionPlan]:
-    """Training partitions: shard i goes to partition i % P; shard order is reshuffled every epoch."""
+    """Training partitions: shard i goes to partition i % P; shard order is reshuffled every epoch. A
+    split with fewer shards than partitions (a small dataset) is cut into P runs of consecutive samples
+    instead, so that every dataset with at least P samples trains at any partition count."""
+    if len(counts) >= partitions:
+        segments = [
+            tuple(Segment(i, 0, counts[i]) for i in range(p, len(counts), partitions))
+            for p in range(partitions)
+        ]
+    else:
+        n = sum(counts)
+        segments = [
+            range_segments(counts, p * n // partitions, (p + 1) * n // partitions) for p in range(partitions)
+        ]
     return [
         PartitionPlan(
-            p,
-            segments=tuple(Segment(i, 0, counts[i]) for i in range(p, len(counts), partitions)),
-            seed=seed,
-            shuffle_segments=True,
-            shuffle_buffer=shuffle_buffer,
+            p, segments=segments[p], seed=seed, shuffle_segments=True, shuffle_buffer=shuffle_buffer
         )
         for p in range(partitions)
     ]

@@ -75,10 +75,10 @@ class SampleStream:
             data_dir, split, seed=seed, corrupt_policy=corrupt_policy, transform=transform
         )
         counts = self.source.counts
-        if loop and len(counts) < partitions:
+        if loop and sum(counts) < partitions:
             raise ValueError(
-                f"partitions={partitions} exceeds the {len(counts)} shards of {data_dir}/{split}; "
-                "lower partitions or rebuild with more shards"
+                f"partitions={partitions} exceeds the {sum(counts)} samples of {data_dir}/{split}; "
+                "lower partitions (each partition needs a sample)"
             )
         make = shard_partitions if loop else range_partitions
         plans = make(counts, partitions, seed=seed, shuffle_buffer=shuffle_buffer)
