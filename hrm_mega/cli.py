@@ -18,8 +18,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     resolve_layout(config, args.world_size)  # the layout of the estimate; batch and data need not fit it
-    print(describe(config, world_size=args.world_size))
+    seq_len = args.seq_len or _dataset_seq_len(config.data.path) or 4096
+    print(describe(config, world_size=args.world_size, seq_len=seq_len))
     return 0
+
+
+def _dataset_seq_len(path: str) -> int | None:
+    """The seq_len in data.path's manifest.json, when it has one."""
+    import json
+
+    manifest = os.path.join(path, "manifest.json") if path else ""
+    try:
+        with open(manifest) as f:
+            return int(json.load(f)["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -153,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print parameter counts, FLOPs and memory estimate of a recipe")
     add_config_args(p)
     p.add_argument("--world-size", type=int, default=1, help="number of ranks for the memory estimate")
+    p.add_argument(
+        "--seq-len", type=int, default=0,
+        help="HRMGemma: tokens per row for the memory estimate (default: data.path's, else 4096)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="pretrain a model (DeepSpeed); --nproc N runs N ranks through torchrun")

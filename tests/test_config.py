@@ -1,5 +1,6 @@
 """Config loading: YAML inheritance, overrides with type coercion, unknown keys, cross-field validation."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,35 @@ def test_info_on_an_lm_recipe_reports_gemma_counts(capsys):
     assert cli_main(["info", str(ROOT / "configs/lm/hrmgemma_1b.yaml")]) == 0
     out = capsys.readouterr().out
     assert "Gemma 3: 999,885,952" in out  # transformers' Gemma3ForCausalLM count for the 1B shape
+    # memory per GPU: bf16 weights and grads (2 bytes each) and 12 bytes of optimizer state per parameter,
+    # the optimizer split over dp = 4 by ZeRO-1
+    assert (
+        cli_main(
+            [
+                "info",
+                "hrmgemma_1b",
+                "--world-size",
+                "4",
+                "--set",
+                "parallel.zero_stage=1",
+                "--seq-len",
+                "1024",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    params = int(re.search(r"parameters: ([\d,]+)", out)[1].replace(",", ""))
+    line = re.search(
+        r"stage 0: ([\d.]+) GiB = weights ([\d.]+)  grads ([\d.]+)  optimizer ([\d.]+)  activations ~([\d.]+)",
+        out,
+    )
+    assert line, out
+    total, weights, grads, optimizer, activations = map(float, line.groups())
+    assert weights == grads == round(params * 2 / 2**30, 3)
+    assert optimizer == round(params * 12 / 4 / 2**30, 3)
+    assert activations > 0 and total == pytest.approx(weights + grads + optimizer + activations, abs=0.01)
+    assert "seq 1024 x micro-batch" in out
 
 
 def test_the_model_section_has_the_type_of_its_family():

@@ -21,7 +21,9 @@ import torch
 from conftest import hrm_lr
 
 from hrm_mega.checkpoint.consolidate import load_model
+from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.config import ConfigError, load_config
+from hrm_mega.data.shards import manifest_digest
 from hrm_mega.inference.puzzle import run_fixed
 from hrm_mega.training.evaluation import evaluation
 from hrm_mega.training.tasks.puzzle import evaluate_puzzles
@@ -159,6 +161,7 @@ def test_puzzle_emb_ndim_0_trains_checkpoints_evaluates_and_resumes(
     manifest = json.loads((subset / "manifest.json").read_text())
     dropped = manifest["splits"]["train"]["shards"].pop()
     manifest["splits"]["train"]["num_samples"] -= dropped["num_samples"]
+    manifest["sha256"] = manifest_digest(manifest)  # a consistent manifest of fewer shards
     (subset / "manifest.json").write_text(json.dumps(manifest))
     for changed, reason in (
         ("data.shuffle_buffer=8", "data.shuffle_buffer 16 -> 8"),
@@ -226,3 +229,71 @@ def test_the_demo_prints_the_halting_table_and_the_eval_cli_agrees(
     assert {k: table[3][k] for k in keys} == pytest.approx({k: adaptive[k] for k in keys})
     assert evaluate.main([ckpt, *common, "--halt-threshold", "1.5"]) == 2  # one line naming the field
     assert "model.halt_threshold=1.5" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged checkpoints: found by their checksums, passed over on --resume auto
+# --------------------------------------------------------------------------------------------------
+
+
+def flip_a_bit(path: Path, at: float = 0.6) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_an_intact_one(world_of_one, tiny_sudoku, tmp_path, capsys):
+    """Checkpoints at steps 2 and 4. A flipped bit in step 4's client state: --resume auto continues
+    from step 2 with a one-line note, logging what resuming from step 2 directly logs. Damage to
+    DeepSpeed's own file alone: step 4 resumes from its layout-free copy, as an intact step 4 does. With
+    both checkpoints damaged: one line. `hrm-mega eval` of a damaged checkpoint: one line."""
+    base = tmp_path / "base"
+    base_cfg = config(
+        "hrm_sudoku_tiny.yaml", base, tiny_sudoku, *NO_EMB, "train.steps=4", "train.checkpoint_interval=2"
+    )
+    build_trainer(base_cfg, resume="none").train()
+    (base / "metrics.jsonl").unlink()
+
+    def continued(name: str, resume: str, damage=()) -> tuple[int, list[tuple], str]:
+        run_dir = tmp_path / name
+        shutil.copytree(base, run_dir)
+        for relative in damage:
+            flip_a_bit(run_dir / "checkpoints" / relative)
+        cfg = config(
+            "hrm_sudoku_tiny.yaml",
+            run_dir,
+            tiny_sudoku,
+            *NO_EMB,
+            "train.steps=6",
+            "train.checkpoint_interval=2",
+        )
+        resume = resume if resume == "auto" else str(run_dir / "checkpoints" / resume)
+        capsys.readouterr()
+        trainer = build_trainer(cfg, resume=resume)
+        start = trainer.step
+        trainer.train()
+        trail = [(r["step"], r["loss"], r["grad_norm"]) for r in logged(run_dir)]
+        return start, trail, capsys.readouterr().out
+
+    # the client state of step 4 is damaged: step 2 it is
+    start, records, out = continued("client", "auto", ["step-00000004/client/rank-00000.safetensors"])
+    assert start == 2
+    assert re.search(r"step-00000004 is damaged \(client/rank-00000\.safetensors: its sha256 differs from when "
+                     r"it was written\); trying the next older checkpoint", out)  # fmt: skip
+    assert records == continued("from_2", "step-00000002")[1]
+    # DeepSpeed's module file of step 4 is damaged: its universal/ copy resumes step 4 exactly
+    start, records, out = continued("deepspeed", "auto", ["step-00000004/mp_rank_00_model_states.pt"])
+    assert start == 4 and "resuming from its layout-free copy universal/" in out
+    assert records == continued("from_4", "auto")[1]
+    # nothing intact: one line
+    both = ["step-00000004/client/rank-00000.json", "step-00000002/universal/tp00-pp00.safetensors"]
+    with pytest.raises(CheckpointError, match=r"^no intact checkpoint to resume: \S+step-00000004 is damaged \(client/"
+                       r"rank-00000\.json: .*\) \| \S+step-00000002 is damaged \(universal/tp00-pp00\.safetensors: .*"
+                       r"restore a copy, or start over with --resume none$") as error:  # fmt: skip
+        continued("none", "auto", both)
+    assert "\n" not in str(error.value)
+    # the readers of a checkpoint say the same in one line
+    with pytest.raises(
+        CheckpointError, match=r"step-00000002 is damaged: universal/tp00-pp00\.safetensors: its sha256"
+    ):
+        load_model(tmp_path / "none/checkpoints/step-00000002")

@@ -7,6 +7,8 @@ Layout of `RUN/checkpoints/`:
         client/rank-00000.json      step, loader state, resolved config, counters (one per rank)
         client/rank-00000.safetensors  ACT carry and current rows, RNG state, EMA weights
         universal/tp00-pp00.safetensors  full weights, Adam moments, EMA by model name (any layout)
+        tokenizer.model             the dataset's tokenizer, when it has one (generate and export need it)
+        checksums.json              size and sha256 of every other file, written last
     latest                          the name of the newest complete checkpoint
     .staging/                       a checkpoint being written
 
@@ -14,6 +16,10 @@ A checkpoint is written into `.staging/`, then renamed into place, and only then
 (write a temp file, `os.replace`). A run killed at any moment leaves `latest` naming a complete
 checkpoint. Our client state is JSON and safetensors only; DeepSpeed's own files are written and read by
 DeepSpeed (they contain pickles, so only load checkpoints you or your cluster wrote).
+
+A file damaged after publication (a truncated copy, a flipped bit on disk) is found by its checksum
+before anything reads it: `--resume auto` then takes the newest intact checkpoint, or the damaged one's
+layout-free copy when only DeepSpeed's files are hit, and says so in one line (`pick_intact`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import os
 import shutil
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from hrm_mega.checkpoint.integrity import damaged_files, file_digests, write_checksums
 from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL
 
@@ -53,9 +61,11 @@ class CheckpointManager:
         client: dict[str, Any],
         tensors: dict[str, torch.Tensor],
         write_universal: Callable[[Path], None] | None = None,
+        files: dict[str, Path] | None = None,
     ) -> Path:
         """Collective: every rank calls it. write_universal(dir) adds the layout-free copy
-        (checkpoint/universal.py). Returns the published checkpoint directory."""
+        (checkpoint/universal.py); `files` are copied in under their names (rank 0). Returns the
+        published checkpoint directory."""
         tag, staging = tag_for(step), self.root / STAGING
         if self.rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)
@@ -70,10 +80,15 @@ class CheckpointManager:
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, client_dir / f"{name}.safetensors"
         )
         (client_dir / f"{name}.json").write_text(json.dumps(client, sort_keys=True))
+        if self.rank == 0:
+            for target, source in (files or {}).items():
+                shutil.copyfile(source, staging / tag / target)
         fault_point("checkpoint-staged")
         _barrier()
+        digests = file_digests(staging / tag)  # every rank hashes its share
         final = self.root / tag
         if self.rank == 0:
+            write_checksums(staging / tag, digests)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging / tag, final)
             _write_atomic(self.root / LATEST, tag)
@@ -95,6 +110,16 @@ class CheckpointManager:
         path = self.root / pointer.read_text().strip()
         return path if path.is_dir() else None
 
+    def published(self) -> list[Path]:
+        """The complete checkpoints, newest first: `latest` and the older ones still kept."""
+        newest = self.latest()
+        if newest is None:
+            return []
+        older = sorted(
+            (p for p in self.root.glob("step-*") if p.is_dir() and p.name < newest.name), reverse=True
+        )
+        return [newest, *older]
+
     def load(self, engine: Any, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Loads engine state (DeepSpeed's files: same layout only) and this rank's client state."""
         path = Path(path)
@@ -115,18 +140,50 @@ def read_client_state(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
     return json.loads(client_json.read_text()), load_file(client_tensors)
 
 
-def resolve_resume(spec: str | None, manager: CheckpointManager) -> Path | None:
-    """`--resume auto` -> the latest complete checkpoint, if any; a path -> that checkpoint; None -> start fresh."""
+def resolve_resume(spec: str | None, manager: CheckpointManager) -> list[Path]:
+    """The checkpoints `--resume` may continue from, in order of preference: auto -> the complete ones,
+    newest first (none: start fresh); a path -> that checkpoint; none -> []."""
     if not spec or spec == "none":
-        return None
+        return []
     if spec == "auto":
-        return manager.latest()
+        return manager.published()
     path = Path(spec)
     if path.is_dir() and (path / LATEST).is_file():  # a checkpoints/ directory: take its latest
         path = path / (path / LATEST).read_text().strip()
     if not (path / "client").is_dir():
         raise CheckpointError(f"--resume {spec}: not a checkpoint directory (no client/ inside)")
-    return path
+    return [path]
+
+
+@dataclass(frozen=True)
+class Resume:
+    path: Path
+    layout_free: bool  # only DeepSpeed's files are damaged: load the universal/ copy instead
+    notes: tuple[str, ...]  # one line per damaged checkpoint passed over
+
+
+def pick_intact(candidates: list[Path], explicit: bool) -> Resume | None:
+    """The first candidate whose files match their checksums (collective: every rank hashes a share).
+    A candidate whose damage is confined to DeepSpeed's files resumes from its layout-free copy. An
+    explicit checkpoint must be intact; with none intact, a one-line CheckpointError lists why."""
+    notes: list[str] = []
+    for path in candidates:
+        damaged = damaged_files(path)
+        if not damaged:
+            return Resume(path, False, tuple(notes))
+        deepspeed_only = all(f.split(":")[0].endswith(".pt") for f in damaged)  # DeepSpeed writes *.pt
+        if deepspeed_only and (path / UNIVERSAL).is_dir():
+            notes.append(f"{path} is damaged ({damaged[0]}); resuming from its layout-free copy {UNIVERSAL}/")
+            return Resume(path, True, tuple(notes))
+        if explicit:
+            raise CheckpointError(f"{path} is damaged: {'; '.join(damaged)}")
+        notes.append(f"{path} is damaged ({'; '.join(damaged)}); trying the next older checkpoint")
+    if notes:
+        raise CheckpointError(
+            f"no intact checkpoint to resume: {' | '.join(n.split('; trying')[0] for n in notes)}; "
+            "restore a copy, or start over with --resume none"
+        )
+    return None
 
 
 def fault_point(name: str) -> None:

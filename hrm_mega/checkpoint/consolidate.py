@@ -17,7 +17,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hrm_mega.checkpoint.model_dir import CONFIG, WEIGHTS, CheckpointError, load_state_dict_strict
+from hrm_mega.checkpoint.integrity import damaged_files, tensors_digest
+from hrm_mega.checkpoint.model_dir import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    load_state_dict_strict,
+    read_safetensors,
+)
 from hrm_mega.checkpoint.universal import UNIVERSAL, UniversalCheckpoint
 from hrm_mega.config import Config, config_from_dict
 from hrm_mega.models import build_model
@@ -40,6 +47,13 @@ def consolidate_checkpoint(
     """Full fp32 weights and buffers. With EMA enabled in the run, its weights replace the raw ones
     (they are what the run evaluated), unless use_ema=False."""
     checkpoint = Path(checkpoint)
+    damaged = damaged_files(checkpoint)
+    if damaged and not (
+        all(f.split(":")[0].endswith(".pt") for f in damaged) and (checkpoint / UNIVERSAL).is_dir()
+    ):
+        raise CheckpointError(
+            f"{checkpoint} is damaged: {'; '.join(damaged)}"
+        )  # DeepSpeed's *.pt alone: unread
     config = checkpoint_config(checkpoint)
     if (checkpoint / UNIVERSAL).is_dir():  # any TP/PP/DP layout and ZeRO stage
         ema = use_ema and config.optim.ema_decay > 0
@@ -68,7 +82,8 @@ def consolidate_checkpoint(
 def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, out, metadata={"format": "hrm-mega/model/1", "config": config.to_yaml()})
+    metadata = {"format": "hrm-mega/model/1", "config": config.to_yaml(), "sha256": tensors_digest(state)}
+    save_file(state, out, metadata=metadata)
     return out
 
 
@@ -82,14 +97,19 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
 
         return load_model_dir(path)
     elif path.is_file() and path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if "config" not in meta:
-                raise CheckpointError(
-                    f"{path}: no config in its metadata; was it written by hrm-mega consolidate?"
-                )
+        state, meta = read_safetensors(path)
+        if "config" not in meta:
+            raise CheckpointError(
+                f"{path}: no config in its metadata; was it written by hrm-mega consolidate?"
+            )
+        if "sha256" in meta and tensors_digest(state) != meta["sha256"]:
+            raise CheckpointError(f"{path} is damaged: its tensors' sha256 differs from when it was written")
+        try:
             config = config_from_dict(yaml.safe_load(meta["config"])).validate()
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (yaml.YAMLError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: the config in its metadata is damaged ({str(e).splitlines()[0]})"
+            ) from None
     else:
         raise CheckpointError(
             f"{path}: expected a training checkpoint (step-*/), a model directory ({WEIGHTS} + {CONFIG}) "

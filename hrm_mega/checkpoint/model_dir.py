@@ -6,12 +6,16 @@ produces. Loading reads safetensors only, so no pickled code is ever executed.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from hrm_mega.checkpoint.integrity import damaged_files, write_checksums
 from hrm_mega.config import Config, ConfigError, load_config, save_resolved
+from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.models import build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -21,12 +25,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match its model; the message is one line."""
 
 
-def save_model_dir(state_dict: dict[str, torch.Tensor], config: Config, out_dir: str | Path) -> Path:
+def save_model_dir(
+    state_dict: dict[str, torch.Tensor],
+    config: Config,
+    out_dir: str | Path,
+    files: dict[str, Path] | None = None,
+) -> Path:
+    """Writes model.safetensors, config.yaml, the `files` (e.g. the tokenizer) under their names, and the
+    checksums of them all."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     save_file(tensors, out / WEIGHTS, metadata={"format": "hrm-mega/model/1"})
     save_resolved(config, out / CONFIG)
+    for name, source in (files or {}).items():
+        shutil.copyfile(source, out / name)
+    write_checksums(out)
     return out
 
 
@@ -36,12 +50,14 @@ def load_model_dir(model_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     for name in (WEIGHTS, CONFIG):
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: missing {name}; expected a directory written by hrm-mega")
+    if damaged := damaged_files(d):
+        raise CheckpointError(f"{d} is damaged: {'; '.join(damaged)}")
     try:
         config = load_config(d / CONFIG)
     except ConfigError as e:
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
     model = build_model(config.model)
-    load_state_dict_strict(model, load_file(d / WEIGHTS), source=str(d / WEIGHTS))
+    load_state_dict_strict(model, read_safetensors(d / WEIGHTS)[0], source=str(d / WEIGHTS))
     return model, config
 
 
@@ -62,3 +78,26 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
                 f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def tokenizer_for(checkpoint: str | Path, config: Config) -> Path | None:
+    """The SentencePiece model that goes with a checkpoint: the copy inside it (training checkpoints of
+    text runs and model directories carry one), else the one in the config's data.path. None for puzzle
+    models, or when neither exists."""
+    if config.model.family != "hrm_gemma":
+        return None
+    candidates = [Path(checkpoint) / TOKENIZER_FILE]
+    if config.data.path:
+        candidates.append(Path(config.data.path) / TOKENIZER_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a .safetensors file; a truncated or garbled file is one line."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({str(e).splitlines()[0]})"
+        ) from None

@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hrm_mega.checkpoint.integrity import write_checksums
 from hrm_mega.config import Config
 from hrm_mega.convert import remote
 from hrm_mega.convert.hf_gemma import hf_config_from, plain_gemma3_blocker, to_hf_state_dict
+from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.models.lm import is_hrm_only
 
 FORMATS = ("auto", "gemma3", "remote")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_FILE = "tokenizer.model"
 # Without a tokenizer: Gemma's special ids, which hrm-mega's text data prep uses too.
 GEMMA_SPECIAL_IDS = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 UNREACHABLE_SCORE = -1e9  # for pieces SentencePiece never produces from text (control, byte, unused)
@@ -99,6 +100,7 @@ def export_hf(
             report = _export_gemma3(state, config, tmp, dtype, special, max_shard_size)
         else:
             report = _export_remote(state, config, tmp, dtype, special, max_shard_size)
+        write_checksums(tmp)  # import-hf checks them; transformers ignores the file
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -195,17 +197,6 @@ def save_weights(
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
-
-
-def default_tokenizer(checkpoint: str | Path, config: Config) -> Path | None:
-    """The SentencePiece model that goes with a checkpoint: tokenizer.model next to it (a model directory
-    written by import-hf), else the one the text data prep wrote into data.path. None for puzzle models."""
-    if config.model.family != "hrm_gemma":
-        return None
-    candidates = [Path(checkpoint) / TOKENIZER_FILE]
-    if config.data.path:
-        candidates.append(Path(config.data.path) / TOKENIZER_FILE)
-    return next((c for c in candidates if c.is_file()), None)
 
 
 def export_tokenizer(

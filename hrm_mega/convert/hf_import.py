@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hrm_mega.checkpoint.integrity import damaged_files
 from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import Config, load_config
 from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, text_state_dict
-from hrm_mega.data.shards import read_json
+from hrm_mega.data.shards import TOKENIZER_FILE, read_json
 
 TEXT_TYPES = ("gemma3_text", "gemma3")
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def import_hf(
@@ -41,6 +40,8 @@ def import_hf(
             f"{out} already exists and is not an empty directory; choose a new output directory"
         )
     hf_config = read_hf_config(src)
+    if src.is_dir() and (damaged := damaged_files(src)):  # an hrm-mega export carries checksums.json
+        raise CheckpointError(f"{src} is damaged: {'; '.join(damaged)}")
     config = _hrm_config(hf_config, overrides or [], src)
     hf_state = read_hf_weights(src)
     if getattr(hf_config, "model_type", "") == "gemma3":
@@ -49,9 +50,8 @@ def import_hf(
         state = from_hf_state_dict(hf_state, config.model)
     except ValueError as e:
         raise CheckpointError(f"{src}: {str(e).removeprefix('from_hf_state_dict: ')}") from None
-    save_model_dir(state, config, out)
-    if (src / TOKENIZER_FILE).is_file():
-        shutil.copyfile(src / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    tokenizer = src / TOKENIZER_FILE
+    save_model_dir(state, config, out, files={TOKENIZER_FILE: tokenizer} if tokenizer.is_file() else None)
     return out, config
 
 

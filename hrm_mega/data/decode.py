@@ -8,6 +8,7 @@ docs/data_format.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -49,13 +50,15 @@ def _first_line(exn: BaseException) -> str:
 
 
 def read_segment(
-    path: str, lo: int, hi: int, wanted: np.ndarray, *, expected: int, fail: bool
+    path: str, lo: int, hi: int, wanted: np.ndarray, *, expected: int, fail: bool, sha256: str = ""
 ) -> Iterator[tuple[int, Record | Skip]]:
     """Yields `(i, record)` for records `lo + i` (in file order) of the shard where `wanted[i]`.
 
     Records are read but not decoded. Wanted records that cannot be read (truncated or damaged tar, or
     fewer records than the manifest's `expected`) come last as `Skip` items, or raise DataFormatError
-    when `fail`. Reading stops after record `hi - 1`.
+    when `fail`. Reading stops after record `hi - 1`. A read of the whole shard is checked against the
+    manifest's `sha256` as it goes: a flipped bit raises DataFormatError at the shard's end under
+    `fail` (its samples have been handed out by then), or warns.
     """
     errors: list[BaseException] = []
 
@@ -65,8 +68,11 @@ def read_segment(
 
     seen = np.zeros(hi - lo, dtype=bool)
     ordinal, held = -1, None  # one record is held back: after a damaged end the last one may be partial
+    whole = bool(sha256) and lo == 0 and wanted.all() and hi >= expected
+    actual = sha256
     try:
-        with open(path, "rb") as stream:
+        with open(path, "rb") as raw:
+            stream = _HashingReader(raw) if whole else raw
             files = tar_file_expander([{"url": path, "stream": stream}], handler=stop)
             for record in group_by_keys(files, handler=stop):
                 ordinal += 1
@@ -78,6 +84,7 @@ def read_segment(
                 if ordinal >= lo and wanted[ordinal - lo]:
                     seen[ordinal - lo] = True
                     held = (ordinal - lo, record)
+            actual = stream.finish() if isinstance(stream, _HashingReader) and not errors else sha256
     except OSError as exn:  # unreadable file (webdataset routes errors while reading through `stop`)
         errors.append(exn)
     if ordinal >= expected:
@@ -92,11 +99,34 @@ def read_segment(
         reason = f"truncated or unreadable tar: read {min(ordinal + 1, hi)} of {expected} samples{cause}"
         if fail:  # report the damage itself, not the half-read record at the cut
             raise DataFormatError(f"{path}: {reason}")
+    if not damaged and actual != sha256:  # every record read, but not the bytes that were written
+        reason = "its sha256 differs from manifest.json (damaged or modified shard)"
+        if fail:
+            raise DataFormatError(f"{path}: {reason}")
+        warnings.warn(f"{path}: {reason}", CorruptDataWarning, stacklevel=2)
     if held is not None:  # under "skip" it is decoded like any other; if partial, it is skipped then
         yield held
     if damaged:
         for i in missing:
             yield int(i), Skip(path, None, reason, unreadable=True)
+
+
+class _HashingReader:
+    """A binary file whose bytes are hashed as they are read; finish() reads the rest and returns the
+    sha256 of the whole file."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        while data := self.raw.read(1 << 20):
+            self.digest.update(data)
+        return self.digest.hexdigest()
 
 
 # ---- decoding -------------------------------------------------------------------------------------

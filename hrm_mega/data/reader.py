@@ -41,6 +41,7 @@ class ShardSource:
 
     paths: tuple[str, ...]
     counts: tuple[int, ...]
+    checksums: tuple[str, ...]  # each shard's sha256 from the manifest ("" when it has none)
     digest: str  # identifies the exact shard contents (from the manifest checksums)
     spec: SampleSpec
     decode: Decoder
@@ -67,6 +68,7 @@ class ShardSource:
         return cls(
             paths=tuple(str(p) for p in paths),
             counts=tuple(int(e["num_samples"]) for e in entries),
+            checksums=tuple(str(e.get("sha256", "")) for e in entries),
             digest=digest,
             spec=spec,
             decode=decoder_for(manifest),
@@ -111,8 +113,13 @@ def read_in_order(
         mask = wanted[bounds[k] : bounds[k + 1]]
         if not mask.any():
             continue
-        path, expected = source.paths[seg.shard], source.counts[seg.shard]
-        for i, item in read_segment(path, seg.lo, seg.hi, mask, expected=expected, fail=source.fail):
+        path, expected, sha256 = (
+            source.paths[seg.shard],
+            source.counts[seg.shard],
+            source.checksums[seg.shard],
+        )
+        reading = read_segment(path, seg.lo, seg.hi, mask, expected=expected, fail=source.fail, sha256=sha256)
+        for i, item in reading:
             pending[bounds[k] + i] = item
             while pos < n and todo[pos] in pending:
                 yield pending.pop(todo[pos])

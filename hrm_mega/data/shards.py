@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import numpy as np
 
 FORMAT = "hrm-mega/1"
 SHARD_PATTERN = "shard-%06d.tar"
+TOKENIZER_FILE = "tokenizer.model"  # a text dataset's SentencePiece model, next to manifest.json
 
 
 class DataFormatError(ValueError):
@@ -129,8 +131,11 @@ def write_manifest(
     pad_id: int = 0,
     ignore_label_id: int = -100,
     extra: dict[str, Any] | None = None,
+    top_level: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes `out_dir/manifest.json` describing the given splits and returns its path."""
+    """Writes `out_dir/manifest.json` describing the given splits (plus a task's own `top_level` fields,
+    e.g. a text dataset's tokenizer and special ids) and returns its path. Written to a temporary file
+    and renamed: a half-built dataset has no manifest."""
     manifest = {
         "format": FORMAT,
         "task": task,
@@ -151,11 +156,21 @@ def write_manifest(
             for name, shards in splits.items()
         },
         "extra": extra or {},
+        **(top_level or {}),
     }
+    manifest["sha256"] = manifest_digest(manifest)
     path = Path(out_dir) / "manifest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's fields but its own "sha256": a flipped bit in manifest.json is found."""
+    fields = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def read_json(path: Path, error: type[Exception], required: Sequence[str] = ()) -> Any:
@@ -164,6 +179,8 @@ def read_json(path: Path, error: type[Exception], required: Sequence[str] = ()) 
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text (damaged?)") from None
     missing = [k for k in required if k not in value]
     if missing:
         raise error(f"{path}: missing field(s) {', '.join(missing)}")
@@ -179,6 +196,8 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataFormatError(f"{path}: no manifest.json; build the dataset with `hrm-mega prep ...` first")
     manifest = read_json(path, DataFormatError, _REQUIRED_KEYS)
+    if "sha256" in manifest and manifest["sha256"] != manifest_digest(manifest):  # absent: an older dataset
+        raise DataFormatError(f"{path} is damaged: its fields no longer match the sha256 written with them")
     if manifest["format"] != FORMAT:
         raise DataFormatError(f"{path}: format {manifest['format']!r} is not {FORMAT!r}")
     return manifest

@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from hrm_mega.checkpoint.consolidate import load_model
-    from hrm_mega.convert.hf_export import DTYPES, default_tokenizer, export_hf
+    from hrm_mega.checkpoint.model_dir import tokenizer_for
+    from hrm_mega.convert.hf_export import DTYPES, export_hf
 
     model, config = load_model(args.checkpoint)
-    tokenizer = args.tokenizer or default_tokenizer(args.checkpoint, config)
+    tokenizer = args.tokenizer or tokenizer_for(args.checkpoint, config)
     report = export_hf(
         model, config, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype], format=args.format,
         max_shard_size=args.max_shard_size,
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenizer: {report.tokenizer}")
     elif config.model.family == "hrm_gemma":
         print(
-            "no tokenizer: pass --tokenizer PATH/tokenizer.model to include one (none next to CKPT or in data.path)"
+            "no tokenizer: pass --tokenizer PATH/tokenizer.model to include one (none inside CKPT or in data.path)"
         )
     for note in report.notes:
         print(f"note: {note}")

@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.entry.common import add_device_arg, resolve_device, run_main
-
-TOKENIZER = "tokenizer.model"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument(
-        "--tokenizer", help=f"SentencePiece model (default: DATA/{TOKENIZER} of the config's data.path)"
+        "--tokenizer",
+        help=f"SentencePiece model (default: the checkpoint's own, else DATA/{TOKENIZER_FILE} of its data.path)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.checkpoint}: a model.family={config.model.family} model; generation needs hrm_gemma"
         )
-    tokenizer = load_tokenizer(args.tokenizer, config.data.path)
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, config)
     if tokenizer.get_piece_size() > config.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.get_piece_size()} pieces but the model's "
@@ -102,24 +102,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_tokenizer(explicit: str | None, data_path: str):  # -> sentencepiece.SentencePieceProcessor
+def load_tokenizer(explicit: str | None, checkpoint: str, config):  # -> spm.SentencePieceProcessor
+    """--tokenizer, else the checkpoint's own copy, else the one in the config's data.path."""
     import sentencepiece as spm
+
+    from hrm_mega.checkpoint.model_dir import tokenizer_for
 
     if explicit:
         path = Path(explicit)
         if not path.is_file():
             raise ValueError(f"--tokenizer {path}: no such file")
-    elif not data_path:
+    elif (found := tokenizer_for(checkpoint, config)) is not None:
+        path = found
+    elif not config.data.path:
         raise ValueError(
-            f"no tokenizer: the checkpoint's config has no data.path; pass --tokenizer PATH/{TOKENIZER}"
+            f"no tokenizer: none inside {checkpoint} and the checkpoint's config has no data.path; "
+            f"pass --tokenizer PATH/{TOKENIZER_FILE}"
         )
     else:
-        path = Path(data_path) / TOKENIZER
-        if not path.is_file():
-            raise ValueError(
-                f"no tokenizer: {path} does not exist (data.path of the checkpoint's config); "
-                f"pass --tokenizer PATH/{TOKENIZER}"
-            )
+        raise ValueError(
+            f"no tokenizer: none inside {checkpoint}, and {Path(config.data.path) / TOKENIZER_FILE} does not "
+            f"exist (data.path of the checkpoint's config); pass --tokenizer PATH/{TOKENIZER_FILE}"
+        )
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:

@@ -78,9 +78,10 @@ def complete_prompts(trainer, data: Path, cycles: int) -> list[tuple[str, int, s
     import sentencepiece as spm
     import torch
 
+    from hrm_mega.data.shards import TOKENIZER_FILE
     from hrm_mega.inference.generate import generate, left_pad
 
-    tokenizer = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
+    tokenizer = spm.SentencePieceProcessor(model_file=str(data / TOKENIZER_FILE))
     bos, eos = tokenizer.bos_id(), tokenizer.eos_id()
     ids, mask = left_pad([[bos, *tokenizer.encode(p)] for p in PROMPTS], pad_id=tokenizer.pad_id())
     out = []

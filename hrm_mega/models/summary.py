@@ -102,8 +102,10 @@ def memory_per_rank(config: Config, world_size: int = 1) -> MemoryEstimate:
     return MemoryEstimate(param_bytes, grad_bytes, optim_bytes, emb_bytes, act_bytes)
 
 
-def describe_lm(config: Config) -> str:
-    """`hrm-mega info` for HRMGemma: parameter counts (Gemma part and HRM additions) and FLOPs per token."""
+def describe_lm(config: Config, world_size: int = 1, seq_len: int = 4096) -> str:
+    """`hrm-mega info` for HRMGemma: parameter counts (Gemma part and HRM additions), FLOPs per token, and
+    memory per GPU of the first and last pipeline stage at seq_len x the micro-batch (models/lm_memory.py)."""
+
     from hrm_mega.models.lm import HRMGemma
 
     c = config.model
@@ -121,14 +123,36 @@ def describe_lm(config: Config) -> str:
             f"{c.local_per_global} local + 1 global, {c.num_tail_layers} tail)  cycles N={c.h_cycles} T={c.l_cycles}",
             f"parameters: {counts['total']:,} (Gemma 3: {counts['gemma']:,}; HRM gates and heads: {counts['hrm_only']:,})",
             f"forward FLOPs per token (matmuls, excluding attention scores): {flops / 1e9:.2f} GFLOP",
+            *memory_lines(config, world_size, seq_len),
         ]
     )
 
 
-def describe(config: Config, world_size: int = 1) -> str:
-    """The text `hrm-mega info` prints."""
+def memory_lines(config: Config, world_size: int, seq_len: int) -> list[str]:
+    from hrm_mega.models.lm_memory import GIB, estimate, parameter_groups
+
+    par, train = config.parallel, config.train
+    dp = max(1, world_size // (par.tp * par.pp))
+    micro = train.micro_batch or max(1, train.global_batch // dp)
+    lines = [
+        f"memory per GPU (world={world_size}, tp={par.tp}, pp={par.pp}, zero={par.zero_stage}, {train.precision}, "
+        f"seq {seq_len} x micro-batch {micro}):"
+    ]
+    for e in estimate(config, parameter_groups(config.model), world_size, seq_len * micro):
+        ckpt = train.activation_checkpointing and e.activations_ckpt is not None
+        activations = e.activations_ckpt if ckpt else e.activations
+        lines.append(
+            f"  stage {e.stage}: {(e.states + activations) / GIB:.2f} GiB = weights {e.weights / GIB:.3f}  "
+            f"grads {e.grads / GIB:.3f}  optimizer {e.optimizer / GIB:.3f}  activations ~{activations / GIB:.3f}"
+            + (" (checkpointed)" if ckpt else "")
+        )
+    return lines
+
+
+def describe(config: Config, world_size: int = 1, seq_len: int = 4096) -> str:
+    """The text `hrm-mega info` prints (seq_len: the LM's tokens per row for its memory estimate)."""
     if config.model.family == "hrm_gemma":
-        return describe_lm(config)
+        return describe_lm(config, world_size, seq_len)
     c = config.model
     counts = count_parameters(build_on_meta(c))
     flops = segment_flops(c)

@@ -30,9 +30,7 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from hrm_mega.data.shards import ShardInfo, ShardWriter, write_manifest
+from hrm_mega.data.shards import TOKENIZER_FILE, ShardInfo, ShardWriter, write_manifest
 from hrm_mega.prep.common import (
     DataPrepError,
     add_common_arguments,
@@ -56,7 +54,6 @@ from hrm_mega.prep.common import (
 
 TASK = "text"
 BUILDER_VERSION = "1"
-TOKENIZER_FILE = "tokenizer.model"
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3  # Gemma's layout of the special pieces
 DEFAULT_TEST_FRACTION = 0.1
 _TRAINER_THREADS = 4  # the trained model depends on SentencePiece's thread count: fixed, not --workers
@@ -371,9 +368,9 @@ def run(args: argparse.Namespace, command: str) -> Path:
         tokenizer_sha256=hashlib.sha256(model).hexdigest(),
         packing="next-fit/bos-eos",
     )
-    return write_text_manifest(
+    return write_manifest(
         args.out,
-        {"tokenizer": TOKENIZER_FILE, "bos_id": ids["bos"], "eos_id": ids["eos"]},
+        top_level={"tokenizer": TOKENIZER_FILE, "bos_id": ids["bos"], "eos_id": ids["eos"]},
         task=TASK,
         builder_version=BUILDER_VERSION,
         seed=args.seed,
@@ -442,21 +439,6 @@ def split_documents(args: argparse.Namespace) -> dict[str, list[str]]:
             "each split needs at least one (pass --test-input or change the fraction)"
         )
     return {split: [train[i] for i in rows[split].tolist()] for split in ("train", "test")}
-
-
-def write_text_manifest(out_dir: Path, fields: dict[str, Any], **manifest: Any) -> Path:
-    """write_manifest plus top-level text fields (tokenizer, bos_id, eos_id), published atomically.
-
-    write_manifest has no parameter for task-specific top-level fields, so the manifest is staged in a
-    temporary directory, completed, and moved into place: a half-built dataset still has no manifest.
-    """
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".manifest-") as staging:
-        staged = write_manifest(staging, **manifest)
-        content = {**json.loads(staged.read_text()), **fields}
-        staged.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        path = out_dir / "manifest.json"
-        os.replace(staged, path)
-    return path
 
 
 def _counted(order: Sequence[int], bar: Any) -> Iterator[int]:

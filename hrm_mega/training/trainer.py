@@ -16,11 +16,18 @@ from typing import Any, NoReturn
 
 import torch
 
-from hrm_mega.checkpoint.atomic import CheckpointManager, read_client_state, resolve_resume, tag_for
+from hrm_mega.checkpoint.atomic import (
+    CheckpointManager,
+    pick_intact,
+    read_client_state,
+    resolve_resume,
+    tag_for,
+)
 from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.config.run import changed_fields
+from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything
 from hrm_mega.optim import EMA, AdamATan2, lr_at
@@ -106,8 +113,11 @@ class Trainer:
         self.manifest = task.read_data()
         # The checkpoint to resume from, checked against this config before any engine starts.
         self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
-        start = resolve_resume(resume, self.checkpoints)
-        self.resume_notes: list[str] = []  # what changed since the checkpoint, printed with the summary
+        candidates = resolve_resume(resume, self.checkpoints)
+        chosen = pick_intact(candidates, explicit=resume not in (None, "auto", "none"))
+        start = chosen.path if chosen is not None else None
+        # What changed since the checkpoint (and damaged ones passed over), printed with the summary.
+        self.resume_notes: list[str] = [f"  {note}" for note in chosen.notes] if chosen is not None else []
         saved = self.check_resume(start) if start is not None else None
         seed_everything(config.train.seed)
         self.model = task.build_model(self)
@@ -120,8 +130,8 @@ class Trainer:
         task.setup(self)
         self.ema = EMA(self.model, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         self.stream = task.build_stream(self)
-        if start is not None and saved is not None:
-            self.load_checkpoint(start, *saved)
+        if chosen is not None and saved is not None:
+            self.load_checkpoint(chosen.path, *saved, layout_free=chosen.layout_free)
         if self.world.rank == 0:
             save_resolved(config, self.run_dir / "config.yaml")
         self.logger = MetricsLogger(config, self.run_dir, self.world.rank, config.train.steps, self.step)
@@ -283,7 +293,9 @@ class Trainer:
                 self.ema.shadow if self.ema is not None else None,
             )  # fmt: skip
 
-        path = self.checkpoints.save(self.engine, self.step, client, tensors, write_universal)
+        tokenizer = Path(self.config.data.path) / TOKENIZER_FILE  # text datasets: generate and export need it
+        files = {TOKENIZER_FILE: tokenizer} if tokenizer.is_file() else {}
+        path = self.checkpoints.save(self.engine, self.step, client, tensors, write_universal, files)
         self.logger.print(f"saved checkpoint {path}")
         return path
 
@@ -323,13 +335,17 @@ class Trainer:
             self.resume_notes.append("  train.allow_data_change=true: the new data is read from its start")
         return first, not reasons
 
-    def load_checkpoint(self, path: Path, first: dict[str, Any], same_data: bool) -> None:
+    def load_checkpoint(
+        self, path: Path, first: dict[str, Any], same_data: bool, layout_free: bool = False
+    ) -> None:
         """Resumes from `path`: with DeepSpeed's own files when the layout (ranks, tp, pp, ZeRO stage) is
         the saved one, from the layout-free copy (checkpoint/universal.py) otherwise."""
         saved = first["config"]["parallel"]
         par = self.config.parallel
-        same_layout = first["world_size"] == self.world.world_size and all(
-            saved[k] == getattr(par, k) for k in ("tp", "pp", "zero_stage")
+        same_layout = (
+            not layout_free
+            and first["world_size"] == self.world.world_size
+            and all(saved[k] == getattr(par, k) for k in ("tp", "pp", "zero_stage"))
         )
         if same_layout:
             client, tensors = self.checkpoints.load(self.engine, path)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hrm_mega.config import ConfigError
+from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.distributed import all_reduce_sums
 from hrm_mega.inference.generate import generate, left_pad
 from hrm_mega.rl.prompts import ArithmeticPrompts
@@ -47,7 +48,7 @@ class ArithmeticEnvironment(Environment):
     def read_data(self, manifest: dict[str, Any]) -> None:
         """The dataset's tokenizer (load_config has checked that there is one)."""
         c = self.config
-        tokenizer = Path(c.data.path) / "tokenizer.model"
+        tokenizer = Path(c.data.path) / TOKENIZER_FILE
         import sentencepiece as spm
 
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))
