@@ -117,3 +117,20 @@ def test_a_damaged_hugging_face_export_is_one_line_when_imported(tmp_path, damag
         assert "\n" not in message and re.search(re.escape(str(copy)) + r".*" + re.escape(name), message), (
             message
         )
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_dataset_tokenizer_is_one_line_naming_it(tiny_text, tmp_path, damage):
+    """`prep text` records the tokenizer's sha256 in the manifest; what reads the dataset's tokenizer (a
+    training run copying it into checkpoints, LM RL, generate and export without a copy of their own)
+    checks it."""
+    from hrm_mega.data.shards import dataset_tokenizer
+
+    assert dataset_tokenizer(tiny_text) == tiny_text / "tokenizer.model"
+    copy = shutil.copytree(tiny_text, tmp_path / "text")
+    DAMAGES[damage](copy / "tokenizer.model")
+    with pytest.raises(DataFormatError) as error:
+        dataset_tokenizer(copy)
+    assert str(error.value) == (
+        f"{copy / 'tokenizer.model'} is damaged: its sha256 differs from the one manifest.json recorded"
+    )

@@ -257,8 +257,12 @@ def test_a_damaged_latest_checkpoint_resumes_from_an_intact_one(world_of_one, ti
     def continued(name: str, resume: str, damage=()) -> tuple[int, list[tuple], str]:
         run_dir = tmp_path / name
         shutil.copytree(base, run_dir)
-        for relative in damage:
-            flip_a_bit(run_dir / "checkpoints" / relative)
+        for relative in damage:  # "!" in front: truncated, else one bit flipped
+            path = run_dir / "checkpoints" / relative.lstrip("!")
+            if relative.startswith("!"):
+                path.write_bytes(path.read_bytes()[:-7])
+            else:
+                flip_a_bit(path)
         cfg = config(
             "hrm_sudoku_tiny.yaml",
             run_dir,
@@ -286,9 +290,9 @@ def test_a_damaged_latest_checkpoint_resumes_from_an_intact_one(world_of_one, ti
     assert start == 4 and "resuming from its layout-free copy universal/" in out
     assert records == continued("from_4", "auto")[1]
     # nothing intact: one line
-    both = ["step-00000004/client/rank-00000.json", "step-00000002/universal/tp00-pp00.safetensors"]
+    both = ["!step-00000004/client/rank-00000.json", "step-00000002/universal/tp00-pp00.safetensors"]
     with pytest.raises(CheckpointError, match=r"^no intact checkpoint to resume: \S+step-00000004 is damaged \(client/"
-                       r"rank-00000\.json: .*\) \| \S+step-00000002 is damaged \(universal/tp00-pp00\.safetensors: .*"
+                       r"rank-00000\.json: \d+ bytes, \d+ when written\) \| \S+step-00000002 is damaged \(universal/tp00-pp00\.safetensors: .*"
                        r"restore a copy, or start over with --resume none$") as error:  # fmt: skip
         continued("none", "auto", both)
     assert "\n" not in str(error.value)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from hrm_mega.checkpoint.integrity import damaged_files, write_checksums
 from hrm_mega.config import Config, ConfigError, load_config, save_resolved
-from hrm_mega.data.shards import TOKENIZER_FILE
+from hrm_mega.data.shards import TOKENIZER_FILE, dataset_tokenizer
 from hrm_mega.models import build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
@@ -86,10 +86,15 @@ def tokenizer_for(checkpoint: str | Path, config: Config) -> Path | None:
     models, or when neither exists."""
     if config.model.family != "hrm_gemma":
         return None
-    candidates = [Path(checkpoint) / TOKENIZER_FILE]
-    if config.data.path:
-        candidates.append(Path(config.data.path) / TOKENIZER_FILE)
-    return next((c for c in candidates if c.is_file()), None)
+    own = Path(checkpoint) / TOKENIZER_FILE
+    if own.is_file():
+        return own
+    if not config.data.path:
+        return None
+    data = Path(config.data.path)
+    if (data / "manifest.json").is_file():
+        return dataset_tokenizer(data)  # checked against the sha256 the manifest recorded
+    return data / TOKENIZER_FILE if (data / TOKENIZER_FILE).is_file() else None
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

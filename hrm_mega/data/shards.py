@@ -223,3 +223,16 @@ def verify_shards(data_dir: str | Path, split: str) -> None:
     for entry, path in zip(manifest["splits"][split]["shards"], paths):
         if sha256_file(path) != entry["sha256"]:
             raise DataFormatError(f"{path}: sha256 does not match manifest.json (corrupt or modified shard)")
+
+
+def dataset_tokenizer(data_dir: str | Path, manifest: dict[str, Any] | None = None) -> Path | None:
+    """data_dir/tokenizer.model, checked against the sha256 that `prep text` recorded in the manifest
+    (extra.tokenizer_sha256); None when the dataset has no tokenizer."""
+    path = Path(data_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    manifest = manifest if manifest is not None else read_manifest(data_dir)
+    expected = manifest.get("extra", {}).get("tokenizer_sha256")
+    if expected and sha256_file(path) != expected:
+        raise DataFormatError(f"{path} is damaged: its sha256 differs from the one manifest.json recorded")
+    return path

@@ -27,7 +27,7 @@ from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
 from hrm_mega.config import Config, ConfigError, save_resolved
 from hrm_mega.config.run import changed_fields
-from hrm_mega.data.shards import TOKENIZER_FILE
+from hrm_mega.data.shards import TOKENIZER_FILE, dataset_tokenizer
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything
 from hrm_mega.optim import EMA, AdamATan2, lr_at
@@ -111,6 +111,9 @@ class Trainer:
         self.run_dir = Path(config.log.out_dir)
         self.world = ds.setup_distributed(config)
         self.manifest = task.read_data()
+        self.tokenizer = dataset_tokenizer(
+            config.data.path, self.manifest
+        )  # text data: travels in checkpoints
         # The checkpoint to resume from, checked against this config before any engine starts.
         self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
         candidates = resolve_resume(resume, self.checkpoints)
@@ -293,8 +296,7 @@ class Trainer:
                 self.ema.shadow if self.ema is not None else None,
             )  # fmt: skip
 
-        tokenizer = Path(self.config.data.path) / TOKENIZER_FILE  # text datasets: generate and export need it
-        files = {TOKENIZER_FILE: tokenizer} if tokenizer.is_file() else {}
+        files = {TOKENIZER_FILE: self.tokenizer} if self.tokenizer is not None else {}
         path = self.checkpoints.save(self.engine, self.step, client, tensors, write_universal, files)
         self.logger.print(f"saved checkpoint {path}")
         return path

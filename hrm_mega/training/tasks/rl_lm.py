@@ -13,13 +13,12 @@ accuracy, the answer-format rate and the mean H cycles per generated token.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hrm_mega.config import ConfigError
-from hrm_mega.data.shards import TOKENIZER_FILE
+from hrm_mega.data.shards import dataset_tokenizer
 from hrm_mega.distributed import all_reduce_sums
 from hrm_mega.inference.generate import generate, left_pad
 from hrm_mega.rl.prompts import ArithmeticPrompts
@@ -48,7 +47,7 @@ class ArithmeticEnvironment(Environment):
     def read_data(self, manifest: dict[str, Any]) -> None:
         """The dataset's tokenizer (load_config has checked that there is one)."""
         c = self.config
-        tokenizer = Path(c.data.path) / TOKENIZER_FILE
+        tokenizer = dataset_tokenizer(c.data.path, manifest)
         import sentencepiece as spm
 
         self.tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))
