@@ -117,6 +117,14 @@ def test_a_damaged_hugging_face_export_is_one_line_when_imported(tmp_path, damag
         assert "\n" not in message and re.search(re.escape(str(copy)) + r".*" + re.escape(name), message), (
             message
         )
+    # a third-party directory (no checksums.json): its truncated weights are still one line naming the file
+    third_party = shutil.copytree(export, tmp_path / "third-party")
+    (third_party / "checksums.json").unlink()
+    truncate(third_party / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(third_party / 'model.safetensors'))}: not a readable"
+    ):
+        import_hf(third_party, tmp_path / "out-third-party")
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
