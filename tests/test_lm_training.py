@@ -158,3 +158,37 @@ def test_init_from_copies_weights_strictly_and_allows_more_cycles(tmp_path: Path
     )
     with pytest.raises(ConfigError, match="holds a hrm_gemma model; this recipe is model.family=puzzle"):
         load_init_weights(build_model(puzzle.model).init_weights(seed=0), puzzle)
+
+
+@pytest.mark.slow
+def test_a_two_source_mixture_trains_evaluates_per_source_and_resumes_at_dp2(
+    tiny_text: Path, tmp_path: Path
+) -> None:
+    """data.sources with weights 3:1 (the tiny corpus and a copy of it): per-source sample and token
+    counters and held-out losses are logged; resumed at DP=2 from DP=1's step-2 checkpoint (the merged
+    loader state), steps 3-4 log DP=1's losses."""
+    import shutil
+
+    other = shutil.copytree(tiny_text, tmp_path / "other")
+    mix = f"data.sources=[{{path: '{tiny_text}', weight: 3, name: main}}, {{path: '{other}', weight: 1}}]"
+    common = [mix, "train.steps=4", "train.checkpoint_interval=2", "train.cycles_range=[]"]
+    one = tmp_path / "dp1"
+    run_ok(lm_cmd(one, tiny_text, *common))
+    logged = records(one)
+    final = logged[-1]
+    for name in ("main", "other"):
+        assert final[f"eval/{name}/loss"] > 0 and f"eval/{name}/mean_cycles" in final
+    steps = [r for r in logged if "loss" in r]
+    assert steps[-1]["data/main/samples"] + steps[-1]["data/other/samples"] == 4 * 4
+    assert (
+        steps[-1]["data/main/samples"] > steps[-1]["data/other/samples"]
+        and steps[-1]["data/other/tokens"] > 0
+    )
+    two = tmp_path / "dp2"
+    shutil.copytree(one / "checkpoints", two / "checkpoints", ignore=shutil.ignore_patterns("step-00000004"))
+    (two / "checkpoints/latest").write_text("step-00000002")
+    run_ok(lm_cmd(two, tiny_text, *common, nproc=2))
+    resumed = losses(two)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(losses(one)[step], rel=1e-5), step

@@ -20,7 +20,15 @@ from hrm_mega.config.model import (
 )
 from hrm_mega.config.run import Config, config_from_dict, load_config, read_config, save_resolved
 from hrm_mega.config.schema import ConfigError
-from hrm_mega.config.sections import DataConfig, LogConfig, OptimConfig, ParallelConfig, RLConfig, TrainConfig
+from hrm_mega.config.sections import (
+    DataConfig,
+    DataSource,
+    LogConfig,
+    OptimConfig,
+    ParallelConfig,
+    RLConfig,
+    TrainConfig,
+)
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -29,6 +37,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DataSource",
     "LMModelConfig",
     "Layout",
     "LogConfig",

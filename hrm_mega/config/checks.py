@@ -123,7 +123,41 @@ def check_run(c: Config, command: Command) -> None:
         check_rl(c)
     elif c.data.augment and isinstance(c.model, LMModelConfig):
         raise ConfigError("data.augment=true does not apply to text data; set data.augment=false")
+    if c.data.sources:
+        check_sources(c, command)
     check_manifest(c, command)
+
+
+def check_sources(c: Config, command: Command) -> None:
+    """A mixture: language-model training only; every source a text dataset with the first source's
+    sequence length and tokenizer, holding a sample per partition."""
+    if not isinstance(c.model, LMModelConfig) or command != "train":
+        raise ConfigError("data.sources (a weighted mixture) is for language-model training; use data.path")
+    first = None
+    for i, s in enumerate(c.data.sources):
+        where = f"data.sources[{i}] ({s.name}: {s.path})"
+        manifest = read_manifest_json(s.path)
+        if manifest is None:
+            raise ConfigError(f"{where}: no manifest.json there; build it with `hrm-mega prep text`")
+        if manifest.get("task") != "text":
+            raise ConfigError(
+                f"{where} holds {manifest.get('task')!r} data; a mixture's sources are text datasets"
+            )
+        identity = (manifest.get("seq_len"), manifest.get("extra", {}).get("tokenizer_sha256"))
+        if first is None:
+            first = identity
+        elif identity[0] != first[0]:
+            raise ConfigError(f"{where}: seq_len {identity[0]} differs from data.sources[0]'s {first[0]}")
+        elif identity[1] != first[1]:
+            raise ConfigError(
+                f"{where}: its tokenizer differs from data.sources[0]'s (tokenizer_sha256); a mixture "
+                "has one tokenizer: build every source with `hrm-mega prep text --tokenizer` of the first"
+            )
+        samples = int(manifest.get("splits", {}).get(c.data.train_split, {}).get("num_samples", 0))
+        if samples < c.data.partitions:
+            raise ConfigError(
+                f"{where}: data.partitions={c.data.partitions} exceeds its {samples} {c.data.train_split} samples"
+            )
 
 
 def check_rl(c: Config) -> None:

@@ -39,7 +39,11 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [v for v in str(value).split(",") if v]
         (item_type,) = typing.get_args(hint)[:1]
-        return [_coerce(v, item_type, dotted) for v in value]
+        return [_coerce(v, item_type, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):  # a list of sections, e.g. data.sources
+        if isinstance(value, hint):
+            return value
+        return build(hint, value, dotted)
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is bool:

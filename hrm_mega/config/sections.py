@@ -3,7 +3,9 @@ and RL post-training. Each validates its own fields; checks across sections live
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from hrm_mega.config.schema import ConfigError, positive
@@ -68,8 +70,20 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a weighted mixture (data.sources)."""
+
+    path: str = ""  # dataset directory with manifest.json
+    weight: float = 1.0  # share of the samples, relative to the other sources' weights
+    name: str = ""  # in metrics (data/NAME/..., eval/NAME/...); default: the directory's name
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # dataset directory with manifest.json (see docs/data_format.md)
+    # A weighted mixture of text datasets instead of one (language models; docs/data.md). data.path is then
+    # set to the first source's (its tokenizer and vocabulary are the run's).
+    sources: list[DataSource] = field(default_factory=list)
     train_split: str = "train"
     eval_split: str = "test"
     partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
@@ -82,6 +96,25 @@ class DataConfig:
         positive(self, "data", "partitions")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.sources:
+            self._validate_sources()
+
+    def _validate_sources(self) -> None:
+        names = []
+        for i, s in enumerate(self.sources):
+            if not s.path:
+                raise ConfigError(f"data.sources[{i}].path is empty")
+            if not math.isfinite(s.weight) or s.weight < 0:
+                raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a number >= 0")
+            s.name = s.name or Path(s.path.rstrip("/")).name
+            if s.name in names:
+                raise ConfigError(
+                    f"data.sources[{i}].name={s.name!r} repeats an earlier source's; name them apart"
+                )
+            names.append(s.name)
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: the weights sum to 0; give at least one source a weight > 0")
+        self.path = self.sources[0].path  # the sources win over a recipe's data.path
 
 
 @dataclass

@@ -25,10 +25,9 @@ from hrm_mega.checkpoint.atomic import (
 )
 from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.checkpoint.universal import UNIVERSAL, load_universal, save_universal
-from hrm_mega.config import Config, ConfigError, save_resolved
+from hrm_mega.config import Config, ConfigError, DataConfig, save_resolved
 from hrm_mega.config.run import changed_fields
-from hrm_mega.data.shards import TOKENIZER_FILE, dataset_tokenizer
-from hrm_mega.data.stream import SampleStream
+from hrm_mega.data.shards import TOKENIZER_FILE, dataset_tokenizer, read_manifest
 from hrm_mega.distributed import all_reduce, all_reduce_sums, seed_everything
 from hrm_mega.optim import EMA, AdamATan2, lr_at
 from hrm_mega.training import engine as ds
@@ -285,7 +284,7 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world_size": self.world.world_size,
             "config": self.config.to_dict(),
-            "data_fingerprint": data_fingerprint(self.manifest, self.config.data.train_split),
+            "data_fingerprint": data_fingerprint(self.config.data, self.manifest),
             **extra_client,
         }
 
@@ -318,7 +317,7 @@ class Trainer:
             if c[0] != "train.allow_data_change"
         ]
         saved_print = first.get("data_fingerprint")  # absent in checkpoints from before it was recorded
-        same_shards = saved_print == data_fingerprint(self.manifest, self.config.data.train_split)
+        same_shards = saved_print == data_fingerprint(self.config.data, self.manifest)
         reasons = [f"{name} {old!r} -> {new!r}" for name, old, new in changes if name in DATA_ORDER_FIELDS]
         if same_shards and len(reasons) == 1 and reasons[0].startswith("data.path "):
             reasons = []  # the same shards, moved
@@ -389,7 +388,7 @@ class Trainer:
             return read_client_state(path, self.world.dp_rank * saved["tp"])
         streams = [read_client_state(path, r)[0]["stream"] for r in range(0, world, saved["tp"])]
         _, tensors = read_client_state(path, 0)
-        return {**first, "stream": SampleStream.merge_state_dicts(streams)}, tensors
+        return {**first, "stream": type(self.stream).merge_state_dicts(streams)}, tensors
 
     def summary(self, resumed_from: Path | None) -> str:
         c, w = self.config, self.world
@@ -416,7 +415,8 @@ def build_trainer(config: Config, resume: str | None = "auto", rl: bool = False)
 
 def reduce_progress(progress: dict[str, float | int], dp_size: int) -> dict[str, float]:
     out = all_reduce_sums(dict(progress))
-    out["epoch"] = out["epoch"] / dp_size  # each rank's fraction of its own partitions
+    for key in [k for k in out if k.split("/")[-1] == "epoch"]:
+        out[key] = out[key] / dp_size  # each rank's fraction of its own partitions
     return {f"data/{k}": v for k, v in out.items()}
 
 
@@ -424,6 +424,7 @@ def reduce_progress(progress: dict[str, float | int], dp_size: int) -> dict[str,
 # saved position only when they (and the train shards) are the checkpoint's.
 DATA_ORDER_FIELDS = (
     "data.path",
+    "data.sources",
     "data.train_split",
     "data.partitions",
     "data.shuffle_buffer",
@@ -431,7 +432,9 @@ DATA_ORDER_FIELDS = (
 )
 
 
-def data_fingerprint(manifest: dict[str, Any], split: str) -> str:
-    """The identity of a split's shards (names, sample counts and sha256 from the manifest)."""
-    shards = manifest["splits"][split]["shards"]
+def data_fingerprint(data: DataConfig, manifest: dict[str, Any]) -> str:
+    """The identity of the train split's shards (names, sample counts and sha256 from the manifest): of
+    data.path, or of every source of a mixture."""
+    manifests = [read_manifest(s.path) for s in data.sources] if data.sources else [manifest]
+    shards = [m["splits"][data.train_split]["shards"] for m in manifests]
     return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()

@@ -23,6 +23,7 @@ the uninterrupted one would have.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
+from hrm_mega.data.mixture import MixtureStream, Source
+from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
@@ -199,15 +202,49 @@ class LMTask(Task):
     # --- evaluation ------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def build_stream(self, trainer: Trainer) -> Any:
+        """A SampleStream over data.path, or a MixtureStream over data.sources (each source a SampleStream
+        of its own, seeded apart)."""
+        d, t, w = self.config.data, self.config.train, trainer.world
+        if not d.sources:
+            return super().build_stream(trainer)
+        sources = [
+            Source(
+                s.name,
+                s.weight,
+                SampleStream(
+                    s.path,
+                    d.train_split,
+                    seed=t.seed + 1000 * i,
+                    global_batch=t.global_batch,
+                    partitions=d.partitions,
+                    dp_rank=w.dp_rank,
+                    dp_size=w.dp_size,
+                    num_workers=d.num_workers,
+                    shuffle_buffer=d.shuffle_buffer,
+                    corrupt_policy=d.corrupt_policy,
+                ),
+            )  # fmt: skip
+            for i, s in enumerate(d.sources)
+        ]
+        return MixtureStream(
+            sources, seed=t.seed, global_batch=t.global_batch, dp_rank=w.dp_rank, dp_size=w.dp_size
+        )
+
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Token-level loss and perplexity on the eval split (every rank takes its share), and the
-        expected cycles the halting heads would spend."""
+        expected cycles the halting heads would spend; for a mixture, on every source's eval split too
+        (eval/NAME/...; eval/... is the first source's)."""
         pipeline = (trainer.engine, self.pipeline_loss) if self.pipeline else None
         results = evaluate_lm(trainer.model, self.config, trainer.world, trainer.ema, pipeline=pipeline)
         results = {f"eval/{k}": v for k, v in results.items()}
         baseline = trainer.manifest.get("extra", {}).get("unigram_entropy_nats")
         if baseline is not None:
             results["eval/unigram_baseline"] = float(baseline)
+        for source in self.config.data.sources:
+            config = replace(self.config, data=replace(self.config.data, path=source.path))
+            own = evaluate_lm(trainer.model, config, trainer.world, trainer.ema, pipeline=pipeline)
+            results |= {f"eval/{source.name}/{k}": v for k, v in own.items()}
         return results
 
     def summary_lines(self, trainer: Trainer) -> list[str]:

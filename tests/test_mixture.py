@@ -1,0 +1,124 @@
+"""Weighted mixtures (data.sources): realised proportions, DP invariance, exact resume, config errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_stream import build
+
+from hrm_mega.config import ConfigError, load_config
+from hrm_mega.data.mixture import MixtureStream, Source
+from hrm_mega.data.shards import manifest_digest
+from hrm_mega.data.stream import SampleStream
+from hrm_mega.resources import recipe
+
+WEIGHTS = {"a": 0.6, "b": 0.3, "c": 0.1}
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> dict[str, Path]:
+    """Three puzzle-shaped datasets (the mixture does not look inside samples): 69, 40 and 24 samples."""
+    root = tmp_path_factory.mktemp("mixture")
+    sizes = {"a": [7, 11, 5, 9, 13, 6, 8, 10], "b": [10, 10, 10, 10], "c": [6, 6, 6, 6]}
+    return {name: build(root / name, s) for name, s in sizes.items()}
+
+
+def mixture(three, *, batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 5, workers: int = 0):
+    sources = [
+        Source(name, WEIGHTS[name], SampleStream(path, seed=seed + i, global_batch=batch, partitions=4,
+                                                 dp_rank=dp_rank, dp_size=dp_size, shuffle_buffer=6, num_workers=workers))
+        for i, (name, path) in enumerate(three.items())
+    ]  # fmt: skip
+    return MixtureStream(sources, seed=seed, global_batch=batch, dp_rank=dp_rank, dp_size=dp_size)
+
+
+def global_rows(streams, steps: int) -> list[list[tuple[int, int]]]:
+    """Per step, (source, sample_id) of every global row, the ranks' local batches in rank order."""
+    out = []
+    for _ in range(steps):
+        step = []
+        for s in streams:
+            batch = s.take(range(s.local_batch))
+            step += list(zip(batch["source"].tolist(), batch["sample_id"].tolist()))
+        out.append(step)
+    return out
+
+
+def test_realised_proportions_follow_the_weights_within_a_point(three):
+    stream = mixture(three, batch=64)
+    counts = np.zeros(3)
+    for step in global_rows([stream], 313):  # 20,032 samples
+        for source, _ in step:
+            counts[source] += 1
+    shares = counts / counts.sum()
+    assert np.abs(shares - np.array(list(WEIGHTS.values()))).max() < 0.01, shares
+    # a step's rows are spread over the sources too, not one source per step
+    first = [source for source, _ in global_rows([mixture(three, batch=64)], 1)[0]]
+    assert sorted(set(first)) == [0, 1, 2] and abs(first.count(0) - 38) <= 2
+    assert stream.progress["a/samples"] + stream.progress["b/samples"] + stream.progress["c/samples"] == 20032
+    stream.close()
+
+
+def test_dp1_and_dp2_read_the_same_rows_and_resume_exactly(three):
+    one = mixture(three, batch=8)
+    two = [mixture(three, batch=8, dp_rank=r, dp_size=2) for r in range(2)]
+    assert global_rows([one], 12) == global_rows(two, 12)
+    # a DP=2 state merged and loaded at DP=1 (and the DP=1 state at DP=2) continues like the uninterrupted run
+    state_two = MixtureStream.merge_state_dicts([json.loads(json.dumps(s.state_dict())) for s in two])
+    state_one = json.loads(json.dumps(one.state_dict()))
+    expected = global_rows([one], 6)
+    again = mixture(three, batch=8)
+    again.load_state_dict(state_two)
+    assert global_rows([again], 6) == expected
+    halves = [
+        mixture(three, batch=8, dp_rank=r, dp_size=2, workers=1) for r in range(2)
+    ]  # with a loader worker
+    for h in halves:
+        h.load_state_dict(state_one)
+    assert global_rows(halves, 6) == expected
+    for s in [one, *two, again, *halves]:
+        s.close()
+
+
+def text_source(tmp_path: Path, tiny_text: Path, name: str, edit=None) -> Path:
+    copy = shutil.copytree(tiny_text, tmp_path / name)
+    if edit is not None:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        edit(manifest)
+        manifest["sha256"] = manifest_digest(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def sources_config(tmp_path, *sources: tuple[Path, float]):
+    listed = "[" + ", ".join(f"{{path: '{p}', weight: {w}}}" for p, w in sources) + "]"
+    return load_config(recipe("lm/hrmgemma_tiny.yaml"), [f"data.sources={listed}", "data.partitions=2",
+                       f"log.out_dir={tmp_path}/run"], world_size=1, command="train")  # fmt: skip
+
+
+def test_a_mixture_config_is_checked_in_one_line_before_training(tmp_path, tiny_text):
+    other = text_source(tmp_path, tiny_text, "other")
+    config = sources_config(tmp_path, (tiny_text, 2), (other, 1))
+    assert config.data.path == str(tiny_text) and [s.name for s in config.data.sources] == ["data", "other"]
+    foreign = text_source(
+        tmp_path, tiny_text, "foreign", lambda m: m["extra"].update(tokenizer_sha256="0" * 64)
+    )
+    cases = [
+        ([(tiny_text, -1), (other, 1)], "data.sources[0].weight=-1.0 must be a number >= 0"),
+        ([(tiny_text, 0), (other, 0)], "data.sources: the weights sum to 0"),
+        ([(tiny_text, 1), (tmp_path / "missing", 1)], "data.sources[1] (missing: "),
+        ([(tiny_text, 1), (foreign, 1)], "data.sources[1] (foreign: "),
+        ([(tiny_text, 1), (tiny_text, 1)], "data.sources[1].name='data' repeats an earlier source's"),
+    ]
+    for sources, message in cases:
+        with pytest.raises(ConfigError) as error:
+            sources_config(tmp_path, *sources)
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    with pytest.raises(ConfigError, match="no manifest.json there"):
+        sources_config(tmp_path, (tiny_text, 1), (tmp_path / "missing", 1))
+    with pytest.raises(ConfigError, match="its tokenizer differs from data.sources\\[0\\]'s"):
+        sources_config(tmp_path, (tiny_text, 1), (foreign, 1))
