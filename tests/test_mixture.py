@@ -122,3 +122,67 @@ def test_a_mixture_config_is_checked_in_one_line_before_training(tmp_path, tiny_
         sources_config(tmp_path, (tiny_text, 1), (tmp_path / "missing", 1))
     with pytest.raises(ConfigError, match="its tokenizer differs from data.sources\\[0\\]'s"):
         sources_config(tmp_path, (tiny_text, 1), (foreign, 1))
+
+
+def test_a_curriculum_switches_or_anneals_and_resumes_across_its_boundary(three):
+    """Stage 0 (steps 0-9): a only; stage 1 (10-19): b only; stage 2 (20-): linear from b-only to c-only
+    over steps 20-39. A state saved before the first boundary resumes into it exactly, with a worker."""
+    from hrm_mega.data.mixture import Stage, weights_at
+
+    stages = [Stage(10, (1.0, 0.0, 0.0)), Stage(20, (0.0, 1.0, 0.0)), Stage(40, (0.0, 0.0, 1.0), linear=True)]
+    assert weights_at(stages, 9).tolist() == [1, 0, 0] and weights_at(stages, 10).tolist() == [0, 1, 0]
+    assert weights_at(stages, 30).tolist() == pytest.approx([0, 0.5, 0.5])
+    assert weights_at(stages, 99).tolist() == [0, 0, 1]  # past the last stage: its weights
+
+    def run(stream, steps):
+        return global_rows([stream], steps)
+
+    def make(workers=0):
+        m = mixture(three, batch=16, workers=workers)
+        m.stages = stages
+        return m
+
+    whole = run(make(), 40)
+    assert {s for step in whole[:10] for s, _ in step} == {0} and {
+        s for step in whole[10:20] for s, _ in step
+    } == {1}
+    annealed = [source for step in whole[20:40] for source, _ in step]
+    assert abs(annealed.count(2) / len(annealed) - 0.5) < 0.05  # the mean of a linear ramp
+    early = sum(s == 2 for step in whole[20:25] for s, _ in step)
+    late = sum(s == 2 for step in whole[35:40] for s, _ in step)
+    assert early < late
+    before = make()
+    run(before, 8)
+    state = json.loads(json.dumps(before.state_dict()))
+    after = make(workers=1)
+    after.load_state_dict(state)
+    assert run(after, 6) == whole[8:14]  # steps 8-13, across the switch at 10
+    before.close()
+    after.close()
+
+
+def test_curriculum_config_errors_are_one_line(tmp_path, tiny_text):
+    other = text_source(tmp_path, tiny_text, "other")
+    base = f"data.sources=[{{path: '{tiny_text}'}}, {{path: '{other}'}}]"
+    cases = [
+        ("data.curriculum=[{until_step: 10, weights: {data: 1}}, {until_step: 5, weights: {other: 1}}]",
+         "data.curriculum[1].until_step=5 must be above the previous stage's 10"),
+        ("data.curriculum=[{until_step: 10, weights: {web: 1}}]", "data.curriculum[0].weights names 'web', not a source"),
+        ("data.curriculum=[{until_step: 10, weights: {data: 0}}]", "data.curriculum[0].weights must be numbers >= 0"),
+        ("data.curriculum=[{until_step: 10, weights: {data: 1}, anneal: linear}]",
+         "data.curriculum[0].anneal=linear needs a stage before it"),
+    ]  # fmt: skip
+    for curriculum, message in cases:
+        with pytest.raises(ConfigError) as error:
+            load_config(recipe("lm/hrmgemma_tiny.yaml"), [base, curriculum])
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    with pytest.raises(ConfigError, match="data.curriculum needs data.sources"):
+        load_config(recipe("lm/hrmgemma_tiny.yaml"), ["data.curriculum=[{until_step: 10, weights: {a: 1}}]"])
+    config = load_config(
+        recipe("lm/hrmgemma_tiny.yaml"),
+        [
+            base,
+            "data.curriculum=[{until_step: 4, weights: {data: 1}}, {weights: {other: 1}, anneal: linear}]",
+        ],
+    )
+    assert [s.until_step for s in config.data.curriculum] == [4, 0]

@@ -79,11 +79,22 @@ class DataSource:
 
 
 @dataclass
+class CurriculumStage:
+    """Source weights up to a step (data.curriculum): a stage holds for the steps before `until_step`."""
+
+    until_step: int = 0  # 0: to the end of the run (the last stage only)
+    weights: dict[str, float] = field(default_factory=dict)  # source name -> weight; unnamed sources get 0
+    anneal: Literal["switch", "linear"] = "switch"  # linear: from the previous stage's weights to these
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # dataset directory with manifest.json (see docs/data_format.md)
     # A weighted mixture of text datasets instead of one (language models; docs/data.md). data.path is then
     # set to the first source's (its tokenizer and vocabulary are the run's).
     sources: list[DataSource] = field(default_factory=list)
+    # Stages of source weights over the steps, in place of the sources' own weights (docs/data.md).
+    curriculum: list[CurriculumStage] = field(default_factory=list)
     train_split: str = "train"
     eval_split: str = "test"
     partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
@@ -98,6 +109,8 @@ class DataConfig:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
         if self.sources:
             self._validate_sources()
+        elif self.curriculum:
+            raise ConfigError("data.curriculum needs data.sources (the stages weigh the sources)")
 
     def _validate_sources(self) -> None:
         names = []
@@ -114,6 +127,27 @@ class DataConfig:
             names.append(s.name)
         if sum(s.weight for s in self.sources) <= 0:
             raise ConfigError("data.sources: the weights sum to 0; give at least one source a weight > 0")
+        previous = 0
+        for i, stage in enumerate(self.curriculum):
+            where = f"data.curriculum[{i}]"
+            last = i == len(self.curriculum) - 1
+            if stage.until_step <= previous and not (last and stage.until_step == 0):
+                raise ConfigError(
+                    f"{where}.until_step={stage.until_step} must be above the previous stage's {previous}"
+                )
+            previous = stage.until_step
+            unknown = [n for n in stage.weights if n not in names]
+            if unknown:
+                raise ConfigError(
+                    f"{where}.weights names {unknown[0]!r}, not a source (sources: {', '.join(names)})"
+                )
+            if (
+                any(not math.isfinite(w) or w < 0 for w in stage.weights.values())
+                or sum(stage.weights.values()) <= 0
+            ):
+                raise ConfigError(f"{where}.weights must be numbers >= 0 with a positive sum")
+            if i == 0 and stage.anneal == "linear":
+                raise ConfigError(f"{where}.anneal=linear needs a stage before it to anneal from")
         self.path = self.sources[0].path  # the sources win over a recipe's data.path
 
 

@@ -10,6 +10,11 @@ within a few samples of N x its weight, a step's B rows are spread over the sour
 row's own samples (n = r, r + B, ...) form a Weyl sequence too, so no row is stuck on one source. The
 choice depends on (seed, r, k) alone: identical at any data-parallel size, and a resume needs only each
 row's count k next to the sources' own states.
+
+A curriculum replaces the fixed weights by stages over k (a language model's rows take one sample per
+step, so k is the step): stage i holds below its `until` step, switching at the boundary or annealing
+linearly from the previous stage's weights. Still a function of (seed, r, k): a resume across a stage
+boundary is exact.
 """
 
 from __future__ import annotations
@@ -35,12 +40,34 @@ class Source:
     stream: SampleStream
 
 
+@dataclass(frozen=True)
+class Stage:
+    until: int  # the stage holds for k < until (0: to the end)
+    weights: tuple[float, ...]  # one per source
+    linear: bool = False  # anneal from the previous stage's weights across this stage
+
+
 def source_of(n: np.ndarray, cumulative: np.ndarray, seed: int) -> np.ndarray:
-    """The source index of global sample numbers `n` (int64) for cumulative weights ending at 1."""
+    """The source index of global sample numbers `n` (int64), given each sample's cumulative weights
+    (rows of `cumulative`, each ending at 1)."""
     offset = (seed * GOLDEN) % 1.0
-    # n * GOLDEN in float64 loses the fraction for n beyond 2**52 / 1; mod first keeps it exact enough.
+    # n * GOLDEN in float64 loses the fraction for n beyond 2**52; reducing n first keeps it exact enough.
     u = (offset + (n % (1 << 40)) * GOLDEN) % 1.0
-    return np.minimum(np.searchsorted(cumulative, u, side="right"), len(cumulative) - 1)
+    return np.minimum((cumulative <= u[:, None]).sum(axis=1), cumulative.shape[1] - 1)
+
+
+def weights_at(stages: Sequence[Stage], k: int) -> np.ndarray:
+    """The normalised source weights at step k."""
+    start, previous = 0, None
+    for stage in stages:
+        if stage.until == 0 or k < stage.until:
+            w = np.array(stage.weights, dtype=np.float64)
+            if stage.linear and previous is not None and stage.until:
+                frac = (k - start) / (stage.until - start)
+                w = (1 - frac) * previous + frac * w
+            return w / w.sum()
+        start, previous = stage.until, np.array(stage.weights, dtype=np.float64)
+    return previous / previous.sum()
 
 
 class MixtureStream:
@@ -49,14 +76,15 @@ class MixtureStream:
     row. Every source stream must have this stream's global batch, partitions and DP layout."""
 
     def __init__(
-        self, sources: Sequence[Source], *, seed: int, global_batch: int, dp_rank: int, dp_size: int
-    ):
+        self, sources: Sequence[Source], *, seed: int, global_batch: int, dp_rank: int, dp_size: int,
+        curriculum: Sequence[Stage] = (),
+    ):  # fmt: skip
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         if len(sources) == 0 or not np.all(weights >= 0) or weights.sum() <= 0:
             raise ValueError("a mixture needs sources with non-negative weights that sum to more than 0")
         self.sources = list(sources)
         self.names = [s.name for s in sources]
-        self.cumulative = np.cumsum(weights / weights.sum())
+        self.stages = list(curriculum) or [Stage(0, tuple(weights.tolist()))]
         self.seed, self.global_batch = seed, global_batch
         self.local_batch = global_batch // dp_size
         self.first_row = dp_rank * self.local_batch  # global index of local row 0
@@ -68,8 +96,9 @@ class MixtureStream:
         if len(set(rows)) != len(rows) or any(not 0 <= r < self.local_batch for r in rows):
             raise ValueError(f"take(rows): rows must be distinct and within [0, {self.local_batch})")
         local = np.array(rows, dtype=np.int64)
-        n = self.taken[local] * self.global_batch + self.first_row + local
-        chosen = source_of(n, self.cumulative, self.seed)
+        k = self.taken[local]
+        cumulative = np.stack([np.cumsum(weights_at(self.stages, int(step))) for step in k.tolist()])
+        chosen = source_of(k * self.global_batch + self.first_row + local, cumulative, self.seed)
         self.taken[local] += 1
         parts: dict[int, dict[str, torch.Tensor]] = {}
         for index in np.unique(chosen).tolist():
@@ -115,7 +144,7 @@ class MixtureStream:
         return {
             "format": STATE_FORMAT,
             "names": self.names,
-            "weights": self.cumulative.tolist(),
+            "stages": [[s.until, list(s.weights), s.linear] for s in self.stages],
             "first_row": self.first_row,
             "taken": self.taken.tolist(),
             "tokens": list(self.tokens),

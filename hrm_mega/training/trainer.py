@@ -404,6 +404,12 @@ class Trainer:
             f"  run dir {self.run_dir}; "
             + (f"resumed from {resumed_from} at step {self.step}" if resumed_from else "fresh start"),
         ]
+        o = c.optim
+        if o.warmup_steps >= c.train.steps > self.step:
+            lines.append(
+                f"  note: optim.warmup_steps={o.warmup_steps} >= train.steps={c.train.steps}: the learning rate "
+                f"never reaches optim.lr={o.lr:g}"
+            )
         return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
-from hrm_mega.data.mixture import MixtureStream, Source
+from hrm_mega.data.mixture import MixtureStream, Source, Stage
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
@@ -227,9 +227,15 @@ class LMTask(Task):
             )  # fmt: skip
             for i, s in enumerate(d.sources)
         ]
+        names = [s.name for s in d.sources]
+        stages = [
+            Stage(st.until_step, tuple(st.weights.get(n, 0.0) for n in names), st.anneal == "linear")
+            for st in d.curriculum
+        ]
         return MixtureStream(
-            sources, seed=t.seed, global_batch=t.global_batch, dp_rank=w.dp_rank, dp_size=w.dp_size
-        )
+            sources, seed=t.seed, global_batch=t.global_batch, dp_rank=w.dp_rank, dp_size=w.dp_size,
+            curriculum=stages,
+        )  # fmt: skip
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Token-level loss and perplexity on the eval split (every rank takes its share), and the
