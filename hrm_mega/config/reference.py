@@ -21,6 +21,7 @@ import yaml
 
 from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig
 from hrm_mega.config.sections import (
+    CurriculumStage,
     DataConfig,
     DataSource,
     LogConfig,
@@ -39,6 +40,7 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("parallel", ParallelConfig),
     ("data", DataConfig),
     ("data.sources[i] (each source of a mixture)", DataSource),
+    ("data.curriculum[i] (each stage)", CurriculumStage),
     ("optim", OptimConfig),
     ("train", TrainConfig),
     ("log", LogConfig),
