@@ -165,8 +165,9 @@ def test_a_two_source_mixture_trains_evaluates_per_source_and_resumes_at_dp2(
     tiny_text: Path, tmp_path: Path
 ) -> None:
     """data.sources with weights 3:1 (the tiny corpus and a copy of it): per-source sample and token
-    counters and held-out losses are logged; resumed at DP=2 from DP=1's step-2 checkpoint (the merged
-    loader state), steps 3-4 log DP=1's losses."""
+    counters and held-out losses are logged; resumed at DP=2 with ZeRO-1 from DP=1's step-2 checkpoint
+    (the merged loader state; the Adam moments into ZeRO partitions that have taken no step yet), steps
+    3-4 log DP=1's losses."""
     import shutil
 
     other = shutil.copytree(tiny_text, tmp_path / "other")
@@ -187,7 +188,7 @@ def test_a_two_source_mixture_trains_evaluates_per_source_and_resumes_at_dp2(
     two = tmp_path / "dp2"
     shutil.copytree(one / "checkpoints", two / "checkpoints", ignore=shutil.ignore_patterns("step-00000004"))
     (two / "checkpoints/latest").write_text("step-00000002")
-    run_ok(lm_cmd(two, tiny_text, *common, nproc=2))
+    run_ok(lm_cmd(two, tiny_text, *common, "parallel.zero_stage=1", nproc=2))
     resumed = losses(two)
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):

@@ -191,9 +191,11 @@ def load_universal(
     optimizer: torch.optim.Optimizer,
     tp: tuple[int, int],
     ema_shadow: dict[str, torch.Tensor] | None,
+    zero_optimizer: Any = None,
 ) -> int:
     """Loads weights, Adam moments, buffers and EMA into this rank's module from a checkpoint of any
-    layout; tp = (tp_size, tp_rank). Returns the optimizer step count."""
+    layout; tp = (tp_size, tp_rank). `zero_optimizer`: DeepSpeed's ZeRO-1/2 wrapper around `optimizer`,
+    when there is one. Returns the optimizer step count."""
     saved = UniversalCheckpoint(directory)
     params, buffers = _named_tensors(model)
     if any(hasattr(p, "ds_id") for _, p in params):
@@ -203,6 +205,8 @@ def load_universal(
         )
     local_names = {id(p): n for n, p in model.named_parameters()}
     tp_size, tp_rank = tp
+    if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+        _create_zero_moments(optimizer, zero_optimizer)
 
     def mine(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         dim = _split_dim(p)
@@ -237,6 +241,20 @@ def load_universal(
     for state in optimizer.state.values():  # ZeRO's flat partitions, or the parameters themselves
         state["step"] = _step_value(optimizer, saved.step)
     return saved.step
+
+
+def _create_zero_moments(optimizer: torch.optim.Optimizer, zero_optimizer: Any) -> None:
+    """ZeRO-1/2 tie each parameter's fragment to the optimizer's state of its flat partition only once
+    that state exists, i.e. after a first step. Before any step, the Adam moments are created here (zero;
+    the loop above fills them), and DeepSpeed is asked to tie the fragments to them."""
+    for group in optimizer.param_groups:
+        for flat in group["params"]:
+            state = optimizer.state[flat]
+            if not state:
+                state["step"] = _step_value(optimizer, 0)
+                for key in MOMENTS:
+                    state[key] = torch.zeros_like(flat)
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _step_value(optimizer: torch.optim.Optimizer, step: int) -> Any:

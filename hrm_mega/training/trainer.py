@@ -382,7 +382,7 @@ class Trainer:
             )
         load_universal(
             universal, self.model, ds.client_optimizer(self.engine), (self.config.parallel.tp, self.world.tp_rank),
-            self.ema.shadow if self.ema is not None else None,
+            self.ema.shadow if self.ema is not None else None, zero_optimizer=self.engine.optimizer,
         )  # fmt: skip
         if saved_dp == self.world.dp_size:  # the same replica's state (pipeline stage 0, TP rank 0)
             return read_client_state(path, self.world.dp_rank * saved["tp"])
