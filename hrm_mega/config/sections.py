@@ -42,6 +42,33 @@ def check_deepspeed_passthrough(extra: Any) -> None:
             )
 
 
+# What data.shard_url may start with: webdataset's gopen schemes (hrm_mega/data/remote.py reads them).
+SHARD_URL_SCHEMES = (
+    "pipe:",
+    "http://",
+    "https://",
+    "gs://",
+    "ais://",
+    "sftp://",
+    "scp://",
+    "ftps://",
+    "hf://",
+    "file:",
+)
+
+
+def check_shard_url(template: str) -> None:
+    """data.shard_url names every shard ({name}) through a scheme the reader knows; else one line."""
+    if "{name}" not in template:
+        raise ConfigError(f"data.shard_url={template!r} has no {{name}} (the shard's file name) in it")
+    if not template.startswith(SHARD_URL_SCHEMES):
+        scheme = template.split(":", 1)[0]
+        raise ConfigError(
+            f"data.shard_url={template!r}: unknown scheme {scheme!r}; use pipe:COMMAND, http(s)://, gs://, or "
+            "another webdataset scheme"
+        )
+
+
 @dataclass
 class ParallelConfig:
     """Parallel layout. dp is derived: world_size / (tp * pp)."""
@@ -101,12 +128,22 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     corrupt_policy: Literal["skip", "fail"] = "fail"
+    # Where the shards are read from, the manifest staying in data.path: a template with {split} and {name},
+    # e.g. "pipe:cat /mnt/x/{split}/{name}" or "https://host/x/{split}/{name}" (docs/data.md). "": data.path.
+    shard_url: str = ""
+    read_retries: int = 3  # further attempts at a remote shard that fails or arrives damaged
     augment: bool = False  # on-the-fly augmentation keyed by sample id
 
     def validate(self) -> None:
         positive(self, "data", "partitions")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.num_workers < 0 or self.shuffle_buffer < 0 or self.read_retries < 0:
+            raise ConfigError("data.num_workers, data.shuffle_buffer and data.read_retries must be >= 0")
+        if self.shard_url:
+            check_shard_url(self.shard_url)
+            if self.sources:
+                raise ConfigError(
+                    "data.shard_url applies to data.path; it cannot combine with data.sources yet"
+                )
         if self.sources:
             self._validate_sources()
         elif self.curriculum:

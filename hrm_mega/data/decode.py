@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from hrm_mega.data.remote import ShardFetchError, fetch_shard, is_remote
 from hrm_mega.data.shards import DataFormatError
 
 # webdataset's grouping of one key's members: {"__key__": "000000007", "inputs.npy": b"...", ...}
@@ -50,15 +51,17 @@ def _first_line(exn: BaseException) -> str:
 
 
 def read_segment(
-    path: str, lo: int, hi: int, wanted: np.ndarray, *, expected: int, fail: bool, sha256: str = ""
-) -> Iterator[tuple[int, Record | Skip]]:
+    path: str, lo: int, hi: int, wanted: np.ndarray, *, expected: int, fail: bool, sha256: str = "",
+    retries: int = 0,
+) -> Iterator[tuple[int, Record | Skip]]:  # fmt: skip
     """Yields `(i, record)` for records `lo + i` (in file order) of the shard where `wanted[i]`.
 
     Records are read but not decoded. Wanted records that cannot be read (truncated or damaged tar, or
     fewer records than the manifest's `expected`) come last as `Skip` items, or raise DataFormatError
     when `fail`. Reading stops after record `hi - 1`. A read of the whole shard is checked against the
     manifest's `sha256` as it goes: a flipped bit raises DataFormatError at the shard's end under
-    `fail` (its samples have been handed out by then), or warns.
+    `fail` (its samples have been handed out by then), or warns. A remote `path` (data.shard_url) is
+    fetched whole first, `retries` more times if it fails or arrives damaged (remote.py).
     """
     errors: list[BaseException] = []
 
@@ -68,10 +71,10 @@ def read_segment(
 
     seen = np.zeros(hi - lo, dtype=bool)
     ordinal, held = -1, None  # one record is held back: after a damaged end the last one may be partial
-    whole = bool(sha256) and lo == 0 and wanted.all() and hi >= expected
+    whole = bool(sha256) and lo == 0 and wanted.all() and hi >= expected and not is_remote(path)
     actual = sha256
     try:
-        with open(path, "rb") as raw:
+        with fetch_shard(path, sha256, retries) if is_remote(path) else open(path, "rb") as raw:
             stream = _HashingReader(raw) if whole else raw
             files = tar_file_expander([{"url": path, "stream": stream}], handler=stop)
             for record in group_by_keys(files, handler=stop):
@@ -94,7 +97,11 @@ def read_segment(
         warnings.warn(f"{path}: {reason}; extra samples ignored", CorruptDataWarning, stacklevel=2)
     missing = np.flatnonzero(wanted & ~seen)
     damaged = bool(errors) or len(missing) > 0
-    if damaged:
+    if damaged and errors and isinstance(errors[0], ShardFetchError):
+        reason = str(errors[0]).removeprefix(f"{path}: ")
+        if fail:
+            raise DataFormatError(f"{path}: {reason}")
+    elif damaged:
         cause = f" ({_first_line(errors[0])})" if errors else ""
         reason = f"truncated or unreadable tar: read {min(ordinal + 1, hi)} of {expected} samples{cause}"
         if fail:  # report the damage itself, not the half-read record at the cut

@@ -39,7 +39,7 @@ Transform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 class ShardSource:
     """One split's shards plus how to turn records into samples; picklable for DataLoader workers."""
 
-    paths: tuple[str, ...]
+    paths: tuple[str, ...]  # local files, or URLs from data.shard_url (remote.py)
     counts: tuple[int, ...]
     checksums: tuple[str, ...]  # each shard's sha256 from the manifest ("" when it has none)
     digest: str  # identifies the exact shard contents (from the manifest checksums)
@@ -48,11 +48,13 @@ class ShardSource:
     seed: int
     fail: bool
     transform: Transform | None = None
+    retries: int = 0  # further attempts at a remote shard
 
     @classmethod
     def open(
-        cls, data_dir: str | Path, split: str, *, seed: int, corrupt_policy: str, transform: Transform | None
-    ) -> ShardSource:
+        cls, data_dir: str | Path, split: str, *, seed: int, corrupt_policy: str, transform: Transform | None,
+        shard_url: str = "", retries: int = 3,
+    ) -> ShardSource:  # fmt: skip
         if corrupt_policy not in CORRUPT_POLICIES:
             raise ValueError(f"corrupt_policy={corrupt_policy!r} must be one of {CORRUPT_POLICIES}")
         manifest = read_manifest(data_dir)
@@ -62,8 +64,12 @@ class ShardSource:
                 f"transform: augmentation does not apply to text datasets ({data_dir} has task "
                 f"{manifest['task']!r}); set data.augment=false"
             )
-        paths = split_shards(data_dir, split, manifest)
-        entries = manifest["splits"][split]["shards"]
+        entries = manifest["splits"].get(split, {}).get("shards", [])
+        if shard_url:  # the manifest here, the shards wherever the template says
+            split_shards(data_dir, split, manifest, check_files=False)
+            paths = [shard_url.format(split=split, name=e["name"]) for e in entries]
+        else:
+            paths = split_shards(data_dir, split, manifest)
         digest = hashlib.sha256("".join(e.get("sha256", "") for e in entries).encode()).hexdigest()[:16]
         return cls(
             paths=tuple(str(p) for p in paths),
@@ -75,6 +81,7 @@ class ShardSource:
             seed=seed,
             fail=corrupt_policy == "fail",
             transform=transform,
+            retries=retries,
         )
 
     def sample(self, record: Record, epoch: int) -> dict[str, Any] | Skip:
@@ -118,7 +125,16 @@ def read_in_order(
             source.counts[seg.shard],
             source.checksums[seg.shard],
         )
-        reading = read_segment(path, seg.lo, seg.hi, mask, expected=expected, fail=source.fail, sha256=sha256)
+        reading = read_segment(
+            path,
+            seg.lo,
+            seg.hi,
+            mask,
+            expected=expected,
+            fail=source.fail,
+            sha256=sha256,
+            retries=source.retries,
+        )
         for i, item in reading:
             pending[bounds[k] + i] = item
             while pos < n and todo[pos] in pending:
@@ -162,6 +178,8 @@ def iterate_split(
     dp_rank: int = 0,
     dp_size: int = 1,
     corrupt_policy: str = "skip",
+    shard_url: str = "",
+    read_retries: int = 3,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One unshuffled pass over a split for fixed-mode evaluation.
 
@@ -176,7 +194,10 @@ def iterate_split(
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    source = ShardSource.open(data_dir, split, seed=0, corrupt_policy=corrupt_policy, transform=None)
+    source = ShardSource.open(
+        data_dir, split, seed=0, corrupt_policy=corrupt_policy, transform=None, shard_url=shard_url,
+        retries=read_retries,
+    )  # fmt: skip
     n = sum(source.counts)
     segments = range_segments(source.counts, dp_rank * n // dp_size, (dp_rank + 1) * n // dp_size)
     plan = PartitionPlan(dp_rank, segments, seed=0, shuffle_segments=False, shuffle_buffer=0)

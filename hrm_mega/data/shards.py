@@ -203,14 +203,16 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def split_shards(data_dir: str | Path, split: str, manifest: dict[str, Any] | None = None) -> list[Path]:
-    """Paths of the shards of one split, in manifest order; each must exist."""
+def split_shards(
+    data_dir: str | Path, split: str, manifest: dict[str, Any] | None = None, check_files: bool = True
+) -> list[Path]:
+    """Paths of the shards of one split, in manifest order; each must exist (with check_files)."""
     manifest = manifest or read_manifest(data_dir)
     if split not in manifest["splits"]:
         known = ", ".join(sorted(manifest["splits"]))
         raise DataFormatError(f"{data_dir}: no split {split!r} in manifest.json (has: {known})")
     paths = [Path(data_dir) / split / s["name"] for s in manifest["splits"][split]["shards"]]
-    for p in paths:
+    for p in paths if check_files else ():
         if not p.is_file():
             raise DataFormatError(f"{p}: shard listed in manifest.json is missing")
     return paths

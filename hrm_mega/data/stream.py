@@ -56,6 +56,8 @@ class SampleStream:
         transform: Transform | None = None,
         loop: bool = True,
         prefetch: int | None = None,
+        shard_url: str = "",
+        read_retries: int = 3,
     ) -> None:
         check_partitions(
             global_batch=global_batch,
@@ -72,8 +74,9 @@ class SampleStream:
                 f"shuffle_buffer={shuffle_buffer} must be >= 0 (0: no shuffle within a partition)"
             )
         self.source = ShardSource.open(
-            data_dir, split, seed=seed, corrupt_policy=corrupt_policy, transform=transform
-        )
+            data_dir, split, seed=seed, corrupt_policy=corrupt_policy, transform=transform,
+            shard_url=shard_url, retries=read_retries,
+        )  # fmt: skip
         counts = self.source.counts
         if loop and sum(counts) < partitions:
             raise ValueError(

@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or config.train.global_batch
     model.eval()
     batches = iterate_split(
-        data.path, data.eval_split, batch_size=batch_size, corrupt_policy=data.corrupt_policy
-    )
+        data.path, data.eval_split, batch_size=batch_size, corrupt_policy=data.corrupt_policy,
+        shard_url=data.shard_url, read_retries=data.read_retries,
+    )  # fmt: skip
     if args.max_samples:
         batches = _first(batches, args.max_samples)
     batches = ({k: v.to(device) for k, v in b.items()} for b in batches)

@@ -55,7 +55,8 @@ def evaluation(
     with eval_mode(model), ema.swapped(model) if ema is not None else contextlib.nullcontext():
         batches = iterate_split(
             d.path, d.eval_split, batch_size=eval_batch_size(config, world), dp_rank=world.dp_rank,
-            dp_size=world.dp_size, corrupt_policy=d.corrupt_policy,
+            dp_size=world.dp_size, corrupt_policy=d.corrupt_policy, shard_url=d.shard_url,
+            read_retries=d.read_retries,
         )  # fmt: skip
         batches = limit_rows(batches, t.eval_max_samples // world.dp_size if t.eval_max_samples else 0)
         yield ({k: v.to(world.device) for k, v in b.items()} for b in batches)

@@ -106,6 +106,7 @@ class Task(ABC):
             d.path, d.train_split, seed=self.config.train.seed, global_batch=global_batch,
             partitions=d.partitions, dp_rank=w.dp_rank, dp_size=w.dp_size, num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer, corrupt_policy=d.corrupt_policy, transform=transform,
+            shard_url=d.shard_url, read_retries=d.read_retries,
         )  # fmt: skip
 
     # --- training ----------------------------------------------------------------------------------
