@@ -186,3 +186,22 @@ def test_curriculum_config_errors_are_one_line(tmp_path, tiny_text):
         ],
     )
     assert [s.until_step for s in config.data.curriculum] == [4, 0]
+
+
+def test_with_stop_at_end_the_mixture_says_when_a_source_ran_out(three):
+    """data.source_end=stop: `ran_out` turns True once a source has handed out its whole split; with the
+    default (repeat) it never does."""
+    stopping, repeating = mixture(three, batch=8), mixture(three, batch=8)
+    stopping.stop_at_end = True
+    steps = 0
+    while not stopping.ran_out:
+        stopping.take(range(8))
+        repeating.take(range(8))
+        steps += 1
+        assert steps < 1000
+    # a (69 samples, 4.8 a step) runs out first, after 15 steps; b (40 at 2.4) and c (24 at 0.8) later
+    progress = stopping.progress
+    assert progress["a/epoch"] >= 1.0 > max(progress["b/epoch"], progress["c/epoch"]) and steps == 15
+    assert not repeating.ran_out
+    stopping.close()
+    repeating.close()

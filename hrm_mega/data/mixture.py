@@ -78,6 +78,7 @@ class MixtureStream:
     def __init__(
         self, sources: Sequence[Source], *, seed: int, global_batch: int, dp_rank: int, dp_size: int,
         curriculum: Sequence[Stage] = (),
+        stop_at_end: bool = False,
     ):  # fmt: skip
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         if len(sources) == 0 or not np.all(weights >= 0) or weights.sum() <= 0:
@@ -85,6 +86,7 @@ class MixtureStream:
         self.sources = list(sources)
         self.names = [s.name for s in sources]
         self.stages = list(curriculum) or [Stage(0, tuple(weights.tolist()))]
+        self.stop_at_end = stop_at_end
         self.seed, self.global_batch = seed, global_batch
         self.local_batch = global_batch // dp_size
         self.first_row = dp_rank * self.local_batch  # global index of local row 0
@@ -123,6 +125,12 @@ class MixtureStream:
 
     def first_batch(self) -> dict[str, torch.Tensor]:
         return self.take(range(self.local_batch))
+
+    @property
+    def ran_out(self) -> bool:
+        """With stop_at_end: a source has handed out its whole split on this rank (the Trainer ends the run
+        when any rank says so); sources repeat otherwise, and this stays False."""
+        return self.stop_at_end and any(s.stream.progress["epoch"] >= 1.0 for s in self.sources)
 
     @property
     def progress(self) -> dict[str, float | int]:

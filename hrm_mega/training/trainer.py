@@ -77,8 +77,13 @@ class SigtermFlag:
 
     def on_any_rank(self, device: torch.device | str = "cpu") -> bool:
         """Collective. `device`: where the backend reduces (the rank's GPU under NCCL)."""
-        received = torch.tensor([float(self.received)], device=device)
-        return bool(all_reduce(received, group=torch.distributed.group.WORLD)[0] > 0)
+        return on_any_rank([self.received], device)[0]
+
+
+def on_any_rank(flags: list[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """Collective: each flag, true when it is true on any rank (one all-reduce for all of them)."""
+    values = torch.tensor([float(f) for f in flags], device=device)
+    return [bool(v > 0) for v in all_reduce(values, group=torch.distributed.group.WORLD).tolist()]
 
 
 class Trainer:
@@ -238,8 +243,16 @@ class Trainer:
                 saved = bool(interval) and self.step % interval == 0
                 if saved:
                     self.save_checkpoint()
-                if sigterm.on_any_rank(self.world.device):
+                preempted, ran_out = on_any_rank(
+                    [sigterm.received, getattr(self.stream, "ran_out", False)], self.world.device
+                )
+                if preempted:
                     self.stop_preempted(saved)
+                if ran_out:
+                    self.logger.print(
+                        f"data.source_end=stop: a source has been read to its end; stopping after step {self.step}"
+                    )
+                    break
             final_eval = self.log_evaluation()
             if not interval or self.step % interval:
                 self.save_checkpoint()

@@ -234,7 +234,7 @@ class LMTask(Task):
         ]
         return MixtureStream(
             sources, seed=t.seed, global_batch=t.global_batch, dp_rank=w.dp_rank, dp_size=w.dp_size,
-            curriculum=stages,
+            curriculum=stages, stop_at_end=d.source_end == "stop",
         )  # fmt: skip
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
