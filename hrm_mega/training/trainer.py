@@ -115,9 +115,8 @@ class Trainer:
         self.run_dir = Path(config.log.out_dir)
         self.world = ds.setup_distributed(config)
         self.manifest = task.read_data()
-        self.tokenizer = dataset_tokenizer(
-            config.data.path, self.manifest
-        )  # text data: travels in checkpoints
+        # A text dataset's tokenizer (checked against the manifest) travels in every checkpoint.
+        self.tokenizer = dataset_tokenizer(config.data.path, self.manifest)
         # The checkpoint to resume from, checked against this config before any engine starts.
         self.checkpoints = CheckpointManager(self.run_dir, self.world.rank, config.train.keep_checkpoints)
         candidates = resolve_resume(resume, self.checkpoints)
@@ -455,5 +454,5 @@ def data_fingerprint(data: DataConfig, manifest: dict[str, Any]) -> str:
     """The identity of the train split's shards (names, sample counts and sha256 from the manifest): of
     data.path, or of every source of a mixture."""
     manifests = [read_manifest(s.path) for s in data.sources] if data.sources else [manifest]
-    shards = [m["splits"][data.train_split]["shards"] for m in manifests]
+    shards = [m.get("splits", {}).get(data.train_split, {}).get("shards", []) for m in manifests]
     return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
