@@ -26,18 +26,6 @@ from typing import IO
 
 from hrm_mega.config.sections import SHARD_URL_SCHEMES
 
-SCHEMES = (
-    "pipe:",
-    "http://",
-    "https://",
-    "gs://",
-    "ais://",
-    "sftp://",
-    "scp://",
-    "ftps://",
-    "hf://",
-    "file:",
-)
 TIMEOUT_S = 60.0
 BACKOFF_S = 0.5
 
