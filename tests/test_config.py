@@ -84,7 +84,7 @@ BAD = [
         "parallel.deepspeed.gradient_clipping is derived from optim.grad_clip; set that instead",
     ),
     (["parallel.deepspeed.bf16={enabled: true}"], "parallel.deepspeed.bf16 is derived from train.precision"),
-    (["parallel.deepspeed=5"], "parallel.deepspeed must be a mapping, got 5"),
+    (["parallel.deepspeed=5"], "parallel.deepspeed must be a mapping of DeepSpeed config keys, got 5"),
     (["trainsteps"], "expected KEY=VALUE"),
     (["train.eval_modes=[fixed,*]"], "--set 'train.eval_modes=[fixed,*]': the value is not valid YAML"),
 ]

@@ -42,7 +42,7 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         return [_coerce(v, item_type, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{dotted} must be a mapping, got {value!r}")
+            return value  # the section's validate() says what the mapping should hold
         _, value_type = typing.get_args(hint)
         return {k: _coerce(v, value_type, f"{dotted}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):  # a list of sections, e.g. data.sources

@@ -176,6 +176,8 @@ class DataConfig:
                     f"{where}.until_step={stage.until_step} must be above the previous stage's {previous}"
                 )
             previous = stage.until_step
+            if not isinstance(stage.weights, dict):
+                raise ConfigError(f"{where}.weights must map source names to weights, got {stage.weights!r}")
             unknown = [n for n in stage.weights if n not in names]
             if unknown:
                 raise ConfigError(
