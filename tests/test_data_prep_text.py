@@ -3,6 +3,7 @@ baseline (checked by an independent computation) and one-line errors."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -16,9 +17,9 @@ import sentencepiece as spm
 
 from hrm_mega.data.shards import read_manifest, verify_shards
 from hrm_mega.prep.cli import main
-from hrm_mega.prep.common import read_samples
+from hrm_mega.prep.common import DataPrepError, read_samples
 from hrm_mega.prep.corpus import TASKS, generate_documents
-from hrm_mega.prep.text import train_tokenizer
+from hrm_mega.prep.text import read_documents, train_tokenizer
 
 VOCAB = 340
 SEQ_LEN = 40
@@ -323,6 +324,20 @@ def test_test_fraction_and_jsonl_input(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     decoded = [sp.decode(ids[1:-1]) for split in ("train", "test") for ids in reassemble(out, split).values()]
     assert sorted(decoded) == sorted(texts)  # multi-line documents survive verbatim, each in one split
+    # the same documents gzip-compressed under another field name give the same shards
+    packed = tmp_path / "docs.jsonl.gz"
+    packed.write_bytes(gzip.compress("\n".join(json.dumps({"body": t}) for t in texts).encode()))
+    again = tmp_path / "again"
+    argv_gz = ["text", "--input", str(packed), "--text-field", "body", "--test-fraction", "0.2", "--vocab-size", "300",
+               "--seq-len", "16", "--out", str(again), "--quiet"]  # fmt: skip
+    assert main(argv_gz) == 0
+    for split in ("train", "test"):
+        assert reassemble(again, split) == reassemble(out, split)
+    (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataPrepError, match=r"broken\.txt\.gz: not a readable gzip file"):
+        read_documents([tmp_path / "broken.txt.gz"], "--input")
+    with pytest.raises(DataPrepError, match='docs.jsonl:1: expected an object with a string field "body"'):
+        read_documents([path], "--input", "body")
 
 
 # ---- errors -------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
     python -m hrm_mega.prep text --input corpus/train.txt --test-input corpus/test.txt \
         --vocab-size 512 --seq-len 256 --out data/text
 
-Input: `.jsonl` files hold one JSON object with a string "text" per line (documents may contain
-newlines); any other file holds one document per line. Blank lines are skipped. Without --test-input, a
-seeded --test-fraction of the documents is held out as the test split.
+Input: `.jsonl` files hold one JSON object per line whose string field --text-field (default "text") is
+the document (documents may contain newlines); any other file holds one document per line. Blank lines
+are skipped. A `.gz` suffix on top (`corpus.jsonl.gz`, `train.txt.gz`) is read through gzip. Without
+--test-input, a seeded --test-fraction of the documents is held out as the test split.
 
 Tokenizer: a SentencePiece BPE model (as Gemma's) trained on the train split only, with byte fallback
 (any text encodes, nothing maps to <unk>), text kept verbatim (identity normalisation, no dummy prefix,
@@ -27,10 +28,12 @@ order, and packing is sequential, so the shards are byte-identical for any --wor
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,18 +68,23 @@ _TOKENIZER_SAMPLE = 20  # dataset_rng purpose: which documents train the tokeniz
 # ---- reading documents ------------------------------------------------------------------------------
 
 
-def read_documents(paths: Sequence[Path], option: str) -> list[str]:
+def read_documents(paths: Sequence[Path], option: str, text_field: str = "text") -> list[str]:
     """All documents of the given files, in order. Errors name the option and the file (and line)."""
     documents: list[str] = []
     for path in paths:
         if not path.is_file():
             raise DataPrepError(f"{option} {path}: no such file")
+        compressed = path.suffix == ".gz"
         try:
-            text = path.read_bytes().decode("utf-8")
+            raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exn:
             raise DataPrepError(f"{option} {path}: not UTF-8 text (bad byte at offset {exn.start})") from None
-        if path.suffix == ".jsonl":
-            found = _jsonl_documents(path, text)
+        except (OSError, EOFError, zlib.error) as exn:
+            raise DataPrepError(f"{option} {path}: not a readable gzip file ({exn})") from None
+        kind = Path(path.stem).suffix if compressed else path.suffix
+        if kind == ".jsonl":
+            found = _jsonl_documents(path, text, text_field)
         else:  # split on "\n" only: str.splitlines would also cut at \x0c, \u2028 and other separators
             found = [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
         if not found:
@@ -85,7 +93,7 @@ def read_documents(paths: Sequence[Path], option: str) -> list[str]:
     return documents
 
 
-def _jsonl_documents(path: Path, text: str) -> list[str]:
+def _jsonl_documents(path: Path, text: str, field: str) -> list[str]:
     documents = []
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -94,10 +102,12 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exn:
             raise DataPrepError(f"{path}:{lineno}: not valid JSON ({exn.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataPrepError(f'{path}:{lineno}: expected an object with a string field "text"')
-        if record["text"]:
-            documents.append(record["text"])
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataPrepError(
+                f'{path}:{lineno}: expected an object with a string field "{field}" (--text-field)'
+            )
+        if record[field]:
+            documents.append(record[field])
     return documents
 
 
@@ -288,6 +298,12 @@ def add_parser(subparsers: Any) -> None:
     )
     add_common_arguments(p)
     p.add_argument("--input", type=Path, nargs="+", required=True, metavar="FILE", help="train documents")
+    p.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help='.jsonl input: the field holding the text (default "text")',
+    )
     p.add_argument("--seq-len", type=positive_int, required=True, help="tokens per packed sequence")
     p.add_argument("--vocab-size", type=positive_int, help="pieces of the trained tokenizer")
     p.add_argument("--tokenizer", type=Path, metavar="MODEL", help="reuse this SentencePiece .model file")
@@ -428,9 +444,9 @@ def _test_fraction(args: argparse.Namespace) -> float:
 def split_documents(args: argparse.Namespace) -> dict[str, list[str]]:
     """The train and test documents, each in input order: --test-input files, or a seeded held-out
     --test-fraction of the --input documents."""
-    train = read_documents(args.input, "--input")
+    train = read_documents(args.input, "--input", args.text_field)
     if args.test_input is not None:
-        return {"train": train, "test": read_documents(args.test_input, "--test-input")}
+        return {"train": train, "test": read_documents(args.test_input, "--test-input", args.text_field)}
     share = _test_fraction(args)
     rows = pick_rows(args.seed, len(train), None, share, {})
     if len(rows["test"]) == 0 or len(rows["train"]) == 0:
