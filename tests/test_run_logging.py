@@ -32,7 +32,8 @@ def test_a_resumed_logger_drops_the_records_after_its_step(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     old = [{"step": s, "loss": float(s)} for s in range(1, 8)] + [{"step": 4, "eval/loss": 0.5}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    # the last line was cut short by a kill mid-write
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 8, "lo')
     MetricsLogger(tiny_config(tmp_path), run, rank=0, total_steps=10, start_step=4).close()
     kept = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kept == [r for r in old if r["step"] <= 4]
@@ -46,9 +47,20 @@ def test_plot_refuses_a_directory_without_metrics_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"hrm-mega plot: error: {tmp_path}: holds no metrics.jsonl (give a run directory, "
                    "i.e. log.out_dir, or its metrics.jsonl)"]  # fmt: skip
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo'
+    )
     assert cli_main(["plot", str(tmp_path)]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"hrm-mega plot: error: {tmp_path}/metrics.jsonl:2: not a JSON record"
     )
+
+
+def test_plot_reads_a_running_jobs_file_whose_last_line_is_being_written(tmp_path):
+    from hrm_mega.entry.plot import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo'
+    )
+    assert read_metrics(tmp_path) == {"loss": [(1, 2.0), (2, 1.5)]}

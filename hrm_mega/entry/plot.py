@@ -37,12 +37,15 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         what = "holds no metrics.jsonl" if run_dir.is_dir() else "no such file or directory"
         raise PlotError(f"{run_dir}: {what} (give a run directory, i.e. log.out_dir, or its metrics.jsonl)")
     series: dict[str, list[tuple[int, float]]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if number == len(lines):  # a running job's line being written
+                break
             raise PlotError(f"{path}:{number}: not a JSON record") from None
         step = record.get("step")
         for key, value in record.items():

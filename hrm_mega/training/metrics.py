@@ -122,15 +122,24 @@ class MetricsLogger:
 
 
 def _keep_records_up_to(path: Path, step: int) -> None:
-    """Drops the records after `step` (logged by the run before a restart, and about to be logged again)."""
+    """Drops the records after `step` (logged by the run before a restart, and about to be logged again),
+    and a line cut short by a kill mid-write."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (record := _record(line)) is not None and record.get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _number(v: Any, fmt: str) -> str:
