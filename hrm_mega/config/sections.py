@@ -122,9 +122,8 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     # Stages of source weights over the steps, in place of the sources' own weights (docs/data.md).
     curriculum: list[CurriculumStage] = field(default_factory=list)
-    source_end: Literal["repeat", "stop"] = (
-        "repeat"  # a source read to its end: start its next epoch, or end the run
-    )
+    # A source read to its end: start its next epoch (counted), or end the run after that step.
+    source_end: Literal["repeat", "stop"] = "repeat"
     train_split: str = "train"
     eval_split: str = "test"
     partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
