@@ -25,14 +25,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _dataset_seq_len(path: str) -> int | None:
     """The seq_len in data.path's manifest.json, when it has one."""
-    import json
+    from hrm_mega.config.checks import read_manifest_json
 
-    manifest = os.path.join(path, "manifest.json") if path else ""
-    try:
-        with open(manifest) as f:
-            return int(json.load(f)["seq_len"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    seq_len = (read_manifest_json(path) or {}).get("seq_len") if path else None
+    return seq_len if isinstance(seq_len, int) else None
 
 
 def cmd_config(args: argparse.Namespace) -> int:
