@@ -16,7 +16,7 @@ from hrm_mega.prep.cli import main
 from hrm_mega.prep.common import read_samples
 
 SEQ = 32
-TEXT_KEYS = {"input_ids", "labels", "position_ids", "doc_ids", "sample_id", "epoch"}
+TEXT_KEYS = {"input_ids", "labels", "position_ids", "doc_ids", "answer", "answer_spans", "sample_id", "epoch"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def reference_fields(tokens: list[int], docs: list[int]) -> dict[str, list[int]]
         labels.append(token if continues and doc >= 0 else -100)
         positions.append(position)
         doc_ids.append(doc_id)
-    return {"input_ids": tokens, "labels": labels, "position_ids": positions, "doc_ids": doc_ids}
+    answer = [0] * len(tokens)  # a plain text dataset marks no answer spans
+    return {"input_ids": tokens, "labels": labels, "position_ids": positions, "doc_ids": doc_ids, "answer": answer}
 
 
 def check_batch(batch: dict[str, torch.Tensor], stored: dict[int, dict], extra: set[str]) -> None:

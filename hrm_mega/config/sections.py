@@ -107,9 +107,11 @@ class DataSource:
 
 @dataclass
 class CurriculumStage:
-    """Source weights up to a step (data.curriculum): a stage holds for the steps before `until_step`."""
+    """Source weights up to a step (data.curriculum): a stage holds for the steps before `until_step`,
+    or before the step that has read `until_tokens` (global_batch x seq_len tokens a step)."""
 
-    until_step: int = 0  # 0: to the end of the run (the last stage only)
+    until_step: int = 0  # 0 (and until_tokens 0): to the end of the run (the last stage only)
+    until_tokens: int = 0  # the boundary in tokens read instead; one unit for the whole curriculum
     weights: dict[str, float] = field(default_factory=dict)  # source name -> weight; unnamed sources get 0
     anneal: Literal["switch", "linear"] = "switch"  # linear: from the previous stage's weights to these
 
@@ -124,6 +126,9 @@ class DataConfig:
     curriculum: list[CurriculumStage] = field(default_factory=list)
     # A source read to its end: start its next epoch (counted), or end the run after that step.
     source_end: Literal["repeat", "stop"] = "repeat"
+    # On the rows of prompt/answer datasets (prep text --prompt-field/--answer-field), the loss and the
+    # eval loss cover the answers only, as TRL's completion-only loss; false: every document token.
+    answer_only_loss: bool = True
     train_split: str = "train"
     eval_split: str = "test"
     partitions: int = 1  # logical streams; fixed so that data order does not depend on the DP size
@@ -167,14 +172,18 @@ class DataConfig:
         if sum(s.weight for s in self.sources) <= 0:
             raise ConfigError("data.sources: the weights sum to 0; give at least one source a weight > 0")
         previous = 0
+        unit = "until_tokens" if any(st.until_tokens for st in self.curriculum) else "until_step"
         for i, stage in enumerate(self.curriculum):
             where = f"data.curriculum[{i}]"
             last = i == len(self.curriculum) - 1
-            if stage.until_step <= previous and not (last and stage.until_step == 0):
+            if stage.until_step and stage.until_tokens or (unit == "until_tokens" and stage.until_step):
                 raise ConfigError(
-                    f"{where}.until_step={stage.until_step} must be above the previous stage's {previous}"
+                    f"{where}: until_step and until_tokens mix; give every stage's boundary in one unit"
                 )
-            previous = stage.until_step
+            until = getattr(stage, unit)
+            if until <= previous and not (last and until == 0):
+                raise ConfigError(f"{where}.{unit}={until} must be above the previous stage's {previous}")
+            previous = until
             if not isinstance(stage.weights, dict):
                 raise ConfigError(f"{where}.weights must map source names to weights, got {stage.weights!r}")
             unknown = [n for n in stage.weights if n not in names]

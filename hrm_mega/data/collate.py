@@ -56,6 +56,8 @@ def pad_sample(spec: SampleSpec) -> dict[str, Any]:
             "labels": np.full(spec.seq_len, spec.ignore_label_id, dtype=np.int64),
             "position_ids": np.arange(spec.seq_len, dtype=np.int64),
             "doc_ids": np.zeros(spec.seq_len, dtype=np.int64),
+            "answer": np.zeros(spec.seq_len, dtype=np.int64),
+            "answer_spans": 0,
             "sample_id": -1,
             "epoch": 0,
         }

@@ -258,7 +258,10 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
       ignore_label_id: at the first token of every document piece (a BOS, or a split document's
       continuation at the row start) and on padding;
     - position_ids: 0, 1, 2, ... restarting at every document piece (and at the padding);
-    - doc_ids: 0, 1, 2, ... per document piece in the row; the padding gets the next id.
+    - doc_ids: 0, 1, 2, ... per document piece in the row; the padding gets the next id;
+    - answer: 1 on the tokens of an answer span (a prompt/answer dataset's `answer.npy`: the answer's
+      tokens and its document's EOS), else 0; and answer_spans, 1 when the dataset marks spans at all
+      (the LM task then trains and scores on the answers only; docs/data.md).
 
     Raises DataFormatError with a short reason (the caller adds the shard and key).
     """
@@ -274,11 +277,17 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
     doc_ids = np.cumsum(starts) - 1
     if len(np.unique(docs[real])) != int(doc_ids[real][-1]) + 1:
         raise DataFormatError("docs.npy: a document's tokens must be contiguous within a row")
+    spans = "answer.npy" in record
+    answer = _int_array(record, "answer.npy", spec) if spans else np.zeros(spec.seq_len, dtype=np.int64)
+    if spans and ((answer < 0) | (answer > 1) | (answer.astype(bool) & ~real)).any():
+        raise DataFormatError("answer.npy: must be 0 or 1, and 0 on padding")
     return {
         "input_ids": tokens,
         "labels": np.where(real & ~starts, tokens, spec.ignore_label_id),
         "position_ids": np.arange(spec.seq_len) - np.flatnonzero(starts)[doc_ids],
         "doc_ids": doc_ids,
+        "answer": answer,
+        "answer_spans": int(spans),
         "sample_id": sample_id,
     }
 

@@ -62,6 +62,25 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat(slices, dim=-1)
 
 
+@torch.no_grad()
+def label_is_argmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per token, whether labels is the most likely token (what greedy decoding would emit; a tie
+    counts as a hit), without gathering the vocabulary: the label's logit against the maximum over
+    every rank's slice. logits [..., V/T], labels [...]; False where labels == IGNORE_LABEL."""
+    valid = labels != IGNORE_LABEL
+    shard = logits.shape[-1]
+    local = torch.where(valid, labels, 0) - distributed.tp_rank() * shard
+    mine = (local >= 0) & (local < shard)
+    picked = logits.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1).float()
+    target = torch.where(mine, picked, torch.finfo(torch.float32).min)
+    best = logits.max(dim=-1).values.float()
+    if distributed.tp_size() > 1:
+        group = distributed.tensor_parallel_group()
+        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
+    return valid & (target >= best)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
     """Per-token -log p(label) with the same shape as labels, 0 where labels == IGNORE_LABEL.
 

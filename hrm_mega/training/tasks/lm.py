@@ -36,7 +36,7 @@ from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
-from hrm_mega.models.vocab import cross_entropy
+from hrm_mega.models.vocab import cross_entropy, label_is_argmax
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 from hrm_mega.training.engine import client_optimizer
@@ -105,6 +105,7 @@ class LMTask(Task):
     def train_step(self, trainer: Trainer) -> dict[str, float]:
         local = trainer.local_batch
         batch = {k: v.to(trainer.world.device) for k, v in trainer.stream.take(range(local)).items()}
+        batch["labels"] = self.loss_labels(batch)
         lr = trainer.set_lr()
         cycles = self.cycles_for_step(trainer.step)
         chunks = torch.arange(local).split(self.config.train.micro_batch or local)
@@ -162,6 +163,11 @@ class LMTask(Task):
         step's H cycles), the last the labels."""
         mask = self._token_mask(mb)
         return pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles), mb["labels"]
+
+    def loss_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The labels the loss sees: on rows of prompt/answer datasets only the answers' (with
+        data.answer_only_loss), every document token's elsewhere."""
+        return answer_only(batch) if self.config.data.answer_only_loss else batch["labels"]
 
     def _token_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["input_ids"] != int(self.manifest.get("pad_id", 0))
@@ -228,8 +234,13 @@ class LMTask(Task):
             for i, s in enumerate(d.sources)
         ]
         names = [s.name for s in d.sources]
+        tokens_per_step = t.global_batch * int(self.manifest["seq_len"])  # every step reads B packed rows
         stages = [
-            Stage(st.until_step, tuple(st.weights.get(n, 0.0) for n in names), st.anneal == "linear")
+            Stage(
+                st.until_step or -(-st.until_tokens // tokens_per_step),  # the step that has read them
+                tuple(st.weights.get(n, 0.0) for n in names),
+                st.anneal == "linear",
+            )
             for st in d.curriculum
         ]
         return MixtureStream(
@@ -238,9 +249,9 @@ class LMTask(Task):
         )  # fmt: skip
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
-        """Token-level loss and perplexity on the eval split (every rank takes its share), and the
-        expected cycles the halting heads would spend; for a mixture, on every source's eval split too
-        (eval/NAME/...; eval/... is the first source's)."""
+        """Token-level loss and perplexity on the eval split (every rank takes its share), the expected
+        cycles the halting heads would spend, and on prompt/answer data the answers' exact match; for a
+        mixture, on every source's eval split too (eval/NAME/...; eval/... is the first source's)."""
         pipeline = (trainer.engine, self.pipeline_loss) if self.pipeline else None
         results = evaluate_lm(trainer.model, self.config, trainer.world, trainer.ema, pipeline=pipeline)
         results = {f"eval/{k}": v for k, v in results.items()}
@@ -277,20 +288,35 @@ class PipelineLoss:
         keys = (*LOSS_KEYS, "tokens", "finite") if normalizers is not None else EVAL_KEYS
         self.sums = dict.fromkeys(keys, 0.0)
 
-    def __call__(self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor | tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         logits, halting = outputs
+        if self.normalizers is None:  # evaluation: labels are (labels, answer_docs)
+            labels, answer_docs = labels
+            self.score(logits, halting[2], labels, answer_docs)
+            return logits.new_zeros(())
         targets = labels[:, 1:]
         ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()
         tokens = float((targets != -100).sum())
-        if self.normalizers is None:  # halting[2]: expected cycles summed over the labelled positions
-            masked = float((labels != -100).sum())
-            for k, v in zip(EVAL_KEYS, (float(ce_sum), tokens, float(halting[2]), masked)):
-                self.sums[k] += v
-            return ce_sum
         parts = lm_loss_terms(ce_sum, halting, self.config, self.normalizers)
         parts["distill"] = torch.zeros(())  # no teacher with pipeline stages
         add_micro_batch(self.sums, parts["loss"], _terms(parts), counts={"tokens": tokens})
         return parts["loss"] * self.scale
+
+    @torch.no_grad()
+    def score(
+        self, logits: torch.Tensor, cycles: torch.Tensor, labels: torch.Tensor, answer_docs: torch.Tensor
+    ) -> None:
+        """Adds an eval batch to the sums: NLL and count of the targets, the expected cycles summed over
+        the labelled positions, and the answers (answer_counts) with how many greedy decoding gets
+        exactly right."""
+        targets = labels[:, 1:]
+        nll = cross_entropy(logits[:, :-1], targets, "softmax").sum()
+        answers, exact = answer_counts(label_is_argmax(logits[:, :-1], targets), answer_docs[:, 1:])
+        values = (float(nll), float((targets != -100).sum()), float(cycles), float((labels != -100).sum()))
+        for k, v in zip(EVAL_KEYS, (*values, answers, exact)):
+            self.sums[k] += v
 
 
 class StepGuard:
@@ -325,7 +351,34 @@ class StepGuard:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-EVAL_KEYS = ("nll", "tokens", "cycles", "labelled")  # tokens: targets; labelled: positions with a label
+# tokens: targets; labelled: positions with a label; answers: answer spans, answers_exact: all right
+EVAL_KEYS = ("nll", "tokens", "cycles", "labelled", "answers", "answers_exact")
+
+
+def answer_only(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The labels with every target outside an answer span ignored (-100), on the rows of datasets that
+    mark spans (batch["answer_spans"]); other rows keep theirs."""
+    keep = batch["answer"].bool() | ~batch["answer_spans"].bool()[:, None]
+    return batch["labels"].masked_fill(~keep, -100)
+
+
+def answer_documents(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Per position, the document piece (doc_ids) whose answer that labelled token belongs to; -1 for
+    tokens outside answer spans."""
+    return torch.where(batch["answer"].bool() & (labels != -100), batch["doc_ids"], -1)
+
+
+def answer_counts(correct: torch.Tensor, answer_docs: torch.Tensor) -> tuple[int, int]:
+    """(answers, answers exactly right) over a batch: an answer is the answer-span targets of one
+    document piece of one row (answer_docs >= 0, ids per row), exactly right when greedy decoding
+    predicts every one of them (`correct`, teacher-forced: given the right prefix, the argmax of
+    every position is the next answer token, so greedy generation from the prompt reproduces the
+    answer and its EOS)."""
+    rows, width = answer_docs.shape
+    key = answer_docs + torch.arange(rows, device=answer_docs.device)[:, None] * (width + 1)
+    spans = answer_docs >= 0
+    answers = torch.unique(key[spans]).numel()
+    return answers, answers - torch.unique(key[spans & ~correct]).numel()
 
 
 def distillation_loss(
@@ -352,12 +405,15 @@ def _terms(parts: dict[str, torch.Tensor]) -> dict[str, float]:
 def eval_results(sums: dict[str, float]) -> dict[str, float]:
     """loss, ppl, mean_cycles and tokens from the eval split's summed NLL, tokens and expected cycles."""
     loss = sums["nll"] / max(sums["tokens"], 1.0)
-    return {
+    out = {
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
         "mean_cycles": sums["cycles"] / max(sums["labelled"], 1.0),
         "tokens": sums["tokens"],
     }
+    if sums["answers"]:
+        out |= {"answer_exact": sums["answers_exact"] / sums["answers"], "answers": sums["answers"]}
+    return out
 
 
 @torch.no_grad()
@@ -366,22 +422,28 @@ def evaluate_lm(
     pipeline: tuple[Any, PipelineLoss] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Token-level loss and perplexity on the eval split (every rank takes its share) at `cycles` H
-    cycles (default model.h_cycles), and the expected cycles the halting heads would spend. With pipeline
-    stages, `pipeline` is (the PipelineEngine, its last stage's PipelineLoss), which runs the batches."""
+    cycles (default model.h_cycles), the expected cycles the halting heads would spend, and on
+    prompt/answer data the share of answers greedy decoding gets exactly right (answer_exact; the loss
+    is the answers' with data.answer_only_loss). With pipeline stages, `pipeline` is (the
+    PipelineEngine, its last stage's PipelineLoss), which runs the batches."""
     scores = PipelineLoss(config.model) if pipeline is None else pipeline[1]
     scores.start(normalizers=None)
     with evaluation(model, config, world, ema) as batches:
         for b in batches:
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
+            answer_docs = answer_documents(b, labels)
+            if config.data.answer_only_loss:
+                labels = answer_only({**b, "labels": labels})
             ids, positions, docs, mask = b["input_ids"], b["position_ids"], b["doc_ids"], labels != -100
             if pipeline is None:
                 logits, aux = model(ids, position_ids=positions, doc_ids=docs, cycles=cycles)
-                scores((logits, halting_sums(aux, mask)), labels)
+                scores.score(logits, halting_sums(aux, mask)[2], labels, answer_docs)
             else:
                 inputs = pipeline_inputs(ids, positions, docs, mask, cycles or config.model.h_cycles)
                 pipeline[0].eval_batch(
-                    iter([(inputs, labels)]), compute_loss=True, bcast_loss=False, num_micro_batches=1
-                )
+                    iter([(inputs, (labels, answer_docs))]), compute_loss=True, bcast_loss=False,
+                    num_micro_batches=1,
+                )  # fmt: skip
     if pipeline is None:
         return eval_results(all_reduce_sums(scores.sums))
     return eval_results(from_last_stage(pipeline[0], world, scores.sums))
