@@ -193,3 +193,36 @@ def test_a_two_source_mixture_trains_evaluates_per_source_and_resumes_at_dp2(
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(losses(one)[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
+    tiny_text: Path, tmp_path: Path
+) -> None:
+    """A curriculum over tokens (4 rows x 32 tokens a step: 384 tokens end stage 0 after step 3) read with
+    a loader worker: killed once step 3 is logged, the run resumes from its latest checkpoint across the
+    boundary, and every step logs the uninterrupted run's loss and per-source sample counts."""
+    import shutil
+
+    from conftest import sigkill_after_step
+
+    other = shutil.copytree(tiny_text, tmp_path / "other")
+    common = [
+        f"data.sources=[{{path: '{tiny_text}', name: main}}, {{path: '{other}'}}]",
+        "data.curriculum=[{until_tokens: 384, weights: {main: 1}}, {weights: {other: 1}}]",
+        "data.num_workers=1", "train.steps=6", "train.checkpoint_interval=1",
+    ]  # fmt: skip
+    whole = tmp_path / "whole"
+    run_ok(lm_cmd(whole, tiny_text, *common))
+    killed = tmp_path / "killed"
+    sigkill_after_step(lm_cmd(killed, tiny_text, *common), killed, 3, losses, env(), ROOT)
+    assert max(losses(killed)) < 6  # killed mid-run
+    run_ok(lm_cmd(killed, tiny_text, *common))
+
+    def steps(run_dir: Path) -> dict[int, tuple]:
+        keys = ("loss", "data/main/samples", "data/other/samples")
+        return {r["step"]: tuple(r[k] for k in keys) for r in records(run_dir) if "loss" in r}
+
+    reference = steps(whole)
+    assert reference[3][1:] == (12, 0) and reference[4][1:] == (12, 4)  # the boundary, in samples
+    assert steps(killed) == reference

@@ -171,6 +171,10 @@ def test_curriculum_config_errors_are_one_line(tmp_path, tiny_text):
         ("data.curriculum=[{until_step: 10, weights: {data: 0}}]", "data.curriculum[0].weights must be numbers >= 0"),
         ("data.curriculum=[{until_step: 10, weights: {data: 1}, anneal: linear}]",
          "data.curriculum[0].anneal=linear needs a stage before it"),
+        ("data.curriculum=[{until_tokens: 100, weights: {data: 1}}, {until_step: 50, weights: {other: 1}}]",
+         "data.curriculum[1]: until_step and until_tokens mix"),
+        ("data.curriculum=[{until_tokens: 100, weights: {data: 1}}, {until_tokens: 100, weights: {other: 1}}]",
+         "data.curriculum[1].until_tokens=100 must be above the previous stage's 100"),
     ]  # fmt: skip
     for curriculum, message in cases:
         with pytest.raises(ConfigError) as error:
