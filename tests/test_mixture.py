@@ -209,3 +209,26 @@ def test_with_stop_at_end_the_mixture_says_when_a_source_ran_out(three):
     assert not repeating.ran_out
     stopping.close()
     repeating.close()
+
+
+def test_an_in_order_source_is_read_in_written_order_every_epoch(three):
+    """in_order (data.sources[i].shuffle=false): the partitions walk their shards in index order with no
+    shuffle buffer, so sample ids (written order) only grow within an epoch and every epoch repeats it;
+    a state saved mid-epoch resumes in that order."""
+    b = three["b"]  # 4 shards of 10 samples: ids 0-39
+    stream = SampleStream(b, seed=3, global_batch=2, partitions=2, shuffle_buffer=6, in_order=True)
+    ids = [stream.take(range(2))["sample_id"].tolist() for _ in range(40)]
+    rows = list(zip(*ids))
+    assert rows[0][:20] == tuple(range(0, 10)) + tuple(range(20, 30))  # partition 0: shards 0 and 2
+    assert rows[1][:20] == tuple(range(10, 20)) + tuple(range(30, 40))
+    assert rows[0][20:] == rows[0][:20] and rows[1][20:] == rows[1][:20]
+    shuffled = SampleStream(b, seed=3, global_batch=2, partitions=2, shuffle_buffer=6)
+    assert [shuffled.take(range(2))["sample_id"].tolist() for _ in range(20)] != ids[:20]
+    first = SampleStream(b, seed=3, global_batch=2, partitions=2, in_order=True)
+    for _ in range(13):
+        first.take(range(2))
+    resumed = SampleStream(b, seed=3, global_batch=2, partitions=2, in_order=True)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [resumed.take(range(2))["sample_id"].tolist() for _ in range(7)] == ids[13:20]
+    with pytest.raises(ValueError, match="shuffle_buffer|in_order"):
+        resumed.load_state_dict(SampleStream(b, seed=3, global_batch=2, partitions=2).state_dict())

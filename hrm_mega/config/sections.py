@@ -103,6 +103,9 @@ class DataSource:
     path: str = ""  # dataset directory with manifest.json
     weight: float = 1.0  # share of the samples, relative to the other sources' weights
     name: str = ""  # in metrics (data/NAME/..., eval/NAME/...); default: the directory's name
+    # false: read the rows in the order they were written, every epoch (a source sorted easy to hard:
+    # `prep puzzle-text --sort difficulty`, then `prep text --keep-order`); no shuffling
+    shuffle: bool = True
 
 
 @dataclass

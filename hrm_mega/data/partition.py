@@ -100,11 +100,13 @@ class PartitionPlan:
 
 
 def shard_partitions(
-    counts: Sequence[int], partitions: int, *, seed: int, shuffle_buffer: int
+    counts: Sequence[int], partitions: int, *, seed: int, shuffle_buffer: int, shuffle_shards: bool = True
 ) -> list[PartitionPlan]:
-    """Training partitions: shard i goes to partition i % P; shard order is reshuffled every epoch. A
-    split with fewer shards than partitions (a small dataset) is cut into P runs of consecutive samples
-    instead, so that every dataset with at least P samples trains at any partition count."""
+    """Training partitions: shard i goes to partition i % P; shard order is reshuffled every epoch (kept
+    with shuffle_shards=False: the partitions then move through the split's shards together, in the
+    order they were written). A split with fewer shards than partitions (a small dataset) is cut into P
+    runs of consecutive samples instead, so that every dataset with at least P samples trains at any
+    partition count."""
     if len(counts) >= partitions:
         segments = [
             tuple(Segment(i, 0, counts[i]) for i in range(p, len(counts), partitions))
@@ -117,7 +119,7 @@ def shard_partitions(
         ]
     return [
         PartitionPlan(
-            p, segments=segments[p], seed=seed, shuffle_segments=True, shuffle_buffer=shuffle_buffer
+            p, segments=segments[p], seed=seed, shuffle_segments=shuffle_shards, shuffle_buffer=shuffle_buffer
         )
         for p in range(partitions)
     ]

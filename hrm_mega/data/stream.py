@@ -35,7 +35,8 @@ class SampleStream:
     a transform (augmentation) is refused for text.
 
     Rows are local to this DP rank (0 .. global_batch/dp_size - 1). With `loop=True` (training) each
-    partition cycles through shuffled epochs forever. With `loop=False` (adaptive evaluation) the
+    partition cycles through shuffled epochs forever (`in_order=True`: through epochs in the order the
+    split was written, shard after shard, for a source sorted by difficulty). With `loop=False` (adaptive evaluation) the
     partitions are contiguous, unshuffled ranges of the split read once; `take` then returns fewer rows
     once partitions run dry (the `rows` field says which) and `exhausted` turns True at the end.
     """
@@ -58,6 +59,7 @@ class SampleStream:
         prefetch: int | None = None,
         shard_url: str = "",
         read_retries: int = 3,
+        in_order: bool = False,
     ) -> None:
         check_partitions(
             global_batch=global_batch,
@@ -67,6 +69,8 @@ class SampleStream:
             num_workers=num_workers,
             seed=seed,
         )
+        if in_order:  # the order the split was written in (say, easy to hard): no shuffling at all
+            shuffle_buffer = 0
         if shuffle_buffer is None:
             shuffle_buffer = DEFAULT_SHUFFLE_BUFFER if loop else 0
         if shuffle_buffer < 0:
@@ -83,14 +87,19 @@ class SampleStream:
                 f"partitions={partitions} exceeds the {sum(counts)} samples of {data_dir}/{split}; "
                 "lower partitions (each partition needs a sample)"
             )
-        make = shard_partitions if loop else range_partitions
-        plans = make(counts, partitions, seed=seed, shuffle_buffer=shuffle_buffer)
+        if loop:
+            plans = shard_partitions(
+                counts, partitions, seed=seed, shuffle_buffer=shuffle_buffer, shuffle_shards=not in_order
+            )
+        else:
+            plans = range_partitions(counts, partitions, seed=seed, shuffle_buffer=shuffle_buffer)
         if loop and any(p.size == 0 for p in plans):
             raise ValueError(
                 f"{data_dir}/{split}: partition {next(p.index for p in plans if not p.size)} has no samples"
             )
 
         self.split, self.seed, self.loop, self.shuffle_buffer = split, seed, loop, shuffle_buffer
+        self.in_order = in_order
         self.partitions, self.dp_rank, self.dp_size = partitions, dp_rank, dp_size
         self.num_workers = num_workers
         self.num_samples = sum(counts)
@@ -340,4 +349,5 @@ class SampleStream:
             "partitions": self.partitions,
             "shuffle_buffer": self.shuffle_buffer,
             "loop": self.loop,
+            **({"in_order": True} if self.in_order else {}),  # absent from states saved before it existed
         }

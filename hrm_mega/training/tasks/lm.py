@@ -229,6 +229,7 @@ class LMTask(Task):
                     num_workers=d.num_workers,
                     shuffle_buffer=d.shuffle_buffer,
                     corrupt_policy=d.corrupt_policy,
+                    in_order=not s.shuffle,
                 ),
             )  # fmt: skip
             for i, s in enumerate(d.sources)
