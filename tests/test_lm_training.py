@@ -201,14 +201,16 @@ def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
 ) -> None:
     """A curriculum over tokens (4 rows x 32 tokens a step: 384 tokens end stage 0 after step 3) read with
     a loader worker: killed once step 3 is logged, the run resumes from its latest checkpoint across the
-    boundary, and every step logs the uninterrupted run's loss and per-source sample counts."""
+    boundary, and every step logs the uninterrupted run's loss and per-source sample counts. The second
+    source reads its shards through a `pipe:` command."""
     import shutil
 
     from conftest import sigkill_after_step
 
     other = shutil.copytree(tiny_text, tmp_path / "other")
+    url = f"pipe:cat {other}/{{split}}/{{name}}"  # the second source's shards through webdataset's pipe:
     common = [
-        f"data.sources=[{{path: '{tiny_text}', name: main}}, {{path: '{other}'}}]",
+        f"data.sources=[{{path: '{tiny_text}', name: main}}, {{path: '{other}', shard_url: '{url}'}}]",
         "data.curriculum=[{until_tokens: 384, weights: {main: 1}}, {weights: {other: 1}}]",
         "data.num_workers=1", "train.steps=6", "train.checkpoint_interval=1",
     ]  # fmt: skip
@@ -226,3 +228,5 @@ def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
     reference = steps(whole)
     assert reference[3][1:] == (12, 0) and reference[4][1:] == (12, 4)  # the boundary, in samples
     assert steps(killed) == reference
+    final = records(whole)[-1]
+    assert final["eval/other/loss"] == pytest.approx(final["eval/main/loss"])  # the same shards, piped

@@ -94,8 +94,13 @@ def text_source(tmp_path: Path, tiny_text: Path, name: str, edit=None) -> Path:
     return copy
 
 
-def sources_config(tmp_path, *sources: tuple[Path, float]):
-    listed = "[" + ", ".join(f"{{path: '{p}', weight: {w}}}" for p, w in sources) + "]"
+def sources_config(tmp_path, *sources: tuple):
+    """(path, weight) or (path, weight, shard_url) per source."""
+    listed = (
+        "["
+        + ", ".join(f"{{path: '{s[0]}', weight: {s[1]}, shard_url: '{(*s, '')[2]}'}}" for s in sources)
+        + "]"
+    )
     return load_config(recipe("lm/hrmgemma_tiny.yaml"), [f"data.sources={listed}", "data.partitions=2",
                        f"log.out_dir={tmp_path}/run"], world_size=1, command="train")  # fmt: skip
 
@@ -113,6 +118,10 @@ def test_a_mixture_config_is_checked_in_one_line_before_training(tmp_path, tiny_
         ([(tiny_text, 1), (tmp_path / "missing", 1)], "data.sources[1] (missing: "),
         ([(tiny_text, 1), (foreign, 1)], "data.sources[1] (foreign: "),
         ([(tiny_text, 1), (tiny_text, 1)], "data.sources[1].name='data' repeats an earlier source's"),
+        (
+            [(tiny_text, 1), (other, 1, "ftp://host/{name}")],
+            "data.sources[1].shard_url='ftp://host/{name}': unknown scheme 'ftp'",
+        ),
     ]
     for sources, message in cases:
         with pytest.raises(ConfigError) as error:

@@ -57,14 +57,14 @@ SHARD_URL_SCHEMES = (
 )
 
 
-def check_shard_url(template: str) -> None:
-    """data.shard_url names every shard ({name}) through a scheme the reader knows; else one line."""
+def check_shard_url(template: str, field: str = "data.shard_url") -> None:
+    """A shard_url names every shard ({name}) through a scheme the reader knows; else one line."""
     if "{name}" not in template:
-        raise ConfigError(f"data.shard_url={template!r} has no {{name}} (the shard's file name) in it")
+        raise ConfigError(f"{field}={template!r} has no {{name}} (the shard's file name) in it")
     if not template.startswith(SHARD_URL_SCHEMES):
         scheme = template.split(":", 1)[0]
         raise ConfigError(
-            f"data.shard_url={template!r}: unknown scheme {scheme!r}; use pipe:COMMAND, http(s)://, gs://, or "
+            f"{field}={template!r}: unknown scheme {scheme!r}; use pipe:COMMAND, http(s)://, gs://, or "
             "another webdataset scheme"
         )
 
@@ -106,6 +106,7 @@ class DataSource:
     # false: read the rows in the order they were written, every epoch (a source sorted easy to hard:
     # `prep puzzle-text --sort difficulty`, then `prep text --keep-order`); no shuffling
     shuffle: bool = True
+    shard_url: str = ""  # where this source's shards are read from, as data.shard_url for data.path
 
 
 @dataclass
@@ -152,7 +153,7 @@ class DataConfig:
             check_shard_url(self.shard_url)
             if self.sources:
                 raise ConfigError(
-                    "data.shard_url applies to data.path; it cannot combine with data.sources yet"
+                    "data.shard_url applies to data.path; give each source its own data.sources[i].shard_url"
                 )
         if self.sources:
             self._validate_sources()
@@ -166,6 +167,8 @@ class DataConfig:
                 raise ConfigError(f"data.sources[{i}].path is empty")
             if not math.isfinite(s.weight) or s.weight < 0:
                 raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a number >= 0")
+            if s.shard_url:
+                check_shard_url(s.shard_url, f"data.sources[{i}].shard_url")
             s.name = s.name or Path(s.path.rstrip("/")).name
             if s.name in names:
                 raise ConfigError(

@@ -123,9 +123,9 @@ def evaluate_lm_checkpoint(model, config, args: argparse.Namespace, device) -> i
     world = World(rank=0, world_size=1, local_rank=0, dp_rank=0, dp_size=1, device=device)
     cycles = args.cycles or config.model.h_cycles
     # A mixture's checkpoint without --data: every source's eval split, one line each, as in training.
-    sources = [(s.name, s.path) for s in config.data.sources] if not args.data else []
-    for name, path in sources or [(None, config.data.path)]:
-        data = replace(config.data, path=path, sources=[])
+    sources = [(s.name, s.path, s.shard_url) for s in config.data.sources] if not args.data else []
+    for name, path, url in sources or [(None, config.data.path, config.data.shard_url)]:
+        data = replace(config.data, path=path, shard_url=url, sources=[])
         metrics = evaluate_lm(model, replace(config, train=train, data=data), world, cycles=cycles)
         where = {"source": name} if name else {}
         print(json.dumps({**where, "split": data.eval_split, "cycles": cycles, **metrics}), flush=True)

@@ -229,6 +229,8 @@ class LMTask(Task):
                     num_workers=d.num_workers,
                     shuffle_buffer=d.shuffle_buffer,
                     corrupt_policy=d.corrupt_policy,
+                    shard_url=s.shard_url,
+                    read_retries=d.read_retries,
                     in_order=not s.shuffle,
                 ),
             )  # fmt: skip
@@ -260,7 +262,8 @@ class LMTask(Task):
         if baseline is not None:
             results["eval/unigram_baseline"] = float(baseline)
         for source in self.config.data.sources:
-            config = replace(self.config, data=replace(self.config.data, path=source.path))
+            data = replace(self.config.data, path=source.path, shard_url=source.shard_url, sources=[])
+            config = replace(self.config, data=data)
             own = evaluate_lm(trainer.model, config, trainer.world, trainer.ema, pipeline=pipeline)
             results |= {f"eval/{source.name}/{k}": v for k, v in own.items()}
         return results
