@@ -164,6 +164,11 @@ def test_every_recipe_passes_the_checks_of_its_command() -> None:
     datasets are not built here, so the manifest checks are skipped)."""
     for recipe in sorted((ROOT / "configs").glob("*/*.yaml")):
         command = "rl" if recipe.parent.name == "rl" else "train"
+        if load_config(recipe).data.sources:  # a mixture: its sources must exist (make demo-lm builds them)
+            missing = ["data.sources=[{path: /nonexistent/text}]"]
+            with pytest.raises(ConfigError, match=r"data.sources\[0\] .*: no manifest.json there"):
+                load_config(recipe, missing, world_size=config_world(recipe), command=command)
+            continue
         sets = ["data.path=/nonexistent/data"]  # some recipes leave it to the user
         config = load_config(recipe, sets, world_size=config_world(recipe), command=command)
         assert config.validate(command=command) is config

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from hrm_mega.prep.sudoku_solver import generate as generate_sudoku
 from hrm_mega.rl import rewards
 from hrm_mega.rl.rewards import (
     RewardError,
+    answer_exact_match,
     combine_rewards,
     compute_fraction,
     get_reward,
@@ -195,7 +199,8 @@ def test_answer_format() -> None:
 
 
 def test_builtin_names() -> None:
-    expected = {"sudoku_valid", "maze_valid", "maze_path_length", "arithmetic_exact_match", "answer_format"}
+    expected = {"sudoku_valid", "maze_valid", "maze_path_length", "arithmetic_exact_match", "answer_format",
+                "answer_exact_match"}  # fmt: skip
     assert expected <= set(reward_names())
 
 
@@ -226,6 +231,63 @@ def test_register_and_combine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert total.tolist() == [1.0 + 0.5, 0.0 + 1.0]
     with pytest.raises(RewardError, match="unknown reward 'nope'"):
         combine_rewards({"nope": 1.0}, completions=["1"])
+
+
+USER_REWARDS = """
+import time
+import torch
+
+def exact(*, completions, answers, **_):
+    return torch.tensor([float(c.strip() == a) for c, a in zip(completions, answers)])
+
+def boom(*, completions, **_):
+    raise KeyError("no field 'difficulty'\\nsecond line")
+
+def slow(*, completions, **_):
+    time.sleep(30)
+    return torch.zeros(len(completions))
+
+def wrong_shape(*, completions, **_):
+    return torch.zeros(len(completions), 2)
+
+NOT_CALLABLE = 3
+"""
+
+
+def test_module_function_rewards_and_their_one_line_errors(tmp_path, monkeypatch) -> None:
+    """rl.rewards may name any importable function as module:function; a reward that raises, runs over
+    its time limit or returns the wrong shape stops with one line naming it."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg/__init__.py").write_text("")
+    (tmp_path / "mypkg/rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    samples = {"prompts": ["1+1=", "2+2="], "completions": [" 2", "5"], "answers": ["2", "4"]}
+    total, parts = combine_rewards({"mypkg.rewards:exact": 2.0}, timeout=5, **samples)
+    assert parts["mypkg.rewards:exact"].tolist() == [1.0, 0.0] and total.tolist() == [2.0, 0.0]
+    cases = {
+        "mypkg.rewards:boom": "reward 'mypkg.rewards:boom' raised KeyError: \"no field 'difficulty'",
+        "mypkg.rewards:slow": "reward 'mypkg.rewards:slow' took longer than 0.3 s (rl.reward_timeout)",
+        "mypkg.rewards:wrong_shape": "reward 'mypkg.rewards:wrong_shape' returned (2, 2); expected a tensor",
+        "mypkg.rewards:nope": "reward 'mypkg.rewards:nope': mypkg.rewards has no function 'nope'",
+        "mypkg.rewards:NOT_CALLABLE": "has no function 'NOT_CALLABLE'",
+        "mypkg.missing:exact": "reward 'mypkg.missing:exact': cannot import 'mypkg.missing'",
+    }
+    for name, message in cases.items():
+        start = time.perf_counter()
+        with pytest.raises(RewardError) as info:
+            combine_rewards({name: 1.0}, timeout=0.3, **samples)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+        assert time.perf_counter() - start < 5  # the slow one is cut off, not waited for
+    handler, timer = signal.getsignal(signal.SIGALRM), signal.getitimer(signal.ITIMER_REAL)
+    combine_rewards({"mypkg.rewards:exact": 1.0}, timeout=0.3, **samples)
+    assert signal.getsignal(signal.SIGALRM) is handler  # a runner's own timer (pytest-timeout's) survives
+    assert (signal.getitimer(signal.ITIMER_REAL)[0] > 0) == (timer[0] > 0)
+
+
+def test_answer_exact_match_compares_whole_answers() -> None:
+    grid = "123\n456"
+    scores = answer_exact_match(completions=[" 123\n456\n", "123\n457", "123"], answers=[grid] * 3)
+    assert scores.tolist() == [1.0, 0.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -236,12 +236,42 @@ def test_engine_view_calls_the_engine_and_reads_the_module() -> None:
 # --- whole runs --------------------------------------------------------------------------------------
 
 
+USER_REWARDS = '''
+import torch
+
+def exact(*, completions, answers, metadata, **_):
+    """A user's reward named as mypkg.rewards:exact: the answer, and the record's task in metadata."""
+    assert all("task" in m for m in metadata)
+    return torch.tensor([float(c.strip() == a) for c, a in zip(completions, answers)])
+
+def boom(*, completions, **_):
+    raise KeyError("difficulty")
+'''
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
+    """Reward modules on the runs' PYTHONPATH (mods/), and a JSONL prompt set (prompts/) of arithmetic
+    records as `hrm-mega prep corpus --format jsonl` writes them."""
+    from hrm_mega.prep.cli import main as prep_main
+
     root = tmp_path_factory.mktemp("rl")
-    (root / "mods").mkdir()
+    (root / "mods/mypkg").mkdir(parents=True)
     (root / "mods/rl_test_rewards.py").write_text(REWARDS_MODULE)
+    (root / "mods/mypkg/__init__.py").write_text("")
+    (root / "mods/mypkg/rewards.py").write_text(USER_REWARDS)
+    argv = ["corpus", "--out", str(root / "prompts"), "--docs", "64", "--test-docs", "8", "--format", "jsonl"]
+    assert prep_main([*argv, "--tasks", "add,sub", "--max-digits", "2"]) == 0
     return root
+
+
+def jsonl_prompts(workdir: Path) -> list[str]:
+    p = workdir / "prompts"
+    return [
+        "rl.prompts=jsonl",
+        f"rl.prompt_file={p / 'train.jsonl'}",
+        f"rl.eval_prompt_file={p / 'test.jsonl'}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +397,9 @@ def test_rl_errors_are_one_line(workdir: Path, puzzle_init, lm_init, tmp_path: P
         (puzzle_cmd(tmp_path / "d", puzzle_init, "rl.reward_modules=[nope]"), "cannot import 'nope'"),
         (puzzle_cmd(tmp_path / "e", (puzzle_init[0], lm_init[1])), "holds a hrm_gemma model"),
         (puzzle_cmd(tmp_path / "f", puzzle_init, "rl.prompts_per_step=3"), "divide rl.prompts_per_step=3"),
+        (lm_cmd(tmp_path / "h", lm_init, *jsonl_prompts(workdir), "rl.rewards={'mypkg.rewards:boom': 1}"),
+         "reward 'mypkg.rewards:boom' raised KeyError: 'difficulty'"),
+        (lm_cmd(tmp_path / "i", lm_init, "rl.prompts=jsonl"), "rl.prompts=jsonl needs rl.prompt_file"),
     ]  # fmt: skip
     for cmd, message in cases:
         out = subprocess.run(cmd, env=env(workdir), capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -427,7 +460,10 @@ def test_dropping_uniform_groups_rescales_the_update_and_keeps_dp2_equal_to_dp1(
 
 @pytest.mark.slow
 def test_lm_grpo_dp2_equals_dp1(workdir: Path, lm_init, tmp_path: Path) -> None:
-    common = ("train.steps=3", "rl.iterations=2", "rl.beta=0.05", "rl.aggregation=seq_mean_token_mean")
+    """Also the users' path: a JSONL prompt set and a reward named as module:function (which reads the
+    records' other fields as metadata)."""
+    common = ("train.steps=3", "rl.iterations=2", "rl.beta=0.05", "rl.aggregation=seq_mean_token_mean",
+              *jsonl_prompts(workdir), "rl.rewards={test_length: 1.0, 'mypkg.rewards:exact': 1.0}")  # fmt: skip
     run_ok(lm_cmd(tmp_path / "dp1", lm_init, *common), workdir)
     run_ok(lm_cmd(tmp_path / "dp2", lm_init, *common, nproc=2), workdir)
     one, two = steps(tmp_path / "dp1"), steps(tmp_path / "dp2")
@@ -440,6 +476,11 @@ def test_lm_grpo_dp2_equals_dp1(workdir: Path, lm_init, tmp_path: Path) -> None:
         for key in ("kl", "entropy", "grad_norm"):
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-8), (step, key)
     assert any(abs(r["loss"]) > 1e-6 for r in one.values())
+    assert "reward/mypkg.rewards:exact" in one[1]
+    final = [
+        json.loads(x) for x in (tmp_path / "dp1/metrics.jsonl").read_text().splitlines() if "eval/" in x
+    ][-1]
+    assert final["eval/questions"] == 8 and 0.0 <= final["eval/exact_accuracy"] <= 1.0
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = ("train", "rl")
 # The rewards hrm_mega/rl/rewards.py registers (tests/test_config_errors.py keeps the two lists equal);
 # other names must come from a module in rl.reward_modules, which only the RL trainer imports.
 BUILTIN_REWARDS = (
+    "answer_exact_match",
     "answer_format",
     "arithmetic_exact_match",
     "maze_path_length",
@@ -184,7 +185,7 @@ def check_rl(c: Config) -> None:
         raise ConfigError(
             "rl.rewards is empty; name at least one reward, e.g. --set rl.rewards.sudoku_valid=1"
         )
-    unknown = [name for name in rl.rewards if name not in BUILTIN_REWARDS]
+    unknown = [name for name in rl.rewards if name not in BUILTIN_REWARDS and ":" not in name]
     if unknown and not rl.reward_modules:
         raise ConfigError(
             f"rl.rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(BUILTIN_REWARDS)} (or "
@@ -206,9 +207,9 @@ def check_rl(c: Config) -> None:
                 f"data.partitions={d.partitions} does not divide rl.prompts_per_step={rl.prompts_per_step}"
             )
     else:
-        if rl.prompts != "arithmetic":
+        if rl.prompts == "dataset":
             raise ConfigError(
-                "rl.prompts=dataset applies to puzzles; language models use rl.prompts=arithmetic"
+                "rl.prompts=dataset applies to puzzles; language models use rl.prompts=arithmetic or jsonl"
             )
         if rl.algorithm == "ppo" and not c.model.value_head:
             raise ConfigError(

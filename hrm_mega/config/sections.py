@@ -360,12 +360,22 @@ class RLConfig:
     value_coef: float = 0.1
     # Rewards by registered name (hrm_mega/rl/rewards.py) with their weights; then
     # reward -= compute_cost_lambda * compute used / budget (ACT segments, or H cycles per token).
+    # A name is a registered reward or any importable function as module:function.
     rewards: dict[str, float] = field(default_factory=dict)
     reward_modules: list[str] = field(default_factory=list)  # imported first: their @register_reward runs
+    reward_timeout: float = 60.0  # seconds a reward call may take (0: no limit); over it, the run stops
     compute_cost_lambda: float = 0.0
-    # Prompts: dataset (puzzles: the train split of data.path) or arithmetic (LM: generated a+b=, a-b=,
-    # a*b= questions in the corpus format, operands of 1..arithmetic_max_digits digits, keyed by seed).
-    prompts: Literal["dataset", "arithmetic"] = "dataset"
+    # Prompts: dataset (puzzles: the train split of data.path), arithmetic (LM: generated a+b=, a-b=,
+    # a*b= questions in the corpus format, operands of 1..arithmetic_max_digits digits, keyed by seed) or
+    # jsonl (LM: records of prompt_file, with eval_prompt_file held out; docs/rl.md).
+    prompts: Literal["dataset", "arithmetic", "jsonl"] = "dataset"
+    prompt_file: str = ""  # jsonl: one JSON object per line with prompt_field and answer_field
+    eval_prompt_file: str = ""  # jsonl: the held-out questions (its first eval_prompts records)
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"  # the reference answer rewards get as `answers`; other fields: `metadata`
+    # What the model sees: the prompt put into this template, e.g. Gemma's chat turns
+    # "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n" (rewards get the bare prompt).
+    prompt_template: str = "{prompt}"
     arithmetic_ops: list[str] = field(default_factory=lambda: ["+", "-", "*"])
     arithmetic_max_digits: int = 4
     arithmetic_train_pool: int = 0  # 0: new train questions every step; N: cycle through a fixed N of them
@@ -376,6 +386,26 @@ class RLConfig:
             self, "rl", "prompts_per_step", "group_size", "iterations", "max_new_tokens", "rollout_chunk"
         )
         positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
+        if self.reward_timeout < 0:
+            raise ConfigError(f"rl.reward_timeout={self.reward_timeout} must be >= 0 (0: no limit)")
+        try:
+            filled = self.prompt_template.format(prompt="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"rl.prompt_template={self.prompt_template!r}: not a format string with one field "
+                f"{{prompt}} ({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}"
+            ) from None
+        if "\0" not in filled:
+            raise ConfigError(f"rl.prompt_template={self.prompt_template!r} must contain {{prompt}}")
+        if self.prompts == "jsonl":
+            for name in ("prompt_file", "eval_prompt_file"):
+                path = getattr(self, name)
+                if not path:
+                    raise ConfigError(
+                        f"rl.prompts=jsonl needs rl.{name} (a JSONL file of prompt/answer records)"
+                    )
+                if not Path(path).is_file():
+                    raise ConfigError(f"rl.{name}={path}: no such file")
         if self.arithmetic_train_pool < 0:
             raise ConfigError(
                 f"rl.arithmetic_train_pool={self.arithmetic_train_pool} must be >= 0 (0 = no pool)"

@@ -9,16 +9,21 @@ needs and ignores the rest (`**_`). The names a trainer passes:
     text      prompts list[str], completions list[str] (decoded, without special tokens),
               finished [N] bool (the completion ended with eos), answers list[str] (when the data has them)
 
-Add a reward with the decorator:
+Add a reward with the decorator (its module named in rl.reward_modules):
 
     @register_reward("my_reward")
     def my_reward(*, completions: list[str], **_: object) -> torch.Tensor: ...
+
+or name any importable function as `module:function` in rl.rewards (`mypkg.rewards:exact: 1.0`), as
+TRL's reward_funcs take callables. Each call has a time limit (combine_rewards' `timeout`); a reward that
+raises, runs over it or returns the wrong shape stops the run with one line naming it.
 
 Built in (token layouts are HRM's, docs/data_format.md; rewards need no labels):
     sudoku_valid            1 if the grid is a solved sudoku that keeps the puzzle's givens
     maze_valid              1 if the marked cells form a simple path from S to G through open cells
     maze_path_length        shortest / marked path length for a valid path (1 = a shortest path), else 0
     arithmetic_exact_match  1 if the completion's answer is the prompt's `a+b=`, `a-b=` or `a*b=` result
+    answer_exact_match      1 if the completion, surrounding whitespace aside, is the reference answer
     answer_format           1 if the completion is a single integer (and ended with eos, when known)
 
 Halting-aware shaping: `shape_for_compute(reward, compute_fraction(used, max), lam)` is
@@ -28,7 +33,11 @@ sample's tokens (averaged over its tokens and blocks).
 
 from __future__ import annotations
 
+import importlib
 import re
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,9 +67,24 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
-    """The reward registered under `name`."""
+    """The reward registered under `name`, or the function a `module:function` name points at."""
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise RewardError(
+                f"reward {name!r}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?"
+            ) from None
+        fn = getattr(module, attribute, None)
+        if not callable(fn):
+            raise RewardError(f"reward {name!r}: {module_name} has no function {attribute!r}")
+        return fn
     if name not in _REWARDS:
-        raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(reward_names())}")
+        raise RewardError(
+            f"unknown reward {name!r}; known rewards: {', '.join(reward_names())} (or name a function as "
+            "module:function)"
+        )
     return _REWARDS[name]
 
 
@@ -69,16 +93,84 @@ def reward_names() -> list[str]:
 
 
 def combine_rewards(
-    weights: Mapping[str, float], **samples: Any
+    weights: Mapping[str, float], *, timeout: float = 0.0, **samples: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_name weight * reward(**samples) -> (total [N] fp32, each reward [N] by name)."""
+    """sum_name weight * reward(**samples) -> (total [N] fp32, each reward [N] by name). Each call may
+    take at most `timeout` seconds (0: no limit; enforced from the main thread only, see call_reward)."""
     if not weights:
         raise RewardError(
             "no rewards configured; name at least one (known rewards: " + ", ".join(reward_names()) + ")"
         )
-    parts = {name: get_reward(name)(**samples).float() for name in weights}
+    parts = {name: call_reward(name, timeout, samples) for name in weights}
     total = sum(weights[name] * parts[name] for name in weights)
     return total, parts
+
+
+class _RewardTimeout(BaseException):  # not an Exception: a reward's own `except Exception` cannot swallow it
+    pass
+
+
+def call_reward(name: str, timeout: float, samples: dict[str, Any]) -> torch.Tensor:
+    """One reward's scores as an fp32 [N] tensor, or a one-line RewardError naming the reward when it
+    raises, runs over `timeout` seconds or returns something else. The time limit is a SIGALRM timer,
+    which interrupts Python code (and sleeps) but only exists in the main thread; elsewhere the call
+    runs without one. A timer someone else had set (a test runner's) is put back with its remaining
+    time, and still fires first if it is due first."""
+    fn = get_reward(name)
+    if not (timeout > 0 and threading.current_thread() is threading.main_thread()):
+        return _checked(name, _call(name, fn, samples, timeout), samples)
+    start, returned = time.monotonic(), []
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def expired(signum: int, frame: Any) -> None:
+        if time.monotonic() - start >= timeout * 0.999:
+            if not returned:  # not in the instant between the reward's return and the timer's reset
+                raise _RewardTimeout
+            return
+        if callable(previous):  # the outer timer was due first
+            previous(signum, frame)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, min(timeout, outer_delay) if outer_delay > 0 else timeout)
+        scores = _call(name, fn, samples, timeout)
+        returned.append(True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:
+            left = outer_delay - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
+    return _checked(name, scores, samples)
+
+
+def _call(name: str, fn: RewardFn, samples: dict[str, Any], timeout: float) -> Any:
+    try:
+        return fn(**samples)
+    except _RewardTimeout:
+        raise RewardError(f"reward {name!r} took longer than {timeout:g} s (rl.reward_timeout)") from None
+    except RewardError:
+        raise
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise RewardError(
+            f"reward {name!r} raised {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+        ) from None
+
+
+def _checked(name: str, scores: Any, samples: dict[str, Any]) -> torch.Tensor:
+    n = _sample_count(samples)
+    if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise RewardError(f"reward {name!r} returned {got}; expected a tensor of one score per sample [{n}]")
+    return scores.float()
+
+
+def _sample_count(samples: dict[str, Any]) -> int:
+    for key in ("completions", "tokens"):
+        if key in samples:
+            return len(samples[key])
+    return len(next(iter(samples.values())))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +384,15 @@ def arithmetic_exact_match(
             )
         scores.append(float(completion_answer(completion) == expected))
     return torch.tensor(scores)
+
+
+@register_reward("answer_exact_match")
+def answer_exact_match(*, completions: list[str], answers: list[str], **_: Any) -> torch.Tensor:
+    """1 where the completion equals the reference answer, surrounding whitespace aside (multi-line
+    answers, such as a puzzle's grid, compare whole)."""
+    if len(answers) != len(completions):
+        raise RewardError(f"answer_exact_match: {len(completions)} completions but {len(answers)} answers")
+    return torch.tensor([float(c.strip() == a.strip()) for c, a in zip(completions, answers)])
 
 
 @register_reward("answer_format")

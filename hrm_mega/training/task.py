@@ -34,7 +34,7 @@ TASKS = {
     "lm": "hrm_mega.training.tasks.lm:LMTask",
     "rl": "hrm_mega.training.tasks.rl:RLTask",
     "rl/puzzle": "hrm_mega.training.tasks.rl_puzzle:PuzzleEnvironment",
-    "rl/lm": "hrm_mega.training.tasks.rl_lm:ArithmeticEnvironment",
+    "rl/lm": "hrm_mega.training.tasks.rl_lm:TextEnvironment",
 }
 
 

@@ -1,13 +1,16 @@
-"""RL post-training of HRMGemma: GRPO or PPO (value head) on generated arithmetic questions.
+"""RL post-training of HRMGemma: GRPO or PPO (value head) on generated arithmetic questions or the
+user's JSONL prompts.
 
 data.path is the text dataset the model was pretrained on; RL reads its tokenizer (and checks it is the
-model's), not its rows. Prompts come from hrm_mega.rl.prompts.ArithmeticPrompts. A rollout decodes with KV caches
+model's), not its rows. Prompts come from hrm_mega.rl.prompts (ArithmeticPrompts, or JsonlPrompts with
+rl.prompts=jsonl), put into rl.prompt_template for the model. A rollout decodes with KV caches
 and per-token halting (rl.max_cycles, rl.halt_threshold), temperature, top-k and top-p, in chunks of
 rl.rollout_chunk prompts whose draws are seeded by (seed, step, chunk): the same prompt gets the same
 completions at any data-parallel size. Completions are decoded to text for the rewards.
 
 Evaluation answers the held-out questions greedily (with the same halting settings) and reports exact
-accuracy, the answer-format rate and the mean H cycles per generated token.
+accuracy (arithmetic: also per operation and the answer-format rate) and the mean H cycles per
+generated token.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from hrm_mega.config import ConfigError
 from hrm_mega.data.shards import dataset_tokenizer
 from hrm_mega.distributed import all_reduce_sums
 from hrm_mega.inference.generate import generate, left_pad
-from hrm_mega.rl.prompts import ArithmeticPrompts
+from hrm_mega.rl.prompts import ArithmeticPrompts, JsonlPrompts, Question
 from hrm_mega.rl.rewards import (
+    answer_exact_match,
     answer_format,
     arithmetic_exact_match,
     combine_rewards,
@@ -40,9 +44,9 @@ EVAL_BATCH = 64
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}  # for the per-operation accuracy metrics
 
 
-class ArithmeticEnvironment(Environment):
+class TextEnvironment(Environment):
     compute_metric = "mean_cycles"
-    stream: ArithmeticPrompts
+    stream: ArithmeticPrompts | JsonlPrompts
 
     def read_data(self, manifest: dict[str, Any]) -> None:
         """The dataset's tokenizer (load_config has checked that there is one)."""
@@ -59,16 +63,29 @@ class ArithmeticEnvironment(Environment):
         self.bos_id, self.eos_id = self.tokenizer.bos_id(), self.tokenizer.eos_id()
         self.pad_id = max(self.tokenizer.pad_id(), 0)
 
-    def build_stream(self, trainer: Trainer) -> ArithmeticPrompts:
-        rl = self.config.rl
+    def build_stream(self, trainer: Trainer) -> ArithmeticPrompts | JsonlPrompts:
+        rl, seed = self.config.rl, self.config.train.seed
+        if rl.prompts == "jsonl":
+            try:
+                self.stream = JsonlPrompts(
+                    rl.prompt_file, rl.eval_prompt_file, seed=seed, per_step=rl.prompts_per_step,
+                    eval_count=rl.eval_prompts, prompt_field=rl.prompt_field, answer_field=rl.answer_field,
+                )  # fmt: skip
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return self.stream
         self.stream = ArithmeticPrompts(
-            self.config.train.seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts,
-            rl.prompts_per_step, rl.arithmetic_train_pool,
+            seed, rl.arithmetic_ops, rl.arithmetic_max_digits, rl.eval_prompts, rl.prompts_per_step,
+            rl.arithmetic_train_pool,
         )  # fmt: skip
         check_prompt_boundary(
             self.tokenizer, self.stream.eval_set, f"{self.config.data.path}/tokenizer.model"
         )
         return self.stream
+
+    def questions(self, step: int, start: int, count: int) -> list[Question]:
+        """This step's questions as (prompt, answer, metadata); arithmetic ones have no metadata."""
+        return [(*q, {})[:3] for q in self.stream.train_questions(step, start, count)]
 
     def load_state(self, trainer: Trainer, prompts: int) -> None:
         self.stream.handed_out = trainer.step * prompts
@@ -81,17 +98,20 @@ class ArithmeticEnvironment(Environment):
         return {"max_cycles": rl.max_cycles or None, "halt_threshold": rl.halt_threshold or None}
 
     def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = left_pad([[self.bos_id, *self.tokenizer.encode(p)] for p in prompts], pad_id=self.pad_id)
+        """The prompts in rl.prompt_template, tokenized after a BOS and left-padded."""
+        template = self.config.rl.prompt_template
+        encoded = [[self.bos_id, *self.tokenizer.encode(template.format(prompt=p))] for p in prompts]
+        ids, mask = left_pad(encoded, pad_id=self.pad_id)
         return ids.to(device), mask.to(device)
 
     def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
         rl = self.config.rl
         device = trainer.world.device
         start = trainer.world.dp_rank * prompts
-        questions = self.stream.train_questions(trainer.step, start, prompts)
+        questions = self.questions(trainer.step, start, prompts)
         chunks = []
         for first in range(0, len(questions), rl.rollout_chunk):
-            ids, mask = self.encode([p for p, _ in questions[first : first + rl.rollout_chunk]], device)
+            ids, mask = self.encode([q[0] for q in questions[first : first + rl.rollout_chunk]], device)
             seed = step_seed(self.config.train.seed, trainer.step, start + first)
             chunks.append(lm_rollout(
                 trainer.model, ids, attention_mask=mask, group_size=rl.group_size,
@@ -103,8 +123,8 @@ class ArithmeticEnvironment(Environment):
         completions = [self.tokenizer.decode(t) for t in ro.completion_lists(self.eos_id)]
         repeat = [q for q in questions for _ in range(rl.group_size)]
         total, parts = combine_rewards(
-            rl.rewards, prompts=[p for p, _ in repeat], completions=completions, finished=ro.finished,
-            answers=[a for _, a in repeat],
+            rl.rewards, timeout=rl.reward_timeout, prompts=[q[0] for q in repeat], completions=completions,
+            finished=ro.finished, answers=[q[1] for q in repeat], metadata=[q[2] for q in repeat],
         )  # fmt: skip
         budget = rl.max_cycles or self.config.model.h_cycles
         fraction = compute_fraction(ro.cycles, budget, ro.completion_mask)
@@ -120,17 +140,18 @@ class ArithmeticEnvironment(Environment):
     @torch.no_grad()
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         """Greedy answers to this rank's share of the held-out questions; summed over ranks. Reports exact
-        accuracy overall and per operation (eval/exact_accuracy_add, _sub, _mul), the answer-format rate
-        and the mean H cycles per generated token."""
+        accuracy, and the mean H cycles per generated token; arithmetic also per operation
+        (eval/exact_accuracy_add, _sub, _mul) and the answer-format rate."""
         rl = self.config.rl
-        mine = self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]
+        arithmetic = rl.prompts == "arithmetic"
+        mine = [(*q, {})[:3] for q in self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]]
         ops = list(OP_NAMES.values())
         op_keys = [f"{k}_{op}" for op in ops for k in "nr"]  # n_/r_: questions, right answers
         sums = dict.fromkeys(("questions", "exact", "format", "cycles", "tokens", *op_keys), 0.0)
         with eval_mode(trainer.model) as model:
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
-                prompts = [p for p, _ in part]
+                prompts, answers = [q[0] for q in part], [q[1] for q in part]
                 ids, mask = self.encode(prompts, trainer.world.device)
                 gen = generate(
                     model, ids, attention_mask=mask, max_new_tokens=rl.max_new_tokens, greedy=True,
@@ -139,33 +160,41 @@ class ArithmeticEnvironment(Environment):
                 rows = list(zip(gen.tokens.tolist(), gen.lengths.tolist()))
                 texts = [self.tokenizer.decode([t for t in row[:n] if t != self.eos_id]) for row, n in rows]
                 finished = torch.tensor([n > 0 and row[n - 1] == self.eos_id for row, n in rows])
-                exact = arithmetic_exact_match(
-                    prompts=prompts, completions=texts, answers=[a for _, a in part]
-                )
+                match = arithmetic_exact_match if arithmetic else answer_exact_match
+                exact = match(prompts=prompts, completions=texts, answers=answers)
                 real = torch.arange(gen.tokens.shape[1])[None, :] < gen.lengths.cpu()[:, None]
                 sums["questions"] += len(part)
                 sums["exact"] += float(exact.sum())
                 sums["format"] += float(answer_format(completions=texts, finished=finished).sum())
                 sums["cycles"] += float(gen.cycles.cpu()[real].float().mean(dim=-1).sum())  # per token
                 sums["tokens"] += float(real.sum())
-                for prompt, right in zip(prompts, exact.tolist()):
+                for prompt, right in zip(prompts, exact.tolist()) if arithmetic else ():
                     sums[f"n_{OP_NAMES[operation(prompt)]}"] += 1
                     sums[f"r_{OP_NAMES[operation(prompt)]}"] += float(right)
         s = all_reduce_sums(sums)
         per_op = {f"eval/exact_accuracy_{op}": s[f"r_{op}"] / s[f"n_{op}"] for op in ops if s[f"n_{op}"]}
-        return {
+        out = {
             "eval/exact_accuracy": s["exact"] / max(s["questions"], 1.0),
             **per_op,
             "eval/answer_format": s["format"] / max(s["questions"], 1.0),
             "eval/mean_cycles": s["cycles"] / max(s["tokens"], 1.0),
             "eval/questions": s["questions"],
         }
+        if not arithmetic:  # answer_format scores a single integer: an arithmetic answer
+            del out["eval/answer_format"]
+        return out
 
     def summary_lines(self) -> list[str]:
         rl = self.config.rl
+        tokenizer = f"tokenizer {self.config.data.path}/tokenizer.model"
+        if rl.prompts == "jsonl":
+            return [
+                f"  prompts {rl.prompt_file} ({len(self.stream.records)} records), "
+                f"{len(self.stream.eval_set)} held out from {rl.eval_prompt_file}; {tokenizer}"
+            ]
         return [
             f"  arithmetic prompts ({' '.join(rl.arithmetic_ops)}, up to {rl.arithmetic_max_digits} digits), "
-            f"{rl.eval_prompts} held out; tokenizer {self.config.data.path}/tokenizer.model",
+            f"{rl.eval_prompts} held out; {tokenizer}",
         ]
 
 

@@ -41,7 +41,7 @@ class PuzzleEnvironment(Environment):
             seed=step_seed(self.config.train.seed, trainer.step, _ROLLOUT_STREAM),
         )  # fmt: skip
         total, parts = combine_rewards(
-            rl.rewards, tokens=ro.tokens, inputs=ro.batch["inputs"], labels=ro.batch["labels"],
+            rl.rewards, timeout=rl.reward_timeout, tokens=ro.tokens, inputs=ro.batch["inputs"], labels=ro.batch["labels"],
             segments=ro.segments,
         )  # fmt: skip
         fraction = compute_fraction(ro.segments, m.halt_max_steps)
