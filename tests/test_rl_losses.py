@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hrm_mega.rl.advantages import gae, group_advantages, masked_moments, std_from_moments, whiten
-from hrm_mega.rl.losses import aggregate, k3_kl, loss_normalizer, policy_loss, value_loss
+from hrm_mega.rl.losses import aggregate, k3_kl, kl_term, loss_normalizer, policy_loss, value_loss
 
 EPS = 1e-4  # group_advantages' default eps
 
@@ -281,3 +281,29 @@ def test_value_loss_without_clipping_by_hand() -> None:
     loss, metrics = value_loss(values, old, returns, mask, clip_range=None, coef=0.5)
     assert close(metrics["value_loss"], 0.5 * (0.25 + 1.0 + 0.25) / 3)  # 0.25
     assert close(loss, 0.125) and close(metrics["value_clip_frac"], 0.0)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k3_ratio"])
+def test_each_kl_estimators_gradient_is_its_definitions(estimator) -> None:
+    """On a categorical policy over 7 actions, the expected penalty gradient over actions drawn from
+    pi_old (= pi, detached: the first iteration) equals the exact gradient of KL(ref || pi) for the plain
+    k3, and of KL(pi || ref) for k3 x ratio; the two differ, and their values agree."""
+    torch.manual_seed(0)
+    theta = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(7, dtype=torch.float64), dim=0)
+    logp = torch.log_softmax(theta, dim=0)
+    old = logp.detach()
+    actions = torch.arange(7)
+    term = kl_term(logp[actions][None], old[actions][None], ref[actions][None], estimator=estimator)[0]
+    expected = (old.exp() * term).sum()  # E_{a ~ pi_old}[term(a)], exactly
+    (grad,) = torch.autograd.grad(expected, theta, retain_graph=True)
+    p, r = logp.exp(), ref.exp()
+    definition = (r * (ref - logp)).sum() if estimator == "k3" else (p * (logp - ref)).sum()
+    (want,) = torch.autograd.grad(definition, theta, retain_graph=True)
+    assert torch.allclose(grad, want, atol=1e-12), (grad, want)
+    other = (p * (logp - ref)).sum() if estimator == "k3" else (r * (ref - logp)).sum()
+    (wrong,) = torch.autograd.grad(other, theta)
+    assert (grad - wrong).abs().max() > 1e-3
+    assert float(expected.detach()) == pytest.approx(
+        float((p * (logp - ref)).sum().detach())
+    )  # the value: KL(pi || ref)

@@ -237,8 +237,8 @@ USER_REWARDS = """
 import time
 import torch
 
-def exact(*, completions, answers, **_):
-    return torch.tensor([float(c.strip() == a) for c, a in zip(completions, answers)])
+def exact(*, completions, answers, **_):  # a list of floats, as TRL's reward functions return
+    return [float(c.strip() == a) for c, a in zip(completions, answers)]
 
 def boom(*, completions, **_):
     raise KeyError("no field 'difficulty'\\nsecond line")

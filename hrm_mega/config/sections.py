@@ -345,7 +345,9 @@ class RLConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     beta: float = 0.0
-    kl_estimator: Literal["k3"] = "k3"
+    # k3_ratio: k3 x pi/pi_old, whose gradient is that of KL(pi || ref) (TRL's use_bias_correction_kl);
+    # k3: the plain k3, whose gradient is that of KL(ref || pi) (hrm_mega/rl/losses.py, docs/rl.md).
+    kl_estimator: Literal["k3_ratio", "k3"] = "k3_ratio"
     aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
     # GRPO: reward minus the group mean, divided by the group's std, the step's std, or nothing (Dr. GRPO).
     scale: Literal["group", "batch", "none"] = "group"

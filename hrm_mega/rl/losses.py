@@ -5,7 +5,16 @@ Per action (a token of a completion, a puzzle cell, a halting decision) with rat
 
     pg_t   = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
     kl_t   = exp(ref - logp) - (ref - logp) - 1                   (k3: unbiased for KL(pi || ref), >= 0)
-    loss_t = pg_t + beta * kl_t                                   (beta = 0: no reference model needed)
+    loss_t = pg_t + beta * kl_term_t                              (beta = 0: no reference model needed)
+
+The KL term (`kl_estimator`) is k3 itself, or k3 * ratio ("k3_ratio", TRL's use_bias_correction_kl).
+Both have the same value at the first iteration (ratio = 1) but not the same gradient. With actions
+drawn from pi_old, E[grad k3] = -sum_a ref(a) grad log pi(a) = grad KL(ref || pi): the plain k3 pulls
+toward the reference in the forward-KL sense, although its value estimates KL(pi || ref). Weighting by
+the ratio makes the sampled term an estimate of sum_a pi(a) k3(a) = KL(pi || ref) as a function of the
+parameters, so its gradient is grad KL(pi || ref): the penalty that the objective E[r] - beta KL(pi||ref)
+names. "k3_ratio" is therefore the default (tests/test_rl_losses.py checks both gradients against the
+exact ones on a categorical policy).
 
 and the per-action losses are aggregated over the masked actions by `aggregation`:
 
@@ -73,6 +82,28 @@ def k3_kl(
     return torch.exp(delta) - delta - 1
 
 
+KL_ESTIMATORS = ("k3_ratio", "k3")
+
+
+def kl_term(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    estimator: str = "k3_ratio",
+) -> torch.Tensor:
+    """The per-action KL penalty that enters the loss (module docstring): k3, or k3 times pi / pi_old."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator={estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
+    k3 = k3_kl(logprobs, ref_logprobs, mask)
+    if estimator == "k3":
+        return k3
+    log_ratio = logprobs - old_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, 0.0)
+    return torch.exp(log_ratio) * k3
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -86,14 +117,15 @@ def policy_loss(
     max_len: int | None = None,
     ref_logprobs: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_estimator: str = "k3_ratio",
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy loss with an optional k3 KL penalty (module docstring); GRPO and PPO alike.
 
     logprobs [b, T] (current policy, with grad), old_logprobs [b, T] (the policy that sampled),
     advantages [b] (one per sequence: GRPO) or [b, T] (per action: PPO), mask [b, T] (True = action);
-    eps_high defaults to eps_low; ref_logprobs [b, T] is needed when beta > 0; entropy [b, T] is only
-    reported. Returns (loss, metrics): pg_loss and kl aggregated like the loss; kl_mean, clip_frac_low
+    eps_high defaults to eps_low; ref_logprobs [b, T] is needed when beta > 0; kl_estimator picks the
+    penalty's gradient (kl_term); entropy [b, T] is only reported. Returns (loss, metrics): pg_loss and kl aggregated like the loss; kl_mean, clip_frac_low
     (ratio < 1 - eps_low where A < 0), clip_frac_high (ratio > 1 + eps_high where A > 0), clip_frac,
     ratio_mean / ratio_min / ratio_max, entropy (given) as means over the actions; and `actions`.
     """
@@ -126,10 +158,11 @@ def policy_loss(
     loss = pg_loss
     kl = None
     if ref_logprobs is not None:
-        kl = k3_kl(logprobs.float(), ref_logprobs.float(), m)
+        kl = k3_kl(logprobs.float(), ref_logprobs.float(), m)  # reported: the KL(pi || ref) estimate
         kl_loss = aggregate(kl, m, aggregation, normalizer, max_len)
         if beta > 0:
-            loss = loss + beta * kl_loss
+            penalty = kl_term(logprobs.float(), old_logprobs.float(), ref_logprobs.float(), m, kl_estimator)
+            loss = loss + beta * aggregate(penalty, m, aggregation, normalizer, max_len)
 
     with torch.no_grad():
         adv_b = adv.expand_as(ratio)

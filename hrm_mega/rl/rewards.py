@@ -160,6 +160,10 @@ def _call(name: str, fn: RewardFn, samples: dict[str, Any], timeout: float) -> A
 
 def _checked(name: str, scores: Any, samples: dict[str, Any]) -> torch.Tensor:
     n = _sample_count(samples)
+    if isinstance(scores, (list, tuple)) and all(isinstance(v, (int, float)) for v in scores):
+        scores = torch.tensor(
+            scores, dtype=torch.float32
+        )  # a list of floats, as TRL's reward functions return
     if not isinstance(scores, torch.Tensor) or scores.shape != (n,):
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise RewardError(f"reward {name!r} returned {got}; expected a tensor of one score per sample [{n}]")

@@ -339,7 +339,8 @@ class RLTask(Task):
         old_logprobs = new.logprobs.detach() if old is None else old.logprobs[rows]
         loss, metrics = policy_loss(
             new.logprobs, old_logprobs, advantages[rows], mask, eps_low=rl.eps_low, eps_high=rl.eps_high,
-            ref_logprobs=None if ref is None else ref.logprobs[rows], beta=rl.beta, entropy=new.entropy,
+            ref_logprobs=None if ref is None else ref.logprobs[rows], beta=rl.beta,
+            kl_estimator=rl.kl_estimator, entropy=new.entropy,
             **common,
         )  # fmt: skip
         if rl.algorithm == "ppo":
