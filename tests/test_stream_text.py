@@ -52,7 +52,13 @@ def reference_fields(tokens: list[int], docs: list[int]) -> dict[str, list[int]]
         positions.append(position)
         doc_ids.append(doc_id)
     answer = [0] * len(tokens)  # a plain text dataset marks no answer spans
-    return {"input_ids": tokens, "labels": labels, "position_ids": positions, "doc_ids": doc_ids, "answer": answer}
+    return {
+        "input_ids": tokens,
+        "labels": labels,
+        "position_ids": positions,
+        "doc_ids": doc_ids,
+        "answer": answer,
+    }
 
 
 def check_batch(batch: dict[str, torch.Tensor], stored: dict[int, dict], extra: set[str]) -> None:
