@@ -1,0 +1,115 @@
+"""Reasoning tasks whose depth is a knob, for measuring test-time compute (bench/cycles_scaling.py).
+
+    python -m hrm_mega.prep reasoning --task chain --out data/reasoning/chain --train 20000
+
+writes DIR/train.jsonl, DIR/val.jsonl and DIR/hard.jsonl: prompt/answer records ({"prompt", "answer",
+"task", "difficulty"}) for `prep text --prompt-field prompt --answer-field answer`. train and val share
+the in-distribution depths (val is held out: its own random stream); hard needs more steps than any
+training example. The definitions were fixed before the first bench run:
+
+    chain    variable binding. Assignments `x=7` or `x=y`, in shuffled order, form one chain from a digit
+             to the queried variable (its length is the number of hops) and distractor chains of other
+             variables; the answer is the digit the query resolves to.
+                 chain b=4 q=b w=2 z=q a=w : z=          -> 4        (2 hops: z -> q -> b)
+             train/val 1-4 hops, hard 6-8; one or two distractor chains of 1-4 hops.
+    addition a+b for operands of equal length, most significant digit first.
+                 add 4821+9371=                          -> 14192
+             train/val 1-5 digits, hard 7-8 digits.
+    parity   the parity of a bit string.
+                 parity 1 0 1 1 0 =                      -> 1
+             train/val 2-12 bits, hard 16-24 bits.
+
+Each record is a function of (seed, split, index) alone (random.Random seeded with a string, stable
+across Python versions), so the files are byte-identical for the same arguments and `--train 100` is a
+prefix of `--train 200`. Difficulty is the number of hops, digits or bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hrm_mega.prep.common import DataPrepError, non_negative_int
+
+Task = tuple[str, str, int]  # (prompt, answer, difficulty)
+SPLITS = ("train", "val", "hard")
+
+
+def chain(rng: random.Random, hard: bool) -> Task:
+    hops = rng.randint(6, 8) if hard else rng.randint(1, 4)
+    distractors = [rng.randint(1, 4) for _ in range(rng.randint(1, 2))]
+    names = rng.sample(string.ascii_lowercase, hops + 1 + sum(d + 1 for d in distractors))
+    assignments, target = [], None
+    for length in (hops, *distractors):
+        run, names = names[: length + 1], names[length + 1 :]
+        value = rng.randint(0, 9)
+        assignments.append(f"{run[0]}={value}")
+        assignments += [f"{run[i]}={run[i - 1]}" for i in range(1, length + 1)]
+        if target is None:
+            target = (run[-1], str(value))
+    rng.shuffle(assignments)
+    query, answer = target
+    return f"chain {' '.join(assignments)} : {query}=", answer, hops
+
+
+def addition(rng: random.Random, hard: bool) -> Task:
+    digits = rng.randint(7, 8) if hard else rng.randint(1, 5)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    a, b = rng.randint(low, 10**digits - 1), rng.randint(low, 10**digits - 1)
+    return f"add {a}+{b}=", str(a + b), digits
+
+
+def parity(rng: random.Random, hard: bool) -> Task:
+    bits = [rng.randint(0, 1) for _ in range(rng.randint(16, 24) if hard else rng.randint(2, 12))]
+    return f"parity {' '.join(map(str, bits))} =", str(sum(bits) % 2), len(bits)
+
+
+TASKS: dict[str, Callable[[random.Random, bool], Task]] = {
+    "chain": chain,
+    "addition": addition,
+    "parity": parity,
+}
+
+
+def records(task: str, split: str, count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` records of one split; record i is a function of (task, seed, split, i)."""
+    out = []
+    for i in range(count):
+        rng = random.Random(f"hrm-mega reasoning/{task}/{seed}/{split}/{i}")
+        prompt, answer, difficulty = TASKS[task](rng, split == "hard")
+        out.append({"prompt": prompt, "answer": answer, "task": task, "difficulty": difficulty})
+    return out
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "reasoning", help="write a depth-controlled reasoning task (chain, addition, parity) as JSONL"
+    )
+    p.add_argument("--task", choices=list(TASKS), required=True)
+    p.add_argument("--out", type=Path, required=True, help="output directory (train/val/hard.jsonl)")
+    p.add_argument("--train", type=non_negative_int, default=20_000, help="train records (default 20000)")
+    p.add_argument("--val", type=non_negative_int, default=1000, help="validation records (default 1000)")
+    p.add_argument("--hard", type=non_negative_int, default=1000, help="harder-split records (default 1000)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the files already in --out")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, command: str) -> Path:
+    paths = {split: args.out / f"{split}.jsonl" for split in SPLITS}
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise DataPrepError(
+            f"--out {args.out}: already holds {existing[0].name}; pass --overwrite to replace it"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        rows = records(args.task, split, getattr(args, split), args.seed)
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return args.out

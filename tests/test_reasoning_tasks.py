@@ -1,0 +1,53 @@
+"""The depth-controlled reasoning tasks of `prep reasoning`: answers checked by independent solvers,
+depth ranges per split, and determinism."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from hrm_mega.prep.cli import main
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def resolve(prompt: str) -> tuple[str, int]:
+    """(value, hops) of the queried variable, by following the assignments."""
+    body, query = re.fullmatch(r"chain (.*) : (\w)=", prompt).groups()
+    table = dict(a.split("=") for a in body.split())
+    name, hops = query, 0
+    while not table[name].isdigit():
+        name, hops = table[name], hops + 1
+    return table[name], hops
+
+
+def test_every_task_answers_right_at_its_splits_depths(tmp_path) -> None:
+    depths = {"chain": ((1, 4), (6, 8)), "addition": ((1, 5), (7, 8)), "parity": ((2, 12), (16, 24))}
+    for task, (easy, hard) in depths.items():
+        out = tmp_path / task
+        assert main(["reasoning", "--task", task, "--out", str(out), "--train", "300", "--val", "50", "--hard", "100"]) == 0  # fmt: skip
+        for split in ("train", "val", "hard"):
+            rows = read(out / f"{split}.jsonl")
+            lo, hi = hard if split == "hard" else easy
+            seen = {r["difficulty"] for r in rows}
+            assert seen <= set(range(lo, hi + 1)) and (split == "val" or seen == set(range(lo, hi + 1))), (
+                task,
+                split,
+            )
+            for r in rows:
+                if task == "chain":
+                    value, hops = resolve(r["prompt"])
+                    assert (value, hops) == (r["answer"], r["difficulty"]), r
+                elif task == "addition":
+                    a, b = map(int, re.fullmatch(r"add (\d+)\+(\d+)=", r["prompt"]).groups())
+                    assert int(r["answer"]) == a + b and len(str(a)) == len(str(b)) == r["difficulty"]
+                else:
+                    bits = r["prompt"].removeprefix("parity ").removesuffix(" =").split()
+                    assert r["answer"] == str(sum(map(int, bits)) % 2) and len(bits) == r["difficulty"]
+        assert read(out / "train.jsonl") != read(out / "val.jsonl")[:50]
+    again = tmp_path / "again"
+    assert main(["reasoning", "--task", "chain", "--out", str(again), "--train", "100", "--val", "5", "--hard", "5"]) == 0  # fmt: skip
+    assert read(again / "train.jsonl") == read(tmp_path / "chain/train.jsonl")[:100]  # a prefix, same bytes
+    assert main(["reasoning", "--task", "chain", "--out", str(again)]) == 2  # exists: --overwrite
