@@ -34,9 +34,11 @@ last H cycle, full everything; trailing layers always):
                                    stablemax: 2 x [b, s] fp64
       logit all-gather             puzzle accuracy metric: the full [b, s, V] fp32 logits
   DP  ZeRO-0: one all-reduce of the local gradients (P = local parameter bytes) at the step boundary;
-      ZeRO-1/2: DeepSpeed 0.19's default (zero_optimization.use_multi_rank_bucket_allreduce) also
-      all-reduces the whole gradient bucket (P), and each rank keeps its partition; then the updated
-      fp32 partitions are all-gathered (P, the flat buffer padded to 2 x dp elements). With a 1-rank
+      ZeRO-1/2: every gradient slice is reduced to the rank owning its partition (the trainer sets
+      zero_optimization.use_multi_rank_bucket_allreduce false; DeepSpeed 0.19's default all-reduces
+      whole buckets): every rank passes all P bytes to reduce calls and sends the (dp-1)/dp x P it does
+      not own, the reduce-scatter volume; then the updated fp32 partitions are all-gathered (P, the
+      flat buffer padded to 2 x dp elements). With a 1-rank
       data-parallel group (tp or pp layouts at dp 1) DeepSpeed still issues the P-byte all-reduce;
       it moves nothing over the wire
   PP  activations (fwd)            per micro-batch: hidden [b, s, h] fp32 + position_ids, doc_ids,
@@ -78,6 +80,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED_STEP = 3  # steps 1-2 warm up (first-step allocations, DeepSpeed's first-send metadata)
 SCALAR_NUMEL = 16  # calls on tensors this small are control traffic (metrics, flags, norms, loss)
+GRADIENT_TOLERANCE = 0.05  # ZeRO gradient bytes sent against the reduce-scatter theory
 TOLERANCE = 0.01  # a modelled term must match within 1%
 
 LM_RECIPE = "configs/lm/hrmgemma_tiny.yaml"
@@ -132,12 +135,13 @@ def _payload(name: str, a: dict[str, Any]) -> tuple[list[Any], Any, int | None]:
         return [a["tensor"]], group, a.get("dst")
     if name in ("recv", "irecv"):
         return [a["tensor"]], group, a.get("src")
+    if name == "reduce":  # the root is the peer: a non-root rank sends its tensor there
+        return [a["tensor"]], group, a.get("dst")
     if name == "batch_isend_irecv":
         ops = a["p2p_op_list"]
         return [op.tensor for op in ops], ops[0].group if ops else None, ops[0].peer if ops else None
     tensors = {
         "all_reduce": lambda: [a["tensor"]],
-        "reduce": lambda: [a["tensor"]],
         "broadcast": lambda: [a["tensor"]],
         "gather": lambda: [a["tensor"]],
         "scatter": lambda: [a["tensor"]],
@@ -308,6 +312,18 @@ def traffic_term(call: dict[str, Any]) -> str:
     return "other: " + (call["frames"][0] if call["frames"] else op)
 
 
+def sent_bytes(call: dict[str, Any], rank: int) -> float:
+    """Bytes a rank sends for one collective over n ranks with the bandwidth-optimal algorithms: a ring
+    all-reduce 2(n-1)/n of the tensor, a reduce the whole tensor from each non-root rank (exact at
+    n = 2; a ring reduce averages (n-1)/n per rank), all-gather and reduce-scatter (n-1)/n."""
+    n, b = len(call["ranks"]), call["bytes"]
+    if call["op"] == "all_reduce":
+        return 2 * (n - 1) / n * b
+    if call["op"] == "reduce":
+        return (0.0 if call["peer"] == rank else float(b)) if n == 2 else (n - 1) / n * b
+    return (n - 1) / n * b
+
+
 def call_site(call: dict[str, Any]) -> str:
     """e.g. "all_reduce float32[] <- deepspeed/runtime/engine.py:f (in hrm_mega/training/trainer.py:g)"."""
     where = call["frames"][0] if call["frames"] else "?"
@@ -387,8 +403,8 @@ def analytic_volume(trainer: Any, case: Case, cycles: int) -> tuple[dict[str, di
         stage = cfg.parallel.zero_stage
         if stage == 0:
             dp["gradient all-reduce"] = param_bytes
-        else:  # DeepSpeed's default use_multi_rank_bucket_allreduce: the whole bucket is all-reduced
-            dp["ZeRO gradient all-reduce"] = param_bytes
+        else:  # each slice reduced to its owner (engine.ZERO_REDUCE)
+            dp["ZeRO gradient reduce"] = param_bytes
             align = 2 * layout.dp  # the flat fp32 buffer is padded to nccl_start_alignment_factor x dp
             numel = sum(p.numel() for p in params)
             dp["ZeRO parameter all-gather"] = -(numel // -align) * align * 4
@@ -425,8 +441,11 @@ def run_case(case: Case, counter: CommCounter, data: dict[str, str], tmp: Path) 
         counter.active = False
     rank, layout = trainer.world.rank, trainer.world.layout
     measured: dict[str, dict[str, list[Any]]] = defaultdict(dict)
+    sent: dict[str, float] = defaultdict(float)  # DP gradient terms: bytes this rank puts on the wire
     for call in counter.calls:
         group, term = group_label(call, rank, layout), traffic_term(call)
+        if group == "DP" and "gradient" in term:
+            sent[term] += sent_bytes(call, rank)
         entry = measured[group].setdefault(term, [0, 0, set()])
         entry[0] += 1
         entry[1] += call["bytes"]
@@ -442,6 +461,7 @@ def run_case(case: Case, counter: CommCounter, data: dict[str, str], tmp: Path) 
         "analytic": analytic,
         "notes": notes,
         "seconds": seconds,
+        "gradient_sent": dict(sent),
     }
     trainer.logger.close()
     trainer.stream.close()
@@ -532,7 +552,7 @@ GROUP_ORDER = ("TP", "DP", "PP", "world", "DP (1 rank)")
 
 def print_report(results: dict[str, Any]) -> list[str]:
     """Prints the summary and the per-term tables; returns the modelled terms that disagree."""
-    failures, summary, details = [], [], []
+    failures, summary, details, gradients = [], [], [], []
     for name, res in results.items():
         for where, r in rank_classes(res["ranks"]):
             groups = sorted(set(r["measured"]) | set(r["analytic"]),
@@ -557,12 +577,30 @@ def print_report(results: dict[str, Any]) -> list[str]:
                 summary.append(f"{name:<14} {where:<20} {g:<11} {fmt(total):>12} {fmt(unmodelled):>8} "
                                f"{fmt(expected or None):>12} {ratio}")  # fmt: skip
             details += [f"  note: {note}" for note in r["notes"]]
+            grads = r["analytic"].get("DP", {})
+            payload = grads.get("ZeRO gradient reduce") or grads.get("gradient all-reduce")
+            if payload and r["gradient_sent"]:
+                dp = int(res["layout"].split("dp ")[1])
+                theory, wire = (dp - 1) / dp * payload, sum(r["gradient_sent"].values())
+                details.append(f"  DP gradient bytes sent per rank: {fmt(wire)}; reduce-scatter theory "
+                               f"(dp-1)/dp x P = {fmt(theory)}; ratio {wire / theory:.3f}")  # fmt: skip
+                zero = "ZeRO gradient reduce" in grads
+                gradients.append(f"{name:<14} {where:<20} {fmt(payload):>12} {fmt(wire):>12} {fmt(theory):>12} "
+                                 f"{wire / theory:6.3f}{'' if zero else '  (ZeRO-0: an all-reduce)'}")  # fmt: skip
+                if zero and abs(wire - theory) > GRADIENT_TOLERANCE * theory:
+                    failures.append(
+                        f"{name} {where}: gradient bytes sent {wire:,.0f} vs reduce-scatter theory {theory:,.0f}"
+                    )
     print(f"\n{'layout':<14} {'ranks':<20} {'group':<11} {'measured B':>12} {'unmod. B':>8} "
           f"{'analytic B':>12} {'ratio':>6}")  # fmt: skip
     print("-" * 89)
     print("\n".join(summary))
     print("\nbytes of payload per step and rank; unmod. = the measured bytes the model leaves out (scalars);")
     print("ratio = (measured - unmod.) / analytic")
+    if gradients:
+        print(f"\n{'layout':<14} {'ranks':<20} {'grad P B':>12} {'sent B':>12} {'theory B':>12} {'ratio':>6}")
+        print("\n".join(gradients))
+        print("DP gradient bytes a rank sends per step; theory: reduce-scatter, (dp-1)/dp x P")
     print("\n".join(details))
     return failures
 

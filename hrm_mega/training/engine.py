@@ -135,7 +135,11 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": local_batch // micro,
         "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": par.zero_stage, **zero_buckets(config.model.hidden_size)},
+        "zero_optimization": {
+            "stage": par.zero_stage,
+            **zero_buckets(config.model.hidden_size),
+            **ZERO_REDUCE,
+        },
         "zero_allow_untested_optimizer": True,  # client optimizers (AdamATan2) are plain torch optimizers
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -151,6 +155,13 @@ def deepspeed_config(config: Config, world: World, local_batch: int) -> dict[str
     if train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     return deep_merge(ds, par.deepspeed)  # parallel.deepspeed: checked to set none of the keys above
+
+
+# ZeRO-1/2 reduce each gradient slice to the rank that owns its partition, not to every rank: DeepSpeed's
+# default (use_multi_rank_bucket_allreduce) all-reduces whole buckets, so every rank receives all P
+# gradient bytes and keeps 1/dp of them. Reduced to their owners, a rank sends (dp-1)/dp x P, the
+# reduce-scatter volume (bench/parallel_overhead.py measures it; docs/parallelism.md).
+ZERO_REDUCE = {"use_multi_rank_bucket_allreduce": False}
 
 
 def zero_buckets(hidden: int) -> dict[str, int]:
