@@ -251,6 +251,40 @@ def test_eos_finishes_a_row_and_the_others_continue() -> None:
     assert stopped.mean_cycles() == pytest.approx(2.0)
 
 
+def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged() -> None:
+    """Row compaction: once a row emits eos, later decoding steps run only the other rows (the cache
+    drops it), and every row gets the tokens, cycles and logits of the uncached reference, also when
+    sampling (the draws stay per row) and with per-row halting."""
+    model = recurrent_model(seed=12)
+    ids, mask = left_pad([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    halting = dict(max_cycles=torch.tensor([2, 3, 2, 4]), halt_threshold=torch.tensor([0.5, 0.6, 0.4, 0.5]))
+    free = generate(model, ids, attention_mask=mask, max_new_tokens=8, greedy=True, **halting)
+    eos = int(free.tokens[1, 1])  # row 1 stops early; the others stop where they emit it, if ever
+    rows_seen = []
+    infer = model.infer
+
+    def recording(x, **kwargs):
+        rows_seen.append(x.shape[0])
+        return infer(x, **kwargs)
+
+    model.infer = recording
+    for sampling in (dict(greedy=True), dict(temperature=1.5, top_k=20, seed=3)):
+        rows_seen.clear()
+        kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_id=eos, pad_id=0, **halting, **sampling)
+        cached = list(stream_generate(model, ids, **kwargs))
+        compacted = list(rows_seen)
+        reference = list(stream_generate(model, ids, use_cache=False, **kwargs))
+        assert len(cached) == len(reference)
+        for a, b in zip(cached, reference, strict=True):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cycles, b.cycles)
+            assert torch.equal(a.active, b.active) and torch.equal(a.finished, b.finished)
+            assert max_diff(a.logits[a.active], b.logits[b.active]) < 1e-4
+        running = [int((~s.finished).sum()) for s in cached[:-1]]
+        assert compacted[1:] == running  # each step after the prompt feeds only the unfinished rows
+        if "greedy" in sampling:
+            assert min(compacted[1:]) < 4  # row 1 did finish early
+
+
 # --------------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------------

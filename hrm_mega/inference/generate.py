@@ -19,7 +19,9 @@
 - A row finishes when it emits `eos_id`; later steps give it `pad_id` (inactive). The loop ends when
   every row has finished or after `max_new_tokens` steps.
 - `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested
-  against); the cached path computes only the new positions.
+  against); the cached path computes only the new positions, and only of the rows still running: a
+  finished row leaves the batch and its cache (row compaction). Sampling still draws for every row, so
+  the same seed gives the same tokens whichever rows have finished.
 
 Cycles reported for a token are those of the forward that produced it: the H cycles each block ran on
 the position whose logits the token was drawn from.
@@ -191,6 +193,7 @@ def _decode(
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # padding takes position 0; it is never attended
     next_position = mask.sum(dim=1)  # [b]
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    running = torch.arange(ids.shape[0], device=ids.device)  # the rows the cache holds
     # no_grad around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
     with torch.no_grad():
         logits, cycles = model.infer(ids, attention_mask=mask, position_ids=positions, cache=cache, **halting)
@@ -211,9 +214,17 @@ def _decode(
         next_position = next_position + 1
         with torch.no_grad():
             if cache is not None:
-                logits, cycles = model.infer(
-                    fed, attention_mask=new_mask, position_ids=new_positions, cache=cache, **halting
-                )
+                if bool(finished[running].any()):  # row compaction: finished rows leave the batch
+                    running, kept = running[~finished[running]], (~finished[running]).nonzero().squeeze(1)
+                    cache.select(kept)
+                    halting = {k: None if v is None else v.index_select(0, kept) for k, v in halting.items()}
+                part, part_cycles = model.infer(
+                    fed[running], attention_mask=new_mask[running], position_ids=new_positions[running],
+                    cache=cache, **halting,
+                )  # fmt: skip
+                logits = part.new_zeros((ids.shape[0], *part.shape[1:])).index_copy_(0, running, part)
+                cycles = part_cycles.new_zeros((part_cycles.shape[0], ids.shape[0], *part_cycles.shape[2:]))
+                cycles.index_copy_(1, running, part_cycles)
             else:
                 ids = torch.cat((ids, fed), dim=1)
                 mask = torch.cat((mask, new_mask), dim=1)

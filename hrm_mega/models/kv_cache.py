@@ -103,6 +103,24 @@ class KVCache:
         for later in slots[last_step + 1 :]:
             later.append_last(slots[last_step], count)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keeps only `rows` (indices into the batch, in order) of every slot and of the padding flags:
+        a decoder drops finished rows so that later steps compute only the running ones. Slots that
+        shared a tensor share its selection."""
+        picked: dict[int, torch.Tensor] = {}
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in picked:
+                picked[id(t)] = t.index_select(0, rows)
+            return picked[id(t)]
+
+        for slots in self.slots.values():
+            for slot in slots:
+                slot.k, slot.v = take(slot.k), take(slot.v)
+        self.valid = take(self.valid)
+
     def steps(self, layer: str) -> int:
         return len(self.slots.get(layer, []))
 
