@@ -47,6 +47,11 @@ def check_sections(c: Config) -> None:
             f"parallel.pp={par.pp} is not supported for model.family=puzzle "
             "(a single CycleBlock cannot be split into stages); use parallel.tp or data parallelism"
         )
+    if par.pp > 1 and isinstance(m, LMModelConfig) and m.vision is not None:
+        raise ConfigError(
+            "model.vision (images) is not available with parallel.pp > 1 yet (the pipeline stages hold the "
+            "text decoder only); use parallel.pp=1"
+        )
     if t.task not in ("auto", c.task):
         raise ConfigError(f"train.task={t.task} does not fit model.family={m.family} (use {c.task})")
     if c.task == "puzzle" and (t.cycles_range or t.distill_weight or t.activation_checkpointing):

@@ -7,6 +7,7 @@ model code that reads them); nothing here knows about training, data or RL.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,6 +107,69 @@ class PuzzleModelConfig:
 
 
 @dataclass
+class VisionConfig:
+    """HRMGemma's image encoder (model.vision): a SigLIP vision tower and Gemma 3's multimodal projector.
+
+    Defaults are Gemma 3 4B-27B's (SigLIP So400m at 896 px, patch 14; 256 tokens per image) and its token
+    ids. An image is one run of mm_tokens_per_image image_token_id placeholders in a row; the features
+    replace their embeddings (docs/architecture.md, "Vision").
+    """
+
+    image_size: int = 896  # pixels per side of the (square) input image
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-6  # the tower's LayerNorms and the projector's RMSNorm
+    # Tokens per image: the patch grid average-pooled to sqrt(mm_tokens_per_image) per side.
+    mm_tokens_per_image: int = 256
+    image_token_id: int = 262144  # the placeholder an image's features replace (may be >= vocab_size)
+    boi_token_id: int = 255999  # <start_of_image>, an ordinary text token before each image
+    eoi_token_id: int = 256000  # <end_of_image>, after it
+    # false: the vision tower is frozen (Gemma 3's recipe); the projector is always trained.
+    trainable: bool = False
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        return math.isqrt(self.mm_tokens_per_image)
+
+    def validate(self, text_vocab_size: int | None = None) -> None:
+        positive(self, "model.vision", "image_size", "patch_size", "hidden_size", "intermediate_size")
+        positive(self, "model.vision", "num_layers", "num_heads", "mm_tokens_per_image")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.vision.patch_size={self.patch_size} does not divide model.vision.image_size={self.image_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.vision.num_heads={self.num_heads} does not divide model.vision.hidden_size={self.hidden_size}"
+            )
+        if self.tokens_per_side**2 != self.mm_tokens_per_image:
+            raise ConfigError(f"model.vision.mm_tokens_per_image={self.mm_tokens_per_image} must be a square")
+        if self.patches_per_side % self.tokens_per_side:
+            raise ConfigError(
+                f"model.vision.mm_tokens_per_image={self.mm_tokens_per_image}: its side {self.tokens_per_side} "
+                f"must divide the {self.patches_per_side} patches per side (image_size / patch_size)"
+            )
+        if self.layer_norm_eps <= 0:
+            raise ConfigError(f"model.vision.layer_norm_eps={self.layer_norm_eps} must be > 0")
+        ids = {"image_token_id": self.image_token_id, "boi_token_id": self.boi_token_id,
+               "eoi_token_id": self.eoi_token_id}  # fmt: skip
+        if len(set(ids.values())) != 3 or min(ids.values()) < 0:
+            raise ConfigError(f"model.vision token ids {ids} must be distinct and >= 0")
+        for name in ("boi_token_id", "eoi_token_id"):
+            if text_vocab_size is not None and ids[name] >= text_vocab_size:
+                raise ConfigError(
+                    f"model.vision.{name}={ids[name]} must be < model.vocab_size={text_vocab_size} (it is embedded)"
+                )
+
+
+@dataclass
 class LMModelConfig:
     """HRMGemma: the Gemma 3 text decoder with each local-global group wrapped in a CycleBlock (docs/architecture.md).
 
@@ -142,6 +206,9 @@ class LMModelConfig:
     halt_loss_weight: float = 0.1
     compute_cost_weight: float = 0.01
     value_head: bool = False  # a scalar head on the final hidden states (PPO critic)
+    # Images (model.vision.*): a SigLIP tower and projector whose features replace image placeholder
+    # tokens in the one residual stream; absent (null) = a text-only model.
+    vision: VisionConfig | None = None
 
     @property
     def group_size(self) -> int:
@@ -183,6 +250,8 @@ class LMModelConfig:
         for name in ("halt_loss_weight", "compute_cost_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+        if self.vision is not None:
+            self.vision.validate(self.vocab_size)
 
 
 MODEL_FAMILIES: dict[str, type[PuzzleModelConfig] | type[LMModelConfig]] = {

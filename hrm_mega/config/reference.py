@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig
+from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig, VisionConfig
 from hrm_mega.config.sections import (
     CurriculumStage,
     DataConfig,
@@ -37,6 +37,7 @@ END = "<!-- end of the field reference -->"
 SECTIONS: tuple[tuple[str, type], ...] = (
     ("model (model.family: puzzle)", PuzzleModelConfig),
     ("model (model.family: hrm_gemma)", LMModelConfig),
+    ("model.vision (hrm_gemma with images)", VisionConfig),
     ("parallel", ParallelConfig),
     ("data", DataConfig),
     ("data.sources[i] (each source of a mixture)", DataSource),

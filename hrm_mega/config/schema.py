@@ -50,6 +50,10 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
             return value
         return build(hint, value, dotted)
     if origin in (typing.Union, types.UnionType):
+        # an optional section (e.g. model.vision: VisionConfig | None) is built when it is given
+        sections = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if value is not None and len(sections) == 1 and type(None) in typing.get_args(hint):
+            return _coerce(value, sections[0], dotted)
         return value
     if hint is bool:
         if isinstance(value, bool):

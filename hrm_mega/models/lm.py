@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hrm_mega.config.model import LMModelConfig
+from hrm_mega.config.model import LMModelConfig, VisionConfig
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.attention import flash_attn_func
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
@@ -92,6 +92,7 @@ from hrm_mega.models.layers import (
     set_init,
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
+from hrm_mega.models.vision import ImageEncoder
 from hrm_mega.models.vocab import cross_entropy, tied_logits, vocab_embedding
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class HRMGemma(nn.Module):
         self.config = c = config
         self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         set_init(self.embed_tokens.weight, "trunc_normal", 1.0 / math.sqrt(c.hidden_size))
+        self.vision = ImageEncoder(c.vision, c.hidden_size) if c.vision is not None else None
         self.rope_local, self.rope_global = self._ropes()
 
         self.blocks = nn.ModuleDict({str(g): halting_block(c) for g in range(c.num_groups)})
@@ -276,8 +278,42 @@ class HRMGemma(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s] ids -> [b, s, h]; the sqrt(hidden) scale is rounded to the weight dtype first, as Gemma does."""
+        """[b, s] ids -> [b, s, h]; the sqrt(hidden) scale is rounded to the weight dtype first, as Gemma does.
+        An image placeholder id past the vocabulary is looked up as id 0 (its embedding is replaced by the
+        image's features when the images are given)."""
+        v = self.config.vision
+        if v is not None and v.image_token_id >= self.config.vocab_size:
+            input_ids = input_ids.masked_fill(input_ids == v.image_token_id, 0)
         return embed_scaled(self.embed_tokens, input_ids, self.config.hidden_size)
+
+    def embed_with_images(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings [b, s, h] with every image's features in place of its placeholder tokens, and
+        the image index of each token [b, s] (None without pixel_values; see `image_indices`).
+
+        The images are encoded once here, so every CycleBlock and every cycle reads the same merged
+        stream. pixel_values [n_images, 3, S, S] are the images in the order their placeholder runs
+        appear in the batch, row by row (row 0's images left to right, then row 1's, ...)."""
+        x = self.embed(input_ids)
+        if pixel_values is None:
+            return x, None
+        if self.vision is None:
+            raise ValueError(
+                "pixel_values were given, but this HRMGemma has no vision encoder (model.vision)"
+            )
+        image_ids = image_indices(input_ids, self.config.vision)
+        features = self.vision(pixel_values)  # [n, mm_tokens, h]
+        placeholders = image_ids >= 0
+        n_tokens, n_features = int(placeholders.sum()), features.shape[0] * features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"the batch holds {n_tokens} image placeholder tokens (id {self.config.vision.image_token_id}), "
+                f"but {features.shape[0]} images give {n_features} (model.vision.mm_tokens_per_image="
+                f"{features.shape[1]} each)"
+            )
+        x = x.masked_scatter(placeholders[..., None], features.to(x.dtype))
+        return x, image_ids
 
     def seq_context(
         self,
@@ -286,11 +322,12 @@ class HRMGemma(nn.Module):
         attention_mask: torch.Tensor | None,
         doc_ids: torch.Tensor | None = None,
         past_valid: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
     ) -> SeqContext:
         """RoPE tables and masks for one forward (see `sequence_context`)."""
         return sequence_context(
             self.config, (self.rope_local, self.rope_global), x, position_ids, attention_mask, doc_ids,
-            past_valid,
+            past_valid, image_ids,
         )  # fmt: skip
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -305,6 +342,7 @@ class HRMGemma(nn.Module):
         input_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
@@ -313,11 +351,19 @@ class HRMGemma(nn.Module):
         """Causal LM forward (training semantics: every block runs all N = `cycles` H cycles, default
         config.h_cycles).
 
-        input_ids [b, s], or inputs_embeds [b, s, h] (already scaled, e.g. text embeddings with image
-        features spliced in); position_ids [b, s] or [s] (default 0..s-1, or restarting at every document
-        with doc_ids) drive RoPE; attention_mask [b, s] (1 = token, 0 = padding) hides padding keys;
-        doc_ids [b, s] (packed rows) keeps attention within each document. Masks are by index, RoPE by
-        position id.
+        input_ids [b, s], or inputs_embeds [b, s, h] (already scaled); position_ids [b, s] or [s]
+        (default 0..s-1, or restarting at every document with doc_ids) drive RoPE; attention_mask [b, s]
+        (1 = token, 0 = padding) hides padding keys; doc_ids [b, s] (packed rows) keeps attention within
+        each document. Masks are by index, RoPE by position id.
+
+        Images (a model with model.vision): pixel_values [n_images, 3, S, S] (S = model.vision.image_size,
+        preprocessed as Gemma 3 does: data/images.py) go with input_ids in which each image is a run of
+        mm_tokens_per_image placeholders (model.vision.image_token_id), normally between <start_of_image>
+        and <end_of_image> (vision.image_token_ids). The images are taken in the order of their runs,
+        row by row: row 0's images left to right, then row 1's, and so on; a row may hold none. Each
+        image's features replace its placeholders' embeddings, and the tokens of one image attend to each
+        other both ways (all other attention stays causal; doc_ids and padding masks still apply). Labels
+        at placeholder positions should be -100: nothing predicts an image.
 
         Returns logits [b, s, vocab] and aux: halt_logits [G, N, b, s] (fp32), converged [G, N-1, b, s]
         (the halting targets), cycles_used [G] long (the H updates each block ran, counted from its
@@ -325,9 +371,16 @@ class HRMGemma(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HRMGemma.forward: pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError(
+                "HRMGemma.forward: pixel_values need input_ids (their placeholders place the images)"
+            )
         cycles = self.config.h_cycles if cycles is None else int(cycles)
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        ctx = self.seq_context(x, position_ids, attention_mask, doc_ids)
+        if inputs_embeds is None:
+            x, image_ids = self.embed_with_images(input_ids, pixel_values)
+        else:
+            x, image_ids = inputs_embeds, None
+        ctx = self.seq_context(x, position_ids, attention_mask, doc_ids, image_ids=image_ids)
         halt_logits, converged = [], []
         for block in self.blocks.values():
             if block.recompute and torch.is_grad_enabled():
@@ -352,6 +405,7 @@ class HRMGemma(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         max_cycles: int | torch.Tensor | None = None,
@@ -365,16 +419,18 @@ class HRMGemma(nn.Module):
         is read and extended. attention_mask [b, s] (1 = token, 0 = padding) for these positions;
         position_ids [b, s] or [s] (default: continuing after the cache); max_cycles: an int or one per
         row [b], >= 1 (default: config.h_cycles); halt_threshold: None (no early halting) or a
-        probability in (0, 1], or one per row [b].
+        probability in (0, 1], or one per row [b]. pixel_values: the images of these positions, as in
+        `forward`; every image must lie wholly within one call (a prompt's prefill), since its tokens
+        attend to each other both ways.
 
         Returns logits [b, s, vocab] and cycles [G, b, s]: the H cycles each block ran for each token.
         """
         b, s = input_ids.shape
         device = input_ids.device
         cycles_t, threshold_t = self.halting_limits(max_cycles, halt_threshold, b, device)
-        x = self.embed(input_ids)
+        x, image_ids = self.embed_with_images(input_ids, pixel_values)
         past_valid = None if cache is None else cache.valid  # None before the first call
-        ctx = self.seq_context(x, position_ids, attention_mask, past_valid=past_valid)
+        ctx = self.seq_context(x, position_ids, attention_mask, past_valid=past_valid, image_ids=image_ids)
         padding = None if attention_mask is None else ~attention_mask.bool()
         if cache is not None:
             cache.start(torch.ones(b, s, dtype=torch.bool, device=device) if padding is None else ~padding)
@@ -412,12 +468,14 @@ class HRMGemma(nn.Module):
         return cycles, threshold
 
     def parameter_counts(self) -> dict[str, int]:
-        """total; gemma (what a Gemma3ForCausalLM of the same shape holds); hrm_only (gates and heads)."""
-        total = hrm = 0
+        """total; gemma (what a Gemma3ForCausalLM, or with model.vision a Gemma3ForConditionalGeneration,
+        of the same shape holds); hrm_only (gates and heads); vision (the image encoder, part of gemma)."""
+        total = hrm = vision = 0
         for name, p in self.named_parameters():
             total += p.numel()
             hrm += p.numel() if is_hrm_only(name) else 0
-        return {"total": total, "gemma": total - hrm, "hrm_only": hrm}
+            vision += p.numel() if name.startswith("vision.") else 0
+        return {"total": total, "gemma": total - hrm, "hrm_only": hrm, "vision": vision}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,16 +531,21 @@ def sequence_context(
     attention_mask: torch.Tensor | None,
     doc_ids: torch.Tensor | None = None,
     past_valid: torch.Tensor | None = None,
+    image_ids: torch.Tensor | None = None,
 ) -> SeqContext:
     """RoPE tables and masks for one forward, shared by every layer and every cycle.
 
     x [b, s, h] are the positions being computed. past_valid [b, P] (with a KV cache) flags which of
     the P cached positions before them are real tokens; masks then cover the cached keys too: all P
     for global layers, the last min(P, window-1) (what a local layer's cache keeps) for local ones.
+    image_ids [b, s] (`image_indices`: >= 0 on an image's tokens, -1 elsewhere) lets the tokens of one
+    image attend to each other both ways. That is Gemma 3's mask: (causal OR same image) on global
+    layers, and that AND the window on local ones, where the window bounds only how far back a key may
+    be (window-1 positions); later tokens of the same image are always seen.
     """
     b, s, _ = x.shape
     past = 0 if past_valid is None else past_valid.shape[1]
-    for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids)):
+    for name, t in (("attention_mask", attention_mask), ("doc_ids", doc_ids), ("image_ids", image_ids)):
         if t is not None and t.shape != (b, s):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{b}, {s}]")
     if past_valid is not None and past_valid.shape[0] != b:
@@ -501,7 +564,8 @@ def sequence_context(
         )
     ropes_at = {"local": ropes[0](position_ids), "global": ropes[1](position_ids)}
     windows = {"local": config.sliding_window, "global": None}
-    if attention_mask is None and doc_ids is None and past_valid is None and _kernel_masks(x):
+    no_masks = attention_mask is None and doc_ids is None and past_valid is None and image_ids is None
+    if no_masks and _kernel_masks(x):
         return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))  # the kernel applies causal/window
     valid = None  # [b, past + s]: which keys are real tokens
     if attention_mask is not None or past_valid is not None:
@@ -516,10 +580,20 @@ def sequence_context(
     if doc_ids is not None:
         documents = document_starts(doc_ids).cumsum(dim=1)  # [b, s]: index of each token's document
         same_doc = documents[:, :, None] == documents[:, None, :]  # [b, s, s]
+    same_image = None
+    if image_ids is not None:
+        is_image = (image_ids >= 0)[:, :, None]
+        same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & is_image  # [b, s, s]
     masks = {}
     for kind, window in windows.items():
         keys = s + (past if window is None else min(past, window - 1))
         mask = causal_mask(s, keys, causal=True, window=window, device=x.device)  # [s, keys]
+        if same_image is not None:  # images never span calls, so only this call's keys (the last s) count
+            both_ways = same_image
+            if window is not None:  # keys at most window-1 back; later keys of the image are never cut
+                index = torch.arange(s, device=x.device)
+                both_ways = both_ways & (index[None, :] > index[:, None] - window)
+            mask = mask | F.pad(both_ways, (keys - s, 0), value=False)  # [b, s, keys]
         if same_doc is not None:
             mask = mask & same_doc  # [b, s, s]
         if valid is not None:
@@ -547,6 +621,22 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
     start_index = torch.where(document_starts(doc_ids), index, 0).cummax(dim=1).values
     return index - start_index
+
+
+def image_indices(input_ids: torch.Tensor, vision: VisionConfig) -> torch.Tensor:
+    """[b, s] ids -> [b, s] long: on every image placeholder the index of its image within the row (each
+    mm_tokens_per_image placeholders of a row, in order, are one image), -1 on every other token."""
+    placeholders = input_ids == vision.image_token_id
+    per_row = placeholders.sum(dim=1)
+    partial = (per_row % vision.mm_tokens_per_image).nonzero()
+    if len(partial):
+        row = int(partial[0, 0])
+        raise ValueError(
+            f"row {row} holds {int(per_row[row])} image placeholder tokens (id {vision.image_token_id}), not a "
+            f"multiple of model.vision.mm_tokens_per_image={vision.mm_tokens_per_image}; is an image cut off?"
+        )
+    index = torch.div(placeholders.cumsum(dim=1) - 1, vision.mm_tokens_per_image, rounding_mode="floor")
+    return torch.where(placeholders, index, -1)
 
 
 def per_row(

@@ -67,12 +67,14 @@ def parameter_groups(c: LMModelConfig) -> list[ParamGroup]:
     for name, p in model.named_parameters():
         top = name.split(".")[0]
         finals = {"norm": "final", "lm_head": "final", "value_head": "final"}
-        key = {"embed_tokens": "embed", "tail": "tail", **finals}.get(top)
+        key = {"embed_tokens": "embed", "tail": "tail", "vision": "vision", **finals}.get(top)
         if top == "blocks":
             key = f"block.{name.split('.')[1]}"
         if key is None:
             raise ValueError(f"memory_plan: no pipeline stage for parameter {name}")
         split = p.dim() == 2 and min(p.shape) > 1
+        if top == "vision":  # only the encoder layers' linears are split (models/vision.py)
+            split = split and ".layers." in name
         groups.setdefault(key, [0, 0])[0 if split else 1] += p.numel()
     return [ParamGroup(k, s, r) for k, (s, r) in groups.items()]
 
@@ -89,6 +91,8 @@ def stage_contents(
             targets = [stage_of_block[int(g.name.split(".")[1])]]
         elif g.name == "embed":
             targets = [0, pp - 1] if pp > 1 else [0]  # the tied LM head: a copy on the last stage
+        elif g.name == "vision":
+            targets = [0]  # the image encoder feeds the embedding
         else:
             targets = [pp - 1]
         for s in targets:

@@ -113,7 +113,7 @@ def describe_lm(config: Config, world_size: int = 1, seq_len: int = 4096) -> str
         model = HRMGemma(c)
     counts = model.parameter_counts()
     embed = c.vocab_size * c.hidden_size
-    per_layer = counts["gemma"] - embed - c.hidden_size  # minus the embedding and the final norm
+    per_layer = counts["gemma"] - counts["vision"] - embed - c.hidden_size  # minus embedding, final norm
     layer_params = per_layer / c.num_layers
     layer_runs = c.num_groups * c.h_cycles * (c.l_cycles * c.local_per_global + 1) + c.num_tail_layers
     flops = 2 * layer_params * layer_runs + 2 * embed  # matmuls per token (tied head included), scores aside
@@ -122,6 +122,13 @@ def describe_lm(config: Config, world_size: int = 1, seq_len: int = 4096) -> str
             f"model: hrm_gemma  hidden={c.hidden_size} layers={c.num_layers} ({c.num_groups} CycleBlocks of "
             f"{c.local_per_global} local + 1 global, {c.num_tail_layers} tail)  cycles N={c.h_cycles} T={c.l_cycles}",
             f"parameters: {counts['total']:,} (Gemma 3: {counts['gemma']:,}; HRM gates and heads: {counts['hrm_only']:,})",
+            *(
+                [
+                    f"image encoder: {counts['vision']:,} parameters (included above; FLOPs below are text only)"
+                ]
+                if c.vision is not None
+                else []
+            ),
             f"forward FLOPs per token (matmuls, excluding attention scores): {flops / 1e9:.2f} GFLOP",
             *memory_lines(config, world_size, seq_len),
         ]
