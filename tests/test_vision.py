@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
-from transformers import Gemma3Config, SiglipVisionConfig, SiglipVisionModel
+from PIL import Image
+from transformers import Gemma3Config, Gemma3ImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
 
 from hrm_mega.config import LMModelConfig, load_config
 from hrm_mega.config.model import VisionConfig
 from hrm_mega.config.schema import ConfigError
+from hrm_mega.data.images import ImageProcessing, pan_and_scan_boxes, pixel_values, preprocess
 from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.layers import init_parameters
 from hrm_mega.models.lm import HRMGemma, image_indices, sequence_context
@@ -303,3 +306,84 @@ def test_a_text_only_model_is_unchanged() -> None:
     text = dataclasses.replace(lm_config(), vision=None)
     model = HRMGemma(text)
     assert model.vision is None and not any(name.startswith("vision") for name, _ in model.named_parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Image preprocessing (data/images.py) against transformers' Gemma3ImageProcessorPil
+# --------------------------------------------------------------------------------------------------
+
+# (width, height, mode): the crop decisions each one exercises with Gemma 3's settings (256, 4, 1.2)
+IMAGES = {
+    "wide": (900, 300, "RGB"),  # 3 crops of 300 x 300
+    "wide-uneven": (1001, 300, "RGB"),  # 3 crops, the last one a column narrower
+    "tall": (300, 1300, "RGB"),  # 4 crops of 300 x 325
+    "square": (400, 400, "RGB"),  # not elongated: no crops
+    "small": (40, 100, "RGB"),  # elongated, but crops would be under 256 px: none
+    "large": (2000, 1500, "RGB"),  # ratio 1.33: 2 crops of 1000 x 1500
+    "very-wide": (3000, 200, "RGB"),  # 4 crops at most, each 200 px high: none
+    "rgba": (700, 300, "RGBA"),  # transparency over white
+    "grey": (300, 800, "L"),
+    "palette": (520, 260, "P"),
+}
+
+
+def generated_image(width: int, height: int, mode: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "RGBA":
+        return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
+    if mode == "L":
+        return Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L")
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    return rgb.quantize(64) if mode == "P" else rgb
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_preprocessing_matches_transformers_gemma3_image_processor(name: str) -> None:
+    width, height, mode = IMAGES[name]
+    image = generated_image(width, height, mode, seed=len(name))
+    processing = ImageProcessing(size=64, pan_and_scan=True)  # a small side keeps the test fast
+    hf = Gemma3ImageProcessorPil(
+        size={"height": 64, "width": 64}, do_pan_and_scan=True, pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2,
+    )  # fmt: skip
+    expected = hf(images=[image], return_tensors="np")
+    ours, crops = preprocess(image, processing)
+    assert crops == int(expected["num_crops"][0])
+    assert ours.shape == expected["pixel_values"].shape == (1 + crops, 3, 64, 64)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - expected["pixel_values"]).max() <= 1e-6
+
+
+def test_crop_decisions_and_batches() -> None:
+    expected_crops = {
+        "wide": 3,
+        "wide-uneven": 3,
+        "tall": 4,
+        "square": 0,
+        "small": 0,
+        "large": 2,
+        "very-wide": 0,
+    }
+    for name, crops in expected_crops.items():
+        width, height, _ = IMAGES[name]
+        assert len(pan_and_scan_boxes(width, height, 256, 4, 1.2)) == crops, name
+    assert pan_and_scan_boxes(1001, 300, 256, 4, 1.2)[-1] == (668, 0, 1001, 300)  # clipped to the image
+    images = [generated_image(900, 300, "RGB", 0), np.zeros((50, 60), np.uint8)]
+    values, crops = pixel_values(images, ImageProcessing.for_model(vision_config(), pan_and_scan=True))
+    assert values.shape == (1 + 3 + 1, 3, 28, 28) and crops == [3, 0]
+    assert torch.equal(values[-1], torch.full((3, 28, 28), -1.0))  # black -> (0 - 0.5) / 0.5
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess(np.zeros((4, 4, 3)), ImageProcessing())
+
+
+def test_image_arrays_match_transformers_too() -> None:
+    """H x W x 4 arrays are blended onto white as transformers blends arrays (not as Pillow does)."""
+    rng = np.random.default_rng(5)
+    hf = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    for array in (
+        rng.integers(0, 256, (90, 50, 4), dtype=np.uint8),
+        rng.integers(0, 256, (40, 70, 1), dtype=np.uint8),
+    ):
+        expected = hf(images=[array], return_tensors="np")["pixel_values"]
+        ours, _ = preprocess(array, ImageProcessing(size=32))
+        assert np.abs(ours - expected).max() <= 1e-6
