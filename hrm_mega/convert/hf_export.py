@@ -3,8 +3,10 @@
 Two formats; `auto` picks the first that is exact:
 - gemma3: an HRMGemma that computes exactly Gemma 3 (h_cycles = l_cycles = 1, or every gate zero; see
   hf_gemma.plain_gemma3_blocker) becomes a plain Gemma3ForCausalLM: config.json (model_type
-  gemma3_text), generation_config.json and model.safetensors. HRMGemma's own tensors (gates, halting
-  heads, value head) have no place in it and are left out.
+  gemma3_text), generation_config.json and model.safetensors; with model.vision, a
+  Gemma3ForConditionalGeneration (model_type gemma3, the SigLIP tower and projector included) plus
+  preprocessor_config.json (Gemma 3's image processor at model.vision.image_size). HRMGemma's own
+  tensors (gates, halting heads, value head) have no place in it and are left out.
 - remote: any other HRMGemma, and every RecursiveReasoner, ships its own modeling code (convert/remote):
   config.json with an auto_map, hrm-mega's model sources and a thin wrapper, and model.safetensors
   with every tensor of the state dict under `model.`. It loads with trust_remote_code=True.
@@ -31,7 +33,13 @@ from safetensors.torch import save_file
 from hrm_mega.checkpoint.integrity import write_checksums
 from hrm_mega.config import Config
 from hrm_mega.convert import remote
-from hrm_mega.convert.hf_gemma import hf_config_from, plain_gemma3_blocker, to_hf_state_dict
+from hrm_mega.convert.hf_gemma import (
+    hf_config_from,
+    hf_multimodal_config_from,
+    hf_multimodal_state_dict,
+    plain_gemma3_blocker,
+    to_hf_state_dict,
+)
 from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.models.lm import is_hrm_only
 
@@ -123,15 +131,22 @@ def _export_gemma3(
 
     single = dataclasses.replace(config.model, h_cycles=1, l_cycles=1)  # the same function (zero gates)
     ours = {k: v for k, v in state.items() if not is_hrm_only(k)}
-    hf_state = to_hf_state_dict(ours, single)
+    architecture = "Gemma3ForCausalLM" if single.vision is None else "Gemma3ForConditionalGeneration"
+    if single.vision is None:
+        hf_state, hf_config, head = to_hf_state_dict(ours, single), hf_config_from(single), "lm_head.weight"
+    else:
+        hf_state, hf_config = hf_multimodal_state_dict(ours, single), hf_multimodal_config_from(single)
+        head = "language_model.lm_head.weight"
+        save_image_processor(single.vision.image_size, out)
     if single.tie_embeddings:
-        del hf_state["lm_head.weight"]  # the tied head is the embedding; transformers re-ties it on load
+        del hf_state[head]  # the tied head is the embedding; transformers re-ties it on load
     save_weights(hf_state, out, dtype, max_shard_size)
-    hf_config = hf_config_from(single)
-    hf_config.architectures = ["Gemma3ForCausalLM"]
+    hf_config.architectures = [architecture]
     hf_config.dtype = dtype
     for name, value in special.items():
         setattr(hf_config, name, value)
+        if single.vision is not None:
+            setattr(hf_config.text_config, name, value)
     hf_config.save_pretrained(out)
     GenerationConfig(**special).save_pretrained(out)
     notes = []
@@ -141,7 +156,18 @@ def _export_gemma3(
             f"left out {len(dropped)} nonzero HRM-only tensors that Gemma 3 has no place for (e.g. {dropped[0]}); "
             "--format remote keeps them"
         )
-    return ExportReport(out, "gemma3", "Gemma3ForCausalLM", None, notes)
+    return ExportReport(out, "gemma3", architecture, None, notes)
+
+
+def save_image_processor(image_size: int, out: Path) -> None:
+    """preprocessor_config.json: Gemma 3's image processor (what hrm_mega/data/images.py computes) at the
+    vision tower's input size, with Gemma 3's pan-and-scan settings (off unless asked for)."""
+    from transformers import Gemma3ImageProcessorPil
+
+    Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size}, do_pan_and_scan=False, pan_and_scan_min_crop_size=256,
+        pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2,
+    ).save_pretrained(out)  # fmt: skip
 
 
 def _export_remote(

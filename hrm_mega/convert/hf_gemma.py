@@ -12,7 +12,13 @@ export drops them, which is exact only with h_cycles = l_cycles = 1 (or all gate
 `plain_gemma3_blocker`) and is refused otherwise.
 
 A multimodal Gemma3ForConditionalGeneration checkpoint holds the same text decoder under other
-prefixes; `text_state_dict` renames it to the Gemma3ForCausalLM names and leaves the vision tower out.
+prefixes, plus the SigLIP vision tower and the projector. `multimodal_state_dict` renames the decoder
+to the Gemma3ForCausalLM names and the vision part to `vision_tower.*` / `multi_modal_projector.*`
+(transformers 5's layout, from any of the layouts checkpoints use), or leaves the vision part out for a
+text-only HRMGemma. With model.vision set, the key map covers it too (VISION_KEYS, VISION_LAYER_KEYS).
+The one tensor that is not copied as is: the projector's weight, which HF applies as x @ W [vision,
+text] and our nn.Linear as x @ W^T, so it is transposed both ways. SigLIP's pooling head, which Gemma 3
+never runs, is dropped.
 Reading checkpoint directories and writing exports is in hf_import.py and hf_export.py.
 """
 
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 
 from hrm_mega.config import LMModelConfig
+from hrm_mega.config.model import VisionConfig
 from hrm_mega.models.lm import HRMGemma, is_hrm_only
 
 TOP_KEYS = {
@@ -54,12 +61,40 @@ MULTIMODAL_TEXT_PREFIXES = {
     "language_model.model.": "model.",
     "language_model.lm_head.": "lm_head.",
 }
-MULTIMODAL_VISION_PREFIXES = (
-    "model.vision_tower.",
-    "model.multi_modal_projector.",
-    "vision_tower.",
-    "multi_modal_projector.",
-)
+# ... and the vision part: every layout -> transformers 5's (what save_pretrained writes); longest first
+MULTIMODAL_VISION_PREFIXES = {
+    "model.vision_tower.vision_model.": "vision_tower.",
+    "vision_tower.vision_model.": "vision_tower.",
+    "model.vision_tower.": "vision_tower.",
+    "vision_tower.": "vision_tower.",
+    "model.multi_modal_projector.": "multi_modal_projector.",
+    "multi_modal_projector.": "multi_modal_projector.",
+}
+UNUSED_VISION_PREFIX = "vision_tower.head."  # SigLIP's attention-pooling head: Gemma 3 does not use it
+VISION_KEYS = {
+    "vision_tower.embeddings.patch_embedding.weight": "vision.tower.patch_embedding.weight",
+    "vision_tower.embeddings.patch_embedding.bias": "vision.tower.patch_embedding.bias",
+    "vision_tower.embeddings.position_embedding.weight": "vision.tower.position_embedding",
+    "vision_tower.post_layernorm.weight": "vision.tower.post_layernorm.weight",
+    "vision_tower.post_layernorm.bias": "vision.tower.post_layernorm.bias",
+    "multi_modal_projector.mm_soft_emb_norm.weight": "vision.projector.norm.weight",
+    "multi_modal_projector.mm_input_projection_weight": "vision.projector.proj.weight",  # transposed
+}
+TRANSPOSED = ("multi_modal_projector.mm_input_projection_weight",)
+VISION_LAYER_KEYS = {
+    f"vision_tower.encoder.layers.{{i}}.{name}.{kind}": f"vision.tower.layers.{{i}}.{name}.{kind}"
+    for name in (
+        "layer_norm1",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "layer_norm2",
+        "mlp.fc1",
+        "mlp.fc2",
+    )  # fmt: skip
+    for kind in ("weight", "bias")
+}
 
 
 def layer_prefix(i: int, config: LMModelConfig) -> str:
@@ -79,6 +114,10 @@ def key_map(config: LMModelConfig) -> dict[str, str]:
         layer = layer_prefix(i, config)
         for hf, ours in LAYER_KEYS.items():
             mapping[hf.format(i=i)] = ours.format(layer=layer)
+    if config.vision is not None:
+        mapping.update(VISION_KEYS)
+        for i in range(config.vision.num_layers):
+            mapping.update({hf.format(i=i): ours.format(i=i) for hf, ours in VISION_LAYER_KEYS.items()})
     return mapping
 
 
@@ -110,26 +149,41 @@ def _our_parameters(config: LMModelConfig) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def text_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A Gemma3ForConditionalGeneration state dict -> its text decoder under Gemma3ForCausalLM names.
+def multimodal_state_dict(hf_sd: dict[str, torch.Tensor], vision: bool = True) -> dict[str, torch.Tensor]:
+    """A Gemma3ForConditionalGeneration state dict -> its text decoder under Gemma3ForCausalLM names, and
+    (vision=True) its vision tower and projector under `vision_tower.` / `multi_modal_projector.`.
 
-    The vision tower and projector are left out; any other key is kept as is (so an unexpected one is
-    still reported by from_hf_state_dict)."""
+    With vision=False the vision part is left out (a text-only import). SigLIP's pooling head is always
+    left out. Any other key is kept as is, so an unexpected one is still reported by from_hf_state_dict."""
     out = {}
     for key, tensor in hf_sd.items():
-        if key.startswith(MULTIMODAL_VISION_PREFIXES):
-            continue
-        prefix = next((p for p in MULTIMODAL_TEXT_PREFIXES if key.startswith(p)), None)
-        out[key if prefix is None else MULTIMODAL_TEXT_PREFIXES[prefix] + key[len(prefix) :]] = tensor
+        renames = MULTIMODAL_TEXT_PREFIXES
+        if key.startswith(tuple(MULTIMODAL_VISION_PREFIXES)):
+            if not vision:
+                continue
+            renames = MULTIMODAL_VISION_PREFIXES
+        prefix = next((p for p in renames if key.startswith(p)), None)
+        key = key if prefix is None else renames[prefix] + key[len(prefix) :]
+        if not key.startswith(UNUSED_VISION_PREFIX):
+            out[key] = tensor
     return out
 
 
+def text_state_dict(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Gemma3ForConditionalGeneration state dict -> its text decoder under Gemma3ForCausalLM names."""
+    return multimodal_state_dict(hf_sd, vision=False)
+
+
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: LMModelConfig) -> dict[str, torch.Tensor]:
-    """A Gemma3ForCausalLM state dict -> a complete HRMGemma state dict (load it with strict=True)."""
+    """A Gemma3ForCausalLM state dict (with model.vision: a multimodal_state_dict) -> a complete HRMGemma
+    state dict (load it with strict=True)."""
     mapping, ours = key_map(config), _our_parameters(config)
     hf_sd = dict(hf_sd)
     if config.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)  # HF lists the tied head under its own name too
+    for key in TRANSPOSED:
+        if key in hf_sd:
+            hf_sd[key] = hf_sd[key].t()
     for key in hf_sd:
         if key not in mapping:
             raise ValueError(
@@ -171,7 +225,8 @@ def _take(
 
 
 def to_hf_state_dict(our_sd: dict[str, torch.Tensor], config: LMModelConfig) -> dict[str, torch.Tensor]:
-    """An HRMGemma state dict -> a Gemma3ForCausalLM state dict (exact only at N = T = 1, so required)."""
+    """An HRMGemma state dict -> a Gemma3ForCausalLM state dict (exact only at N = T = 1, so required);
+    with model.vision, plus the vision part under multimodal_state_dict's names (see hf_multimodal_state_dict)."""
     if config.h_cycles != 1 or config.l_cycles != 1:
         raise ValueError(
             f"to_hf_state_dict: model.h_cycles={config.h_cycles}, model.l_cycles={config.l_cycles}; "
@@ -189,6 +244,9 @@ def to_hf_state_dict(our_sd: dict[str, torch.Tensor], config: LMModelConfig) -> 
     )
     if config.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    for key in TRANSPOSED:
+        if key in out:
+            out[key] = out[key].t()
     dropped = [k for k in ours if k not in mapping.values()]
     if any(not is_hrm_only(k) for k in dropped):
         raise ValueError(f"to_hf_state_dict: {dropped[0]} has no Gemma 3 counterpart")
@@ -201,7 +259,8 @@ def to_hf_state_dict(our_sd: dict[str, torch.Tensor], config: LMModelConfig) -> 
 
 
 def config_from_hf(hf_config: Any, **hrm_fields: Any) -> LMModelConfig:
-    """A Gemma3TextConfig (or a multimodal Gemma3Config's text part) -> LMModelConfig.
+    """A Gemma3TextConfig, or a multimodal Gemma3Config (its text part, and its vision part as
+    model.vision) -> LMModelConfig.
 
     hrm_fields set the HRM-only fields (h_cycles, l_cycles, halting, value_head, ...); the Gemma fields
     come from the HF config, which must describe a model HRMGemma computes exactly.
@@ -235,6 +294,8 @@ def config_from_hf(hf_config: Any, **hrm_fields: Any) -> LMModelConfig:
         rope_global_base=float(full["rope_theta"]), rope_scaling=rope_scaling, rms_norm_eps=hf.rms_norm_eps,
         max_position=hf.max_position_embeddings, tie_embeddings=bool(hf.tie_word_embeddings),
     )  # fmt: skip
+    if getattr(hf_config, "vision_config", None) is not None:
+        fields["vision"] = vision_config_from_hf(hf_config)
     unknown = [name for name in hrm_fields if name not in {f.name for f in dataclasses.fields(LMModelConfig)}]
     if unknown:
         raise ValueError(f"config_from_hf: unknown LMModelConfig field {unknown[0]}")
@@ -280,3 +341,63 @@ def hf_config_from(config: LMModelConfig) -> Any:
         tie_word_embeddings=config.tie_embeddings, hidden_activation=HF_ACTIVATION,
         final_logit_softcapping=None, attn_logit_softcapping=None,
     )  # fmt: skip
+
+
+def vision_config_from_hf(hf_config: Any, trainable: bool = False) -> VisionConfig:
+    """A multimodal Gemma3Config's SigLIP tower and projector -> VisionConfig (model.vision)."""
+    v = hf_config.vision_config
+    if v.hidden_act != HF_ACTIVATION:
+        raise ValueError(
+            f"config_from_hf: vision_config.hidden_act={v.hidden_act!r}; expected {HF_ACTIVATION!r}"
+        )
+    if v.num_channels != 3:
+        raise ValueError(f"config_from_hf: vision_config.num_channels={v.num_channels}; expected 3 (RGB)")
+    if not isinstance(v.image_size, int) or not isinstance(v.patch_size, int):
+        raise ValueError(
+            f"config_from_hf: vision_config image_size={v.image_size}, patch_size={v.patch_size}; "
+            "only square images and patches (one number each) are supported"
+        )
+    return VisionConfig(
+        image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size, num_layers=v.num_hidden_layers, num_heads=v.num_attention_heads,
+        layer_norm_eps=v.layer_norm_eps, mm_tokens_per_image=hf_config.mm_tokens_per_image,
+        image_token_id=hf_config.image_token_index, boi_token_id=hf_config.boi_token_index,
+        eoi_token_id=hf_config.eoi_token_index, trainable=trainable,
+    )  # fmt: skip
+
+
+def hf_multimodal_config_from(config: LMModelConfig) -> Any:
+    """The Gemma3Config (Gemma3ForConditionalGeneration) that an HRMGemma with model.vision computes at
+    N = T = 1."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    v = config.vision
+    if v is None:
+        raise ValueError("hf_multimodal_config_from: the model has no vision encoder (model.vision)")
+    vision = SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, num_channels=3, image_size=v.image_size, patch_size=v.patch_size,
+        hidden_act=HF_ACTIVATION, layer_norm_eps=v.layer_norm_eps, vision_use_head=False,
+    )  # fmt: skip
+    return Gemma3Config(
+        text_config=hf_config_from(config).to_dict(), vision_config=vision.to_dict(),
+        mm_tokens_per_image=v.mm_tokens_per_image, image_token_index=v.image_token_id,
+        boi_token_index=v.boi_token_id, eoi_token_index=v.eoi_token_id,
+        tie_word_embeddings=config.tie_embeddings,
+    )  # fmt: skip
+
+
+# Gemma3ForConditionalGeneration's names for the Gemma3ForCausalLM ones, as transformers 5 saves them
+SAVED_TEXT_PREFIXES = {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+
+
+def hf_multimodal_state_dict(
+    our_sd: dict[str, torch.Tensor], config: LMModelConfig
+) -> dict[str, torch.Tensor]:
+    """An HRMGemma state dict with model.vision -> a Gemma3ForConditionalGeneration state dict, under the
+    names transformers 5's save_pretrained writes (N = T = 1 required, as for to_hf_state_dict)."""
+    out = {}
+    for key, tensor in to_hf_state_dict(our_sd, config).items():
+        prefix = next((p for p in SAVED_TEXT_PREFIXES if key.startswith(p)), None)
+        out[key if prefix is None else SAVED_TEXT_PREFIXES[prefix] + key[len(prefix) :]] = tensor
+    return out

@@ -1,7 +1,7 @@
 """Hugging Face import (`hrm-mega import-hf`): a Gemma 3 checkpoint directory -> an hrm-mega model directory.
 
-Reads config.json (model_type gemma3_text, or gemma3: the text decoder of the multimodal model, whose
-vision tower is left out) and the weights, from model.safetensors or from the shards listed in
+Reads config.json (model_type gemma3_text, or gemma3: the multimodal model, whose SigLIP vision tower
+and projector become model.vision; `--set model.vision=null` imports its text decoder alone) and the weights, from model.safetensors or from the shards listed in
 model.safetensors.index.json. Pickled weights (pytorch_model.bin and the like) are refused, never
 unpickled. The result is `model.safetensors` + `config.yaml` (checkpoint/model_dir.py) holding an HRMGemma
 that computes exactly the Gemma 3: its gates start at zero, so `--set model.h_cycles=4` (or l_cycles)
@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from hrm_mega.checkpoint.integrity import damaged_files
 from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import Config, load_config
-from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, text_state_dict
+from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, multimodal_state_dict
 from hrm_mega.data.shards import TOKENIZER_FILE, read_json
 
 TEXT_TYPES = ("gemma3_text", "gemma3")
@@ -45,7 +45,7 @@ def import_hf(
     config = _hrm_config(hf_config, overrides or [], src)
     hf_state = read_hf_weights(src)
     if getattr(hf_config, "model_type", "") == "gemma3":
-        hf_state = text_state_dict(hf_state)
+        hf_state = multimodal_state_dict(hf_state, vision=config.model.vision is not None)
     try:
         state = from_hf_state_dict(hf_state, config.model)
     except ValueError as e:

@@ -87,11 +87,13 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         max_cycles: int | torch.Tensor | None = None,
         halt_threshold: float | torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         **kwargs: Any,  # generate()'s cache arguments: there is no KV cache here
     ) -> HRMGemmaOutput:
         """input_ids [b, s] (or inputs_embeds [b, s, h], already scaled by sqrt(hidden)); attention_mask
         [b, s] hides padding keys; position_ids [b, s] default to 0..s-1; labels [b, s] are aligned with
-        the inputs (the model shifts them), -100 ignored.
+        the inputs (the model shifts them), -100 ignored. pixel_values [n_images, 3, S, S] (a model with
+        images): one image per run of image placeholder tokens in input_ids, row by row (HRMGemma.forward).
 
         max_cycles (>= 1, may exceed the trained h_cycles) and halt_threshold (a probability in (0, 1]),
         each an int/float or one per row [b]: every block runs at most max_cycles H cycles per token and
@@ -103,12 +105,13 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
                 )
             logits, cycles = self.model.infer(
                 input_ids, attention_mask=attention_mask, position_ids=position_ids, max_cycles=max_cycles,
-                halt_threshold=halt_threshold,
+                halt_threshold=halt_threshold, pixel_values=pixel_values,
             )  # fmt: skip
             return HRMGemmaOutput(logits=logits, cycles=cycles)
         logits, aux = self.model(
-            input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask
-        )
+            input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+            pixel_values=pixel_values,
+        )  # fmt: skip
         loss = None if labels is None else lm_loss(logits, labels, aux, self.model.config)["ce"]
         return HRMGemmaOutput(
             loss=loss, logits=logits, halt_logits=aux["halt_logits"], values=aux.get("values")
@@ -129,7 +132,8 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        return inputs | {k: kwargs[k] for k in ("max_cycles", "halt_threshold") if kwargs.get(k) is not None}
+        passed = ("max_cycles", "halt_threshold", "pixel_values")  # every step re-reads the whole sequence
+        return inputs | {k: kwargs[k] for k in passed if kwargs.get(k) is not None}
 
 
 @dataclass
