@@ -5,15 +5,18 @@ fp32; nothing is downloaded."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 import torch
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     SiglipVisionConfig,
@@ -180,3 +183,37 @@ def test_open_cycles_export_remote_code_that_takes_images(tmp_path: Path, capsys
     with torch.no_grad():
         got = hf(**batch).logits
     assert max_diff(got, our_logits(model, batch), batch["attention_mask"]) < TOL
+
+
+def test_export_with_a_tokenizer_loads_as_a_gemma3_processor(tmp_path: Path, capsys) -> None:
+    """A tokenizer holding <start_of_image>/<end_of_image> (the image placeholder is the id after its
+    pieces, as in Gemma 3): AutoProcessor loads offline, expands an image in the text, and its batch
+    gives transformers and HRMGemma the same logits."""
+    lines = [f"{a} + {b} = {a + b}, a picture of {a} cats." for a in range(30) for b in range(0, 60, 7)]
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model_file, vocab_size=120, hard_vocab_limit=False,
+        minloglevel=2, pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=["<start_of_image>", "<end_of_image>"],
+    )  # fmt: skip
+    (tmp_path / "tokenizer.model").write_bytes(model_file.getvalue())
+    pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).vocab_size()
+    vision = vision_config(boi_token_id=4, eoi_token_id=5, image_token_id=pieces)
+    config = text_config(vocab_size=pieces + 8, vision=vision)
+    model = HRMGemma(config).init_weights(6)
+    ckpt = save_model_dir(model.state_dict(), Config(model=config), tmp_path / "ckpt")
+    out = tmp_path / "export"
+    run_ok(export_hf.main, [ckpt, out, "--tokenizer", tmp_path / "tokenizer.model"], capsys)
+
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert type(processor).__name__ == "Gemma3Processor"
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    batch = processor(text=["a picture of <start_of_image> 3 cats"], images=[[image]], return_tensors="pt")
+    ids = batch["input_ids"]
+    assert int((ids == pieces).sum()) == 4 and int((ids == 4).sum()) == 1 and int((ids == 5).sum()) == 1
+    assert torch.equal(batch["token_type_ids"], (ids == pieces).long())
+    hf = Gemma3ForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model.eval()(
+            ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        )[0]
+        assert (hf(**batch).logits - expected).abs().max() < TOL

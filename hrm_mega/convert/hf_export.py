@@ -14,7 +14,10 @@ Weights are sharded (model-0000k-of-0000n.safetensors + index) past max_shard_si
 
 An HRMGemma export also carries the tokenizer when there is one: tokenizer.json and
 tokenizer_config.json built from the SentencePiece model (so AutoTokenizer loads it offline, without
-sentencepiece), plus the tokenizer.model itself. The export is written to a temporary sibling directory
+sentencepiece), plus the tokenizer.model itself. With model.vision it carries Gemma 3's image processor
+(preprocessor_config.json), and, when the tokenizer holds the image tokens (model.vision's
+boi/eoi/image ids; the image token may be the one id past the SentencePiece pieces, as in Gemma 3),
+processor_config.json, so that AutoProcessor loads a Gemma3Processor offline. The export is written to a temporary sibling directory
 and renamed into place at the end, so a failed export leaves nothing behind.
 """
 
@@ -26,12 +29,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from hrm_mega.checkpoint.integrity import write_checksums
 from hrm_mega.config import Config
+from hrm_mega.config.model import VisionConfig
 from hrm_mega.convert import remote
 from hrm_mega.convert.hf_gemma import (
     hf_config_from,
@@ -102,12 +107,28 @@ def export_hf(
     tmp.mkdir(parents=True)
     try:
         special = dict(GEMMA_SPECIAL_IDS) if family == "hrm_gemma" else {}
+        vision = getattr(config.model, "vision", None)
+        image_tokens = None
         if tokenizer is not None:
-            special = export_tokenizer(tokenizer, tmp, config.model.vocab_size, config.model.max_position)
+            special, image_tokens = export_tokenizer(
+                tokenizer, tmp, config.model.vocab_size, config.model.max_position, vision
+            )
         if plain:
             report = _export_gemma3(state, config, tmp, dtype, special, max_shard_size)
         else:
             report = _export_remote(state, config, tmp, dtype, special, max_shard_size)
+        if vision is not None:
+            save_image_processor(vision.image_size, tmp)
+            if image_tokens:
+                processor = {
+                    "processor_class": "Gemma3Processor",
+                    "image_seq_length": vision.mm_tokens_per_image,
+                }
+                (tmp / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+            elif tokenizer is not None:
+                report.notes.append(
+                    "no processor_config.json: the tokenizer lacks model.vision's image tokens (boi/eoi/image ids)"
+                )
         write_checksums(tmp)  # import-hf checks them; transformers ignores the file
         if out.exists():
             out.rmdir()
@@ -137,7 +158,6 @@ def _export_gemma3(
     else:
         hf_state, hf_config = hf_multimodal_state_dict(ours, single), hf_multimodal_config_from(single)
         head = "language_model.lm_head.weight"
-        save_image_processor(single.vision.image_size, out)
     if single.tie_embeddings:
         del hf_state[head]  # the tied head is the embedding; transformers re-ties it on load
     save_weights(hf_state, out, dtype, max_shard_size)
@@ -226,11 +246,20 @@ def save_weights(
 
 
 def export_tokenizer(
-    spm_model: str | Path, out: Path, vocab_size: int, max_length: int | None = None
-) -> dict[str, int | None]:
+    spm_model: str | Path,
+    out: Path,
+    vocab_size: int,
+    max_length: int | None = None,
+    vision: VisionConfig | None = None,
+) -> tuple[dict[str, int | None], dict[str, str]]:
     """Writes tokenizer.json + tokenizer_config.json (a transformers fast tokenizer that encodes like the
     SentencePiece model and prepends <bos>, as the text data prep does) and a copy of the .model.
-    Returns the special token ids for the configs: bos_token_id, eos_token_id, pad_token_id."""
+
+    With `vision`, model.vision's boi/eoi/image ids become the named special tokens Gemma3Processor
+    reads (boi_token, eoi_token, image_token) when the SentencePiece model has them; the image token
+    may also be the one id right after its pieces (Gemma 3's <image_soft_token>), added here.
+    Returns the special token ids for the configs (bos_token_id, eos_token_id, pad_token_id) and the
+    named image tokens ({} when there are none)."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
@@ -268,14 +297,45 @@ def export_tokenizer(
             if p.type in (unknown, control)
         ]
     )
+    named = _image_tokens(proto, backend, vision) if vision is not None else {}
     spec = proto.trainer_spec
     ids = {"bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id, "unk": spec.unk_id}
     pieces = {name: proto.pieces[i].piece for name, i in ids.items() if 0 <= i < len(proto.pieces)}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, **{f"{name}_token": piece for name, piece in pieces.items()},
         add_bos_token="bos" in pieces, add_eos_token=False, clean_up_tokenization_spaces=False,
-        model_max_length=max_length or int(1e30),
+        model_max_length=max_length or int(1e30), **({"extra_special_tokens": named} if named else {}),
     )  # fmt: skip
     tokenizer.save_pretrained(out)
     shutil.copyfile(path, out / TOKENIZER_FILE)
-    return {f"{name}_token_id": ids[name] if name in pieces else None for name in ("bos", "eos", "pad")}
+    special = {f"{name}_token_id": ids[name] if name in pieces else None for name in ("bos", "eos", "pad")}
+    return special, named
+
+
+IMAGE_TOKEN_PIECE = "<image_soft_token>"  # Gemma 3's name for the image placeholder
+
+
+def _image_tokens(proto: Any, backend: Any, vision: VisionConfig) -> dict[str, str]:
+    """{boi_token, eoi_token, image_token: piece} for model.vision's ids, each made an unsplittable special
+    token of `backend`; {} (and nothing added) unless all three have a piece."""
+    from tokenizers import AddedToken
+
+    wanted = {
+        "boi_token": vision.boi_token_id,
+        "eoi_token": vision.eoi_token_id,
+        "image_token": vision.image_token_id,
+    }
+    n = len(proto.pieces)
+    named = {name: proto.pieces[i].piece for name, i in wanted.items() if i < n}
+    if vision.image_token_id == n and IMAGE_TOKEN_PIECE not in {p.piece for p in proto.pieces}:
+        named["image_token"] = IMAGE_TOKEN_PIECE  # appended: it gets id n
+    if len(named) < len(wanted):
+        return {}
+    backend.add_special_tokens(
+        [AddedToken(piece, special=True, normalized=False) for piece in named.values()]
+    )
+    if backend.token_to_id(named["image_token"]) != vision.image_token_id:
+        raise ExportError(
+            f"the tokenizer gave {named['image_token']} another id than {vision.image_token_id}"
+        )
+    return named
