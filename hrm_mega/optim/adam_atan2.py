@@ -96,22 +96,18 @@ class AdamATan2(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 t = state["step"]
-
-                g = p.grad.to(m.dtype)  # no copy when the dtypes already agree
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-
-                bias1 = 1 - b1**t
-                denom = v.sqrt().mul_(b / math.sqrt(1 - b2**t))
-                update = torch.atan2(m, denom).mul_(lr * a / bias1)  # lr may be a 0-dim tensor
-
-                # Low-precision parameters are updated in fp32 and rounded once. The decay multiplies
-                # the old parameter and the update does not depend on it, so decaying here is the
-                # package's decay-first order.
+                # Low-precision parameters are updated in fp32 and rounded once.
                 master = p if p.dtype == m.dtype else p.to(m.dtype)
-                if wd != 0:
-                    master.mul_(1 - lr * wd)
-                master.sub_(update)
+                g = p.grad.to(m.dtype)  # no copy when the dtypes already agree
+                coefficients = (
+                    b1,
+                    b2,
+                    b / math.sqrt(1 - b2**t),
+                    lr * a / (1 - b1**t),
+                    1 - lr * wd if wd else None,
+                )
+                for chunk in _chunks(master, g, m, v):
+                    _update(*chunk, *coefficients)
                 if master is not p:
                     p.copy_(master)
         return loss
@@ -135,6 +131,33 @@ class AdamATan2(torch.optim.Optimizer):
             self.state[p]["step"] = int(saved["step"])  # tolerate tensor steps from other Adam variants
             for key in ("exp_avg", "exp_avg_sq"):
                 self.state[p][key] = saved[key].to(device=p.device, dtype=_state_dtype(p), copy=True)
+
+
+_CHUNK = 1 << 18  # elements updated together: the chunk's temporaries stay in cache between the ops
+
+
+def _chunks(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The tensors (same shape) as aligned slices of at most _CHUNK elements; whole when not contiguous."""
+    if not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    flat = [t.view(-1) for t in tensors]
+    n = flat[0].numel()
+    return [tuple(f[i : i + _CHUNK] for f in flat) for i in range(0, n, _CHUNK)]
+
+
+def _update(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, b1: float, b2: float,
+    denom_scale: float, step_size: float | torch.Tensor, decay: float | torch.Tensor | None,
+) -> None:  # fmt: skip
+    """One slice of the module docstring's update, in place. The decay multiplies the old parameter and
+    the update does not depend on it, so decaying here is the package's decay-first order."""
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    update = torch.sqrt(v).mul_(denom_scale)
+    torch.atan2(m, update, out=update).mul_(step_size)  # step_size may be a 0-dim tensor (lr)
+    if decay is not None:
+        p.mul_(decay)
+    p.sub_(update)
 
 
 def _check_hparams(
