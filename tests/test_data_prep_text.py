@@ -12,14 +12,18 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
 from hrm_mega.data.shards import read_manifest, verify_shards
+from hrm_mega.prep import text as text_prep
 from hrm_mega.prep.cli import main
-from hrm_mega.prep.common import DataPrepError, read_samples
+from hrm_mega.prep.common import DataPrepError, read_samples, unit_hash
 from hrm_mega.prep.corpus import TASKS, generate_documents
-from hrm_mega.prep.text import read_documents, train_tokenizer
+from hrm_mega.prep.text import train_tokenizer
+from hrm_mega.prep.tokenizer import Fields, TokenizerSample, iter_documents
 
 VOCAB = 340
 SEQ_LEN = 40
@@ -242,7 +246,10 @@ def test_unigram_entropy_matches_an_independent_computation(dataset, corpus):
 
 
 @pytest.mark.slow  # a 2-process pool
-def test_same_seed_same_bytes_whatever_workers_and_other_seed_reorders(tmp_path, corpus, dataset):
+def test_same_seed_same_bytes_whatever_workers_and_other_seed_reorders(
+    tmp_path, corpus, dataset, monkeypatch
+):
+    monkeypatch.setattr(text_prep, "_CHUNK_DOCUMENTS", 16)  # 30 chunks: more than the 4 kept in flight
     two = build(tmp_path / "w2", corpus, "--vocab-size", str(VOCAB), "--workers", "2")
     assert shard_hashes(two) == shard_hashes(read_manifest(dataset))
     assert (tmp_path / "w2/tokenizer.model").read_bytes() == (dataset / "tokenizer.model").read_bytes()
@@ -319,7 +326,10 @@ def test_test_fraction_and_jsonl_input(tmp_path):
     argv = ["text", "--input", str(path), "--test-fraction", "0.2", "--vocab-size", "300", "--seq-len", "16"]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
     manifest = read_manifest(out)
-    assert manifest["extra"]["documents"] == {"train": 40, "test": 10}
+    held_out = manifest["extra"]["documents"]["test"]  # each document a seeded coin: about 10
+    assert (
+        manifest["extra"]["documents"] == {"train": 50 - held_out, "test": held_out} and 5 <= held_out <= 15
+    )
     assert manifest["extra"]["test_fraction"] == 0.2
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     decoded = [sp.decode(ids[1:-1]) for split in ("train", "test") for ids in reassemble(out, split).values()]
@@ -335,9 +345,149 @@ def test_test_fraction_and_jsonl_input(tmp_path):
         assert reassemble(again, split) == reassemble(out, split)
     (tmp_path / "broken.txt.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataPrepError, match=r"broken\.txt\.gz: not a readable gzip file"):
-        read_documents([tmp_path / "broken.txt.gz"], "--input")
+        list(iter_documents([tmp_path / "broken.txt.gz"], "--input"))
     with pytest.raises(DataPrepError, match='docs.jsonl:1: expected an object with a string field "body"'):
-        read_documents([path], "--input", "body")
+        list(iter_documents([path], "--input", Fields(text="body")))
+
+
+def test_jsonl_gzip_and_parquet_inputs_give_the_same_shards(tmp_path, corpus):
+    texts = documents(corpus["train"])
+    lines = "\n".join(json.dumps({"text": t, "n": i}) for i, t in enumerate(texts)) + "\n"
+    (tmp_path / "docs.jsonl").write_text(lines)
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    table = pa.table({"n": list(range(len(texts))), "text": texts})
+    pq.write_table(table, tmp_path / "docs.parquet", row_group_size=100)  # several row groups
+    hashes = {}
+    for name in ("docs.jsonl", "docs.jsonl.gz", "docs.parquet"):
+        argv = ["text", "--input", str(tmp_path / name), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
+                "--out", str(tmp_path / f"out-{name}"), "--quiet", "--workers", "1"]  # fmt: skip
+        assert main(argv) == 0
+        manifest = read_manifest(tmp_path / f"out-{name}")
+        hashes[name] = (shard_hashes(manifest), manifest["extra"]["tokenizer_sha256"])
+    assert hashes["docs.jsonl"] == hashes["docs.jsonl.gz"] == hashes["docs.parquet"]
+    # the held-out documents are a seeded coin per document: about --test-fraction of them
+    assert 20 <= manifest["extra"]["documents"]["test"] <= 62 and manifest["extra"]["answer_spans"] is False
+
+
+def qa_records(count: int) -> list[dict]:
+    """Prompt/answer records: sums, a long one split across rows, one with an empty prompt."""
+    rng = np.random.default_rng(5)
+    records = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in rng.integers(0, 1000, (count, 2))]
+    records[7] = {
+        "prompt": "sort: " + " ".join("9381726450" * 3) + " -> ",
+        "answer": " ".join(sorted("9381726450" * 3)),
+    }
+    records[9] = {"prompt": "", "answer": "only an answer"}
+    return records
+
+
+@pytest.mark.slow  # a 2-process pool
+def test_prompt_answer_documents_mark_exactly_the_answer_and_its_eos(tmp_path, monkeypatch):
+    records = qa_records(300)
+    (tmp_path / "qa.jsonl").write_text(
+        "".join(json.dumps({**r, "id": i}) + "\n" for i, r in enumerate(records))
+    )
+    argv = ["text", "--input", str(tmp_path / "qa.jsonl"), "--prompt-field", "prompt", "--answer-field", "answer",
+            "--vocab-size", "290", "--seq-len", "24", "--test-fraction", "0.2", "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "w1"), "--workers", "1"]) == 0
+    monkeypatch.setattr(text_prep, "_CHUNK_DOCUMENTS", 8)
+    assert main([*argv, "--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
+    manifest = read_manifest(tmp_path / "w1")
+    assert shard_hashes(read_manifest(tmp_path / "w2")) == shard_hashes(manifest)
+    extra = manifest["extra"]
+    assert extra["answer_spans"] is True and extra["answer_documents"] == extra["documents"]
+    assert (
+        sum(extra["documents"].values()) == len(records)
+        and extra["split_documents"]["train"] + extra["split_documents"]["test"] == 1
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "w1/tokenizer.model"))
+    bos, eos = sp.bos_id(), sp.eos_id()
+    seen = []
+    for split in ("train", "test"):
+        tokens: dict[int, list[int]] = {}
+        marks: dict[int, list[int]] = {}
+        for sample in read_samples(tmp_path / "w1", split):
+            answer, docs = sample["answer"], sample["docs"]
+            assert answer.dtype == np.uint8 and answer.shape == (24,) and not answer[docs < 0].any()
+            for token, doc, mark in zip(sample["tokens"].tolist(), docs.tolist(), answer.tolist()):
+                if doc >= 0:
+                    tokens.setdefault(doc, []).append(token)
+                    marks.setdefault(doc, []).append(mark)
+        for doc, ids in tokens.items():
+            masked = [t for t, m in zip(ids, marks[doc]) if m]
+            assert masked[-1] == eos and ids[0] == bos and marks[doc][0] == 0
+            marked = marks[doc]
+            assert marked == sorted(marked)  # one span, at the end
+            prompt, answer_text = sp.decode(ids[1 : len(ids) - len(masked)]), sp.decode(masked[:-1])
+            assert masked[:-1] == sp.encode(answer_text) and ids[1 : len(ids) - len(masked)] == sp.encode(
+                prompt
+            )
+            seen.append({"prompt": prompt, "answer": answer_text})
+    assert sorted(seen, key=json.dumps) == sorted(records, key=json.dumps)  # each record once, verbatim
+
+
+def test_prep_tokenizer_trains_the_model_prep_text_trains(tmp_path, corpus, dataset):
+    def tokenizer(out: Path, *args: str) -> bytes:
+        assert main(["tokenizer", "--input", str(corpus["train"]), "--vocab-size", str(VOCAB), "--out", str(out),
+                     "--quiet", *args]) == 0  # fmt: skip
+        return out.read_bytes()
+
+    assert tokenizer(tmp_path / "all.model") == (dataset / "tokenizer.model").read_bytes()
+    sampled = tokenizer(tmp_path / "sample.model", "--tokenizer-docs", "150", "--seed", "4")
+    inline = build(tmp_path / "inline", corpus, "--vocab-size", str(VOCAB), "--tokenizer-docs", "150",
+                   "--seed", "4", "--workers", "1")  # fmt: skip
+    assert sampled == (tmp_path / "inline/tokenizer.model").read_bytes() != tokenizer(tmp_path / "a.model")
+    reused = build(tmp_path / "reused", corpus, "--tokenizer", str(tmp_path / "sample.model"), "--seed", "4",
+                   "--workers", "1")  # fmt: skip
+    assert shard_hashes(reused) == shard_hashes(inline)
+    chars = tokenizer(tmp_path / "chars.model", "--tokenizer-chars", "3000")
+    assert chars != tokenizer(tmp_path / "all2.model") and chars != sampled
+    # several inputs, plain text and prompt/answer records, train one tokenizer
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in qa_records(50)))
+    argv = ["tokenizer", "--input", str(corpus["train"]), str(qa), "--prompt-field", "prompt", "--answer-field",
+            "answer", "--vocab-size", str(VOCAB), "--out", str(tmp_path / "mix.model"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "mix.model"))
+    assert sp.get_piece_size() == VOCAB and sp.decode(sp.encode("sort: 9 3 -> 3 9")) == "sort: 9 3 -> 3 9"
+
+
+def test_tokenizer_sample_is_a_key_order_prefix_within_both_budgets():
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 200, 500)]
+    whole = TokenizerSample(seed=3, max_documents=60, max_chars=4000)
+    whole.offer(np.arange(500), texts)
+    chunks = TokenizerSample(seed=3, max_documents=60, max_chars=4000)
+    for start in range(0, 500, 7):
+        chunks.offer(np.arange(start, min(start + 7, 500)), texts[start : start + 7])
+    assert [e[1] for e in sorted(whole.heap)] == [
+        e[1] for e in sorted(chunks.heap)
+    ]  # chunking does not matter
+    kept = sorted(-key for key, _, _ in whole.heap)
+    assert len(kept) <= 60 and whole.chars == sum(len(t) for _, _, t in whole.heap) <= 4000
+    keys = unit_hash(3, 20, np.arange(500))  # tokenizer.py's _SAMPLE_KEY
+    order = np.argsort(keys)
+    assert sorted(i for _, i, _ in whole.heap) == sorted(order[: len(kept)].tolist())  # a prefix in key order
+    next_one = texts[order[len(kept)]]
+    assert len(kept) == 60 or whole.chars + len(next_one) > 4000  # ... and the longest one that fits
+    assert whole.take() == [texts[i] for i in sorted(order[: len(kept)].tolist())]  # trained in input order
+    one = TokenizerSample(seed=0, max_documents=5, max_chars=10)
+    one.offer(np.arange(3), ["a" * 50] * 3)
+    assert one.take() == ["a" * 10]  # a document over the budget is cut, never dropped into an empty sample
+
+
+def test_keep_order_packs_the_train_split_in_input_order(tmp_path, corpus):
+    manifest = build(tmp_path / "kept", corpus, "--vocab-size", str(VOCAB), "--workers", "1", "--keep-order")
+    order = [doc for s in read_samples(tmp_path / "kept", "train") for doc in s["docs"].tolist() if doc >= 0]
+    assert list(dict.fromkeys(order)) == list(range(len(documents(corpus["train"]))))
+    assert manifest["extra"]["train_order"] == "input"
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [
+        "manifest.json",
+        "test",
+        "tokenizer.model",
+        "train",
+    ]
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -393,6 +543,48 @@ def char_tokenizer(path: Path, pad_id: int) -> Path:
         ),
         (["--test-fraction", "0"], "--test-fraction 0.0: holds out 0 of 3 documents"),
         (["--test-fraction", "0.5", "--test-input", "{tmp}/ok.txt"], "not allowed with argument"),
+        (
+            ["--input", "{tmp}/qa_missing.jsonl", "--prompt-field", "prompt", "--answer-field", "answer"],
+            '{tmp}/qa_missing.jsonl:2: expected an object with a string field "answer" (--answer-field)',
+        ),
+        (
+            ["--input", "{tmp}/qa.jsonl", "--prompt-field", "prompt", "--answer-field", "answer"],
+            '{tmp}/qa.jsonl:2: the answer is empty (field "answer", --answer-field)',
+        ),
+        (
+            [
+                "--input",
+                "{tmp}/qa.jsonl",
+                "--text-field",
+                "prompt",
+                "--prompt-field",
+                "prompt",
+                "--answer-field",
+                "answer",
+            ],
+            "--text-field: not allowed with --prompt-field/--answer-field",
+        ),
+        (
+            ["--input", "{tmp}/qa.jsonl", "--prompt-field", "prompt"],
+            "--prompt-field: needs --answer-field too",
+        ),
+        (
+            ["--prompt-field", "prompt", "--answer-field", "answer"],
+            "--input {tmp}/ok.txt: plain text has no prompt/answer fields",
+        ),
+        (
+            ["--input", "{tmp}/ok.parquet", "--text-field", "body"],
+            '--input {tmp}/ok.parquet: no column "body" (--text-field)',
+        ),
+        (
+            ["--input", "{tmp}/null.parquet"],
+            '{tmp}/null.parquet, row 2: expected a string in column "text" (--text-field)',
+        ),
+        (["--input", "{tmp}/garbage.parquet"], "--input {tmp}/garbage.parquet: not a readable Parquet file"),
+        (
+            ["--tokenizer", "{tmp}/char.model", "--test-input", "{tmp}/bad.jsonl"],
+            "{tmp}/bad.jsonl:2: not valid JSON",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_naming_the_field(tmp_path, capsys, args, message):
@@ -402,6 +594,13 @@ def test_bad_input_gives_one_line_naming_the_field(tmp_path, capsys, args, messa
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "notext.jsonl").write_text('{"body": "a"}\n')
     (tmp_path / "garbage.model").write_bytes(b"\x00not a model\xff" * 10)
+    (tmp_path / "qa.jsonl").write_text(
+        '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "3+3=", "answer": ""}\n'
+    )
+    (tmp_path / "qa_missing.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    pq.write_table(pa.table({"text": ["a b", "c"]}), tmp_path / "ok.parquet")
+    pq.write_table(pa.table({"text": ["a b", None]}), tmp_path / "null.parquet")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 but not really" * 4)
     char_tokenizer(tmp_path / "nopad.model", pad_id=-1)
     char_tokenizer(tmp_path / "char.model", pad_id=3)
     fill = [a.format(tmp=tmp_path) for a in args]
@@ -415,7 +614,7 @@ def test_bad_input_gives_one_line_naming_the_field(tmp_path, capsys, args, messa
     assert err.count("\n") == 1, err
     assert err.startswith("python -m hrm_mega.prep text: error: ")
     assert message.format(tmp=tmp_path) in err
-    assert not (tmp_path / "out/manifest.json").exists()
+    assert not (tmp_path / "out").exists()  # nor a directory left behind, nor temporary files
 
 
 def test_errors_surface_through_hrm_mega_prep_and_keep_an_existing_dataset(tmp_path, capsys, dataset):

@@ -1,4 +1,5 @@
-"""Command line of the shard builders: `python -m hrm_mega.prep {sudoku,maze,arc,hrm-npy} --out DIR ...`.
+"""Command line of the shard builders: `python -m hrm_mega.prep {sudoku,maze,arc,hrm-npy} --out DIR ...`,
+and of the text tools (`corpus`, `puzzle-text`, `tokenizer`, `text`).
 
 `main(argv)` returns an exit code instead of exiting, so other front ends (`hrm-mega prep ...`) can call
 it. Bad arguments and bad input files give one line on stderr and exit code 2.
@@ -11,7 +12,7 @@ import sys
 from typing import NoReturn
 
 from hrm_mega.data.shards import DataFormatError
-from hrm_mega.prep import arc, corpus, hrm_npy, maze, puzzle_text, reasoning, sudoku, text
+from hrm_mega.prep import arc, corpus, hrm_npy, maze, puzzle_text, reasoning, sudoku, text, tokenizer
 from hrm_mega.prep.common import DataPrepError
 
 PROG = "python -m hrm_mega.prep"
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Build puzzle datasets as WebDataset shards + manifest.json.")
     subparsers = parser.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
-    for module in (sudoku, maze, arc, hrm_npy, corpus, puzzle_text, reasoning, text):
+    for module in (sudoku, maze, arc, hrm_npy, corpus, puzzle_text, reasoning, tokenizer, text):
         module.add_parser(subparsers)
     return parser
 

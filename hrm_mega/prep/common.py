@@ -62,6 +62,28 @@ def dataset_rng(seed: int, purpose: int) -> np.random.Generator:
     return keyed_rng(seed, 1000 + purpose)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: splitmix64's increment
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (a bijection of uint64 that scatters every input bit over the output)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def unit_hash(seed: int, purpose: int, indices: np.ndarray) -> np.ndarray:
+    """A uniform float64 in [0, 1) per index, determined by (seed, purpose, index) alone.
+
+    For per-item decisions over streams too long for a generator per item (keyed_rng costs ~15 us): one
+    vectorised splitmix64 pass, so a chunk of a million indices takes milliseconds, and the value of an
+    index does not depend on how the stream was chunked.
+    """
+    key = _mix64(np.array([(seed * _GOLDEN + purpose) % 2**64], dtype=np.uint64))
+    x = _mix64(key + (np.asarray(indices, dtype=np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def write_order(seed: int, split: str, count: int) -> np.ndarray:
     """The order in which a split's `count` samples (numbered item-major) are written.
 
@@ -159,6 +181,38 @@ def ordered_map(
                 yield from _drain(pending.popleft().get(), bar)
     finally:
         bar.close()
+
+
+def bounded_map(
+    fn: Callable[[Job], Result],
+    jobs: Iterable[Job],
+    workers: int,
+    *,
+    ahead: int = 2,
+    initializer: Callable[..., None] | None = None,
+    initargs: tuple = (),
+) -> Iterator[Result]:
+    """Yields fn(job) for each job of a (possibly endless) iterable, in order, computed by `workers`
+    processes (in-process when 1, after calling `initializer(*initargs)` here).
+
+    Pool.imap would drain `jobs` as fast as it can into its task queue, so a stream read from a large file
+    would end up in memory; here at most `ahead * workers` jobs are taken from `jobs` and not yet yielded.
+    Workers are forked where the OS allows, as in ordered_map.
+    """
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        yield from map(fn, jobs)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, initializer, initargs) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, (job,)))
+            if len(pending) >= ahead * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def _drain(results: list[Result], bar: tqdm) -> Iterator[Result]:
