@@ -113,6 +113,50 @@ def build_tiny_text(root: Path) -> Path:
     return out
 
 
+IMAGE_PIECES = ("<start_of_image>", "<end_of_image>")
+
+
+def build_tiny_image_text(root: Path, corpus: Path) -> Path:
+    """A text source and an image-text source with one tokenizer, for multimodal mixtures: corpus ->
+    SentencePiece (vocab 320; '=' and the image pieces atomic) -> root/text (rows of 32 tokens, as
+    build_tiny_text); 2 x 2 digit grids of 16 px (160 train, 32 test) -> root/images, each image 4 tokens
+    (its text "12/34"), two documents per row. Returns root."""
+    from hrm_mega.prep.cli import main as prep_main
+
+    assert (
+        prep_main(["text", "--input", str(corpus / "train.txt"), "--test-input", str(corpus / "test.txt"),
+                   "--vocab-size", "320", "--atomic-symbols", "=", *IMAGE_PIECES, "--seq-len", "32",
+                   "--out", str(root / "text"), "--workers", "1", "--samples-per-shard", "8"])
+        == 0
+    )  # fmt: skip
+    src = root / "grids"
+    assert prep_main(["grid-images", "--out", str(src), "--train", "160", "--test", "32", "--grid", "2",
+                      "--cell", "8", "--workers", "1", "--quiet"]) == 0  # fmt: skip
+    assert (
+        prep_main(["images", "--input", str(src / "train.jsonl"), "--test-input", str(src / "test.jsonl"),
+                   "--tokenizer", str(root / "text/tokenizer.model"), "--seq-len", "32", "--image-size", "16",
+                   "--mm-tokens-per-image", "4", "--out", str(root / "images"), "--workers", "1",
+                   "--samples-per-shard", "8", "--quiet"])
+        == 0
+    )  # fmt: skip
+    return root
+
+
+# the model.vision of build_tiny_image_text's data: 16 px, patch 4, 4 tokens per image (the tokenizer's
+# 320 pieces put the image placeholder at id 320; <start_of_image>/<end_of_image> are ids 5 and 6)
+TINY_VISION = [
+    "model.vision={image_size: 16, patch_size: 4, hidden_size: 16, intermediate_size: 32, num_layers: 1, "
+    "num_heads: 2, mm_tokens_per_image: 4, image_token_id: 320, boi_token_id: 5, eoi_token_id: 6, "
+    "trainable: true}"
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_image_text(tiny_text: Path, tmp_path_factory) -> Path:
+    """build_tiny_image_text's two sources (root/text, root/images), from tiny_text's corpus; read only."""
+    return build_tiny_image_text(tmp_path_factory.mktemp("tiny_image_text"), tiny_text.parent / "corpus")
+
+
 @pytest.fixture(scope="session")
 def tiny_sudoku(tmp_path_factory) -> Path:
     """write_tiny_sudoku's dataset, shared by every test of the session: read it, never write into it."""

@@ -145,10 +145,13 @@ def check_sources(c: Config, command: Command) -> None:
         manifest = read_manifest_json(s.path)
         if manifest is None:
             raise ConfigError(f"{where}: no manifest.json there; build it with `hrm-mega prep text`")
-        if manifest.get("task") != "text":
+        if manifest.get("task") not in ("text", "image_text"):
             raise ConfigError(
-                f"{where} holds {manifest.get('task')!r} data; a mixture's sources are text datasets"
+                f"{where} holds {manifest.get('task')!r} data; a mixture's sources are text (or image-text) "
+                "datasets"
             )
+        if manifest.get("task") == "image_text":
+            check_image_data(c.model, manifest, where)
         identity = (manifest.get("seq_len"), manifest.get("extra", {}).get("tokenizer_sha256"))
         if first is None:
             first = identity
@@ -237,6 +240,29 @@ def read_manifest_json(data_path: str) -> dict[str, Any] | None:
     return manifest
 
 
+IMAGE_FIELDS = ("image_size", "mm_tokens_per_image", "image_token_id", "boi_token_id", "eoi_token_id")
+
+
+def check_image_data(m: Any, manifest: dict[str, Any], where: str) -> None:
+    """An image-text dataset (`hrm-mega prep images`) against model.vision: the model has an image
+    encoder, of the image size and tokens per image the rows were built for, with their token ids."""
+    if not isinstance(m, LMModelConfig) or m.vision is None:
+        raise ConfigError(
+            f"{where} holds image-text data, but the model has no image encoder; set model.vision "
+            "(e.g. --set model.vision.image_size=...)"
+        )
+    image = manifest.get("extra", {}).get("image")
+    if not isinstance(image, dict):
+        raise ConfigError(
+            f"{where}: an image-text dataset without extra.image; rebuild it with `hrm-mega prep images`"
+        )
+    for name in IMAGE_FIELDS:
+        if image.get(name) != getattr(m.vision, name):
+            raise ConfigError(
+                f"model.vision.{name}={getattr(m.vision, name)} but {where} was built with {name}={image.get(name)}"
+            )
+
+
 def check_manifest(c: Config, command: Command) -> None:
     """The dataset named by data.path against the model and the data section, when it is here."""
     d, m = c.data, c.model
@@ -256,6 +282,8 @@ def check_manifest(c: Config, command: Command) -> None:
                 raise ConfigError(f"model.{name}={getattr(m, name)} but {where} has {name}={manifest[name]}")
         if d.augment and command == "train" and task != "sudoku":
             raise ConfigError(f"data.augment=true is only available for sudoku data, not {task!r}")
+    elif task == "image_text" and command == "train":
+        check_image_data(m, manifest, where)
     elif task != "text":
         if command == "rl":
             raise ConfigError(
@@ -265,8 +293,9 @@ def check_manifest(c: Config, command: Command) -> None:
         raise ConfigError(
             f"{d.path} holds {task!r} data; train.task=lm needs a text dataset (build one with `hrm-mega prep text`)"
         )
-    elif (
-        command == "train"
+    if (
+        isinstance(m, LMModelConfig)
+        and command == "train"
         and isinstance(manifest.get("seq_len"), int)
         and manifest["seq_len"] > m.max_position
     ):

@@ -2,7 +2,8 @@
 
 Reading and decoding are separate steps so that the stream can pass over records without decoding
 them (a fast resume) and decodes only the samples it hands out. `decoder_for(manifest)` picks
-`decode_puzzle` (inputs/labels/meta) or `decode_text` (packed LM rows: tokens/docs), see
+`decode_puzzle` (inputs/labels/meta), `decode_text` (packed LM rows: tokens/docs) or `decode_image_text`
+(packed rows with encoded images, decoded and resized here, in the loader workers), see
 docs/data_format.md.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from hrm_mega.data.images import ImageError, ImageSpec, load_image, resized_views
 from hrm_mega.data.remote import ShardFetchError, fetch_shard, is_remote
 from hrm_mega.data.shards import DataFormatError
 
@@ -139,12 +142,15 @@ class _HashingReader:
 # ---- decoding -------------------------------------------------------------------------------------
 
 
-TEXT_TASK = "text"  # manifest task of packed LM datasets; every other task holds puzzle samples
+TEXT_TASK = "text"  # manifest task of packed LM datasets
+IMAGE_TEXT_TASK = "image_text"  # packed LM rows with images (hrm-mega prep images); others hold puzzles
+KINDS = {TEXT_TASK: "text", IMAGE_TEXT_TASK: "image_text"}
 
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What a valid sample of this dataset looks like (from manifest.json). `kind` is "puzzle" or "text"."""
+    """What a valid sample of this dataset looks like (from manifest.json). `kind` is "puzzle", "text" or
+    "image_text" (text rows that also hold images, described by `image`)."""
 
     seq_len: int
     vocab_size: int
@@ -152,16 +158,25 @@ class SampleSpec:
     pad_id: int = 0
     ignore_label_id: int = -100
     kind: str = "puzzle"
+    image: ImageSpec | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> SampleSpec:
+        kind = KINDS.get(manifest.get("task"), "puzzle")  # type: ignore[arg-type]
+        image = None
+        if kind == "image_text":
+            try:
+                image = ImageSpec.from_json(manifest.get("extra", {}).get("image"))
+            except ValueError as e:
+                raise DataFormatError(f"manifest.json: {e}") from None
         return cls(
             seq_len=int(manifest["seq_len"]),
             vocab_size=int(manifest["vocab_size"]),
             num_puzzle_identifiers=int(manifest["num_puzzle_identifiers"]),
             pad_id=int(manifest.get("pad_id", 0)),
             ignore_label_id=int(manifest.get("ignore_label_id", -100)),
-            kind="text" if manifest.get("task") == TEXT_TASK else "puzzle",
+            kind=kind,
+            image=image,
         )
 
 
@@ -216,6 +231,8 @@ def _sample_id(record: Record) -> int:
 
 
 def _check_ids(ids: np.ndarray, what: str, spec: SampleSpec) -> None:
+    if spec.image is not None:  # the image placeholder may be the id after the vocabulary (Gemma 3's)
+        ids = ids[ids != spec.image.image_token_id]
     if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
         raise DataFormatError(f"{what} token id outside [0, vocab_size={spec.vocab_size})")
 
@@ -292,9 +309,63 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
     }
 
 
+_IMAGE_MEMBER = re.compile(r"^img(\d+)\.(png|jpg)$")
+
+
+def decode_image_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
+    """Decodes a packed row with images (`hrm-mega prep images`): decode_text's arrays, with the labels of
+    every image token (<start_of_image>, the placeholders, <end_of_image>) set to ignore_label_id, plus
+
+    - pixels: uint8 [n, 3, S, S], the row's views in order: each stored image (`img0.png`, `img1.jpg`,
+      ... in index order) decoded here and preprocessed by the manifest's extra.image settings (resized;
+      its pan-and-scan crops after it), rescaling and normalising left to the device
+      (images.normalize_pixels);
+    - num_images: n, which must equal the row's runs of mm_tokens_per_image placeholders.
+
+    Raises DataFormatError with a short reason naming the member (the caller adds the shard and key).
+    """
+    assert spec.image is not None
+    sample = decode_text(record, spec)
+    image = spec.image
+    tokens = sample["input_ids"]
+    special = (
+        (tokens == image.image_token_id) | (tokens == image.boi_token_id) | (tokens == image.eoi_token_id)
+    )
+    sample["labels"] = np.where(special, spec.ignore_label_id, sample["labels"])
+    members = sorted(
+        ((int(m.group(1)), name) for name in record if (m := _IMAGE_MEMBER.match(name))), key=lambda x: x[0]
+    )
+    if [i for i, _ in members] != list(range(len(members))):
+        raise DataFormatError(f"image members {[n for _, n in members]} are not img0, img1, ... in order")
+    placeholders = int((tokens == image.image_token_id).sum())
+    if placeholders % image.mm_tokens_per_image:
+        raise DataFormatError(
+            f"tokens.npy holds {placeholders} image placeholders, not a multiple of mm_tokens_per_image="
+            f"{image.mm_tokens_per_image}"
+        )
+    views = []
+    for _, name in members:
+        try:
+            views.append(resized_views(load_image(record[name], name), image.processing))
+        except ImageError as e:
+            raise DataFormatError(str(e)) from None
+    size = image.processing.size
+    pixels = np.concatenate(views) if views else np.zeros((0, 3, size, size), dtype=np.uint8)
+    if len(pixels) * image.mm_tokens_per_image != placeholders:
+        raise DataFormatError(
+            f"{len(members)} image(s) give {len(pixels)} view(s), but tokens.npy holds "
+            f"{placeholders // image.mm_tokens_per_image} runs of image placeholders"
+        )
+    sample["pixels"] = pixels
+    sample["num_images"] = len(pixels)
+    return sample
+
+
 Decoder = Callable[[Record, SampleSpec], dict[str, Any]]
 
 
 def decoder_for(manifest: dict[str, Any]) -> Decoder:
-    """The decoder for a dataset's samples: decode_text for task "text", else decode_puzzle."""
-    return decode_text if manifest.get("task") == TEXT_TASK else decode_puzzle
+    """The decoder for a dataset's samples: decode_text for task "text", decode_image_text for
+    "image_text", else decode_puzzle."""
+    task = manifest.get("task")
+    return {TEXT_TASK: decode_text, IMAGE_TEXT_TASK: decode_image_text}.get(task, decode_puzzle)  # type: ignore[arg-type]

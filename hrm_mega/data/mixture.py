@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrm_mega.data.collate import gather_rows
 from hrm_mega.data.stream import SampleStream
 
 STATE_FORMAT = "hrm-mega/mixture/1"
@@ -73,7 +74,7 @@ def weights_at(stages: Sequence[Stage], k: int) -> np.ndarray:
 class MixtureStream:
     """SampleStream's interface over weighted sources: `take(rows)`, `first_batch`, `progress`,
     `state_dict` / `load_state_dict`, `merge_state_dicts`, `close`. Batches carry a `source` index per
-    row. Every source stream must have this stream's global batch, partitions and DP layout."""
+    row; beside an image-text source, rows of text sources hold no images (num_images 0; collate.py). Every source stream must have this stream's global batch, partitions and DP layout."""
 
     def __init__(
         self, sources: Sequence[Source], *, seed: int, global_batch: int, dp_rank: int, dp_size: int,
@@ -113,12 +114,7 @@ class MixtureStream:
             for i, r in enumerate(batch["rows"].tolist()):
                 position[r] = (index, i)
         order = [r for r in rows if r in position]
-        first = next(iter(parts.values()))
-        out = {
-            key: torch.stack([parts[position[r][0]][key][position[r][1]] for r in order])
-            for key in first
-            if key != "rows"
-        }
+        out = gather_rows([(parts[position[r][0]], position[r][1]) for r in order])  # images ride along
         out["rows"] = torch.tensor(order, dtype=torch.long)
         out["source"] = torch.tensor([position[r][0] for r in order], dtype=torch.long)
         return out

@@ -59,7 +59,7 @@ class ShardSource:
             raise ValueError(f"corrupt_policy={corrupt_policy!r} must be one of {CORRUPT_POLICIES}")
         manifest = read_manifest(data_dir)
         spec = SampleSpec.from_manifest(manifest)
-        if transform is not None and spec.kind == "text":
+        if transform is not None and spec.kind != "puzzle":
             raise ValueError(
                 f"transform: augmentation does not apply to text datasets ({data_dir} has task "
                 f"{manifest['task']!r}); set data.augment=false"

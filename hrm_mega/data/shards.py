@@ -77,14 +77,19 @@ class ShardWriter:
         self._count = 0
 
     def write(self, sample: dict[str, Any]) -> None:
-        """Writes one sample: a dict of field name -> numpy array or JSON-serialisable value."""
+        """Writes one sample: a dict of field name -> numpy array or JSON-serialisable value, or bytes
+        written as they are under a name that carries its extension (an encoded image: "img0.png")."""
         if self._tar is None:
             self._open()
         assert self._tar is not None
         key = f"{self.next_key:09d}"
         for field in sorted(sample):
-            ext, payload = encode_member(sample[field])
-            info = tarfile.TarInfo(f"{key}.{field}.{ext}")
+            if isinstance(sample[field], bytes):
+                name, payload = f"{key}.{field}", sample[field]
+            else:
+                ext, payload = encode_member(sample[field])
+                name = f"{key}.{field}.{ext}"
+            info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(payload), 0, 0o644
             self._tar.addfile(info, io.BytesIO(payload))
         self.next_key += 1

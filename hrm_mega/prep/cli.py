@@ -12,7 +12,7 @@ import sys
 from typing import NoReturn
 
 from hrm_mega.data.shards import DataFormatError
-from hrm_mega.prep import arc, corpus, hrm_npy, maze, puzzle_text, reasoning, sudoku, text, tokenizer
+from hrm_mega.prep import arc, corpus, hrm_npy, images, maze, puzzle_text, reasoning, sudoku, text, tokenizer
 from hrm_mega.prep.common import DataPrepError
 
 PROG = "python -m hrm_mega.prep"
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Build puzzle datasets as WebDataset shards + manifest.json.")
     subparsers = parser.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
-    for module in (sudoku, maze, arc, hrm_npy, corpus, puzzle_text, reasoning, tokenizer, text):
+    for module in (sudoku, maze, arc, hrm_npy, corpus, puzzle_text, reasoning, tokenizer, text, images):
         module.add_parser(subparsers)
     return parser
 
