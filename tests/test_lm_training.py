@@ -195,6 +195,29 @@ def test_a_two_source_mixture_trains_evaluates_per_source_and_resumes_at_dp2(
         assert resumed[step] == pytest.approx(losses(one)[step], rel=1e-5), step
 
 
+def build_tiny_qa(root: Path, tiny_text: Path) -> Path:
+    """Arithmetic prompt/answer records (prep corpus --format jsonl) packed with tiny_text's tokenizer:
+    a second source for a mixture, with answer spans."""
+    from hrm_mega.prep.cli import main as prep_main
+
+    argv = [
+        "corpus",
+        "--out",
+        str(root / "qa-corpus"),
+        "--docs",
+        "200",
+        "--format",
+        "jsonl",
+        "--tasks",
+        "add,sub",
+    ]
+    assert prep_main([*argv, "--max-digits", "2"]) == 0
+    assert prep_main(["text", "--input", str(root / "qa-corpus/train.jsonl"), "--test-input", str(root / "qa-corpus/test.jsonl"),
+                      "--prompt-field", "prompt", "--answer-field", "answer", "--tokenizer", str(tiny_text / "tokenizer.model"),
+                      "--seq-len", "32", "--out", str(root / "qa"), "--workers", "1", "--samples-per-shard", "8"]) == 0  # fmt: skip
+    return root / "qa"
+
+
 @pytest.mark.slow
 def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
     tiny_text: Path, tmp_path: Path
@@ -202,16 +225,15 @@ def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
     """A curriculum over tokens (4 rows x 32 tokens a step: 384 tokens end stage 0 after step 3) read with
     a loader worker: killed once step 3 is logged, the run resumes from its latest checkpoint across the
     boundary, and every step logs the uninterrupted run's loss and per-source sample counts. The second
-    source reads its shards through a `pipe:` command."""
-    import shutil
-
+    source holds prompt/answer documents (answer-only loss, exact match) and is read through a `pipe:`
+    command; `hrm-mega eval` of the checkpoint prints every source's line as training logged it."""
     from conftest import sigkill_after_step
 
-    other = shutil.copytree(tiny_text, tmp_path / "other")
-    url = f"pipe:cat {other}/{{split}}/{{name}}"  # the second source's shards through webdataset's pipe:
+    qa = build_tiny_qa(tmp_path, tiny_text)
+    url = f"pipe:cat {qa}/{{split}}/{{name}}"  # the second source's shards through webdataset's pipe:
     common = [
-        f"data.sources=[{{path: '{tiny_text}', name: main}}, {{path: '{other}', shard_url: '{url}'}}]",
-        "data.curriculum=[{until_tokens: 384, weights: {main: 1}}, {weights: {other: 1}}]",
+        f"data.sources=[{{path: '{tiny_text}', name: main}}, {{path: '{qa}', shard_url: '{url}'}}]",
+        "data.curriculum=[{until_tokens: 384, weights: {main: 1}}, {weights: {qa: 1}}]",
         "data.num_workers=1", "train.steps=6", "train.checkpoint_interval=1",
     ]  # fmt: skip
     whole = tmp_path / "whole"
@@ -222,11 +244,16 @@ def test_sigkill_just_before_a_token_stage_boundary_resumes_across_it_exactly(
     run_ok(lm_cmd(killed, tiny_text, *common))
 
     def steps(run_dir: Path) -> dict[int, tuple]:
-        keys = ("loss", "data/main/samples", "data/other/samples")
+        keys = ("loss", "data/main/samples", "data/qa/samples")
         return {r["step"]: tuple(r[k] for k in keys) for r in records(run_dir) if "loss" in r}
 
     reference = steps(whole)
     assert reference[3][1:] == (12, 0) and reference[4][1:] == (12, 4)  # the boundary, in samples
     assert steps(killed) == reference
     final = records(whole)[-1]
-    assert final["eval/other/loss"] == pytest.approx(final["eval/main/loss"])  # the same shards, piped
+    assert "eval/main/answer_exact" not in final and 0.0 <= final["eval/qa/answer_exact"] <= 1.0
+    out = run_ok([sys.executable, "-m", "hrm_mega.cli", "eval", str(whole / "checkpoints/step-00000006")])
+    lines = {r["source"]: r for r in map(json.loads, out.stdout.strip().splitlines()[-2:])}
+    assert lines["qa"]["answer_exact"] == pytest.approx(final["eval/qa/answer_exact"])
+    assert lines["qa"]["loss"] == pytest.approx(final["eval/qa/loss"], rel=1e-6)
+    assert lines["main"]["loss"] == pytest.approx(final["eval/main/loss"], rel=1e-6)

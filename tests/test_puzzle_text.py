@@ -43,6 +43,10 @@ def test_sudoku_records_read_back_to_the_puzzles(tiny_sudoku, tmp_path):
     assert sorted(map(json.dumps, plain)) == sorted(map(json.dumps, easy_first))
     assert [r["difficulty"] for r in easy_first] == sorted(r["difficulty"] for r in plain)
     assert main(["puzzle-text", "--puzzles", str(tiny_sudoku), "--out", str(out), "--quiet"]) == 2  # exists
+    blanks = tmp_path / "blanks"
+    assert main(["puzzle-text", "--puzzles", str(tiny_sudoku), "--out", str(blanks), "--answer", "blanks", "--quiet"]) == 0  # fmt: skip
+    for r, s in zip(jsonl(blanks / "test.jsonl"), read_samples(tiny_sudoku, "test")):
+        assert r["answer"] == "".join(str(int(d) - 1) for d in s["labels"][s["inputs"] == 1])
 
 
 def test_maze_records_mark_the_path(tmp_path):

@@ -14,8 +14,9 @@ one does) gives every cell a piece of its own:
     maze     0 open, 1 wall, 2 start, 3 goal, 4 path  difficulty: path cells
     arc      colours 0-9                              difficulty: output cells
 
-A sudoku prompt is "sudoku:\\n" and the grid, its answer the solved grid; a maze's answer is the grid
-with the path marked. An ARC pair cannot be solved without its task's demonstrations, so its prompt
+A sudoku prompt is "sudoku:\\n" and the grid, its answer the solved grid (or, with `--answer blanks`,
+only the digits of its blanks in reading order, e.g. "472": no copying of the givens); a maze's answer
+is the grid with the path marked. An ARC pair cannot be solved without its task's demonstrations, so its prompt
 shows up to --demos other train pairs of the same puzzle (task and augmentation) first:
 "input:\\n<grid>\\noutput:\\n<grid>\\n" each, then "input:\\n<grid>\\noutput:\\n"; the answer is the
 output grid. Prompts end with a newline and answers start on the next line, so the prompt/answer
@@ -25,6 +26,7 @@ boundary is a token boundary too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,12 +48,14 @@ def grid_text(grid: np.ndarray) -> str:
     return "\n".join("".join(str(int(v)) for v in row) for row in grid)
 
 
-def sudoku_record(inputs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """HRM's sudoku ids (1 blank, 2-10 the digits 1-9) as text: 0 for a blank."""
+def sudoku_record(inputs: np.ndarray, labels: np.ndarray, answer: str = "grid") -> dict[str, Any]:
+    """HRM's sudoku ids (1 blank, 2-10 the digits 1-9) as text: 0 for a blank. answer: "grid" (the
+    solved grid) or "blanks" (the blanks' digits in reading order)."""
     puzzle, solution = (inputs - 1).reshape(9, 9), (labels - 1).reshape(9, 9)
+    blanks = "".join(str(int(d)) for d in solution[puzzle == 0])
     return {
         "prompt": f"sudoku:\n{grid_text(puzzle)}\n",
-        "answer": grid_text(solution),
+        "answer": grid_text(solution) if answer == "grid" else blanks,
         "difficulty": int((puzzle == 0).sum()),
     }
 
@@ -93,11 +97,13 @@ def read_split(data_dir: Path, split: str) -> Iterator[tuple[int, np.ndarray, np
             )
 
 
-def puzzle_records(data_dir: Path, task: str, split: str, demos: int) -> list[dict[str, Any]]:
+def puzzle_records(
+    data_dir: Path, task: str, split: str, demos: int, answer: str = "grid"
+) -> list[dict[str, Any]]:
     """The records of one split, in its order."""
     if task != "arc":
         render: Callable[[np.ndarray, np.ndarray], dict[str, Any]] = (
-            sudoku_record if task == "sudoku" else maze_record
+            functools.partial(sudoku_record, answer=answer) if task == "sudoku" else maze_record
         )
         return [
             {**render(inputs, labels), "task": task, "sample_id": sid}
@@ -134,6 +140,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--sort", choices=("none", "difficulty"), default="none",
                    help="order each split by difficulty (easy first), or keep the dataset's order")  # fmt: skip
     p.add_argument("--demos", type=non_negative_int, default=3, help="ARC: demonstrations per prompt")
+    p.add_argument("--answer", choices=("grid", "blanks"), default="grid",
+                   help="sudoku: the solved grid, or only the digits of the blanks (default grid)")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0, help="ties under --sort difficulty")
     p.add_argument("--overwrite", action="store_true", help="replace train.jsonl/test.jsonl in --out")
     p.add_argument("--quiet", action="store_true", help="no summary line")
@@ -156,7 +164,9 @@ def run(args: argparse.Namespace, command: str) -> Path:
         raise DataPrepError(
             f"--out {args.out}: already holds {existing[0].name}; pass --overwrite to replace it"
         )
-    records = {split: puzzle_records(args.puzzles, task, split, args.demos) for split in SPLITS}
+    if args.answer != "grid" and task != "sudoku":
+        raise DataPrepError(f"--answer {args.answer}: applies to sudoku datasets; --puzzles holds {task}")
+    records = {split: puzzle_records(args.puzzles, task, split, args.demos, args.answer) for split in SPLITS}
     args.out.mkdir(parents=True, exist_ok=True)
     for split, rows in records.items():
         if args.sort == "difficulty":
