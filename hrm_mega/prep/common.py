@@ -221,6 +221,21 @@ def _drain(results: list[Result], bar: tqdm) -> Iterator[Result]:
         bar.update()
 
 
+def output_files(out_dir: Path, names: Iterable[str], overwrite: bool) -> dict[str, Path]:
+    """The paths of a corpus writer's files in --out (created if missing), refusing to replace files
+    already there unless `overwrite`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataPrepError(f"--out {out_dir}: exists and is not a directory")
+    paths = {name: out_dir / name for name in names}
+    existing = [path for path in paths.values() if path.exists()]
+    if existing and not overwrite:
+        raise DataPrepError(
+            f"--out {out_dir}: already holds {existing[0].name}; pass --overwrite to replace it"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuses to mix a new build with an old one; with `overwrite`, deletes the old build's files only."""
     if out_dir.exists() and not out_dir.is_dir():

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hrm_mega.prep.common import SPLITS, DataPrepError, non_negative_int
+from hrm_mega.prep.common import SPLITS, DataPrepError, non_negative_int, output_files
 
 
 def _number(rng: random.Random, max_digits: int) -> int:
@@ -159,15 +159,8 @@ def run(args: argparse.Namespace, command: str) -> Path:
         )
     if args.max_digits < 1:
         raise DataPrepError(f"--max-digits {args.max_digits}: must be >= 1")
-    if args.out.exists() and not args.out.is_dir():
-        raise DataPrepError(f"--out {args.out}: exists and is not a directory")
-    paths = {split: args.out / f"{split}.{args.format}" for split in SPLITS}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise DataPrepError(
-            f"--out {args.out}: already holds {existing[0].name}; pass --overwrite to replace it"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
+    files = output_files(args.out, [f"{split}.{args.format}" for split in SPLITS], args.overwrite)
+    paths = dict(zip(SPLITS, files.values()))
     for split in SPLITS:
         records = generate_records(args.seed, split, counts[split], tasks, args.max_digits)
         lines = (json.dumps(r) if args.format == "jsonl" else r["prompt"] + r["answer"] for r in records)

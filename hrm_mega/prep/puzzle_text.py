@@ -37,7 +37,7 @@ import numpy as np
 from hrm_mega.data.augment import ARC_CANVAS, ARC_COLOUR0
 from hrm_mega.data.reader import iterate_split
 from hrm_mega.data.shards import DataFormatError, read_manifest
-from hrm_mega.prep.common import SPLITS, DataPrepError, dataset_rng, non_negative_int
+from hrm_mega.prep.common import SPLITS, DataPrepError, dataset_rng, non_negative_int, output_files
 
 TASKS = ("sudoku", "maze", "arc")
 _SORT_TIES = 30  # dataset_rng purpose: the order of equally difficult puzzles under --sort difficulty
@@ -158,16 +158,11 @@ def run(args: argparse.Namespace, command: str) -> Path:
         raise DataPrepError(
             f"--puzzles {args.puzzles}: a {task!r} dataset; expected one of {', '.join(TASKS)}"
         )
-    paths = {split: args.out / f"{split}.jsonl" for split in SPLITS}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise DataPrepError(
-            f"--out {args.out}: already holds {existing[0].name}; pass --overwrite to replace it"
-        )
     if args.answer != "grid" and task != "sudoku":
         raise DataPrepError(f"--answer {args.answer}: applies to sudoku datasets; --puzzles holds {task}")
+    files = output_files(args.out, [f"{split}.jsonl" for split in SPLITS], args.overwrite)
+    paths = dict(zip(SPLITS, files.values()))
     records = {split: puzzle_records(args.puzzles, task, split, args.demos, args.answer) for split in SPLITS}
-    args.out.mkdir(parents=True, exist_ok=True)
     for split, rows in records.items():
         if args.sort == "difficulty":
             ties = dataset_rng(args.seed, _SORT_TIES + SPLITS.index(split)).permutation(len(rows))

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hrm_mega.prep.common import DataPrepError, non_negative_int
+from hrm_mega.prep.common import non_negative_int, output_files
 
 Task = tuple[str, str, int]  # (prompt, answer, difficulty)
 SPLITS = ("train", "val", "hard")
@@ -102,14 +102,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, command: str) -> Path:
-    paths = {split: args.out / f"{split}.jsonl" for split in SPLITS}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise DataPrepError(
-            f"--out {args.out}: already holds {existing[0].name}; pass --overwrite to replace it"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
+    files = output_files(args.out, [f"{split}.jsonl" for split in SPLITS], args.overwrite)
+    for split, path in zip(SPLITS, files.values()):
         rows = records(args.task, split, getattr(args, split), args.seed)
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return args.out
