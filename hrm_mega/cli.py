@@ -114,6 +114,10 @@ PASS_THROUGH: dict[str, tuple[str, str]] = {
         "hrm_mega.entry.generate",
         "sample text from an HRMGemma checkpoint: hrm-mega generate CKPT --prompt TEXT",
     ),
+    "serve": (
+        "hrm_mega.entry.serve",
+        "serve an HRMGemma over an OpenAI-compatible HTTP API (continuous batching): hrm-mega serve CKPT",
+    ),
     "export-hf": (
         "hrm_mega.entry.export_hf",
         "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT",

@@ -17,11 +17,19 @@ so every slot covers every position and all slots of a layer have the same lengt
 Local (sliding-window) layers keep only the last window-1 positions: a query sees keys at distance
 < window, so the next query needs no more than that. Slots hold references to immutable tensors (every
 update concatenates), so creating a slot from another copies nothing.
+
+Rows join and leave (continuous batching, hrm_mega/inference/serve): `select` keeps some rows;
+`concat` puts several caches' rows into one, left-padding the shorter ones with positions flagged
+invalid (masked like prompt padding) and giving a cache the slots of steps it never ran by the same
+frontier rule; `trim_padding` drops leading positions that are padding in every row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 
 
 class KVSlot:
@@ -121,6 +129,73 @@ class KVCache:
                 slot.k, slot.v = take(slot.k), take(slot.v)
         self.valid = take(self.valid)
 
+    @classmethod
+    def concat(cls, caches: Sequence[KVCache]) -> KVCache:
+        """A new cache holding the rows of `caches` in order (each must have seen a forward): how a
+        sequence prefilled alone joins a running batch.
+
+        Positions are aligned at the right: a cache shorter than the longest is left-padded with zero
+        keys/values at positions flagged invalid, which every query masks, as it masks prompt padding
+        (a local slot is padded only up to the window-1 positions it keeps). Where one cache has more
+        cycle steps of a layer than another, the other's missing steps are its layer's last slot: the
+        frontier rule (module docstring) by which `slot` would create them, since every earlier position
+        offers its last computed keys/values to a step it never ran. The inputs are not changed; slots
+        that share tensors in every input share the result."""
+        if not caches:
+            raise ValueError("KVCache.concat needs at least one cache")
+        if any(c.valid is None for c in caches):
+            raise ValueError("KVCache.concat: every cache must have seen a forward (start)")
+        layers = list(caches[0].slots)
+        for c in caches[1:]:
+            if set(c.slots) != set(layers):
+                raise ValueError("KVCache.concat: the caches hold different layers (different models?)")
+        length = max(c.length for c in caches)
+        out = cls()
+        out.valid = torch.cat([F.pad(c.valid, (length - c.length, 0), value=False) for c in caches])
+        joined: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in layers:
+            steps = max(len(c.slots[layer]) for c in caches)
+            out.slots[layer] = []
+            for step in range(steps):
+                parts = [c.slots[layer][min(step, len(c.slots[layer]) - 1)] for c in caches]
+                keep = parts[0].keep
+                target = length if keep is None else min(length, keep)
+                key = tuple(id(p.k) for p in parts)
+                if key not in joined:
+                    joined[key] = (
+                        torch.cat([_left_pad(p.k, target) for p in parts]),
+                        torch.cat([_left_pad(p.v, target) for p in parts]),
+                    )
+                slot = KVSlot(*joined[key], None)
+                slot.keep = keep
+                out.slots[layer].append(slot)
+        return out
+
+    def trim_padding(self) -> int:
+        """Drops the leading positions that are padding in every row (left behind when the rows that
+        had tokens there leave the batch) and returns how many. No query attends to them, so later
+        forwards compute the same; a local slot keeps its last min(window-1, length) positions."""
+        if self.valid is None:
+            return 0
+        leading = int((~self.valid.any(dim=0)).long().cumprod(dim=0).sum())
+        if leading == 0:
+            return 0
+        self.valid = self.valid[:, leading:]
+        length = self.valid.shape[1]
+        cut: dict[int, torch.Tensor] = {}
+
+        def trim(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.shape[2] <= length:
+                return t
+            if id(t) not in cut:
+                cut[id(t)] = t[:, :, t.shape[2] - length :].clone()  # a copy, so the dropped ones are freed
+            return cut[id(t)]
+
+        for slots in self.slots.values():
+            for slot in slots:
+                slot.k, slot.v = trim(slot.k), trim(slot.v)
+        return leading
+
     def steps(self, layer: str) -> int:
         return len(self.slots.get(layer, []))
 
@@ -133,6 +208,12 @@ class KVCache:
                     if t is not None:
                         seen[id(t)] = t.numel() * t.element_size()
         return sum(seen.values())
+
+
+def _left_pad(t: torch.Tensor | None, length: int) -> torch.Tensor:
+    """Keys or values [b, heads, n, d] with zeros prepended up to `length` positions."""
+    assert t is not None and t.shape[2] <= length, "a slot longer than its cache"
+    return F.pad(t, (0, 0, length - t.shape[2], 0))
 
 
 def _owned(t: torch.Tensor) -> torch.Tensor:
