@@ -158,11 +158,11 @@ def policy_loss(
     loss = pg_loss
     kl = None
     if ref_logprobs is not None:
-        kl = k3_kl(logprobs.float(), ref_logprobs.float(), m)  # reported: the KL(pi || ref) estimate
-        kl_loss = aggregate(kl, m, aggregation, normalizer, max_len)
+        kl = k3_kl(logprobs.float(), ref_logprobs.float(), m)  # kl_mean: the KL(pi || ref) estimate
+        penalty = kl_term(logprobs.float(), old_logprobs.float(), ref_logprobs.float(), m, kl_estimator)
+        kl_loss = aggregate(penalty, m, aggregation, normalizer, max_len)  # kl: the term in the loss
         if beta > 0:
-            penalty = kl_term(logprobs.float(), old_logprobs.float(), ref_logprobs.float(), m, kl_estimator)
-            loss = loss + beta * aggregate(penalty, m, aggregation, normalizer, max_len)
+            loss = loss + beta * kl_loss
 
     with torch.no_grad():
         adv_b = adv.expand_as(ratio)
