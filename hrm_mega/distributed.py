@@ -139,6 +139,13 @@ def tensor_parallel_group() -> Any:
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def pipeline_group() -> Any:
+    """The process group of this rank's pipeline: one rank per stage, with this rank's dp and tp."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
 class MegatronMPU:
     """The model-parallel-unit interface DeepSpeed's engine asks (`mpu=`), answered by megatron-core's
     parallel_state. Without pipeline stages, DeepSpeed's "model parallel" is tensor parallel."""

@@ -187,15 +187,27 @@ def module_cmd(module: str, args: list[str], nproc: int = 1) -> list[str]:
 def sigkill_after_step(
     cmd: list[str], run_dir: Path, step: int, logged_steps: Callable[[Path], dict], env: dict, cwd: Path
 ) -> None:
-    """Starts `cmd`, SIGKILLs it once its metrics.jsonl shows `step` (or after 300 s) and waits for it."""
+    """Starts `cmd`, SIGKILLs it once its metrics.jsonl shows `step` (or after 300 s) and waits for it.
+    Every process it started dies with it, as on a lost machine: torchrun's ranks run in sessions of
+    their own and would outlive their launcher."""
+    import psutil
+
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and max(logged_steps(run_dir), default=0) >= step:
             break
         time.sleep(0.05)
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
     proc.send_signal(signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
 
 
 def hrm_lr(current_step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:

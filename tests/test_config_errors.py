@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_VISION
 
 from hrm_mega.config import BUILTIN_REWARDS, ConfigError, load_config
 from hrm_mega.data.shards import ShardWriter, write_manifest
@@ -69,7 +70,8 @@ def cli(data: dict[str, Path], command: str, recipe: Path, *sets: str, nproc: in
 CASES = [
     ("num_heads", "train", PUZZLE, ["model.num_heads=7"], 1, "model.num_heads=7 does not divide"),
     ("num_heads_nproc2", "train", PUZZLE, ["model.num_heads=7"], 2, "model.num_heads=7 does not divide"),
-    ("rl_zero3", "rl", RL_PUZZLE, ["parallel.zero_stage=3"], 1, "parallel.zero_stage <= 2"),
+    ("rl_vision_pp", "rl", RL_LM, [*TINY_VISION, "parallel.pp=2"], 2,
+     "is not available with parallel.pp > 1"),  # RL's own refusal, or (before it) any vision model's
     ("distill_tp", "train", LM, ["train.distill_weight=1", "train.distill_from=x", "parallel.tp=2"], 2,
      "train.distill_weight > 0 needs parallel.tp=1"),
     ("partitions_samples", "train", PUZZLE, ["data.partitions=64"], 1, "data.partitions=64 exceeds the 32 samples"),
@@ -155,8 +157,8 @@ def test_info_and_launch_dry_run_refuse_a_bad_layout_the_same_way(data) -> None:
     assert_refused_early(launch, "launch", message)
     # launch knows the command from the entry module: RL's checks apply to posttrain_rl
     launch_rl = [sys.executable, "-X", "importtime", "-m", "hrm_mega.cli", "launch", "--dry-run",
-                 "--entry", "hrm_mega.entry.posttrain_rl", str(RL_PUZZLE), "--set", "parallel.zero_stage=3"]  # fmt: skip
-    assert_refused_early(launch_rl, "launch", "parallel.zero_stage <= 2")
+                 "--entry", "hrm_mega.entry.posttrain_rl", str(RL_PUZZLE), "--set", "rl.rewards={}"]  # fmt: skip
+    assert_refused_early(launch_rl, "launch", "rl.rewards is empty")
 
 
 def test_every_recipe_passes_the_checks_of_its_command() -> None:

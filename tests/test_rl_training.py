@@ -335,7 +335,9 @@ def steps(run_dir: Path) -> dict[int, dict]:
 @pytest.mark.slow
 def test_puzzle_grpo_run_logs_rewards_shaping_and_timing(workdir: Path, puzzle_init, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    out = run_ok(puzzle_cmd(run_dir, puzzle_init, "train.steps=2", "rl.beta=0.1", "rl.iterations=2"), workdir)
+    # the plain k3 penalty is the reported kl (k3_ratio's, k3 x pi/pi_old, differs from it at iteration 2)
+    sets = ("train.steps=2", "rl.beta=0.1", "rl.iterations=2", "rl.kl_estimator=k3")
+    out = run_ok(puzzle_cmd(run_dir, puzzle_init, *sets), workdir)
     records = steps(run_dir)
     assert sorted(records) == [1, 2]
     for r in records.values():

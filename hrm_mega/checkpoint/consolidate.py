@@ -89,13 +89,26 @@ def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str |
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """Loads a model from a training checkpoint, a model directory, or a consolidated .safetensors file."""
+    if Path(path).is_dir() and (Path(path) / WEIGHTS).is_file():
+        from hrm_mega.checkpoint.model_dir import load_model_dir
+
+        return load_model_dir(path)
+    state, config = load_state(path)
+    model = build_model(config.model)
+    load_state_dict_strict(model, state, source=str(path))
+    return model, config
+
+
+def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """The full fp32 weights (by the single-process model's names) and the config of what load_model
+    reads, without building the model: a caller under tensor or pipeline parallelism takes its share."""
     path = Path(path)
     if path.is_dir() and (path / "client").is_dir():
         state, config = consolidate_checkpoint(path)
     elif path.is_dir() and (path / WEIGHTS).is_file():
-        from hrm_mega.checkpoint.model_dir import load_model_dir
+        from hrm_mega.checkpoint.model_dir import read_model_dir
 
-        return load_model_dir(path)
+        return read_model_dir(path)
     elif path.is_file() and path.suffix == ".safetensors":
         state, meta = read_safetensors(path)
         if "config" not in meta:
@@ -115,6 +128,4 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
             f"{path}: expected a training checkpoint (step-*/), a model directory ({WEIGHTS} + {CONFIG}) "
             "or a .safetensors file from hrm-mega consolidate"
         )
-    model = build_model(config.model)
-    load_state_dict_strict(model, state, source=str(path))
-    return model, config
+    return state, config

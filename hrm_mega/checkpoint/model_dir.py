@@ -46,6 +46,14 @@ def save_model_dir(
 
 def load_model_dir(model_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     """Builds the model described by `config.yaml` and loads `model.safetensors` into it, strictly."""
+    state, config = read_model_dir(model_dir)
+    model = build_model(config.model)
+    load_state_dict_strict(model, state, source=str(Path(model_dir) / WEIGHTS))
+    return model, config
+
+
+def read_model_dir(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """The full weights of `model.safetensors` and the config of `config.yaml`, checked for damage."""
     d = Path(model_dir)
     for name in (WEIGHTS, CONFIG):
         if not (d / name).is_file():
@@ -56,9 +64,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[torch.nn.Module, Config]:
         config = load_config(d / CONFIG)
     except ConfigError as e:
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
-    model = build_model(config.model)
-    load_state_dict_strict(model, read_safetensors(d / WEIGHTS)[0], source=str(d / WEIGHTS))
-    return model, config
+    return read_safetensors(d / WEIGHTS)[0], config
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -53,6 +53,20 @@ def _split_dim(p: torch.Tensor) -> int:
     return int(p.partition_dim) if getattr(p, "tensor_model_parallel", False) else -1  # type: ignore[attr-defined]
 
 
+def tp_share(full: torch.Tensor, p: torch.Tensor, tp: tuple[int, int]) -> torch.Tensor:
+    """This rank's slice of parameter p's whole value (all of it for a replicated one); tp = (size, rank)."""
+    dim = _split_dim(p)
+    return full.chunk(tp[0], dim=dim)[tp[1]] if dim >= 0 else full
+
+
+def full_shape(p: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    """The whole shape of a (possibly tensor-parallel) parameter."""
+    shape, dim = list(p.shape), _split_dim(p)
+    if dim >= 0:
+        shape[dim] *= tp_size
+    return tuple(shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
@@ -204,13 +218,11 @@ def load_universal(
             "saved layout, or at ZeRO stage 0-2 (then switch)"
         )
     local_names = {id(p): n for n, p in model.named_parameters()}
-    tp_size, tp_rank = tp
     if hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
         _create_zero_moments(optimizer, zero_optimizer)
 
     def mine(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        dim = _split_dim(p)
-        out = t.chunk(tp_size, dim=dim)[tp_rank] if dim >= 0 else t
+        out = tp_share(t, p, tp)
         if out.shape != p.shape:
             raise CheckpointError(
                 f"{directory}: a tensor of shape {tuple(out.shape)} does not fit {tuple(p.shape)}; "

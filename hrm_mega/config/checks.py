@@ -63,12 +63,10 @@ def check_sections(c: Config) -> None:
             f"data.partitions={c.data.partitions} does not divide train.global_batch={t.global_batch}"
         )
     check_model_layout(c)
-    if par.pp > 1:
-        for name, value in (("train.init_from", t.init_from), ("train.compile", t.compile)):
-            if value:
-                raise ConfigError(
-                    f"{name} is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
-                )
+    if par.pp > 1 and t.compile:
+        raise ConfigError(
+            "train.compile is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
+        )
     if t.distill_weight > 0 and par.tp * par.pp > 1:
         raise ConfigError(
             "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
@@ -183,10 +181,6 @@ def check_rl(c: Config) -> None:
             f"data.partitions={d.partitions} does not divide the {rows} rollouts of a step; "
             "change rl.prompts_per_step or data.partitions"
         )
-    if par.zero_stage == 3 or par.pp > 1:
-        raise ConfigError(
-            "RL rollouts run the whole model on every rank; use parallel.zero_stage <= 2 and parallel.pp=1"
-        )
     if not t.init_from:
         raise ConfigError("RL post-training starts from a pretrained model: pass --init CKPT")
     if not rl.rewards:
@@ -222,6 +216,11 @@ def check_rl(c: Config) -> None:
         if rl.algorithm == "ppo" and not c.model.value_head:
             raise ConfigError(
                 "rl.algorithm=ppo needs a value head: an hrm_gemma model with model.value_head=true"
+            )
+        if par.pp > 1 and c.model.vision is not None:
+            raise ConfigError(
+                "RL of a model with model.vision is not available with parallel.pp > 1 yet (RL prompts are "
+                "text, and the first pipeline stage's vision layer expects images); use parallel.pp=1"
             )
 
 

@@ -382,6 +382,9 @@ class RLConfig:
     arithmetic_max_digits: int = 4
     arithmetic_train_pool: int = 0  # 0: new train questions every step; N: cycle through a fixed N of them
     eval_prompts: int = 200  # LM: held-out questions, never used for training, answered greedily
+    # Every N-th step's rollouts (prompt, completion and its token ids, rewards) as lines of
+    # <log.out_dir>/rollouts.jsonl, from all ranks; 0 = none.
+    log_rollouts: int = 0
 
     def validate(self) -> None:
         positive(
@@ -390,6 +393,8 @@ class RLConfig:
         positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
         if self.reward_timeout < 0:
             raise ConfigError(f"rl.reward_timeout={self.reward_timeout} must be >= 0 (0: no limit)")
+        if self.log_rollouts < 0:
+            raise ConfigError(f"rl.log_rollouts={self.log_rollouts} must be >= 0 (0: none)")
         try:
             filled = self.prompt_template.format(prompt="\0")
         except (KeyError, IndexError, ValueError) as e:

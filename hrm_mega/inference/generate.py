@@ -37,6 +37,7 @@ import torch
 
 from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
+from hrm_mega.models.vocab import gather_vocab
 
 
 @dataclass
@@ -197,9 +198,12 @@ def _decode(
     # no_grad around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
     with torch.no_grad():
         logits, cycles = model.infer(ids, attention_mask=mask, position_ids=positions, cache=cache, **halting)
+    vocab_size = model.config.vocab_size
     for index in range(max_new_tokens):
         active = ~finished
         step_logits = logits[:, -1].float()
+        if step_logits.shape[-1] < vocab_size:  # a tensor-parallel rank's slice: every rank samples alike
+            step_logits = gather_vocab(step_logits)
         tokens = torch.where(active, pick(step_logits), pad_id)
         step_cycles = torch.where(active[:, None], cycles[:, :, -1].T, 0)  # [b, G]
         if eos_id is not None:

@@ -82,9 +82,9 @@ class EmbeddingLayer(nn.Module):
 
 
 def tied_head(layer: EmbeddingLayer, inputs: Activations) -> Activations:
-    """The tied LM head on the last stage: (normed hidden, sums) -> (logits slice, sums)."""
-    hidden, sums = inputs
-    return tied_logits(hidden, layer.embed_tokens.weight), sums
+    """The tied LM head on the last stage: (normed hidden, sums[, values]) -> (logits slice, sums[, values])."""
+    hidden, *rest = inputs
+    return tied_logits(hidden, layer.embed_tokens.weight), *rest
 
 
 class CycleBlockLayer(nn.Module):
@@ -150,7 +150,8 @@ class TailLayer(nn.Module):
 
 
 class FinalNormLayer(nn.Module):
-    """HRMGemma's norm (and value_head, kept so checkpoints match; pretraining does not read it)."""
+    """HRMGemma's norm, and its value_head: with one, the values [b, s] (fp32) follow the sums (PPO's
+    loss reads them on the last stage; pretraining does not)."""
 
     def __init__(self, config: LMModelConfig, seed: int) -> None:
         super().__init__()
@@ -163,7 +164,10 @@ class FinalNormLayer(nn.Module):
 
     def forward(self, inputs: Activations) -> Activations:
         x, sums = unpack(inputs[0], inputs[1])
-        return self.norm(x), sums
+        hidden = self.norm(x)
+        if self.value_head is None:
+            return hidden, sums
+        return hidden, sums, self.value_head(hidden).squeeze(-1).float()
 
 
 class UntiedHeadLayer(nn.Module):
@@ -173,8 +177,8 @@ class UntiedHeadLayer(nn.Module):
         init_parameters(self, seed)
 
     def forward(self, inputs: Activations) -> Activations:
-        hidden, sums = inputs
-        return self.lm_head(hidden), sums
+        hidden, *rest = inputs
+        return self.lm_head(hidden), *rest
 
 
 def pipeline_layers(config: LMModelConfig, seed: int) -> list[Any]:

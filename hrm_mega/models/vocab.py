@@ -50,16 +50,26 @@ def tied_logits(hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.T
     return F.linear(hidden, embedding_weight)
 
 
-@torch.no_grad()
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits from every rank's slice, for predictions (argmax, sampling); not
-    differentiable. Identity at TP=1. (megatron-core's gather region allocates on CUDA.)"""
+    """Full-vocabulary logits from every rank's slice. Identity at TP=1. Differentiable for a loss that
+    every TP rank computes alike from the whole vocabulary (RL's log-probs): the backward hands each rank
+    the gradient of its own slice, as megatron-core's gather region does (which allocates on CUDA)."""
     if distributed.tp_size() == 1:
         return logits
-    group = distributed.tensor_parallel_group()
-    slices = [torch.empty_like(logits) for _ in range(distributed.tp_size())]
-    torch.distributed.all_gather(slices, logits.contiguous(), group=group)
-    return torch.cat(slices, dim=-1)
+    return _GatherVocab.apply(logits)
+
+
+class _GatherVocab(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor) -> torch.Tensor:
+        group = distributed.tensor_parallel_group()
+        slices = [torch.empty_like(logits) for _ in range(distributed.tp_size())]
+        torch.distributed.all_gather(slices, logits.contiguous(), group=group)
+        return torch.cat(slices, dim=-1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.chunk(distributed.tp_size(), dim=-1)[distributed.tp_rank()].contiguous()
 
 
 @torch.no_grad()

@@ -90,6 +90,12 @@ class ArithmeticPrompts:
                     "resume with the same train.seed and rl.arithmetic_* settings"
                 )
 
+    @staticmethod
+    def merge_state_dicts(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state from every data-parallel rank's (a resume at another dp): they are all alike, since
+        the questions of a step follow from the step."""
+        return states[0]
+
     def close(self) -> None:
         return None
 
@@ -149,6 +155,12 @@ class JsonlPrompts:
                     f"prompt state: {key} differs from this run's ({state.get(key)!r} vs {mine[key]!r}); "
                     "resume with the same train.seed and rl.prompt_file"
                 )
+
+    @staticmethod
+    def merge_state_dicts(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state from every data-parallel rank's (a resume at another dp): they are all alike, since
+        the questions of a step follow from the step."""
+        return states[0]
 
     def close(self) -> None:
         return None

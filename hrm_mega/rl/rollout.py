@@ -284,11 +284,17 @@ def puzzle_rollout(
     )
 
 
-def puzzle_policy(model: torch.nn.Module, rollout: PuzzleRollout) -> PolicyOutput:
+def puzzle_policy(
+    model: torch.nn.Module, rollout: PuzzleRollout, segments: int | None = None
+) -> PolicyOutput:
     """Recomputes a puzzle rollout's action log-probs with the training forward: the same segments from
     a fresh carry (every segment is a normal one-segment forward, so gradients flow as in ACT training),
     the cells from each row's last segment, each sampled halting decision from its segment's Q-head.
-    Put a `puzzle_emb` leaf into rollout.batch to collect puzzle-embedding gradients."""
+    Put a `puzzle_emb` leaf into rollout.batch to collect puzzle-embedding gradients.
+
+    `segments`: how many forwards to run (default: the rows' most; at least that). Under ZeRO-3 every
+    forward gathers the weights, a collective, so every data-parallel rank must run as many: pass the
+    most over all ranks. Segments after a row's last change none of its numbers."""
     config = model.config
     n_rows, seq_len = rollout.tokens.shape
     max_steps = config.halt_max_steps
@@ -300,7 +306,7 @@ def puzzle_policy(model: torch.nn.Module, rollout: PuzzleRollout) -> PolicyOutpu
     carry = model.initial_carry(n_rows)
     final_logits = None
     halt_lp, halt_ent = [], []
-    for m in range(int(rollout.segments.max())):
+    for m in range(max(int(rollout.segments.max()), segments or 0)):
         out = model(carry, rollout.batch)
         carry = out.carry
         last = rollout.segments == m + 1
@@ -430,32 +436,52 @@ def lm_rollout(
     )
 
 
+def lm_policy_inputs(rollout: LMRollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward's inputs for prompt + completion: ids [N, P+T] (0 at padding), positions
+    (real tokens count from 0, as in generate) and doc_ids. The real tokens of a row are one document and
+    the left padding and the padding after its end are others, so a real token attends to real tokens
+    only: what an attention mask over the padding does, in the form pipeline stages pass along."""
+    mask = torch.cat((rollout.prompt_mask.long(), rollout.completion_mask.long()), dim=1)
+    ids = torch.cat((rollout.prompt_ids, rollout.completion_ids), dim=1).masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    starts = torch.ones_like(mask)
+    starts[:, 1:] = (mask[:, 1:] != mask[:, :-1]).long()
+    return ids, positions, starts.cumsum(dim=1)
+
+
 def lm_policy(model: torch.nn.Module, rollout: LMRollout) -> PolicyOutput:
     """Recomputes an LM rollout's token log-probs (and values, with a value head) with the training
     forward over prompt + completion: position P-1+t's logits give new token t."""
+    ids, positions, doc_ids = lm_policy_inputs(rollout)
+    logits, aux = model(ids, position_ids=positions, doc_ids=doc_ids)
+    return lm_policy_from_logits(logits, aux.get("values"), rollout, model.config.vocab_size)
+
+
+def lm_policy_from_logits(
+    logits: torch.Tensor, values: torch.Tensor | None, rollout: LMRollout, vocab_size: int
+) -> PolicyOutput:
+    """lm_policy from the training forward's outputs over lm_policy_inputs: logits [N, P+T, V or this TP
+    rank's slice] and values [N, P+T] (or None). A pipeline's last stage calls it directly."""
     prompt_len, new = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-    mask = torch.cat((rollout.prompt_mask.long(), rollout.completion_mask.long()), dim=1)
-    ids = torch.cat((rollout.prompt_ids, rollout.completion_ids), dim=1).masked_fill(mask == 0, 0)
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # as generate: real tokens count from 0
-    logits, aux = model(ids, attention_mask=mask, position_ids=positions)
     window = slice(prompt_len - 1, prompt_len - 1 + new)
-    logits = full_vocab(logits[:, window], model.config.vocab_size)
+    logits = full_vocab(logits[:, window], vocab_size)
     logp = action_logprobs(logits, rollout.temperature, vocab_limit=rollout.vocab_limit)
     real = rollout.completion_mask
     safe = torch.where(real, rollout.completion_ids, 0)
     token_lp = torch.where(real, logp.gather(-1, safe[..., None]).squeeze(-1), 0.0)
     with torch.no_grad():  # a metric: no graph over [N, T, vocab]
         entropy = torch.where(real, entropy_from_logprobs(logp), 0.0)
-    values = aux.get("values")
     if values is not None:
         values = torch.where(real, values[:, window], 0.0)
     return PolicyOutput(token_lp, entropy, values)
 
 
-def recompute_policy(model: torch.nn.Module, rollout: PuzzleRollout | LMRollout) -> PolicyOutput:
-    """`puzzle_policy` or `lm_policy`, by the rollout's kind."""
+def recompute_policy(
+    model: torch.nn.Module, rollout: PuzzleRollout | LMRollout, segments: int | None = None
+) -> PolicyOutput:
+    """`puzzle_policy` (with its `segments`) or `lm_policy`, by the rollout's kind."""
     if isinstance(rollout, PuzzleRollout):
-        return puzzle_policy(model, rollout)
+        return puzzle_policy(model, rollout, segments)
     if isinstance(rollout, LMRollout):
         return lm_policy(model, rollout)
     raise ValueError(

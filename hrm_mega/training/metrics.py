@@ -48,7 +48,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        _keep_records_up_to(self.path, start_step)
+        keep_records_up_to(self.path, start_step)
         if config.log.wandb != "disabled":
             self._wandb = _start_wandb(config, run_dir)
         if config.log.tensorboard:
@@ -121,7 +121,7 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _keep_records_up_to(path: Path, step: int) -> None:
+def keep_records_up_to(path: Path, step: int) -> None:
     """Drops the records after `step` (logged by the run before a restart, and about to be logged again),
     and a line cut short by a kill mid-write."""
     if not path.is_file():

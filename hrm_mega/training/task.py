@@ -151,20 +151,49 @@ def load_init_weights(
     """Copies train.init_from into the freshly built model strictly (every key, every shape), except
     that parameters under the `keep_fresh` prefixes which the source lacks (a value head added for PPO)
     keep their initialisation. Returns those keys and the source's config. A resumed run then overwrites
-    all with its checkpoint. `label`: how errors name the source (default: train.init_from=PATH)."""
-    from hrm_mega.checkpoint.consolidate import load_model
-    from hrm_mega.checkpoint.model_dir import load_state_dict_strict
+    all with its checkpoint. `label`: how errors name the source (default: train.init_from=PATH).
+
+    `model` may be any layout's share of the config's model: a tensor-parallel rank's slices, or a
+    pipeline stage (names as in the single-process model after the stage's prefix). The keys and whole
+    shapes are checked against the whole model (built on the meta device), so a stage also refuses a
+    source with other or more layers than this config's."""
+    from hrm_mega.checkpoint.consolidate import load_state
+    from hrm_mega.checkpoint.model_dir import CheckpointError
+    from hrm_mega.checkpoint.universal import full_shape, model_name, tp_share
+    from hrm_mega.distributed import tp_rank, tp_size
 
     label = label or f"train.init_from={config.train.init_from}"
-    source, source_config = load_model(config.train.init_from)
+    state, source_config = load_state(config.train.init_from)
     if source_config.model.family != config.model.family:
         raise ConfigError(
             f"{label} holds a {source_config.model.family} model; "
             f"this recipe is model.family={config.model.family}"
         )
-    state = source.state_dict()
-    own = model.state_dict()
-    fresh = [k for k in own if k.startswith(keep_fresh) and k not in state] if keep_fresh else []
-    state |= {k: own[k] for k in fresh}
-    load_state_dict_strict(model, state, source=label)
-    return tuple(fresh), source_config
+    with torch.device("meta"):
+        whole = build_model(config.model)
+    persistent = set(whole.state_dict())
+    expected = {n: full_shape(p, tp_size()) for n, p in whole.named_parameters()}
+    expected |= {n: tuple(b.shape) for n, b in whole.named_buffers() if n in persistent}
+    fresh = tuple(k for k in expected if k.startswith(keep_fresh) and k not in state) if keep_fresh else ()
+    missing = [k for k in expected if k not in state and k not in fresh]
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{label}: missing key {missing[0]} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(
+            f"{label}: unexpected key {unexpected[0]} ({len(unexpected)} unexpected in all)"
+        )
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise CheckpointError(
+                f"{label}: {key} has shape {tuple(state[key].shape)}, the model expects {shape}"
+            )
+    local_persistent = set(model.state_dict())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (key := model_name(name)) not in fresh:
+                p.copy_(tp_share(state[key], p, (tp_size(), tp_rank())))
+        for name, b in model.named_buffers():
+            if name in local_persistent:
+                b.copy_(state[model_name(name)])
+    return fresh, source_config

@@ -42,7 +42,7 @@ from hrm_mega.training import engine as ds
 from hrm_mega.training.engine import client_optimizer
 from hrm_mega.training.evaluation import evaluation
 from hrm_mega.training.metrics import add_micro_batch
-from hrm_mega.training.task import Task
+from hrm_mega.training.task import Task, load_init_weights
 
 if TYPE_CHECKING:
     from hrm_mega.training.trainer import Trainer
@@ -69,10 +69,13 @@ class LMTask(Task):
                     block.recompute = t.activation_checkpointing
             return model
         self.pipeline_loss = PipelineLoss(self.config.model)
-        return build_pipeline_module(
+        model = build_pipeline_module(
             self.config.model, t.seed, pipeline_topology(), pipeline_stage_blocks(self.config),
             self.pipeline_loss, t.activation_checkpointing,
         ).to(trainer.world.device)  # fmt: skip
+        if t.init_from:  # this stage's share of the whole model's weights
+            self.fresh_keys, self.init_config = load_init_weights(model, self.config, self.keep_fresh)
+        return model
 
     def setup(self, trainer: Trainer) -> None:
         t = self.config.train
@@ -295,7 +298,7 @@ class PipelineLoss:
     def __call__(
         self, outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor | tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        logits, halting = outputs
+        logits, halting = outputs[:2]  # a value head's values follow (models/lm_pipeline.py)
         if self.normalizers is None:  # evaluation: labels are (labels, answer_docs)
             labels, answer_docs = labels
             self.score(logits, halting[2], labels, answer_docs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from hrm_mega.config import ConfigError
@@ -36,6 +37,7 @@ from hrm_mega.rl.rewards import (
 from hrm_mega.rl.rollout import LMRollout, lm_rollout
 from hrm_mega.training.evaluation import eval_mode
 from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
+from hrm_mega.training.tasks.rl_layout import gather_over_pipeline, stages
 
 if TYPE_CHECKING:
     from hrm_mega.training.trainer import Trainer
@@ -104,24 +106,48 @@ class TextEnvironment(Environment):
         ids, mask = left_pad(encoded, pad_id=self.pad_id)
         return ids.to(device), mask.to(device)
 
-    def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
+    def rollout(self, trainer: Trainer, prompts: int, model: torch.nn.Module) -> Rollouts:
+        """This replica's rollouts, in chunks of rl.rollout_chunk prompts seeded by their first prompt's
+        index in the step. With pipeline stages each stage's rank rolls out and scores a contiguous run
+        of the chunks, and the runs are gathered: every stage gets the same rows in the same order, one
+        draw of each sample (as one process would)."""
         rl = self.config.rl
-        device = trainer.world.device
         start = trainer.world.dp_rank * prompts
         questions = self.questions(trainer.step, start, prompts)
-        chunks = []
-        for first in range(0, len(questions), rl.rollout_chunk):
-            ids, mask = self.encode([q[0] for q in questions[first : first + rl.rollout_chunk]], device)
+        firsts = list(range(0, len(questions), rl.rollout_chunk))
+        count = stages(trainer.world)
+        if count == 1:
+            return self._rollout_chunks(trainer, model, questions, start, firsts)
+        mine = [int(f) for f in np.array_split(firsts, count)[trainer.world.pp_rank]]  # may be none
+        part = self._rollout_chunks(trainer, model, questions, start, mine) if mine else None
+        parts = [p for p in gather_over_pipeline(part, trainer.world) if p is not None]
+        return concat_rollouts(parts, rl.max_new_tokens)
+
+    def _rollout_chunks(
+        self,
+        trainer: Trainer,
+        model: torch.nn.Module,
+        questions: list[Question],
+        start: int,
+        firsts: list[int],
+    ) -> Rollouts:
+        """The scored rollouts of the chunks starting at questions[first] for each of `firsts`."""
+        rl, device = self.config.rl, trainer.world.device
+        chunks, asked = [], []
+        for first in firsts:
+            part = questions[first : first + rl.rollout_chunk]
+            ids, mask = self.encode([q[0] for q in part], device)
             seed = step_seed(self.config.train.seed, trainer.step, start + first)
             chunks.append(lm_rollout(
-                trainer.model, ids, attention_mask=mask, group_size=rl.group_size,
+                model, ids, attention_mask=mask, group_size=rl.group_size,
                 max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                 seed=seed, eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit,
                 **self.halting(),
             ))  # fmt: skip
+            asked += part
         ro = concat_lm_rollouts(chunks, rl.max_new_tokens)
         completions = [self.tokenizer.decode(t) for t in ro.completion_lists(self.eos_id)]
-        repeat = [q for q in questions for _ in range(rl.group_size)]
+        repeat = [q for q in asked for _ in range(rl.group_size)]
         total, parts = combine_rewards(
             rl.rewards, timeout=rl.reward_timeout, prompts=[q[0] for q in repeat], completions=completions,
             finished=ro.finished, answers=[q[1] for q in repeat], metadata=[q[2] for q in repeat],
@@ -133,22 +159,24 @@ class TextEnvironment(Environment):
             rollout=ro, logprobs=ro.logprobs, mask=ro.completion_mask, rewards=rewards,
             parts={k: v.to(device) for k, v in parts.items()}, compute=fraction * budget,
             row_metrics={"completion_tokens": ro.completion_mask.sum(dim=1).float()},
+            texts=[{"prompt": q[0], "completion": c} for q, c in zip(repeat, completions)],
         )  # fmt: skip
 
     # --- evaluation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+    def evaluate(self, trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
         """Greedy answers to this rank's share of the held-out questions; summed over ranks. Reports exact
         accuracy, and the mean H cycles per generated token; arithmetic also per operation
         (eval/exact_accuracy_add, _sub, _mul) and the answer-format rate."""
-        rl = self.config.rl
+        rl, world = self.config.rl, trainer.world
         arithmetic = rl.prompts == "arithmetic"
-        mine = [(*q, {})[:3] for q in self.stream.eval_set[trainer.world.dp_rank :: trainer.world.dp_size]]
+        share, shares = world.dp_rank * stages(world) + world.pp_rank, world.dp_size * stages(world)
+        mine = [(*q, {})[:3] for q in self.stream.eval_set[share::shares]]  # a share per replica and stage
         ops = list(OP_NAMES.values())
         op_keys = [f"{k}_{op}" for op in ops for k in "nr"]  # n_/r_: questions, right answers
         sums = dict.fromkeys(("questions", "exact", "format", "cycles", "tokens", *op_keys), 0.0)
-        with eval_mode(trainer.model) as model:
+        with eval_mode(model):
             for first in range(0, len(mine), EVAL_BATCH):
                 part = mine[first : first + EVAL_BATCH]
                 prompts, answers = [q[0] for q in part], [q[1] for q in part]
@@ -171,7 +199,10 @@ class TextEnvironment(Environment):
                 for prompt, right in zip(prompts, exact.tolist()) if arithmetic else ():
                     sums[f"n_{OP_NAMES[operation(prompt)]}"] += 1
                     sums[f"r_{OP_NAMES[operation(prompt)]}"] += float(right)
-        s = all_reduce_sums(sums)
+        # over every replica and stage; the TP ranks of one answer the same questions alike: one counts
+        s = all_reduce_sums(
+            sums if world.tp_rank == 0 else dict.fromkeys(sums, 0.0), torch.distributed.group.WORLD
+        )
         per_op = {f"eval/exact_accuracy_{op}": s[f"r_{op}"] / s[f"n_{op}"] for op in ops if s[f"n_{op}"]}
         out = {
             "eval/exact_accuracy": s["exact"] / max(s["questions"], 1.0),
@@ -217,6 +248,19 @@ def check_prompt_boundary(tokenizer: Any, questions: list[tuple[str, str]], wher
 def operation(prompt: str) -> str:
     """The operator of an `a<op>b=` question (a leading '-' would be a sign, but operands are >= 0)."""
     return next(c for c in prompt if c in OP_NAMES)
+
+
+def concat_rollouts(parts: list[Rollouts], new_tokens: int) -> Rollouts:
+    """Stacks the scored rollouts of several ranks (their LMRollouts as concat_lm_rollouts does)."""
+    ro = concat_lm_rollouts([p.rollout for p in parts], new_tokens)
+    return Rollouts(
+        rollout=ro, logprobs=ro.logprobs, mask=ro.completion_mask,
+        rewards=torch.cat([p.rewards for p in parts]),
+        parts={k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts},
+        compute=torch.cat([p.compute for p in parts]),
+        row_metrics={k: torch.cat([p.row_metrics[k] for p in parts]) for k in parts[0].row_metrics},
+        texts=[t for p in parts for t in p.texts],
+    )  # fmt: skip
 
 
 def concat_lm_rollouts(parts: list[LMRollout], new_tokens: int) -> LMRollout:

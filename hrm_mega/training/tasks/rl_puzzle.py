@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.rl.rewards import combine_rewards, compute_fraction, shape_for_compute
 from hrm_mega.rl.rollout import puzzle_rollout
-from hrm_mega.training.tasks.puzzle import evaluate_modes
+from hrm_mega.training.tasks.puzzle import evaluate_puzzles
 from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
 
 if TYPE_CHECKING:
@@ -33,11 +35,11 @@ class PuzzleEnvironment(Environment):
     def max_actions(self) -> int:
         return self.config.model.seq_len + self.config.model.halt_max_steps
 
-    def rollout(self, trainer: Trainer, prompts: int) -> Rollouts:
+    def rollout(self, trainer: Trainer, prompts: int, model: torch.nn.Module) -> Rollouts:
         rl, m = self.config.rl, self.config.model
         batch = {k: v.to(trainer.world.device) for k, v in trainer.stream.take(range(prompts)).items()}
         ro = puzzle_rollout(
-            trainer.model, batch, group_size=rl.group_size, temperature=rl.temperature, halting=rl.halting,
+            model, batch, group_size=rl.group_size, temperature=rl.temperature, halting=rl.halting,
             seed=step_seed(self.config.train.seed, trainer.step, _ROLLOUT_STREAM),
         )  # fmt: skip
         total, parts = combine_rewards(
@@ -53,8 +55,13 @@ class PuzzleEnvironment(Environment):
             compute=ro.segments.float(), row_metrics={"sample_exact_accuracy": solved},
         )  # fmt: skip
 
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
-        return evaluate_modes(trainer)
+    def evaluate(self, trainer: Trainer, model: torch.nn.Module) -> dict[str, float]:
+        """evaluate_puzzles of `model` in every mode of train.eval_modes, keyed eval_{mode}/{metric}."""
+        results: dict[str, float] = {}
+        for mode in trainer.config.train.eval_modes:
+            metrics = evaluate_puzzles(model, trainer.config, trainer.world, mode, trainer.ema)
+            results |= {f"eval_{mode}/{key}": value for key, value in metrics.items()}
+        return results
 
     def summary_lines(self) -> list[str]:
         return [f"  puzzles from {self.config.data.path}; halting {self.config.rl.halting}"]
