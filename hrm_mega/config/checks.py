@@ -47,11 +47,6 @@ def check_sections(c: Config) -> None:
             f"parallel.pp={par.pp} is not supported for model.family=puzzle "
             "(a single CycleBlock cannot be split into stages); use parallel.tp or data parallelism"
         )
-    if par.pp > 1 and isinstance(m, LMModelConfig) and m.vision is not None:
-        raise ConfigError(
-            "model.vision (images) is not available with parallel.pp > 1 yet (the pipeline stages hold the "
-            "text decoder only); use parallel.pp=1"
-        )
     if t.task not in ("auto", c.task):
         raise ConfigError(f"train.task={t.task} does not fit model.family={m.family} (use {c.task})")
     if c.task == "puzzle" and (t.cycles_range or t.distill_weight or t.activation_checkpointing):
@@ -137,7 +132,7 @@ def check_sources(c: Config, command: Command) -> None:
     sequence length and tokenizer, holding a sample per partition."""
     if not isinstance(c.model, LMModelConfig) or command != "train":
         raise ConfigError("data.sources (a weighted mixture) is for language-model training; use data.path")
-    first = None
+    first = first_image = None
     for i, s in enumerate(c.data.sources):
         where = f"data.sources[{i}] ({s.name}: {s.path})"
         manifest = read_manifest_json(s.path)
@@ -150,6 +145,14 @@ def check_sources(c: Config, command: Command) -> None:
             )
         if manifest.get("task") == "image_text":
             check_image_data(c.model, manifest, where)
+            image = manifest.get("extra", {}).get("image")
+            if first_image is None:
+                first_image = (i, image)
+            elif image != first_image[1]:
+                raise ConfigError(
+                    f"{where}: its images are preprocessed otherwise than data.sources[{first_image[0]}]'s "
+                    "(extra.image differs); build every image-text source with the same image options"
+                )
         identity = (manifest.get("seq_len"), manifest.get("extra", {}).get("tokenizer_sha256"))
         if first is None:
             first = identity

@@ -25,6 +25,17 @@ so an input is the only argument a step can hand it. It needs no schedule-wide a
 reads the N its micro-batch carries), and a call leaves nothing behind that could run the next step, or
 an evaluation, at the wrong N. Integer tensors cost no backward pass.
 
+Images (model.vision). The vision tower and projector are one more layer, `VisionLayer`, the first of
+the first stage: images are encoded once per micro-batch where the token embeddings are made, and only
+the merged residual stream travels on, as in HRMGemma.embed_with_images. The first stage's inputs then
+end with the micro-batch's pixel_values [n_images, 3, S, S] (possibly none), and the tuple that crosses
+stage boundaries with image_ids [b, s] (long; which image each token belongs to, -1 for text), which every
+stage needs for Gemma 3's bidirectional image mask:
+
+    (ids, position_ids, doc_ids, token_mask, cycles, pixel_values)            -> VisionLayer
+    (ids, position_ids, doc_ids, token_mask, cycles, image_ids, features)     -> EmbeddingLayer (merges)
+    (packed, position_ids, doc_ids, token_mask, cycles, image_ids)            -> CycleBlockLayer, ...
+
 Every layer initialises its own parameters by their names in HRMGemma (init_parameters with a prefix),
 so a pipeline model holds exactly the weights of HRMGemma(config).init_weights(seed), split by stage.
 """
@@ -42,10 +53,12 @@ from hrm_mega.models.lm import (
     embed_scaled,
     halting_block,
     halting_token_sums,
+    image_indices,
     rope_tables,
     sequence_context,
     tail_stack,
 )
+from hrm_mega.models.vision import ImageEncoder
 from hrm_mega.models.vocab import tied_logits, vocab_embedding
 
 Activations = tuple[torch.Tensor, ...]
@@ -57,13 +70,36 @@ def pipeline_inputs(
     doc_ids: torch.Tensor,
     token_mask: torch.Tensor,
     cycles: int,
+    pixel_values: torch.Tensor | None = None,
 ) -> Activations:
     """A micro-batch's inputs for the first stage: ids, positions, doc_ids [b, s], token_mask [b, s]
-    (sent as int64: pipelines send no bool) and the H cycles N to run in every block."""
+    (sent as int64: pipelines send no bool), the H cycles N to run in every block, and for a model with
+    images its pixel_values [n_images, 3, S, S] (n_images may be 0)."""
     if cycles < 1:
         raise ValueError(f"cycles={cycles} (H cycles) must be >= 1")
     n = torch.tensor([cycles], dtype=torch.long, device=input_ids.device)
-    return input_ids, position_ids, doc_ids, token_mask.long(), n
+    images = () if pixel_values is None else (pixel_values,)
+    return input_ids, position_ids, doc_ids, token_mask.long(), n, *images
+
+
+class VisionLayer(nn.Module):
+    """First layer of a model with images: HRMGemma's `vision` (tower + projector). Encodes the
+    micro-batch's images once and passes their features, and each token's image index, to the
+    embedding layer, which puts them in place of the placeholders."""
+
+    def __init__(self, config: LMModelConfig, seed: int) -> None:
+        super().__init__()
+        assert config.vision is not None
+        self.config = config
+        self.vision = ImageEncoder(config.vision, config.hidden_size)
+        init_parameters(self, seed)  # names as in HRMGemma: vision.*
+
+    def forward(self, inputs: Activations) -> Activations:
+        input_ids, position_ids, doc_ids, token_mask, cycles, pixel_values = inputs
+        assert self.config.vision is not None
+        image_ids = image_indices(input_ids, self.config.vision)
+        features = self.vision(pixel_values)  # [n, mm_tokens, h]
+        return input_ids, position_ids, doc_ids, token_mask, cycles, image_ids, features
 
 
 class EmbeddingLayer(nn.Module):
@@ -72,13 +108,29 @@ class EmbeddingLayer(nn.Module):
     def __init__(self, config: LMModelConfig, seed: int) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
+        self.vision_config, self.vocab_size = config.vision, config.vocab_size
         self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size)
         set_init(self.embed_tokens.weight, "trunc_normal", config.hidden_size**-0.5)
         init_parameters(self, seed)  # names as in HRMGemma: embed_tokens.weight
 
     def forward(self, inputs: Activations) -> Activations:
         input_ids, *rest = inputs
-        return embed_scaled(self.embed_tokens, input_ids, self.hidden_size), *rest
+        if self.vision_config is None:
+            return embed_scaled(self.embed_tokens, input_ids, self.hidden_size), *rest
+        # after VisionLayer: rest = position_ids, doc_ids, token_mask, cycles, image_ids, features
+        *rest, features = rest
+        image_ids = rest[-1]
+        v = self.vision_config
+        if v.image_token_id >= self.vocab_size:  # as HRMGemma.embed: looked up as id 0
+            input_ids = input_ids.masked_fill(input_ids == v.image_token_id, 0)
+        x = embed_scaled(self.embed_tokens, input_ids, self.hidden_size)
+        placeholders = image_ids >= 0
+        if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"the micro-batch holds {int(placeholders.sum())} image placeholder tokens, but its "
+                f"{features.shape[0]} images give {features.shape[0] * features.shape[1]}"
+            )
+        return x.masked_scatter(placeholders[..., None], features.to(x.dtype)), *rest
 
 
 def tied_head(layer: EmbeddingLayer, inputs: Activations) -> Activations:
@@ -99,17 +151,18 @@ class CycleBlockLayer(nn.Module):
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        x, position_ids, doc_ids, token_mask, cycles = inputs
+        x, position_ids, doc_ids, token_mask, cycles, *images = inputs  # images: [image_ids] with vision
         sums = None
         if x.dim() == 1:  # packed by the previous CycleBlock (the embedding sends plain hidden states)
             x, sums = unpack(x, position_ids)
         ropes = (self.rope_local, self.rope_global)
-        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
+        image_ids = images[0] if images else None
+        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids, image_ids=image_ids)
         x, halt_logits, converged = self.blocks[str(self.index)](x, ctx, int(cycles))
         block_sums = halting_token_sums(halt_logits, converged, token_mask.to(halt_logits.dtype))
         block_sums = block_sums / self.config.num_groups  # lm_loss averages over blocks
         sums = block_sums if sums is None else sums + block_sums
-        return pack(x, sums), position_ids, doc_ids, token_mask, cycles
+        return pack(x, sums), position_ids, doc_ids, token_mask, cycles, *images
 
 
 def pack(hidden: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -142,10 +195,11 @@ class TailLayer(nn.Module):
         self.rope_local, self.rope_global = rope_tables(config)
 
     def forward(self, inputs: Activations) -> Activations:
-        packed, position_ids, doc_ids, *rest = inputs
+        packed, position_ids, doc_ids, *rest = inputs  # rest: token_mask, cycles[, image_ids]
         x, sums = unpack(packed, position_ids)
         ropes = (self.rope_local, self.rope_global)
-        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids)
+        image_ids = rest[2] if len(rest) > 2 else None
+        ctx = sequence_context(self.config, ropes, x, position_ids, None, doc_ids, image_ids=image_ids)
         return pack(self.tail(x, None, ctx), sums), position_ids, doc_ids, *rest
 
 
@@ -186,7 +240,7 @@ def pipeline_layers(config: LMModelConfig, seed: int) -> list[Any]:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     c = config
-    layers: list[Any] = []
+    layers: list[Any] = [LayerSpec(VisionLayer, c, seed)] if c.vision is not None else []
     if c.tie_embeddings:
         layers.append(TiedLayerSpec("embed", EmbeddingLayer, c, seed, tied_weight_attr="embed_tokens.weight"))
     else:
@@ -207,12 +261,13 @@ def pipeline_layers(config: LMModelConfig, seed: int) -> list[Any]:
 
 
 def stage_boundaries(config: LMModelConfig, blocks_per_stage: list[int]) -> list[int]:
-    """Layer indices where each stage starts (and the end): the embedding joins the first stage's
-    blocks; the tail, norm and head join the last's."""
-    total = 1 + config.num_groups + int(config.num_tail_layers > 0) + 2
+    """Layer indices where each stage starts (and the end): the embedding (and the vision layer before
+    it) joins the first stage's blocks; the tail, norm and head join the last's."""
+    first = 1 + int(config.vision is not None)
+    total = first + config.num_groups + int(config.num_tail_layers > 0) + 2
     parts = [0]
     for n in blocks_per_stage[:-1]:
-        parts.append(parts[-1] + n + (1 if len(parts) == 1 else 0))
+        parts.append(parts[-1] + n + (first if len(parts) == 1 else 0))
     return parts + [total]
 
 

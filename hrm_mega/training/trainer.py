@@ -318,8 +318,9 @@ class Trainer:
         The bool is False when the data changed (and that is allowed): the stream then starts at the new
         data's beginning."""
         first, _ = read_client_state(path, 0)
+        model = self.config.to_dict()["model"]  # nested sections (model.vision) as the saved dicts are
         for key, value in first["config"]["model"].items():
-            if getattr(self.config.model, key) != value:
+            if model.get(key) != value:
                 raise ConfigError(
                     f"model.{key}={getattr(self.config.model, key)!r} differs from the checkpoint's {value!r} ({path})"
                 )

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
+from hrm_mega.config.model import VisionConfig
+from hrm_mega.data.collate import select_rows
+from hrm_mega.data.decode import IMAGE_TEXT_TASK
+from hrm_mega.data.images import ImageProcessing, ImageSpec, normalize_pixels
 from hrm_mega.data.mixture import MixtureStream, Source, Stage
+from hrm_mega.data.shards import read_manifest
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
@@ -59,6 +64,11 @@ class LMTask(Task):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.pipeline = config.parallel.pp > 1
+
+    def read_data(self) -> dict[str, Any]:
+        manifest = super().read_data()
+        self.image_processing = image_processing(self.config)
+        return manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
         t = self.config.train
@@ -116,7 +126,7 @@ class LMTask(Task):
         # is the same at any DP size; DeepSpeed divides gradients by dp x accumulation, undone here.
         n_micro = trainer.world.dp_size * len(chunks)
         normalizers = self._token_counts(batch)
-        micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in chunks]
+        micro_batches = [select_rows(batch, rows) for rows in chunks]  # rows with their images
         step = self._pipeline_step if self.pipeline else self._engine_step
         sums, finite, grad_norm = step(trainer, micro_batches, cycles, normalizers, n_micro)
         self._tokens_last_step = int(sums["tokens"])
@@ -164,8 +174,12 @@ class LMTask(Task):
     def _stage_inputs(self, mb: dict[str, torch.Tensor], cycles: int) -> tuple:
         """(pipeline_inputs, labels) for DeepSpeed's loader: the first stage reads the inputs (with the
         step's H cycles), the last the labels."""
-        mask = self._token_mask(mb)
-        return pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles), mb["labels"]
+        mask, pixels = self._token_mask(mb), self.pixel_values(mb)
+        inputs = pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles, pixels)
+        return inputs, mb["labels"]
+
+    def pixel_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return batch_pixel_values(batch, self.config.model.vision, self.image_processing)
 
     def loss_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The labels the loss sees: on rows of prompt/answer datasets only the answers' (with
@@ -191,14 +205,18 @@ class LMTask(Task):
         distillation when a teacher is configured (the teacher runs its own config's h_cycles)."""
         c, t = self.config.model, self.config.train
         ids, positions, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
-        logits, aux = model(ids, position_ids=positions, doc_ids=docs, cycles=cycles)
+        pixels = self.pixel_values(mb)  # every step, even one without images: all ranks' vision grads exist
+        logits, aux = model(ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles)
         parts = lm_loss(
             logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
         )
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits, _ = self.teacher(ids, position_ids=positions, doc_ids=docs)
+                teacher_pixels = pixels if self.teacher.vision is not None else None
+                teacher_logits, _ = self.teacher(
+                    ids, pixel_values=teacher_pixels, position_ids=positions, doc_ids=docs
+                )
             parts["distill"] = distillation_loss(
                 logits, teacher_logits, mb["labels"], t.distill_temperature, normalizer=normalizers[0]
             )
@@ -435,18 +453,22 @@ def evaluate_lm(
     PipelineEngine, its last stage's PipelineLoss), which runs the batches."""
     scores = PipelineLoss(config.model) if pipeline is None else pipeline[1]
     scores.start(normalizers=None)
+    processing = image_processing(config)
     with evaluation(model, config, world, ema) as batches:
         for b in batches:
+            pixels = batch_pixel_values(b, config.model.vision, processing)
             labels = b["labels"].masked_fill(~b["valid"].bool()[:, None], -100)
             answer_docs = answer_documents(b, labels)
             if config.data.answer_only_loss:
                 labels = answer_only({**b, "labels": labels})
             ids, positions, docs, mask = b["input_ids"], b["position_ids"], b["doc_ids"], labels != -100
             if pipeline is None:
-                logits, aux = model(ids, position_ids=positions, doc_ids=docs, cycles=cycles)
+                logits, aux = model(
+                    ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles
+                )
                 scores.score(logits, halting_sums(aux, mask)[2], labels, answer_docs)
             else:
-                inputs = pipeline_inputs(ids, positions, docs, mask, cycles or config.model.h_cycles)
+                inputs = pipeline_inputs(ids, positions, docs, mask, cycles or config.model.h_cycles, pixels)
                 pipeline[0].eval_batch(
                     iter([(inputs, (labels, answer_docs))]), compute_loss=True, bcast_loss=False,
                     num_micro_batches=1,
@@ -454,6 +476,34 @@ def evaluate_lm(
     if pipeline is None:
         return eval_results(all_reduce_sums(scores.sums))
     return eval_results(from_last_stage(pipeline[0], world, scores.sums))
+
+
+def image_processing(config: Config) -> ImageProcessing | None:
+    """How the run's image-text data was preprocessed (its manifest's extra.image; the config checks make
+    every image source agree), for rescaling and normalising its batches' pixels on the device. None for a
+    model without images."""
+    vision = config.model.vision
+    if vision is None:
+        return None
+    for path in [config.data.path, *(s.path for s in config.data.sources)]:
+        manifest = read_manifest(path)
+        if manifest.get("task") == IMAGE_TEXT_TASK:
+            return ImageSpec.from_json(manifest["extra"]["image"]).processing
+    return ImageProcessing.for_model(vision)
+
+
+def batch_pixel_values(
+    batch: dict[str, torch.Tensor], vision: VisionConfig | None, processing: ImageProcessing | None
+) -> torch.Tensor | None:
+    """The batch's images as the model's pixel_values (float32 [n_images, 3, S, S], rows in order; see
+    docs/data_format.md), none for a batch without them (text rows only), None for a model without
+    images. A model with images always gets a tensor, so its image encoder takes part in every step."""
+    if vision is None or processing is None:
+        return None
+    if "pixels" not in batch:
+        size = vision.image_size
+        return torch.zeros(0, 3, size, size, device=batch["input_ids"].device)
+    return normalize_pixels(batch["pixels"], processing)
 
 
 def from_last_stage(engine: Any, world: ds.World, sums: dict[str, float]) -> dict[str, float]:
