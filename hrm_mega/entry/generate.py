@@ -10,6 +10,14 @@ gives the statistics: new tokens, tokens/s, mean H cycles per block.
 Decoding is greedy unless --temperature, --top-k or --top-p is given (then it samples, seeded by --seed).
 --max-cycles caps the H cycles of every CycleBlock (it may exceed the trained model.h_cycles);
 --halt-threshold lets a token stop earlier once its halting head is that confident.
+
+Images (a model with model.vision): `--image FILE`, repeated for several. A prompt may say where images
+go with the marker <start_of_image> (Gemma 3's convention): the images fill the markers in order,
+across the prompts, one each, and their number must match. Without markers, every prompt starts with
+all the images (several questions about the same pictures). Each image becomes its views (with the
+training data's pan-and-scan settings, from its manifest's extra.image when data.path has one), each
+view the run [<start_of_image>, placeholder x mm_tokens_per_image, <end_of_image>], as `prep images`
+writes them; the prompt's prefill reads the images once and decoding then runs from the KV cache.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.entry.common import add_device_arg, resolve_device, run_main
@@ -28,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrm_mega.entry.generate", description="generate text with an HRMGemma")
     p.add_argument("checkpoint", help="training checkpoint dir, consolidated .safetensors, or model dir")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="FILE",
+        help=f"an image for a model with images (repeat for several; see {IMAGE_MARKER} in the module help)",
+    )  # fmt: skip
     p.add_argument(
         "--tokenizer",
         help=f"SentencePiece model (default: the checkpoint's own, else DATA/{TOKENIZER_FILE} of its data.path)",
@@ -69,19 +82,23 @@ def run(args: argparse.Namespace) -> int:
             f"model.vocab_size={config.model.vocab_size}; is it the model's tokenizer?"
         )
     bos = [] if args.no_bos or tokenizer.bos_id() < 0 else [tokenizer.bos_id()]
-    prompts = [bos + tokenizer.encode(text) for text in args.prompt]
+    prompts, pixel_values = image_prompts(args.prompt, args.image, tokenizer, config, bos)
     pad_id = max(tokenizer.pad_id(), 0)
     input_ids, attention_mask = left_pad(prompts, pad_id=pad_id, device=device)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
     eos_id = tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None
 
     model.to(device).eval()
-    printer = TextPrinter(tokenizer, prompts)
+    pieces = tokenizer.get_piece_size()  # an image placeholder past the pieces prints as nothing
+    printer = TextPrinter(tokenizer, [[t for t in p if t < pieces] for p in prompts])
     new_tokens = cycle_sum = 0
     start = time.perf_counter()
     steps = stream_generate(
         model, input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens,
         max_cycles=args.max_cycles, halt_threshold=args.halt_threshold, greedy=not sampling,
-        seed=args.seed, eos_id=eos_id, pad_id=pad_id, vocab_limit=tokenizer.get_piece_size(), **sampling,
+        seed=args.seed, eos_id=eos_id, pad_id=pad_id, vocab_limit=tokenizer.get_piece_size(),
+        pixel_values=pixel_values, **sampling,
     )  # fmt: skip
     for step in steps:
         printer.add(step.tokens, step.active, step.finished)
@@ -100,6 +117,67 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(stats), flush=True)
     return 0
+
+
+IMAGE_MARKER = "<start_of_image>"
+
+
+def image_prompts(
+    texts: list[str], images: list[str], tokenizer, config, bos: list[int]
+) -> tuple[list[list[int]], Any]:  # -> (token lists, pixel_values tensor or None)
+    """The prompts' ids with the images' placeholder runs in place (module docstring), and the images'
+    pixel_values in the order of their runs, row by row (None without images)."""
+    import torch
+
+    from hrm_mega.data.images import ImageError, load_image, pixel_values
+    from hrm_mega.training.tasks.lm import image_processing
+
+    vision = config.model.vision
+    marked = sum(text.count(IMAGE_MARKER) for text in texts)
+    if not images:
+        if marked:
+            raise ValueError(f"a --prompt holds {IMAGE_MARKER} but no --image is given")
+        return [bos + tokenizer.encode(text) for text in texts], None
+    if vision is None:
+        raise ValueError("--image: this model has no image encoder (model.vision); it reads text only")
+    if marked and marked != len(images):
+        raise ValueError(
+            f"the prompts hold {marked} {IMAGE_MARKER} markers but {len(images)} --image files are given"
+        )
+    try:
+        processing = image_processing(config)
+    except ValueError:  # the training data is not here (or unreadable): the model's own geometry
+        processing = None
+    if processing is None:
+        from hrm_mega.data.images import ImageProcessing
+
+        processing = ImageProcessing.for_model(vision)
+    loaded = []
+    for path in images:
+        try:
+            loaded.append(load_image(Path(path), f"--image {path}"))
+        except ImageError as e:
+            raise ValueError(str(e)) from None
+    views = [pixel_values([image], processing)[0] for image in loaded]  # [1 + crops, 3, S, S] each
+    run = [vision.boi_token_id, *[vision.image_token_id] * vision.mm_tokens_per_image, vision.eoi_token_id]
+    prompts, ordered = [], []
+    queue = list(range(len(images)))
+    for text in texts:
+        ids = list(bos)
+        if not marked:  # every prompt starts with all the images
+            for k in range(len(images)):
+                ids += run * len(views[k])
+                ordered.append(views[k])
+            ids += tokenizer.encode(text)
+        else:
+            for i, piece in enumerate(text.split(IMAGE_MARKER)):
+                if i:
+                    k = queue.pop(0)
+                    ids += run * len(views[k])
+                    ordered.append(views[k])
+                ids += tokenizer.encode(piece) if piece else []
+        prompts.append(ids)
+    return prompts, torch.cat(ordered)
 
 
 def load_tokenizer(explicit: str | None, checkpoint: str, config):  # -> spm.SentencePieceProcessor

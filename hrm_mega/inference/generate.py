@@ -124,13 +124,16 @@ def stream_generate(
     pad_id: int = 0,
     vocab_limit: int | None = None,
     use_cache: bool = True,
+    pixel_values: torch.Tensor | None = None,
 ) -> Iterator[DecodeStep]:
     """Checks the arguments, then returns an iterator of one DecodeStep per new token (module docstring).
 
     input_ids [b, s] prompts with left padding marked by attention_mask [b, s] (1 = token; default: no
     padding); max_cycles: an int or one per row [b] (default: model.config.h_cycles); halt_threshold:
     None (no early halting) or a probability, or one per row [b]; vocab_limit: generate only ids below
-    it (a tokenizer smaller than the model's padded vocabulary).
+    it (a tokenizer smaller than the model's padded vocabulary). pixel_values [n_images, 3, S, S]: the
+    images of the prompts' placeholder runs (a model with model.vision; HRMGemma.forward's order), read
+    once in the prefill: the cache keeps what the tokens after them need.
     """
     if not isinstance(model, HRMGemma):
         raise ValueError(f"generation needs an HRMGemma language model, not a {type(model).__name__}")
@@ -138,7 +141,10 @@ def stream_generate(
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, prompt_len >= 1]")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    _check_prompts(input_ids, attention_mask, model.config.vocab_size)
+    vision = model.config.vision
+    _check_prompts(
+        input_ids, attention_mask, model.config.vocab_size, vision.image_token_id if vision else None
+    )
     _check_sampling(max_new_tokens, greedy, temperature, top_k, top_p)
     if vocab_limit is not None and not 0 < vocab_limit <= model.config.vocab_size:
         raise ValueError(
@@ -158,7 +164,7 @@ def stream_generate(
                             generator=generator)  # fmt: skip
 
     return _decode(model, input_ids, attention_mask.long(), max_new_tokens, halting, pick, eos_id, pad_id,
-                   use_cache)  # fmt: skip
+                   use_cache, pixel_values)  # fmt: skip
 
 
 def generate(model: HRMGemma, input_ids: torch.Tensor, **options: Any) -> Generation:
@@ -186,6 +192,7 @@ def _decode(
     eos_id: int | None,
     pad_id: int,
     use_cache: bool,
+    pixel_values: torch.Tensor | None = None,
 ) -> Iterator[DecodeStep]:
     if max_new_tokens == 0:
         return
@@ -197,7 +204,14 @@ def _decode(
     running = torch.arange(ids.shape[0], device=ids.device)  # the rows the cache holds
     # no_grad around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
     with torch.no_grad():
-        logits, cycles = model.infer(ids, attention_mask=mask, position_ids=positions, cache=cache, **halting)
+        logits, cycles = model.infer(
+            ids,
+            pixel_values=pixel_values,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            **halting,
+        )
     vocab_size = model.config.vocab_size
     for index in range(max_new_tokens):
         active = ~finished
@@ -233,10 +247,14 @@ def _decode(
                 ids = torch.cat((ids, fed), dim=1)
                 mask = torch.cat((mask, new_mask), dim=1)
                 positions = torch.cat((positions, new_positions), dim=1)
-                logits, cycles = model.infer(ids, attention_mask=mask, position_ids=positions, **halting)
+                logits, cycles = model.infer(
+                    ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions, **halting
+                )
 
 
-def _check_prompts(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+def _check_prompts(
+    ids: torch.Tensor, mask: torch.Tensor, vocab_size: int, image_id: int | None = None
+) -> None:
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)}")
     if bool((mask[:, 1:] < mask[:, :-1]).any()) or bool(((mask != 0) & (mask != 1)).any()):
@@ -244,6 +262,8 @@ def _check_prompts(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> No
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
     real = ids[mask.bool()]
+    if image_id is not None:  # the image placeholder may be the id after the vocabulary (Gemma 3's)
+        real = real[real != image_id]
     if bool(((real < 0) | (real >= vocab_size)).any()):
         raise ValueError(f"input_ids holds ids outside the model's vocabulary [0, {vocab_size})")
 
