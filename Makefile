@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo demo-lm demo-rl test test-unit lint format install clean
+.PHONY: demo demo-lm demo-vlm demo-rl test test-unit lint format install clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 demo-lm: $(STAMP)
 	$(PY) -m hrm_mega.entry.lm_demo
+
+# one thread per process: on this 2-core machine, shared with other jobs, more threads only contend
+demo-vlm: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m hrm_mega.entry.vlm_demo
 
 demo-rl: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m hrm_mega.entry.rl_demo

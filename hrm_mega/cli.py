@@ -104,7 +104,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 PASS_THROUGH: dict[str, tuple[str, str]] = {
     "prep": (
         "hrm_mega.prep.cli",
-        "build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy,corpus,puzzle-text,reasoning,tokenizer,text} ... (--help)",
+        "build a dataset: hrm-mega prep {sudoku,maze,arc,hrm-npy,corpus,puzzle-text,reasoning,tokenizer,text,"
+        "images,grid-images} ... (--help)",
     ),
     "eval": (
         "hrm_mega.entry.evaluate",

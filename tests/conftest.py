@@ -131,7 +131,7 @@ def build_tiny_image_text(root: Path, corpus: Path) -> Path:
     )  # fmt: skip
     src = root / "grids"
     assert prep_main(["grid-images", "--out", str(src), "--train", "160", "--test", "32", "--grid", "2",
-                      "--cell", "8", "--workers", "1", "--quiet"]) == 0  # fmt: skip
+                      "--cell", "8", "--separator", "/", "--workers", "1", "--quiet"]) == 0  # fmt: skip
     assert (
         prep_main(["images", "--input", str(src / "train.jsonl"), "--test-input", str(src / "test.jsonl"),
                    "--tokenizer", str(root / "text/tokenizer.model"), "--seq-len", "32", "--image-size", "16",

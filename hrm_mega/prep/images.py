@@ -320,6 +320,7 @@ def add_parser(subparsers: Any) -> None:
     grid.add_argument("--test", type=non_negative_int, default=500, help="test images (default 500)")
     grid.add_argument("--grid", type=positive_int, default=4, help="cells per side (default 4)")
     grid.add_argument("--cell", type=positive_int, default=16, help="pixels per cell (default 16)")
+    grid.add_argument("--separator", default="", help="text between rows of digits (default: none)")
     grid.add_argument("--seed", type=non_negative_int, default=0, help="generator seed (default 0)")
     grid.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="processes")
     grid.add_argument("--overwrite", action="store_true", help="replace a set already in --out")
@@ -561,9 +562,10 @@ def _test_fraction(args: argparse.Namespace) -> float:
 # ---- the synthetic set: digit grids to read -----------------------------------------------------------
 
 
-def grid_text(digits: np.ndarray) -> str:
-    """A grid's text: its rows of digits, rows separated by '/' (a 3 x 3 grid: "307/145/900")."""
-    return "/".join("".join(str(int(d)) for d in row) for row in digits)
+def grid_text(digits: np.ndarray, separator: str = "") -> str:
+    """A grid's text: its digits in reading order, rows joined by `separator` (a 3 x 3 grid: "307145900",
+    or "307/145/900")."""
+    return separator.join("".join(str(int(d)) for d in row) for row in digits)
 
 
 def render_grid(digits: np.ndarray, cell: int, rng: np.random.Generator) -> Image.Image:
@@ -585,13 +587,13 @@ def render_grid(digits: np.ndarray, cell: int, rng: np.random.Generator) -> Imag
     return image
 
 
-def _grid_job(job: tuple[Path, int, int, int, str, int]) -> str:
-    out, seed, grid, cell, split, index = job
+def _grid_job(job: tuple[Path, int, int, int, str, str, int]) -> str:
+    out, seed, grid, cell, separator, split, index = job
     rng = item_rng(seed, split, index)
     digits = rng.integers(0, 10, size=(grid, grid))
     name = f"images/{split}/{index:06d}.png"
     render_grid(digits, cell, rng).save(out / name, format="PNG")
-    return json.dumps({"image": name, "text": grid_text(digits)}, sort_keys=True)
+    return json.dumps({"image": name, "text": grid_text(digits, separator)}, sort_keys=True)
 
 
 def run_grids(args: argparse.Namespace, command: str) -> Path:
@@ -600,7 +602,7 @@ def run_grids(args: argparse.Namespace, command: str) -> Path:
         raise DataPrepError(f"--out {args.out}: already holds a grid set; pass --overwrite to replace it")
     for split, count in (("train", args.train), ("test", args.test)):
         (args.out / "images" / split).mkdir(parents=True, exist_ok=True)
-        jobs = [(args.out, args.seed, args.grid, args.cell, split, i) for i in range(count)]
+        jobs = [(args.out, args.seed, args.grid, args.cell, args.separator, split, i) for i in range(count)]
         lines = list(ordered_map(_grid_job, jobs, args.workers, f"grid-images {split}", args.quiet))
         partial = args.out / f".{split}.jsonl.partial"
         partial.write_text("".join(line + "\n" for line in lines))
