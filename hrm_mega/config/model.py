@@ -204,6 +204,13 @@ class LMModelConfig:
     # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
     halt_tolerance: float = 0.01
     halt_loss_weight: float = 0.1
+    # Starting value of every injection gate (gated): 0 keeps an imported Gemma 3 exact, but cycles of a
+    # model trained from scratch then start as copies of one pass; 1 (the `add` sums, trainable) makes
+    # every cycle read the previous one's state from the first step (docs/benchmarks.md, cycles scaling).
+    gate_init: float = 0.0
+    # Truncated backprop (grad_mode full only): differentiate the last grad_cycles H cycles of every
+    # block, the earlier ones run under no_grad; 0 = every cycle.
+    grad_cycles: int = 0
     compute_cost_weight: float = 0.01
     value_head: bool = False  # a scalar head on the final hidden states (PPO critic)
     # Images (model.vision.*): a SigLIP tower and projector whose features replace image placeholder
@@ -251,6 +258,15 @@ class LMModelConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
         if self.vision is not None:
+        if self.grad_cycles < 0 or (self.grad_cycles and self.grad_mode != "full"):
+            raise ConfigError(
+                f"model.grad_cycles={self.grad_cycles} must be >= 0, and > 0 only with model.grad_mode=full "
+                f"(got {self.grad_mode})"
+            )
+        if not math.isfinite(self.gate_init) or (self.gate_init and self.injection != "gated"):
+            raise ConfigError(
+                f"model.gate_init={self.gate_init} must be finite, and non-zero only with model.injection=gated"
+            )
             self.vision.validate(self.vocab_size)
 
 

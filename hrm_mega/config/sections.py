@@ -223,8 +223,17 @@ class OptimConfig:
     puzzle_emb_lr: float = 1e-2
     puzzle_emb_weight_decay: float = 0.1
     ema_decay: float = 0.0  # 0 disables EMA; TRM uses 0.999
+    # Learning-rate multipliers (times optim.lr, on the same schedule) for the CycleBlocks' injection gates
+    # (gate_LL/LH/HH) and the halting heads (HRMGemma's halt_head, the puzzle model's q_head): parameters
+    # that start at a fixed value and that the shared LR may move too slowly (docs/benchmarks.md).
+    gate_lr_mult: float = 1.0
+    halt_lr_mult: float = 1.0
 
     def validate(self) -> None:
+        for name in ("gate_lr_mult", "halt_lr_mult"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"optim.{name}={value} must be a number > 0")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if not 0.0 <= self.lr_min_ratio <= 1.0:

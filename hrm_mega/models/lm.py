@@ -127,9 +127,12 @@ class HaltingCycleBlock(CycleBlock):
         halt_tolerance: float,
         eps: float,
     ) -> None:
+        gate_init: float = 0.0,
+        grad_cycles: int = 0,
         super().__init__(
             L, H, hidden_size=hidden_size, l_cycles=l_cycles, grad_mode=grad_mode, injection=injection,
         )  # fmt: skip
+            gate_init=gate_init, grad_cycles=grad_cycles,
         self.halt_tolerance, self.eps = halt_tolerance, eps
         self.recompute = False  # activation checkpointing: keep only the input, recompute in backward
         self.halt_head = nn.Linear(hidden_size, 1)
@@ -501,7 +504,7 @@ def halting_block(config: LMModelConfig) -> HaltingCycleBlock:
     H = BlockStack([gemma_layer(c, "global")])
     return HaltingCycleBlock(
         L, H, hidden_size=c.hidden_size, l_cycles=c.l_cycles, grad_mode=c.grad_mode, injection=c.injection,
-        halt_tolerance=c.halt_tolerance, eps=c.rms_norm_eps,
+        halt_tolerance=c.halt_tolerance, eps=c.rms_norm_eps, gate_init=c.gate_init, grad_cycles=c.grad_cycles,
     )  # fmt: skip
 
 

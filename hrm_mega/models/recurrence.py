@@ -64,8 +64,12 @@ class CycleBlock(nn.Module):
         l_cycles: int,
         grad_mode: str = "one_step",
         injection: str = "add",
+        gate_init: float = 0.0,
+        grad_cycles: int = 0,
     ) -> None:
-        """H=None shares L as the slow module too (TRM)."""
+        """H=None shares L as the slow module too (TRM). gate_init: the gated injection's starting gates
+        (0 keeps a wrapped pretrained stack exact). grad_cycles k > 0 (grad_mode full only): backpropagate
+        through the last k H cycles alone, the earlier ones running under no_grad (truncated backprop)."""
         super().__init__()
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode={grad_mode!r} must be one of {GRAD_MODES}")
@@ -73,13 +77,16 @@ class CycleBlock(nn.Module):
             raise ValueError(f"injection={injection!r} must be one of {INJECTIONS}")
         if l_cycles < 1:
             raise ValueError(f"l_cycles={l_cycles} must be >= 1")
+        if grad_cycles < 0 or (grad_cycles and grad_mode != "full"):
+            raise ValueError(f"grad_cycles={grad_cycles} must be >= 0, and > 0 only with grad_mode='full'")
         self.L, self.H = L, H
+        self.grad_cycles = grad_cycles
         self.l_cycles = l_cycles
         self.grad_mode, self.injection = grad_mode, injection
         if injection == "gated":
-            self.gate_LL = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
-            self.gate_LH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
-            self.gate_HH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", 0.0)
+            self.gate_LL = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
+            self.gate_LH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
+            self.gate_HH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
 
     @property
     def slow(self) -> BlockStack:
@@ -101,6 +108,8 @@ class CycleBlock(nn.Module):
         z_H, z_L = carry.z_H, carry.z_L
         for n in range(cycles):
             last = n == cycles - 1
+            if self.grad_cycles:  # truncated backprop: the last grad_cycles H cycles are the graph
+                last = n >= cycles - self.grad_cycles
             for t in range(self.l_cycles):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(last, t)):
                     z_L = self._fast_update(x, z_L, z_H, ctx)
@@ -112,9 +121,9 @@ class CycleBlock(nn.Module):
 
     def _differentiates(self, last_cycle: bool, t: int | None) -> bool:
         """Whether update (l-step t of an H cycle, the last one or not; t=None is the H update) is part
-        of the graph."""
+        of the graph. With grad_cycles, `last_cycle` means one of the last grad_cycles cycles."""
         if self.grad_mode == "full":
-            return True
+            return last_cycle if self.grad_cycles else True
         if self.grad_mode == "last_cycle":
             return last_cycle
         return last_cycle and (t is None or t == self.l_cycles - 1)

@@ -145,7 +145,7 @@ class Trainer:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = parameter_groups(self.model, o.gate_lr_mult, o.halt_lr_mult)
         if o.name == "adamw":
             return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         return AdamATan2(
@@ -164,7 +164,7 @@ class Trainer:
         )  # fmt: skip
         self.task.set_lr_scale(scale)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = o.lr * scale
+            group["lr"] = o.lr * scale * group.get("lr_mult", 1.0)
         return o.lr * scale
 
     def start_micro_batch(self, index: int, count: int) -> None:
@@ -424,6 +424,31 @@ class Trainer:
                 f"never reaches optim.lr={o.lr:g}"
             )
         return "\n".join(lines)
+
+
+GATE_PARAMS = ("gate_LL", "gate_LH", "gate_HH")
+HALT_PARAMS = ("halt_head", "q_head")
+
+
+def parameter_groups(
+    model: torch.nn.Module, gate_lr_mult: float = 1.0, halt_lr_mult: float = 1.0
+) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters for the optimizer: one plain list when every multiplier is 1 (so runs
+    without them keep their optimizer state layout), else groups with an `lr_mult` that set_lr applies:
+    the injection gates (optim.gate_lr_mult), the halting heads (optim.halt_lr_mult), the rest."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if gate_lr_mult == 1.0 and halt_lr_mult == 1.0:
+        return [p for _, p in named]
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        parts = name.split(".")
+        mult = 1.0
+        if parts[-1] in GATE_PARAMS:
+            mult = gate_lr_mult
+        elif any(h in parts for h in HALT_PARAMS):
+            mult = halt_lr_mult
+        groups.setdefault(mult, []).append(p)
+    return [{"params": ps, "lr_mult": mult} for mult, ps in sorted(groups.items())]
 
 
 def build_trainer(config: Config, resume: str | None = "auto", rl: bool = False) -> Trainer:

@@ -1,0 +1,111 @@
+"""The recipe options that make HRMGemma's cycles matter (issue #20): gate initialisation, truncated
+backprop depth, learning-rate multipliers for gates and halting heads, and the bench recipe itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hrm_mega.config import ConfigError, LMModelConfig, load_config
+from hrm_mega.models.lm import HRMGemma, lm_loss
+from hrm_mega.optim import AdamATan2
+from hrm_mega.training.trainer import Trainer, parameter_groups
+
+RECIPE = Path(__file__).resolve().parent.parent / "configs/lm/hrmgemma_reason_tiny.yaml"
+
+
+def small(**overrides) -> LMModelConfig:
+    fields = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=2, num_kv_heads=1,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, local_per_global=1, max_position=64,
+        h_cycles=3, l_cycles=2, grad_mode="full",
+    )  # fmt: skip
+    return LMModelConfig(**{**fields, **overrides})
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def gradients(config: LMModelConfig, cycles: int = 3) -> dict[str, torch.Tensor]:
+    model = HRMGemma(config).init_weights(7)
+    x = ids()
+    logits, aux = model(x, cycles=cycles)
+    lm_loss(logits, x, aux, config)["loss"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gate_init_sets_every_gate_and_makes_cycles_differ() -> None:
+    model = HRMGemma(small(gate_init=1.0)).init_weights(0)
+    gates = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("gate_")]
+    assert len(gates) == 3 * 2 and all(bool((g == 1.0).all()) for g in gates)
+    with torch.no_grad():
+        one, _ = model(ids(), cycles=1)
+        three, _ = model(ids(), cycles=3)
+    assert not torch.allclose(one, three, atol=1e-4)  # zero gates would give the same logits
+    zero = HRMGemma(small()).init_weights(0)
+    with torch.no_grad():
+        assert torch.allclose(zero(ids(), cycles=1)[0], zero(ids(), cycles=3)[0], atol=1e-5)
+
+
+def test_grad_cycles_truncates_backprop_to_the_last_cycles() -> None:
+    base = small(gate_init=0.5)
+    full = gradients(base)
+    last = gradients(dataclasses.replace(base, grad_mode="last_cycle"))
+    one = gradients(dataclasses.replace(base, grad_cycles=1))
+    all_three = gradients(dataclasses.replace(base, grad_cycles=3))
+    two = gradients(dataclasses.replace(base, grad_cycles=2))
+    assert one.keys() == last.keys() and all(torch.allclose(one[k], last[k], atol=1e-6) for k in one)
+    assert all(torch.allclose(all_three[k], full[k], atol=1e-6) for k in full)
+    gate = "blocks.0.gate_LH"
+    assert not torch.allclose(two[gate], one[gate]) and not torch.allclose(two[gate], full[gate])
+
+
+def test_lr_multipliers_group_gates_and_halting_heads() -> None:
+    model = HRMGemma(small(gate_init=1.0)).init_weights(0)
+    assert isinstance(parameter_groups(model)[0], torch.nn.Parameter)  # no multipliers: one plain list
+    groups = parameter_groups(model, gate_lr_mult=10.0, halt_lr_mult=3.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_mult = {g["lr_mult"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert set(by_mult) == {1.0, 3.0, 10.0}
+    assert by_mult[10.0] == sorted(f"blocks.{b}.gate_{k}" for b in "01" for k in ("HH", "LH", "LL"))
+    assert by_mult[3.0] == sorted(f"blocks.{b}.halt_head.{w}" for b in "01" for w in ("bias", "weight"))
+    assert sum(len(v) for v in by_mult.values()) == len(list(model.parameters()))
+    # set_lr applies each group's multiplier on the shared schedule
+    optimizer = AdamATan2(groups, lr=1.0)
+    config = load_config(RECIPE, ["optim.gate_lr_mult=10", "optim.halt_lr_mult=3", "optim.warmup_steps=0"])
+    fake = SimpleNamespace(config=config, step=0, task=SimpleNamespace(set_lr_scale=lambda s: None),
+                           engine=SimpleNamespace(optimizer=optimizer))  # fmt: skip
+    lr = Trainer.set_lr(fake)
+    assert lr == pytest.approx(config.optim.lr)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([lr, 3 * lr, 10 * lr])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.grad_cycles=2", "model.grad_cycles=2 must be >= 0, and > 0 only with model.grad_mode=full"),
+        ("model.gate_init=.nan", "model.gate_init=nan must be finite"),
+        ("optim.gate_lr_mult=0", "optim.gate_lr_mult=0.0 must be a number > 0"),
+        ("optim.halt_lr_mult=-1", "optim.halt_lr_mult=-1.0 must be a number > 0"),
+    ],
+)
+def test_recipe_option_errors(override: str, message: str) -> None:
+    sets = ["model.grad_mode=one_step"] if override.startswith("model.grad_cycles") else []
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config(RECIPE, [*sets, override])
+    with pytest.raises(ConfigError, match="non-zero only with model.injection=gated"):
+        load_config(RECIPE, ["model.injection=add"])  # the recipe's gate_init=1 needs gates
+
+
+def test_bench_recipe_is_two_groups_whose_gemma_twin_has_the_same_parameters() -> None:
+    config = load_config(RECIPE)
+    m = config.model
+    assert (m.num_groups, m.num_tail_layers, m.gate_init, config.train.cycles_range) == (2, 0, 1.0, [1, 4])
+    hrm = HRMGemma(m).parameter_counts()
+    gemma = HRMGemma(dataclasses.replace(m, h_cycles=1, l_cycles=1)).parameter_counts()
+    assert hrm == gemma
