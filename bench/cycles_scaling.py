@@ -273,7 +273,6 @@ def main() -> int:
         return 0
     steps = dict(zip(STEPS, map(int, args.steps.split(",")))) if args.steps else STEPS
     results_file = args.work / "results.json"
-    results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for task in args.tasks.split(","):
         data = build_data(task, args.data or args.work)
         for model in args.models.split(","):
@@ -281,6 +280,8 @@ def main() -> int:
             run.parent.mkdir(parents=True, exist_ok=True)
             seconds = train(model, data["train"], run, steps[model], args.sets)
             scores = evaluate(run, data, hrm=model == "hrmgemma")
+            # read again just before writing: runs of other models may share this work directory
+            results = json.loads(results_file.read_text()) if results_file.is_file() else {}
             results.setdefault(task, {})[model] = {
                 "steps": steps[model],
                 "train_s": seconds,
@@ -290,6 +291,7 @@ def main() -> int:
             print(f"{task} {model} ({seconds:.0f} s): hard " + " ".join(
                 f"{c}:{100 * v['exact']:.1f}" for c, v in hard.items()), flush=True)  # fmt: skip
             results_file.write_text(json.dumps(results, indent=1))
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     complete = {t: r for t, r in results.items() if all(m in r for m in STEPS)}
     if complete:
         plot(complete, args.work / "cycles_scaling.png")
