@@ -24,9 +24,11 @@ from hrm_mega.checkpoint.consolidate import load_model
 from hrm_mega.checkpoint.model_dir import save_model_dir
 from hrm_mega.config import Config, DataConfig
 from hrm_mega.inference.generate import generate
+from hrm_mega.inference.serve.cache import PagedCache
 from hrm_mega.inference.serve.engine import Busy, Engine, Request, SamplingParams, wait_all
 from hrm_mega.inference.serve.text import TextStream, gemma_chat_prompt
 from hrm_mega.models.kv_cache import KVCache
+from hrm_mega.models.paged_kv_cache import pool_for
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -157,11 +159,17 @@ def _alone(model, prompt: list[int], p: SamplingParams) -> tuple[list[int], list
     return g.tokens[0].tolist(), g.cycles[0].sum(-1).tolist()
 
 
-def test_rows_that_join_and_leave_compute_what_they_would_alone() -> None:
+@pytest.mark.parametrize("kv", ["rectangular", "paged", "paged-offload"])
+def test_rows_that_join_and_leave_compute_what_they_would_alone(kv: str) -> None:
     """Requests arrive while others decode (staggered), with their own lengths, max_cycles, thresholds
-    and samplers: each gets the tokens and cycles of generating alone; rows left at once when done."""
+    and samplers: each gets the tokens and cycles of generating alone; rows left at once when done.
+    Paged: every block resident, or 48 resident blocks of 4 positions (the rest offloaded)."""
     model = recurrent_model(seed=14, max_position=CONTEXT)
-    engine = Engine(model, eos_id=None, max_batch=4)
+    cache = None
+    if kv != "rectangular":
+        pool = pool_for(model, block_size=4, resident_blocks=48 if kv == "paged-offload" else None)
+        cache = PagedCache(model, pool)
+    engine = Engine(model, eos_id=None, max_batch=4, cache=cache)
     specs = [
         SamplingParams(max_tokens=6, temperature=0.0, max_cycles=3, halt_threshold=0.5),
         SamplingParams(max_tokens=3, temperature=1.5, top_k=20, seed=7),
@@ -180,6 +188,9 @@ def test_rows_that_join_and_leave_compute_what_they_would_alone() -> None:
     wait_all(engine, requests)
     stats = engine.stats()
     assert stats["running"] == 0 and stats["peak_rows"] == 4 and engine.cache.rows == 0
+    if cache is not None:
+        assert pool.blocks_in_use == 0
+        assert (pool.counters["offloaded"] > 0) == (kv == "paged-offload")
     for i, (prompt, p) in enumerate(zip(prompts, specs, strict=True)):
         tokens = [t for o in outputs[i] for t in o.token_ids]
         cycles = [c for o in outputs[i] for c in o.cycles]
@@ -475,3 +486,105 @@ def test_binding_beyond_loopback_needs_a_key(checkpoint: Path, capsys, monkeypat
     assert "shorter than 8 characters" in capsys.readouterr().err
     assert [is_loopback(h) for h in ("127.0.0.1", "127.3.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1",
                                      "example.org")] == [True] * 4 + [False] * 3  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Versioned artifacts and hot swap
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def candidates(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
+    """Swap candidates: another model (passes the default canary), one with a NaN weight (fails it), one
+    whose weights say a newer format version, and a directory that is no model directory."""
+    from safetensors.torch import load_file, save_file
+
+    from hrm_mega.checkpoint.integrity import write_checksums
+
+    root = tmp_path_factory.mktemp("candidates")
+    config = Config(model=recurrent_model(seed=14, max_position=CONTEXT).config)
+    good = save_model_dir(recurrent_model(seed=15, max_position=CONTEXT).state_dict(), config, root / "good")
+    state = recurrent_model(seed=16, max_position=CONTEXT).state_dict()
+    state["blocks.0.H.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    nan = save_model_dir(state, config, root / "nan")
+    newer = save_model_dir(
+        recurrent_model(seed=15, max_position=CONTEXT).state_dict(), config, root / "newer"
+    )
+    weights = newer / "model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "hrm-mega/model/99"})
+    write_checksums(newer)
+    (root / "step-00000010" / "client").mkdir(parents=True)
+    return {"good": good, "nan": nan, "newer": newer, "training": root / "step-00000010"}
+
+
+def test_a_newer_format_version_is_refused_with_one_line(candidates: dict[str, Path]) -> None:
+    from hrm_mega.checkpoint.model_dir import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"format version 99 is newer than this hrm-mega reads \(1\)"):
+        load_model(candidates["newer"])
+
+
+@pytest.mark.slow
+def test_hot_swap_under_load_drops_nothing_and_a_failing_canary_is_refused(
+    checkpoint: Path, candidates: dict[str, Path], sp
+) -> None:
+    """12 streams run while a swap to another model is asked for: every stream completes on the model it
+    started with, requests that arrive during the swap wait and get the new model; a candidate with a NaN weight fails the canary, a
+    newer format and a training checkpoint are refused (409, one line), and the new model keeps
+    serving; a rollback brings the first model back; without the key nothing happens (401)."""
+    old_model = load_model(checkpoint)[0].eval()
+    new_model = load_model(candidates["good"])[0].eval()
+    s = Server([str(checkpoint), "--device", "cpu", "--api-key", KEY, "--max-batch", "16"])
+    client = s.client(KEY)
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def job(i: int) -> dict:
+        prompt = " ".join(str((3 * i + k) % 40) for k in range(1 + i % 4)) + " plus"
+        return dict(model="model", prompt=prompt, max_tokens=8 + i % 4, temperature=0,
+                    extra_body={"return_token_ids": True, "ignore_eos": True})  # fmt: skip
+
+    def run(i: int) -> tuple[list[int], str | None]:
+        chunks = list(client.completions.create(stream=True, **job(i)))
+        return [t for c in chunks if c.choices for t in c.choices[0].token_ids], chunks[-1].choices[
+            0
+        ].finish_reason
+
+    def alone(model, i: int) -> list[int]:
+        prompt = torch.tensor([[sp.bos_id(), *sp.encode(job(i)["prompt"])]])
+        g = generate(
+            model, prompt, max_new_tokens=job(i)["max_tokens"], greedy=True, vocab_limit=sp.get_piece_size()
+        )
+        return g.tokens[0].tolist()
+
+    def swap(path: Path) -> httpx.Response:
+        return httpx.post(f"{s.url}/admin/swap", json={"model": str(path)}, headers=auth, timeout=120)
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            before = [pool.submit(run, i) for i in range(12)]
+            wait_until(lambda: s.engine.stats()["running"] == 12)
+            swapped = pool.submit(swap, candidates["good"])
+            wait_until(lambda: s.engine._swap is not None or swapped.done())
+            during = [pool.submit(run, i) for i in range(12, 15)]  # queued until the swap is done
+            response = swapped.result()
+            results = [f.result() for f in before + during]
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == str(candidates["good"]) and response.json()["canary"]["passed"]
+        assert all(reason == "length" for _, reason in results)  # nothing dropped
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == alone(old_model if i < 12 else new_model, i), i
+        assert s.engine.stats()["swaps"] == 1
+
+        for name, message in (("nan", "failed the canary (prompt 0: non-finite logits)"),
+                              ("newer", "format version 99 is newer than this hrm-mega reads"),
+                              ("training", "not an hrm-mega model directory")):  # fmt: skip
+            refused = swap(candidates[name])
+            assert refused.status_code == 409 and message in refused.json()["error"]["message"], refused.text
+            assert "\n" not in refused.json()["error"]["message"]
+        assert run(0)[0] == alone(new_model, 0)  # the new model still serves
+        assert httpx.post(f"{s.url}/admin/swap", json={"model": str(checkpoint)}).status_code == 401
+        back = httpx.post(f"{s.url}/admin/rollback", headers=auth, timeout=120)
+        assert back.status_code == 200 and back.json()["model"] == str(checkpoint)
+        assert run(1)[0] == alone(old_model, 1)
+    finally:
+        s.close()

@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 from hrm_mega.checkpoint.integrity import damaged_files, tensors_digest
 from hrm_mega.checkpoint.model_dir import (
     CONFIG,
+    FORMAT_TAG,
     WEIGHTS,
     CheckpointError,
+    check_format,
     load_state_dict_strict,
     read_safetensors,
 )
@@ -82,7 +84,7 @@ def consolidate_checkpoint(
 def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "hrm-mega/model/1", "config": config.to_yaml(), "sha256": tensors_digest(state)}
+    metadata = {"format": FORMAT_TAG, "config": config.to_yaml(), "sha256": tensors_digest(state)}
     save_file(state, out, metadata=metadata)
     return out
 
@@ -111,6 +113,7 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
         return read_model_dir(path)
     elif path.is_file() and path.suffix == ".safetensors":
         state, meta = read_safetensors(path)
+        check_format(meta, path)
         if "config" not in meta:
             raise CheckpointError(
                 f"{path}: no config in its metadata; was it written by hrm-mega consolidate?"

@@ -2,11 +2,17 @@
 
 This is what `hrm-mega import-hrm` writes and what consolidation of a sharded training checkpoint
 produces. Loading reads safetensors only, so no pickled code is ever executed.
+
+Format versions: the weights' metadata says `format: hrm-mega/model/N` (consolidated .safetensors files
+too). A reader refuses an N newer than MODEL_FORMAT with one line, and reads a file without one (written
+before versions were recorded) as version 1, saying so once.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +25,8 @@ from hrm_mega.data.shards import TOKENIZER_FILE, dataset_tokenizer
 from hrm_mega.models import build_model
 
 WEIGHTS, CONFIG = "model.safetensors", "config.yaml"
+MODEL_FORMAT = 1  # the newest `hrm-mega/model/N` this code writes and reads
+FORMAT_TAG = f"hrm-mega/model/{MODEL_FORMAT}"
 
 
 class CheckpointError(ValueError):
@@ -36,7 +44,7 @@ def save_model_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, out / WEIGHTS, metadata={"format": "hrm-mega/model/1"})
+    save_file(tensors, out / WEIGHTS, metadata={"format": FORMAT_TAG})
     save_resolved(config, out / CONFIG)
     for name, source in (files or {}).items():
         shutil.copyfile(source, out / name)
@@ -64,7 +72,27 @@ def read_model_dir(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], Conf
         config = load_config(d / CONFIG)
     except ConfigError as e:
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
-    return read_safetensors(d / WEIGHTS)[0], config
+    state, meta = read_safetensors(d / WEIGHTS)
+    check_format(meta, d / WEIGHTS)
+    return state, config
+
+
+def check_format(meta: dict[str, str], source: str | Path) -> int:
+    """The format version of hrm-mega weights from their safetensors metadata; refuses a newer one."""
+    tag = meta.get("format")
+    if tag is None or tag == "pt":  # written before versions were recorded: read as version 1
+        print(f"note: {source} records no format version; reading it as {FORMAT_TAG}", file=sys.stderr)
+        return 1
+    match = re.fullmatch(r"hrm-mega/model/(\d+)", tag)
+    if match is None:
+        raise CheckpointError(f"{source}: format {tag!r} is not an hrm-mega model ({FORMAT_TAG})")
+    version = int(match.group(1))
+    if version > MODEL_FORMAT:
+        raise CheckpointError(
+            f"{source}: format version {version} is newer than this hrm-mega reads ({MODEL_FORMAT}); "
+            "upgrade hrm-mega to load it"
+        )
+    return version
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

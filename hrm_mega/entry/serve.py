@@ -7,7 +7,8 @@ with continuous batching (hrm_mega/inference/serve; docs/serving.md).
 
 It binds 127.0.0.1 by default. Any other address needs an API key (--api-key, or the HRM_MEGA_API_KEY
 environment variable, which keeps it out of the process list); with a key set, every endpoint but
-/health wants `Authorization: Bearer KEY`. Once listening it prints one line, `hrm-mega serve: listening
+/health wants `Authorization: Bearer KEY`, and the admin endpoints (hot swap behind a canary,
+rollback) are open. Once listening it prints one line, `hrm-mega serve: listening
 on http://HOST:PORT (model NAME)`, so that a script that passed --port 0 learns the port.
 """
 
@@ -79,6 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="weights and activations (default fp32)"
     )
+    p.add_argument(
+        "--kv-cache", choices=("paged", "rectangular"), default="paged",
+        help="paged: fixed-size blocks in a pool, with offload (default); rectangular: one tensor per slot",
+    )  # fmt: skip
+    p.add_argument("--kv-block-size", type=int, default=16, help="positions per KV block (default 16)")
+    p.add_argument(
+        "--kv-resident-blocks", type=int,
+        help="KV blocks kept on the model's device at most; the others go to host memory (a memory-mapped "
+        "file on CPU) and come back when needed (default: no limit)",
+    )  # fmt: skip
+    p.add_argument("--kv-offload-dir", help="folder for the CPU offload files (default: the temp dir)")
+    p.add_argument(
+        "--canary", metavar="JSONL",
+        help='prompts a swap candidate must pass ({"prompt": TEXT, "expected": TEXT} per line; default: '
+        "built-in prompts, checked for finite, non-degenerate output)",
+    )  # fmt: skip
+    p.add_argument(
+        "--canary-min-agreement", type=float, default=0.9,
+        help="share of the canary's expected tokens a candidate must reproduce (default 0.9)",
+    )  # fmt: skip
+    p.add_argument("--canary-max-tokens", type=int, default=16, help="tokens generated per canary prompt")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     add_device_arg(p)
     return p
@@ -117,9 +139,12 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         from hrm_mega.inference.serve.api import ServeSettings, build_app
     except ImportError as e:
         raise ValueError(f"serving needs fastapi and uvicorn ({e}): pip install 'hrm-mega[serve]'") from None
+    from hrm_mega.inference.serve.cache import PagedCache
     from hrm_mega.inference.serve.engine import Engine
+    from hrm_mega.inference.serve.rollout import Rollout, load_canary
     from hrm_mega.inference.serve.text import GEMMA_STOP, gemma_chat_prompt, jinja_chat_prompt
     from hrm_mega.models.lm import HRMGemma
+    from hrm_mega.models.paged_kv_cache import pool_for
 
     key = api_key(args)
     for name in ("max_batch", "prefill_budget", "max_body_bytes", "max_connections"):
@@ -143,19 +168,29 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     for name in ("max_context", "max_cycles_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.kv_block_size < 1 or (args.kv_resident_blocks is not None and args.kv_resident_blocks < 1):
+        raise ValueError("--kv-block-size and --kv-resident-blocks must be >= 1")
     model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    cache = None
+    if args.kv_cache == "paged":
+        pool = pool_for(model, block_size=args.kv_block_size, resident_blocks=args.kv_resident_blocks,
+                        offload_dir=args.kv_offload_dir)  # fmt: skip
+        cache = PagedCache(model, pool)
     engine = Engine(
         model, eos_id=tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None,
         vocab_limit=tokenizer.get_piece_size(), decode=tokenizer.decode, max_batch=args.max_batch,
         max_waiting=args.max_waiting, prefill_budget=args.prefill_budget, max_context=args.max_context,
-        max_cycles_limit=args.max_cycles_limit,
+        max_cycles_limit=args.max_cycles_limit, cache=cache,
     )  # fmt: skip
+    bos_id = None if args.no_bos or tokenizer.bos_id() < 0 else tokenizer.bos_id()
+    canary = load_canary(args.canary, tokenizer.encode, bos_id, max_tokens=args.canary_max_tokens,
+                         min_agreement=args.canary_min_agreement)  # fmt: skip
+    rollout = Rollout(engine, canary, current=str(args.checkpoint), dtype=getattr(torch, args.dtype))
     default_stop = (GEMMA_STOP,) if args.chat_template is None else ()
     settings = ServeSettings(
         model_name=args.served_model_name or model_name(args.checkpoint), encode=tokenizer.encode,
-        bos_id=None if args.no_bos or tokenizer.bos_id() < 0 else tokenizer.bos_id(), api_key=key,
-        max_body_bytes=args.max_body_bytes, chat_prompt=chat_prompt,
-        chat_stop=tuple(args.chat_stop) if args.chat_stop is not None else default_stop,
+        bos_id=bos_id, api_key=key, max_body_bytes=args.max_body_bytes, chat_prompt=chat_prompt,
+        chat_stop=tuple(args.chat_stop) if args.chat_stop is not None else default_stop, rollout=rollout,
     )  # fmt: skip
     return build_app(engine, settings), engine, settings
 

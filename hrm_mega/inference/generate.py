@@ -18,6 +18,9 @@
   `seed` draws every sample, so the same seed gives the same tokens.
 - A row finishes when it emits `eos_id`; later steps give it `pad_id` (inactive). The loop ends when
   every row has finished or after `max_new_tokens` steps.
+- `kv_pool` (a models.paged_kv_cache.BlockPool) puts the cache in fixed-size blocks of that pool, which
+  may keep only some blocks resident and offload the rest; the tokens are the same. Without it the
+  cache is the rectangular KVCache.
 - `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested
   against); the cached path computes only the new positions, and only of the rows still running: a
   finished row leaves the batch and its cache (row compaction). Sampling still draws for every row, so
@@ -37,6 +40,7 @@ import torch
 
 from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
+from hrm_mega.models.paged_kv_cache import BlockPool, PagedKVCache
 from hrm_mega.models.vocab import gather_vocab
 
 
@@ -125,6 +129,7 @@ def stream_generate(
     vocab_limit: int | None = None,
     use_cache: bool = True,
     pixel_values: torch.Tensor | None = None,
+    kv_pool: BlockPool | None = None,
 ) -> Iterator[DecodeStep]:
     """Checks the arguments, then returns an iterator of one DecodeStep per new token (module docstring).
 
@@ -164,7 +169,7 @@ def stream_generate(
                             generator=generator)  # fmt: skip
 
     return _decode(model, input_ids, attention_mask.long(), max_new_tokens, halting, pick, eos_id, pad_id,
-                   use_cache, pixel_values)  # fmt: skip
+                   use_cache, pixel_values, kv_pool)  # fmt: skip
 
 
 def generate(model: HRMGemma, input_ids: torch.Tensor, **options: Any) -> Generation:
@@ -193,10 +198,38 @@ def _decode(
     pad_id: int,
     use_cache: bool,
     pixel_values: torch.Tensor | None = None,
+    kv_pool: BlockPool | None = None,
 ) -> Iterator[DecodeStep]:
     if max_new_tokens == 0:
         return
-    cache = KVCache() if use_cache else None
+    if not use_cache:
+        yield from _decode_with(
+            None, model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id, pixel_values
+        )
+    elif kv_pool is None:
+        yield from _decode_with(KVCache(), model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id,
+                                pixel_values)  # fmt: skip
+    else:
+        paged = PagedKVCache(kv_pool)
+        try:
+            yield from _decode_with(paged, model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id,
+                                    pixel_values)  # fmt: skip
+        finally:  # the pool outlives this generation: give its blocks back
+            paged.release()
+
+
+def _decode_with(
+    cache: KVCache | PagedKVCache | None,
+    model: HRMGemma,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    halting: dict[str, torch.Tensor | None],
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    eos_id: int | None,
+    pad_id: int,
+    pixel_values: torch.Tensor | None,
+) -> Iterator[DecodeStep]:
     ids = ids.masked_fill(mask == 0, 0)  # any id at padding positions (nothing attends to them) must embed
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # padding takes position 0; it is never attended
     next_position = mask.sum(dim=1)  # [b]

@@ -4,6 +4,8 @@
     GET  /v1/models              the served model
     POST /v1/completions         prompt: text, token ids, or a list of either (one choice per prompt)
     POST /v1/chat/completions    messages, rendered by the chat template
+    POST /admin/swap             {"model": PATH}: canary, then hot swap (needs a server with an API key)
+    POST /admin/rollback         back to the model served before the last swap
 
 Both POSTs stream with server-sent events when `stream` is true (`data: {chunk}` lines, then
 `data: [DONE]`; `stream_options.include_usage` adds a last chunk with the usage). Sampling: temperature
@@ -14,7 +16,9 @@ summed over the new tokens and the CycleBlocks) and `mean_cycles` (per block per
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 for a bad request
 (malformed JSON, a bad field, a prompt longer than the context), 401 for a missing or wrong API key, 404
-for an unknown model or path, 413 for a body over the limit, 429 when the queue is full. The key check
+for an unknown model or path, 413 for a body over the limit, 429 when the queue is full; the admin
+endpoints answer 403 on a server without a key and 409 when a swap is refused (failed canary, unreadable
+or newer-format candidate, another swap under way). The key check
 and the body limit run in an ASGI middleware ahead of routing, so no endpoint but /health answers
 without the key, and no handler ever sees an oversized body.
 """
@@ -39,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hrm_mega.inference.serve.engine import Busy, Engine, Output, RequestError, SamplingParams, Usage
 from hrm_mega.inference.serve.engine import Request as EngineRequest
+from hrm_mega.inference.serve.rollout import RolloutError
 from hrm_mega.inference.serve.text import GEMMA_STOP, ChatError, gemma_chat_prompt
 
 OPEN_PATHS = ("/health",)
@@ -57,6 +62,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     chat_prompt: Callable[[Sequence[tuple[str, str]]], str] = gemma_chat_prompt
     chat_stop: tuple[str, ...] = (GEMMA_STOP,)
+    rollout: Any = None  # serve/rollout.Rollout: enables /admin/swap and /admin/rollback (with an API key)
 
 
 class ApiError(Exception):
@@ -188,6 +194,37 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         stats = engine.stats()
         return {"status": "ok", "running": stats["running"], "waiting": stats["waiting"]}
 
+    def rollout() -> Any:
+        if settings.api_key is None or settings.rollout is None:
+            raise ApiError(403, "the admin endpoints need a server started with an API key (--api-key)",
+                           "permission_error")  # fmt: skip
+        return settings.rollout
+
+    @app.post("/admin/swap")
+    async def swap(request: Request) -> dict[str, Any]:
+        """Body {"model": PATH}: a model directory or consolidated .safetensors the server can read.
+        The candidate must pass the canary; then it serves from the next batch on (no request dropped)."""
+        r = rollout()
+        raw = await request.body()
+        try:
+            path = json.loads(raw)["model"]
+            if not isinstance(path, str):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ApiError(400, 'the body must be {"model": PATH}', param="model") from None
+        try:
+            return await asyncio.to_thread(r.swap_to, path)
+        except RolloutError as e:
+            raise ApiError(409, str(e), code="swap_refused") from None
+
+    @app.post("/admin/rollback")
+    async def rollback() -> dict[str, Any]:
+        r = rollout()
+        try:
+            return await asyncio.to_thread(r.rollback)
+        except RolloutError as e:
+            raise ApiError(409, str(e), code="rollback_refused") from None
+
     def model_card() -> dict[str, Any]:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "hrm-mega",
                 "max_model_len": engine.max_context}  # fmt: skip
@@ -203,7 +240,8 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
-        return {**engine.stats(), "kv_cache_bytes": engine.cache.nbytes()}
+        current = None if settings.rollout is None else settings.rollout.current
+        return {**engine.stats(), "kv_cache_bytes": engine.cache.nbytes(), "serving": current}
 
     def check_model(name: str) -> None:
         if name != settings.model_name:

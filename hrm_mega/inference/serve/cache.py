@@ -5,10 +5,11 @@
     cache.select(rows)               # only these rows (indices, in order) stay
     logits, cycles = cache.step(tokens, positions, max_cycles, halt_threshold)    # one token per row
 
-`BatchCache` is that interface; `RectangularCache` implements it with the rectangular KVCache of
-hrm_mega/models/kv_cache.py (one [rows, heads, length, head_dim] tensor per layer and cycle step). A paged
-cache (blocks of positions in a shared pool, a block table per row) implements the same four calls, and
-the scheduler does not change.
+`BatchCache` is that interface. `PagedCache` implements it with the paged KV cache of
+hrm_mega/models/paged_kv_cache.py (blocks of positions in a shared pool, a block table per row; a
+resident budget offloads cold blocks): a prefilled row joins by moving its block tables, a row that
+leaves frees its blocks, nothing is copied. `RectangularCache` implements it with the rectangular KVCache
+of hrm_mega/models/kv_cache.py (one [rows, heads, length, head_dim] tensor per layer and cycle step).
 
 Rows are the scheduler's rows in its order. Halting limits are per row: max_cycles [b] long, and
 halt_threshold [b] fp32 or None (no early halting for any row); NaN in it means no early halting for
@@ -23,6 +24,7 @@ import torch
 
 from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
+from hrm_mega.models.paged_kv_cache import BlockPool, PagedKVCache, pool_for
 
 
 class BatchCache(Protocol):
@@ -59,6 +61,10 @@ class BatchCache(Protocol):
 
     def nbytes(self) -> int:
         """Bytes of keys and values held."""
+        ...
+
+    def for_model(self, model: HRMGemma) -> BatchCache:
+        """An empty cache of the same kind and settings for another model (a hot swap)."""
         ...
 
 
@@ -116,3 +122,69 @@ class RectangularCache:
 
     def nbytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()
+
+    def for_model(self, model: HRMGemma) -> RectangularCache:
+        return RectangularCache(model)
+
+
+class PagedCache:
+    """BatchCache on PagedKVCache: every row's blocks come from one BlockPool (models/paged_kv_cache.py).
+    A step gathers each row's own positions, so a short row next to a long one costs its own length in
+    the pool (the attention call still pads the view to the longest row)."""
+
+    def __init__(self, model: HRMGemma, pool: BlockPool) -> None:
+        self.model, self.pool = model, pool
+        self.cache: PagedKVCache | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.cache is None else self.cache.rows
+
+    def prefill(
+        self, ids: torch.Tensor, max_cycles: torch.Tensor, halt_threshold: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
+        part = PagedKVCache(self.pool)
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        try:
+            logits, cycles = self.model.infer(
+                ids, attention_mask=torch.ones_like(ids), position_ids=positions, max_cycles=max_cycles,
+                halt_threshold=halt_threshold, cache=part,
+            )  # fmt: skip
+        except BaseException:
+            part.release()
+            raise
+        return logits[:, -1].float(), cycles[:, :, -1].T, part
+
+    def join(self, parts: list[PagedKVCache]) -> None:
+        if parts:
+            self.cache = PagedKVCache.concat(([self.cache] if self.rows else []) + parts)
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.cache is None:
+            return
+        self.cache.select(rows)
+        if rows.numel() == 0:
+            self.cache = None
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.cache is not None and self.rows == tokens.shape[0]
+        ids = tokens[:, None]
+        logits, cycles = self.model.infer(
+            ids, attention_mask=torch.ones_like(ids), position_ids=positions[:, None], max_cycles=max_cycles,
+            halt_threshold=halt_threshold, cache=self.cache,
+        )  # fmt: skip
+        return logits[:, -1].float(), cycles[:, :, -1].T
+
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    def for_model(self, model: HRMGemma) -> PagedCache:
+        p = self.pool
+        return PagedCache(model, pool_for(model, block_size=p.block_size, resident_blocks=p.resident_blocks,
+                                          offload_dir=p.offload_dir))  # fmt: skip

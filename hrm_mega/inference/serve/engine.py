@@ -17,8 +17,11 @@ One scheduler thread runs the model, so exactly one forward runs at a time. Its 
         rows that finished (eos, a stop string, max_tokens) leave at once     cache.select
 
 so requests join and leave between decode steps, and a row never waits for another to finish. The
-cache is behind a four-call interface (serve/cache.py), so a paged KV cache can replace the rectangular
-one without touching the loop.
+cache is behind a four-call interface (serve/cache.py): paged (blocks in a pool, offload) or rectangular.
+
+Hot swap (`swap(model)`, from any thread): the engine stops admitting, lets the running rows finish on
+the model they started with, then switches models between two loop iterations and admits again, so no
+request is dropped and none mixes two models; requests that arrive meanwhile wait in the queue.
 
 A row computes what it would alone: its positions count its own tokens, padding joined in front of it
 is masked, and its halting limits (max_cycles, halt_threshold) are its own. Sampling is per row too:
@@ -180,6 +183,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._swap: tuple[HRMGemma, threading.Event] | None = None
+        self.swaps = 0
         self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     # ----------------------------------------------------------------------------------------------
@@ -226,7 +231,49 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"running": len(self._rows), "waiting": len(self._waiting), **self.counters}
+            return {"running": len(self._rows), "waiting": len(self._waiting), "swaps": self.swaps,
+                    **self.counters}  # fmt: skip
+
+    def swap(self, model: HRMGemma, timeout: float = 600.0) -> HRMGemma:
+        """Serves `model` from now on (module docstring); returns the model it replaced. Blocks until
+        the running rows have finished and the swap is done (TimeoutError past `timeout`, and then the
+        swap is called off: the old model keeps serving)."""
+        if not isinstance(model, HRMGemma):
+            raise ValueError(f"serving needs an HRMGemma language model, not a {type(model).__name__}")
+        if model.config.vocab_size < self.vocab_limit:
+            raise ValueError(
+                f"the new model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                f"{self.vocab_limit} pieces"
+            )
+        done = threading.Event()
+        with self._lock:
+            if self._swap is not None:
+                raise Busy("another swap is under way")
+            self._swap = (model, done)
+            old = self.model
+            self._lock.notify()
+        if self._thread is None:  # no scheduler thread (tests stepping by hand): swap now if idle
+            self.step()
+        if not done.wait(timeout):
+            with self._lock:
+                if self._swap is not None and self._swap[1] is done:
+                    self._swap = None
+                    raise TimeoutError(f"the running requests did not finish within {timeout} s")
+        return old
+
+    def _apply_swap(self) -> None:
+        """Between iterations, once no row runs: the new model and a cache for it."""
+        with self._lock:
+            if self._swap is None or self._rows:
+                return
+            model, done = self._swap
+            self._swap = None
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.blocks = len(model.blocks)
+        self.cache = self.cache.for_model(model)
+        self.swaps += 1
+        done.set()
 
     # ----------------------------------------------------------------------------------------------
     # The scheduler
@@ -252,7 +299,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._rows or self._stopping):
+                while not (self._waiting or self._rows or self._stopping or self._swap):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -263,6 +310,7 @@ class Engine:
         with torch.inference_mode():
             try:
                 self._drop_cancelled()
+                self._apply_swap()
                 self._admit()
                 if self._rows:
                     self._decode_step()
@@ -281,7 +329,7 @@ class Engine:
 
     def _admit(self) -> None:
         budget, joined = self.prefill_budget, []
-        while len(self._rows) + len(joined) < self.max_batch:
+        while len(self._rows) + len(joined) < self.max_batch and self._swap is None:
             with self._lock:
                 if not self._waiting or (
                     budget < len(self._waiting[0].prompt) and budget < self.prefill_budget
