@@ -19,7 +19,7 @@ from PIL import Image
 from hrm_mega.data import SampleStream, iterate_split
 from hrm_mega.data.collate import select_rows
 from hrm_mega.data.decode import CorruptDataWarning
-from hrm_mega.data.images import ImageProcessing, resized_views
+from hrm_mega.data.images import ImageProcessing, preprocess, resized_views
 from hrm_mega.data.mixture import MixtureStream, Source
 from hrm_mega.data.shards import DataFormatError, read_manifest, split_shards
 from hrm_mega.prep.cli import main as prep_main
@@ -113,6 +113,23 @@ def test_pan_and_scan_folders_and_other_formats(tmp_path, tiny_image_text):
     processing = ImageProcessing(size=16, pan_and_scan=True, min_crop_size=8)
     assert torch.equal(batch["pixels"][:4], torch.from_numpy(resized_views(wide, processing)))
     assert int((batch["input_ids"][0] == 320).sum()) == 4 * 4
+
+    # export-hf gives a model trained on these rows an image processor that preprocesses as they were
+    from conftest import TINY_VISION
+    from transformers import AutoImageProcessor
+
+    from hrm_mega.config import load_config
+    from hrm_mega.convert.hf_export import save_image_processor
+    from hrm_mega.entry.export_hf import image_processor_for
+
+    config = load_config(
+        None, ["model.family=hrm_gemma", "model.vocab_size=320", *TINY_VISION, f"data.path={out}"]
+    )
+    assert image_processor_for(str(tmp_path / "ckpt"), config) == processing
+    save_image_processor(config.model.vision, tmp_path, processing)
+    exported = AutoImageProcessor.from_pretrained(tmp_path, local_files_only=True)
+    pixels = exported(images=[wide], do_pan_and_scan=True, return_tensors="np")["pixel_values"]
+    assert np.abs(pixels - preprocess(wide, processing)[0]).max() <= 1e-6 and len(pixels) == 4
 
 
 def test_bad_inputs_are_one_line_errors_and_bad_images_can_be_skipped(

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 import torch
 from PIL import Image
@@ -53,16 +54,20 @@ def vision_config(**overrides) -> VisionConfig:
     return VisionConfig(**{**fields, **overrides})
 
 
-def random_hf_gemma3(seed: int) -> Gemma3ForConditionalGeneration:
-    """A random multimodal Gemma 3, with SigLIP's pooling head (which Gemma 3 never runs)."""
-    v = vision_config()
+def random_hf_gemma3(
+    seed: int, text: LMModelConfig | None = None, **tokens: int
+) -> Gemma3ForConditionalGeneration:
+    """A random multimodal Gemma 3, with SigLIP's pooling head (which Gemma 3 never runs); tokens: other
+    image_token_id, boi_token_id, eoi_token_id."""
+    v = vision_config(**tokens)
     vision = SiglipVisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
         num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size, vision_use_head=True,
     )  # fmt: skip
     config = Gemma3Config(
-        text_config=hf_config_from(text_config()).to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-        image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI,
+        text_config=hf_config_from(text or text_config()).to_dict(), vision_config=vision.to_dict(),
+        mm_tokens_per_image=4, image_token_index=v.image_token_id, boi_token_index=v.boi_token_id,
+        eoi_token_index=v.eoi_token_id,
     )  # fmt: skip
     model = Gemma3ForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -169,6 +174,7 @@ def test_export_hf_writes_a_gemma3_for_conditional_generation(tmp_path: Path, ca
 
     back = tmp_path / "back"  # and import-hf reads the export: the same model again
     run_ok(import_hf.main, [out, back], capsys)
+    assert (back / "preprocessor_config.json").read_text() == (out / "preprocessor_config.json").read_text()
     again, _ = load_model(back)
     assert max_diff(our_logits(again, batch), expected, batch["attention_mask"]) < TOL
 
@@ -217,3 +223,138 @@ def test_export_with_a_tokenizer_loads_as_a_gemma3_processor(tmp_path: Path, cap
             ids, pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
         )[0]
         assert (hf(**batch).logits - expected).abs().max() < TOL
+
+
+# --------------------------------------------------------------------------------------------------
+# A Gemma 3 with its processor, as the Hub ships one: transformers' own processor is the reference
+# --------------------------------------------------------------------------------------------------
+
+
+def gemma_style_tokenizer(path: Path) -> int:
+    """A SentencePiece BPE model made as Gemma's is (byte fallback, no dummy prefix, whitespace kept,
+    digits split; <pad> <eos> <bos> <unk> <mask>, then <start_of_image> = 5 and <end_of_image> = 6);
+    returns its piece count, which is the id of the image placeholder <image_soft_token>."""
+    lines = [f"{a} + {b} = {a + b}, a picture of {a} cats.  Here is the original image and here are some "
+             "crops to help you see better" for a in range(30) for b in range(0, 60, 7)]  # fmt: skip
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model_file, vocab_size=330, model_type="bpe", byte_fallback=True,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2, pad_id=0, eos_id=1, bos_id=2,
+        unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<mask>", "<start_of_image>", "<end_of_image>"],
+    )  # fmt: skip
+    path.write_bytes(model_file.getvalue())
+    return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+
+
+@pytest.fixture(scope="module")
+def gemma3_with_processor(tmp_path_factory) -> Path:
+    """A random tiny Gemma3ForConditionalGeneration and its Gemma3Processor (GemmaTokenizer converted by
+    transformers from the SentencePiece model; pan-and-scan on), both saved by transformers, with the
+    tokenizer.model beside them as Gemma 3's Hub directories hold it."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, GemmaTokenizer
+
+    root = tmp_path_factory.mktemp("gemma3_with_processor")
+    image = gemma_style_tokenizer(root / "tokenizer.model")
+    named = {
+        "boi_token": "<start_of_image>",
+        "eoi_token": "<end_of_image>",
+        "image_token": "<image_soft_token>",
+    }
+    tokenizer = GemmaTokenizer.from_pretrained(root, add_bos_token=True, extra_special_tokens=named)
+    assert (
+        tokenizer.convert_tokens_to_ids("<image_soft_token>") == image
+    )  # Gemma 3's: the id after the pieces
+    images = Gemma3ImageProcessorPil(size={"height": 28, "width": 28}, do_pan_and_scan=True)
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4).save_pretrained(root)
+    text = text_config(vocab_size=image + 6, max_position=160)
+    random_hf_gemma3(seed=8, text=text, image_token_id=image, boi_token_id=5, eoi_token_id=6).save_pretrained(
+        root
+    )
+    return root
+
+
+def processor_batch(processor) -> dict[str, torch.Tensor]:
+    """One prompt with a small image, one with a wide image (pan-and-scanned: the image, then 3 crops, with
+    Gemma 3's text around them) and a small one, left-padded by the processor, with position ids that
+    count real tokens."""
+    rng = np.random.default_rng(9)
+    small, wide, other = (Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+                          for shape in ((50, 60, 3), (300, 900, 3), (40, 30, 3)))  # fmt: skip
+    texts = [
+        "a picture of <start_of_image> 3 cats",
+        "two  pictures:\n<start_of_image> and <start_of_image> 12 + 7 = 19.",
+    ]
+    batch = processor(
+        text=texts, images=[[small], [wide, other]], do_pan_and_scan=True, padding=True, return_tensors="pt"
+    )  # Gemma3Processor pan-and-scans only when asked per call, whatever preprocessor_config.json says
+    batch = dict(batch)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    return batch
+
+
+def test_a_gemma3_and_its_processor_round_trip_with_pan_and_scan(
+    gemma3_with_processor: Path, tmp_path, capsys
+):
+    """transformers' processor makes the batch (one image in one row; in the other, a pan-and-scanned image
+    and a small one); import-hf gives transformers' logits; export-hf gives a directory whose processor
+    makes the same batch (AutoProcessor, offline) and whose Gemma3ForConditionalGeneration gives them too."""
+    original = AutoProcessor.from_pretrained(gemma3_with_processor, local_files_only=True)
+    batch = processor_batch(original)
+    assert batch["pixel_values"].shape[0] == 1 + (1 + 3) + 1  # the wide image and its 3 crops
+    assert int((batch["input_ids"] == original.tokenizer.image_token_id).sum()) == 6 * 4
+    with torch.no_grad():
+        expected = (
+            Gemma3ForConditionalGeneration.from_pretrained(gemma3_with_processor).eval()(**batch).logits
+        )
+    assert expected.abs().max() > 1.0
+
+    run_ok(import_hf.main, [gemma3_with_processor, tmp_path / "ours", "--set", "model.h_cycles=2"], capsys)
+    model, _ = load_model(tmp_path / "ours")
+    assert max_diff(our_logits(model, batch), expected, batch["attention_mask"]) < TOL
+
+    run_ok(export_hf.main, [tmp_path / "ours", tmp_path / "export"], capsys)
+    exported = AutoProcessor.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert exported.image_processor.do_pan_and_scan and original.image_processor.do_pan_and_scan  # kept
+    again = processor_batch(exported)
+    assert again.keys() == batch.keys()
+    for key in batch:
+        assert torch.equal(again[key], batch[key]), key  # token ids, masks and pixel values
+    with torch.no_grad():
+        reloaded = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "export").eval()(**again).logits
+    assert max_diff(reloaded, expected, batch["attention_mask"]) < TOL
+
+
+def test_a_remote_code_export_reads_a_picture_end_to_end(tmp_path: Path, capsys) -> None:
+    """Open cycles: the export ships its modeling code and, from the Gemma-style tokenizer, Gemma 3's
+    processor. AutoProcessor (offline) makes the batch of a pan-and-scanned picture; the remote model's
+    logits are HRMGemma's, and its generate() reads the picture to the tokens hrm-mega's generation gives."""
+    from hrm_mega.inference.generate import generate
+
+    image = gemma_style_tokenizer(tmp_path / "tokenizer.model")
+    vision = vision_config(image_token_id=image, boi_token_id=5, eoi_token_id=6)
+    config = text_config(vocab_size=image + 6, max_position=160, h_cycles=2, vision=vision)
+    model = HRMGemma(config).init_weights(10)
+    generator = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        for p in model.parameters():  # gates open too: no plain Gemma 3 computes this
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    ckpt = save_model_dir(model.state_dict(), Config(model=config), tmp_path / "ckpt")
+    out = tmp_path / "export"
+    printed = run_ok(export_hf.main, [ckpt, out, "--tokenizer", tmp_path / "tokenizer.model"], capsys)
+    assert "trust_remote_code=True" in printed
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    assert type(processor).__name__ == "Gemma3Processor"
+    batch = processor_batch(processor)
+    assert batch["pixel_values"].shape[0] == 1 + (1 + 3) + 1
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, local_files_only=True).eval()
+    expected = our_logits(model, batch)
+    with torch.no_grad():
+        assert max_diff(hf(**batch).logits, expected, batch["attention_mask"]) < TOL
+        inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+        tokens = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    ours = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+                    greedy=True, eos_id=None, pixel_values=batch["pixel_values"])  # fmt: skip
+    assert torch.equal(tokens[:, batch["input_ids"].shape[1] :], ours.tokens)

@@ -14,11 +14,13 @@ Weights are sharded (model-0000k-of-0000n.safetensors + index) past max_shard_si
 
 An HRMGemma export also carries the tokenizer when there is one: tokenizer.json and
 tokenizer_config.json built from the SentencePiece model (so AutoTokenizer loads it offline, without
-sentencepiece), plus the tokenizer.model itself. With model.vision it carries Gemma 3's image processor
-(preprocessor_config.json), and, when the tokenizer holds the image tokens (model.vision's
-boi/eoi/image ids; the image token may be the one id past the SentencePiece pieces, as in Gemma 3),
-processor_config.json, so that AutoProcessor loads a Gemma3Processor offline. The export is written to a temporary sibling directory
-and renamed into place at the end, so a failed export leaves nothing behind.
+sentencepiece), plus the tokenizer.model itself; it pads on the left, as Gemma's tokenizer does. With
+model.vision it carries Gemma 3's image processor (preprocessor_config.json: the one import-hf kept, or
+the given settings, e.g. the training data's pan-and-scan), and, when the tokenizer holds the image
+tokens (model.vision's boi/eoi/image ids; the image token may be the one id past the SentencePiece
+pieces, as in Gemma 3), processor_config.json, so that AutoProcessor loads a Gemma3Processor offline,
+for either format. The export is written to a temporary sibling directory and renamed into place at
+the end, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ from hrm_mega.config import Config
 from hrm_mega.config.model import VisionConfig
 from hrm_mega.convert import remote
 from hrm_mega.convert.hf_gemma import (
+    IMAGE_PROCESSOR_FILE,
     hf_config_from,
     hf_multimodal_config_from,
     hf_multimodal_state_dict,
     plain_gemma3_blocker,
     to_hf_state_dict,
 )
+from hrm_mega.data.images import ImageProcessing
 from hrm_mega.data.shards import TOKENIZER_FILE
 from hrm_mega.models.lm import is_hrm_only
 
@@ -77,9 +81,12 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     format: str = "auto",
     max_shard_size: int | str = "5GB",
+    image_processor: ImageProcessing | str | Path | None = None,
 ) -> ExportReport:
     """Writes the export of `model` (built from `config`, e.g. by checkpoint.consolidate.load_model) to
-    out_dir, which must not exist or be empty. tokenizer: a SentencePiece .model file (HRMGemma only)."""
+    out_dir, which must not exist or be empty. tokenizer: a SentencePiece .model file (HRMGemma only).
+    image_processor (a model with images): a Gemma 3 preprocessor_config.json to ship as it is, or the
+    preprocessing settings to write one from; default Gemma 3's at model.vision.image_size."""
     if format not in FORMATS:
         raise ExportError(f"format={format!r} must be one of {', '.join(FORMATS)}")
     out = Path(out_dir)
@@ -118,7 +125,7 @@ def export_hf(
         else:
             report = _export_remote(state, config, tmp, dtype, special, max_shard_size)
         if vision is not None:
-            save_image_processor(vision.image_size, tmp)
+            save_image_processor(vision, tmp, image_processor)
             if image_tokens:
                 processor = {
                     "processor_class": "Gemma3Processor",
@@ -179,14 +186,38 @@ def _export_gemma3(
     return ExportReport(out, "gemma3", architecture, None, notes)
 
 
-def save_image_processor(image_size: int, out: Path) -> None:
-    """preprocessor_config.json: Gemma 3's image processor (what hrm_mega/data/images.py computes) at the
-    vision tower's input size, with Gemma 3's pan-and-scan settings (off unless asked for)."""
+def save_image_processor(
+    vision: VisionConfig, out: Path, settings: ImageProcessing | str | Path | None = None
+) -> None:
+    """preprocessor_config.json: a Gemma 3 image processor config file copied as it is (import-hf keeps
+    the original's), or Gemma3ImageProcessorPil with `settings` (what hrm_mega/data/images.py computes
+    with them; default: Gemma 3's, pan-and-scan off) at the vision tower's input size."""
     from transformers import Gemma3ImageProcessorPil
 
+    side = vision.image_size
+    if isinstance(settings, (str, Path)):
+        path = Path(settings)
+        try:
+            size = Gemma3ImageProcessorPil.from_json_file(path).size
+        except Exception as e:  # a missing, non-JSON or foreign file: one line naming it
+            reason = " ".join(str(e).split())
+            raise ExportError(f"{path}: not a Gemma 3 image processor config ({reason})") from None
+        if (size.height, size.width) != (side, side):
+            raise ExportError(
+                f"{path} resizes images to {size.height} x {size.width}, but the vision tower takes "
+                f"{side} x {side} (model.vision.image_size)"
+            )
+        shutil.copyfile(path, out / IMAGE_PROCESSOR_FILE)
+        return
+    p = settings or ImageProcessing.for_model(vision)
+    if p.size != side:
+        raise ExportError(
+            f"the image preprocessing resizes to {p.size} px, but model.vision.image_size={side}"
+        )
     Gemma3ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_pan_and_scan=False, pan_and_scan_min_crop_size=256,
-        pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2,
+        size={"height": side, "width": side}, image_mean=list(p.mean), image_std=list(p.std),
+        do_pan_and_scan=p.pan_and_scan, pan_and_scan_min_crop_size=p.min_crop_size,
+        pan_and_scan_max_num_crops=p.max_crops, pan_and_scan_min_ratio_to_activate=p.min_ratio,
     ).save_pretrained(out)  # fmt: skip
 
 
@@ -303,7 +334,7 @@ def export_tokenizer(
     pieces = {name: proto.pieces[i].piece for name, i in ids.items() if 0 <= i < len(proto.pieces)}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, **{f"{name}_token": piece for name, piece in pieces.items()},
-        add_bos_token="bos" in pieces, add_eos_token=False, clean_up_tokenization_spaces=False,
+        add_bos_token="bos" in pieces, add_eos_token=False, clean_up_tokenization_spaces=False, padding_side="left",
         model_max_length=max_length or int(1e30), **({"extra_special_tokens": named} if named else {}),
     )  # fmt: skip
     tokenizer.save_pretrained(out)

@@ -55,6 +55,8 @@ LAYER_KEYS = {
     "model.layers.{i}.post_feedforward_layernorm.weight": "{layer}.norms.3.weight",
 }
 HF_ACTIVATION = "gelu_pytorch_tanh"
+# Gemma 3's image processor settings: import-hf keeps a multimodal checkpoint's, export-hf writes them back
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # Gemma3ForConditionalGeneration: text decoder prefixes (transformers 5 layout, then the 4.x one) -> ours
 MULTIMODAL_TEXT_PREFIXES = {
     "model.language_model.": "model.",

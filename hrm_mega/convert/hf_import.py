@@ -5,13 +5,17 @@ and projector become model.vision; `--set model.vision=null` imports its text de
 model.safetensors.index.json. Pickled weights (pytorch_model.bin and the like) are refused, never
 unpickled. The result is `model.safetensors` + `config.yaml` (checkpoint/model_dir.py) holding an HRMGemma
 that computes exactly the Gemma 3: its gates start at zero, so `--set model.h_cycles=4` (or l_cycles)
-gives the same logits until training opens them. A tokenizer.model in the directory is copied along.
+gives the same logits until training opens them. A tokenizer.model in the directory is copied along,
+and, for a model with images, Gemma 3's image processor settings (preprocessor_config.json, or the
+image_processor section of processor_config.json as transformers 5 saves it) become the model
+directory's preprocessor_config.json, which export-hf writes back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,16 @@ from safetensors import SafetensorError, safe_open
 from hrm_mega.checkpoint.integrity import damaged_files
 from hrm_mega.checkpoint.model_dir import CheckpointError, save_model_dir
 from hrm_mega.config import Config, load_config
-from hrm_mega.convert.hf_gemma import config_from_hf, from_hf_state_dict, multimodal_state_dict
+from hrm_mega.convert.hf_gemma import (
+    IMAGE_PROCESSOR_FILE,
+    config_from_hf,
+    from_hf_state_dict,
+    multimodal_state_dict,
+)
 from hrm_mega.data.shards import TOKENIZER_FILE, read_json
 
 TEXT_TYPES = ("gemma3_text", "gemma3")
+PROCESSOR_FILE = "processor_config.json"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
@@ -51,8 +61,30 @@ def import_hf(
     except ValueError as e:
         raise CheckpointError(f"{src}: {str(e).removeprefix('from_hf_state_dict: ')}") from None
     tokenizer = src / TOKENIZER_FILE
-    save_model_dir(state, config, out, files={TOKENIZER_FILE: tokenizer} if tokenizer.is_file() else None)
+    files = {TOKENIZER_FILE: tokenizer} if tokenizer.is_file() else {}
+    settings = image_processor_settings(src) if config.model.vision is not None else None
+    with tempfile.TemporaryDirectory() as scratch:
+        if settings is not None:
+            files[IMAGE_PROCESSOR_FILE] = Path(scratch) / IMAGE_PROCESSOR_FILE
+            files[IMAGE_PROCESSOR_FILE].write_text(json.dumps(settings, indent=2) + "\n")
+        save_model_dir(state, config, out, files=files)
     return out, config
+
+
+def image_processor_settings(hf_dir: Path) -> dict[str, Any] | None:
+    """The image processor config of a multimodal checkpoint directory: preprocessor_config.json
+    (transformers 4 layout), else the `image_processor` section of processor_config.json (transformers 5);
+    None when there is neither."""
+    if (hf_dir / IMAGE_PROCESSOR_FILE).is_file():
+        settings = read_json(hf_dir / IMAGE_PROCESSOR_FILE, CheckpointError)
+    elif (hf_dir / PROCESSOR_FILE).is_file():
+        settings = read_json(hf_dir / PROCESSOR_FILE, CheckpointError)
+        settings = settings.get("image_processor") if isinstance(settings, dict) else None
+    else:
+        return None
+    if settings is not None and not isinstance(settings, dict):
+        raise CheckpointError(f"{hf_dir}: its image processor config is not a JSON object")
+    return settings
 
 
 def read_hf_config(hf_dir: Path) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 from hrm_mega.entry.common import run_main
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = args.tokenizer or tokenizer_for(args.checkpoint, config)
     report = export_hf(
         model, config, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype], format=args.format,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size, image_processor=image_processor_for(args.checkpoint, config),
     )  # fmt: skip
     how = "" if report.format == "gemma3" else " (remote code: load with trust_remote_code=True)"
     print(f"wrote {report.out}: {report.architecture}{how}")
@@ -57,6 +59,24 @@ def run(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0
+
+
+def image_processor_for(checkpoint: str, config: Any) -> Any:
+    """For a model with images: the preprocessor_config.json inside CKPT (import-hf keeps Gemma 3's),
+    else the preprocessing of its training data (manifest extra.image: pan-and-scan as trained), else
+    None (Gemma 3's defaults at model.vision.image_size)."""
+    from hrm_mega.convert.hf_gemma import IMAGE_PROCESSOR_FILE
+    from hrm_mega.training.tasks.lm import image_processing
+
+    if getattr(config.model, "vision", None) is None:
+        return None
+    own = Path(checkpoint) / IMAGE_PROCESSOR_FILE
+    if own.is_file():
+        return own
+    try:
+        return image_processing(config)
+    except ValueError:  # the training data is not here (or unreadable)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

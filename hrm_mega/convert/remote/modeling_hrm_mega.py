@@ -88,16 +88,25 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
         max_cycles: int | torch.Tensor | None = None,
         halt_threshold: float | torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,  # generate()'s cache arguments: there is no KV cache here
     ) -> HRMGemmaOutput:
         """input_ids [b, s] (or inputs_embeds [b, s, h], already scaled by sqrt(hidden)); attention_mask
         [b, s] hides padding keys; position_ids [b, s] default to 0..s-1; labels [b, s] are aligned with
         the inputs (the model shifts them), -100 ignored. pixel_values [n_images, 3, S, S] (a model with
         images): one image per run of image placeholder tokens in input_ids, row by row (HRMGemma.forward).
+        token_type_ids [b, s] (Gemma3Processor's batches hold it: 1 on image placeholders) adds nothing,
+        since the placeholders place the images; it must mark exactly them.
 
         max_cycles (>= 1, may exceed the trained h_cycles) and halt_threshold (a probability in (0, 1]),
         each an int/float or one per row [b]: every block runs at most max_cycles H cycles per token and
         stops a token's cycles once its halting head reaches halt_threshold (HRMGemma.infer)."""
+        vision = self.model.config.vision
+        marked = token_type_ids is not None and input_ids is not None and vision is not None
+        if marked and not torch.equal(token_type_ids.bool(), input_ids == vision.image_token_id):
+            raise ValueError(
+                f"token_type_ids must be 1 exactly on the image placeholders (id {vision.image_token_id})"
+            )
         if max_cycles is not None or halt_threshold is not None:
             if inputs_embeds is not None or labels is not None:
                 raise ValueError(
