@@ -233,6 +233,22 @@ def test_multimodal_resume_after_sigkill_with_image_rows_in_flight_is_exact(
     assert logged(killed) == logged(vlm_runs("single"))
 
 
+@pytest.mark.slow
+def test_multimodal_run_resumes_at_another_layout(vlm_runs):
+    """An image-text run saved at TP=2 x PP=2 (the SigLIP tower split across TP ranks, on the first stage)
+    resumes in one process through the layout-free copy: steps 4-5 equal the uninterrupted run's,
+    image rows included."""
+    origin = vlm_runs("tp2_pp2", *VLM_LAYOUTS["tp2_pp2"])
+    resumed = vlm_runs("from_tp2_pp2_to_1", 1, resume=str(origin / "checkpoints/step-00000003"))
+    a, b = steps(origin), steps(resumed)
+    assert sorted(b) == [4, 5]
+    for step in (4, 5):
+        for x, y in zip(a[step], b[step]):
+            assert abs(x - y) <= REL * abs(x), (step, x, y)
+    records = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("data/images/samples") for r in records)  # the resumed steps read image-text rows
+
+
 # --- invalid layouts: one line, before any process-group work ------------------------------------------
 
 
