@@ -25,7 +25,11 @@ def test_cached_generation_with_images_equals_uncached(sampling) -> None:
     images = pixels(3, seed=5)
     options = dict(attention_mask=mask, max_new_tokens=8, max_cycles=torch.tensor([3, 2]), halt_threshold=0.6,
                    eos_id=None, pixel_values=images, **sampling)  # fmt: skip
+    encoded = []
+    hook = model.vision.tower.register_forward_hook(lambda *_: encoded.append(1))
     cached = generate(model, ids, **options)
+    hook.remove()
+    assert len(encoded) == 1  # the prefill encodes the images once: neither cycles nor decoding re-read them
     uncached = generate(model, ids, use_cache=False, **options)
     assert torch.equal(cached.tokens, uncached.tokens)
     assert torch.equal(cached.cycles, uncached.cycles)

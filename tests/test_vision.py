@@ -227,6 +227,24 @@ def test_image_masks_for_local_and_global_layers_with_documents_and_padding() ->
     assert bool(ctx.masks["local"][0, 0, 2, 5]) and not bool(ctx.masks["local"][0, 0, 5, 2])
 
 
+def output_change(model: HRMGemma, ids: torch.Tensor, image: int, **inputs) -> torch.Tensor:
+    """How much each position's logits move [s] when the features of the last placeholder of `image`
+    (row 0's images in order) change: the encoder's output is replaced, to change one token at a time."""
+    features = model.vision(pixels(int((ids[0] == IMAGE).sum()) // 4)).detach()
+    changed = features.clone()
+    changed[image, -1] += 1.0
+
+    def logits_with(f: torch.Tensor) -> torch.Tensor:
+        model.vision.forward = lambda _: f
+        try:
+            with torch.no_grad():
+                return model(ids, pixel_values=pixels(len(f)), **inputs)[0][0]
+        finally:
+            del model.vision.forward
+
+    return (logits_with(changed) - logits_with(features)).abs().amax(dim=-1)
+
+
 def test_an_image_token_sees_later_tokens_of_its_image_and_no_text_token_sees_ahead() -> None:
     """Changing the features of an image's last placeholder changes the outputs of the image's earlier
     tokens (bidirectional within the image), never those of the text before it, nor of another image's
@@ -234,29 +252,31 @@ def test_an_image_token_sees_later_tokens_of_its_image_and_no_text_token_sees_ah
     model = multimodal_model(h_cycles=2, l_cycles=2)
     ids = torch.tensor([row(5, 6, "img", 7, 8, "img", 9)])
     before_last = [i for i in range(ids.shape[1]) if ids[0, i] == IMAGE][3]  # last token of image 0
-    features = model.vision(pixels(2)).detach()
-    changed = features.clone()
-    changed[0, -1] += 1.0
-
-    def logits_with(f: torch.Tensor) -> torch.Tensor:
-        model.vision.forward = lambda _: f  # what the encoder returns, to change one token at a time
-        try:
-            with torch.no_grad():
-                return model(ids, pixel_values=pixels(2))[0][0]
-        finally:
-            del model.vision.forward
-
-    diff = (logits_with(changed) - logits_with(features)).abs().amax(dim=-1)  # [s]
+    diff = output_change(model, ids, 0)  # [s]
     image0 = list(range(3, 7))
     assert (diff[:3] == 0).all()  # text (and <boi>) before the image: untouched
     assert (diff[image0[:-1]] > 1e-3).all()  # earlier tokens of the same image: changed
     assert (diff[before_last + 1 :] > 0).all()  # everything after: changed (causal)
 
-    second = features.clone()
-    second[1, -1] += 1.0  # the last token of image 1: image 0 and the text between stay as they were
-    diff = (logits_with(second) - logits_with(features)).abs().amax(dim=-1)
+    diff = output_change(model, ids, 1)  # image 1: image 0 and the text between stay as they were
     first_of_image1 = [i for i in range(ids.shape[1]) if ids[0, i] == IMAGE][4]
     assert (diff[:first_of_image1] == 0).all() and (diff[first_of_image1:] > 0).all()
+
+
+def test_in_packed_rows_an_image_is_seen_both_ways_within_its_document_only() -> None:
+    """Two documents packed in one row, an image in each (positions restart with the second): changing
+    the last token of the second document's image changes its earlier tokens and what follows it, never
+    the first document nor the text before the image; changing the first document's image never
+    reaches the second document. At local and global layers: the window of 3 is shorter than an image."""
+    model = multimodal_model(seed=3, h_cycles=2)
+    ids = torch.tensor([row(5, "img", 6) + row(7, 8, "img", 9)])  # 8 + 9 tokens
+    docs = torch.tensor([[0] * 8 + [1] * 9])
+    diff = output_change(model, ids, 1, doc_ids=docs)
+    assert (diff[:11] == 0).all()  # document 0, then document 1's text and <boi> before its image
+    assert (diff[11:14] > 1e-3).all() and (diff[14:] > 0).all()  # its image's earlier tokens, then after
+    diff = output_change(model, ids, 0, doc_ids=docs)
+    assert (diff[:2] == 0).all() and (diff[2:5] > 1e-3).all() and (diff[5:8] > 0).all()
+    assert (diff[8:] == 0).all()  # the next document never sees it
 
 
 def test_the_image_is_encoded_once_per_forward() -> None:
