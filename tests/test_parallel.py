@@ -249,6 +249,26 @@ def test_multimodal_run_resumes_at_another_layout(vlm_runs):
     assert any(r.get("data/images/samples") for r in records)  # the resumed steps read image-text rows
 
 
+@pytest.mark.slow
+def test_a_frozen_vision_tower_stays_as_it_was_and_the_projector_trains(tiny_image_text, tmp_path):
+    """model.vision.trainable=false (Gemma 3's recipe, the default): over image-text steps on DeepSpeed the
+    SigLIP tower's weights do not move, the projector's do."""
+    from hrm_mega.checkpoint.consolidate import load_model
+
+    common = [x.replace("trainable: true", "trainable: false") for x in vlm_common(tiny_image_text)]
+    run_dir = tmp_path / "frozen"
+    run_ok(
+        lm_cmd(
+            run_dir, tiny_image_text / "text", *LM, *common, "train.steps=2", "train.checkpoint_interval=1"
+        )
+    )
+    (first, _), (second, _) = (load_model(run_dir / f"checkpoints/step-0000000{k}") for k in (1, 2))
+    a, b = first.vision.state_dict(), second.vision.state_dict()
+    assert not any(p.requires_grad for p in second.vision.tower.parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("tower."))
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.startswith("projector."))
+
+
 # --- invalid layouts: one line, before any process-group work ------------------------------------------
 
 
