@@ -102,10 +102,10 @@ def test_recipe_option_errors(override: str, message: str) -> None:
         load_config(RECIPE, ["model.injection=add"])  # the recipe's gate_init=1 needs gates
 
 
-def test_bench_recipe_is_two_groups_whose_gemma_twin_has_the_same_parameters() -> None:
+def test_bench_recipe_is_one_group_whose_gemma_twin_has_the_same_parameters() -> None:
     config = load_config(RECIPE)
     m = config.model
-    assert (m.num_groups, m.num_tail_layers, m.gate_init, config.train.cycles_range) == (2, 0, 1.0, [1, 4])
+    assert (m.num_groups, m.num_tail_layers, m.gate_init, config.train.cycles_range) == (1, 0, 1.0, [1, 4])
     hrm = HRMGemma(m).parameter_counts()
     gemma = HRMGemma(dataclasses.replace(m, h_cycles=1, l_cycles=1)).parameter_counts()
     assert hrm == gemma
