@@ -354,7 +354,8 @@ def test_a_remote_code_export_reads_a_picture_end_to_end(tmp_path: Path, capsys)
     with torch.no_grad():
         assert max_diff(hf(**batch).logits, expected, batch["attention_mask"]) < TOL
         inputs = {k: v for k, v in batch.items() if k != "position_ids"}
-        tokens = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    ours = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
-                    greedy=True, eos_id=None, pixel_values=batch["pixel_values"])  # fmt: skip
-    assert torch.equal(tokens[:, batch["input_ids"].shape[1] :], ours.tokens)
+        for halting in ({}, {"max_cycles": 3, "halt_threshold": 0.6}):  # training forward; per-token halting
+            tokens = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, **halting)
+            ours = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+                            greedy=True, eos_id=None, pixel_values=batch["pixel_values"], **halting)  # fmt: skip
+            assert torch.equal(tokens[:, batch["input_ids"].shape[1] :], ours.tokens), halting
