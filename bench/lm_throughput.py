@@ -106,12 +106,17 @@ def layer_runs_per_token(c: LMModelConfig, cycles: int) -> int:
     return c.num_groups * cycles * (c.l_cycles * c.local_per_global + 1) + c.num_tail_layers
 
 
-def train_step_flops(c: LMModelConfig, cycles: int, batch: int, seq_len: int) -> int:
-    """Matmul FLOPs of one training step (forward + backward), as the module docstring counts them."""
+def train_step_flops(
+    c: LMModelConfig, cycles: int, batch: int, seq_len: int, pairs: float | None = None
+) -> float:
+    """Matmul FLOPs of one training step (forward + backward), as the module docstring counts them.
+    pairs: (query, key) pairs scored per row; default seq_len^2 (dense), the sum of squared document
+    lengths per row for per-document attention."""
     h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
     projections = 2 * (2 * h * c.num_heads * d + 2 * h * c.num_kv_heads * d)  # q, o and k, v
     mlp = 2 * 3 * h * inter  # GeGLU: gate, up, down
-    attention = 2 * 2 * c.num_heads * d * seq_len * seq_len  # q k^T and p v, dense over all keys
+    pairs = seq_len * seq_len if pairs is None else pairs
+    attention = 2 * 2 * c.num_heads * d * pairs  # q k^T and p v over the scored pairs
     layer = seq_len * (projections + mlp) + attention  # one layer run over one sequence
     head = 2 * seq_len * h * c.vocab_size
     group_runs = cycles * (c.l_cycles * c.local_per_global + 1)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hrm_mega.models.attention import Attention, attention_mask, flash_attn_func
+from hrm_mega.models.attention import Attention, DocumentRuns, attention_mask, flash_attn_func
 from hrm_mega.models.layers import RotaryEmbedding, init_parameters
 
 B, S, HIDDEN = 2, 9, 32
@@ -176,3 +176,56 @@ def test_bad_head_counts_and_cpu_backend():
         Attention(HIDDEN, 4, 3, 8)
     if not torch.cuda.is_available():
         assert flash_attn_func() is None  # CPU: always the SDPA path
+
+
+# Packed rows: documents of mixed lengths (runs of equal ids; a repeated id later in the row is a new
+# document), one of length 1, and two images inside documents.
+PACKED_DOCS = [[0] * 5 + [1] + [2] * 9 + [3] * 8, [7] * 4 + [8] * 4 + [7] * 4 + [9] * 11]
+PACKED_IMAGES = [[-1] * 7 + [0] * 4 + [-1] * 12, [-1] * 2 + [0] * 2 + [-1] * 8 + [1] * 5 + [-1] * 6]
+
+
+def packed_allowed(docs: list[int], images: list[int], i: int, j: int, window: int | None) -> bool:
+    """Gemma 3's rule inside one packed row: same document, and (causal within the window, or both
+    tokens of one image with the key less than a window behind)."""
+    run = [0]
+    for a, b in zip(docs, docs[1:]):
+        run.append(run[-1] + (a != b))
+    if run[i] != run[j]:
+        return False
+    near = window is None or i - j < window
+    same_image = images[i] >= 0 and images[i] == images[j]
+    return (j <= i and near) or (same_image and near)
+
+
+@pytest.mark.parametrize("window", [None, 3, 64])
+@pytest.mark.parametrize("with_images", [False, True])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_document_runs_match_naive(window, with_images, num_kv_heads):
+    """Per-document attention (no [seq, seq] mask) equals naive attention under the packed row's mask,
+    outputs and input gradients."""
+    attn = make(num_kv_heads=num_kv_heads, causal=True, window=window)
+    docs, images = torch.tensor(PACKED_DOCS), torch.tensor(PACKED_IMAGES)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    runs = DocumentRuns.build(starts, window=window, image_ids=images if with_images else None)
+    s = docs.shape[1]
+    imgs = PACKED_IMAGES if with_images else [[-1] * s] * 2
+    mask = torch.tensor(
+        [
+            [[packed_allowed(PACKED_DOCS[r], imgs[r], i, j, window) for j in range(s)] for i in range(s)]
+            for r in range(2)
+        ]
+    )
+    x = torch.randn(2, s, HIDDEN, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    got, want = attn(x, mask=runs), naive_attention(attn, x_ref, mask, rope=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    if with_images:  # the images really see each other both ways: a later image token moves an earlier one
+        y = x.detach().clone()
+        y[0, 10] += 1.0
+        changed = (attn(y, mask=runs) - got).abs().amax(-1)[0] > 1e-6
+        assert changed[7:10].all() and not changed[:7].any()

@@ -191,6 +191,31 @@ def test_packed_row_equals_each_document_alone() -> None:
         model(ids, doc_ids=doc_ids[:, :3])
 
 
+def test_per_document_attention_equals_the_dense_document_mask() -> None:
+    """model.packed_attention=documents (attention run per document, no [s, s] mask) gives the logits,
+    halting terms and gradients of the dense mask, with documents shorter and longer than the window."""
+    config = tiny_config(num_layers=10, h_cycles=2, l_cycles=2)
+    generator = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 128, (2, 24), generator=generator)
+    doc_ids = torch.tensor([[0] * 3 + [1] * 13 + [2] + [3] * 7, [4] * 24])
+    results = []
+    for packed_attention in ("documents", "mask"):
+        model = HRMGemma(dataclasses.replace(config, packed_attention=packed_attention)).init_weights(seed=9)
+        with torch.no_grad():
+            for block in model.blocks.values():  # open gates, so the cycles matter
+                for name in ("gate_LL", "gate_LH", "gate_HH"):
+                    getattr(block, name).copy_(torch.linspace(-0.5, 0.5, config.hidden_size))
+        logits, aux = model(ids, doc_ids=doc_ids)
+        loss = lm_loss(logits, ids, aux, model.config)["loss"]
+        loss.backward()
+        results.append((logits, aux["halt_logits"], {n: p.grad for n, p in model.named_parameters()}))
+    (logits, halt, grads), (ref_logits, ref_halt, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(halt, ref_halt, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_embedding_scale_is_rounded_to_the_weight_dtype() -> None:
     model = HRMGemma(tiny_config(hidden_size=72)).init_weights(seed=0).to(torch.bfloat16)
     ids = token_ids(batch=1)

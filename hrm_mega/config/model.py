@@ -186,6 +186,10 @@ class LMModelConfig:
     head_dim: int = 256
     query_pre_attn_scalar: int = 256  # attention scores are scaled by query_pre_attn_scalar**-0.5
     sliding_window: int = 512  # local layers see keys at distance < sliding_window
+    # Packed training rows (several documents a row): "documents" attends within each document
+    # separately, with no [seq, seq] mask and no score across documents (models/attention.py,
+    # DocumentRuns); "mask" builds the dense document mask (the reference; more memory and work).
+    packed_attention: Literal["documents", "mask"] = "documents"
     local_per_global: int = 5  # the layer pattern: this many local layers, then one global layer
     rope_local_base: float = 10000.0
     rope_global_base: float = 1000000.0

@@ -1,13 +1,16 @@
 """Multi-head attention: bidirectional or causal, global or sliding-window, GQA, optional QK-norm.
 
 Backends: flash-attn when it is importable, the tensors are on a GPU in fp16/bf16 and no custom mask
-is needed; otherwise torch's scaled_dot_product_attention with an explicit boolean mask. Both compute
-the same function, so the choice never changes results beyond kernel rounding.
+is needed; otherwise torch's scaled_dot_product_attention with an explicit boolean mask. Packed rows
+(several documents per row) take a third form: `DocumentRuns`, which attends within each document
+separately, so no [seq, seq] mask is built and no score across documents is computed (see its
+docstring). All compute the same function, so the choice never changes results beyond kernel rounding.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,6 +33,25 @@ def flash_attn_func():  # -> Callable | None
     return kernel
 
 
+@functools.cache
+def flash_attn_varlen_func():  # -> Callable | None
+    """flash-attn's variable-length kernel (packed documents) when installed and a GPU is present."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+def flash_window(window: int | None, causal: bool) -> tuple[int, int]:
+    """Our window (keys at distance < window) as flash-attn's (left, right) window_size."""
+    if window is None:
+        return (-1, -1)
+    return (window - 1, -1 if causal else window - 1)
+
+
 def attention_mask(
     q_len: int, k_len: int, *, causal: bool, window: int | None, device: torch.device | None = None
 ) -> torch.Tensor | None:
@@ -48,6 +70,100 @@ def attention_mask(
     if window is not None:
         allowed &= (q_pos - k_pos).abs() < window
     return allowed
+
+
+@dataclass(frozen=True)
+class DocumentRuns:
+    """Attention of packed rows, one document at a time: the mask of a training row that holds several
+    documents, without the [seq, seq] tensor.
+
+    A document only attends to itself, so the row's attention is that of each document alone. The
+    documents of the batch are grouped by length; each group is gathered into [n, heads, L, d] and runs
+    as one causal attention call (with a [n, 1, L, L] mask only where a sliding window cuts the document
+    or an image's tokens see each other both ways), and the outputs are put back in place. Memory and
+    work grow with the sum of squared document lengths instead of batch x seq^2.
+
+    On a GPU in fp16/bf16 with flash-attn installed, rows without images run flash-attn's
+    variable-length kernel over the same documents instead (cu_seqlens, with the window).
+
+    groups: (index [n, L] into the flattened batch x seq positions, mask [n or 1, 1, L, L] or None for
+    plain causal attention) per document length; inverse: the permutation that puts the concatenated
+    group outputs back in batch x seq order; cu_seqlens [docs + 1] int32: document boundaries in the
+    flattened positions; max_length: the longest document; window: as `attention_mask`; images: whether
+    any document holds an image (a mask flash-attn cannot express).
+    """
+
+    groups: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    inverse: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+    window: int | None
+    images: bool
+
+    @staticmethod
+    def build(
+        doc_starts: torch.Tensor, *, window: int | None, image_ids: torch.Tensor | None = None
+    ) -> DocumentRuns:
+        """doc_starts [b, s] (True where a document begins); window as `attention_mask`; image_ids [b, s]
+        (>= 0 on an image's tokens, the image's index in the row; -1 elsewhere) for Gemma 3's image spans."""
+        b, s = doc_starts.shape
+        starts = doc_starts.clone()
+        starts[:, 0] = True
+        flat_starts = starts.flatten().nonzero().squeeze(1)  # [docs]: flat start position
+        # every row begins a document, so the next start also ends a row's last document
+        lengths = torch.diff(flat_starts, append=flat_starts.new_tensor([b * s]))
+        groups, order, images = [], [], False
+        for length in lengths.unique().tolist():
+            first = flat_starts[lengths == length]
+            index = first[:, None] + torch.arange(length, device=first.device)  # [n, L]
+            mask = attention_mask(length, length, causal=True, window=window, device=index.device)
+            cut = window is not None and length > window
+            if image_ids is not None:
+                img = image_ids.flatten()[index]  # [n, L]
+                if bool((img >= 0).any()):
+                    both_ways = (img[:, :, None] == img[:, None, :]) & (img >= 0)[:, :, None]
+                    if window is not None:  # keys at most window-1 back; later keys of the image stay
+                        pos = torch.arange(length, device=index.device)
+                        both_ways = both_ways & (pos[None, :] > pos[:, None] - window)
+                    groups.append((index, (mask | both_ways).unsqueeze(1)))
+                    order.append(index.flatten())
+                    images = True
+                    continue
+            groups.append((index, mask[None, None] if cut else None))
+            order.append(index.flatten())
+        inverse = torch.cat(order).argsort()
+        cu_seqlens = torch.cat((flat_starts, flat_starts.new_tensor([b * s]))).int()
+        max_length = int(lengths.max())
+        return DocumentRuns(tuple(groups), inverse, cu_seqlens, max_length, window, images)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [b, h, s, d]; k, v: [b, kv, s, d] -> [b, h, s, d]."""
+        b, h, s, d = q.shape
+        kernel = flash_attn_varlen_func()
+        if (
+            kernel is not None
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and not self.images
+        ):
+            q, k, v = (t.transpose(1, 2).reshape(b * s, -1, d) for t in (q, k, v))  # [b*s, heads, d]
+            out = kernel(
+                q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_length, self.max_length,
+                softmax_scale=scale, causal=True, window_size=flash_window(self.window, causal=True),
+            )  # fmt: skip
+            return out.view(b, s, h, d).transpose(1, 2)
+        if k.shape[1] != h:  # grouped-query attention: each kv head serves h / kv query heads
+            k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
+        flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]  # [b*s, h, d]
+        outs = []
+        for index, mask in self.groups:
+            qg, kg, vg = (t[index].transpose(1, 2) for t in flat)  # [n, h, L, d]
+            out = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale
+            )
+            outs.append(out.transpose(1, 2).reshape(-1, h, d))  # [n*L, h, d]
+        out = torch.cat(outs)[self.inverse]  # [b*s, h, d] in batch order
+        return out.view(b, s, h, d).transpose(1, 2)
 
 
 class KVCacheSlot(Protocol):
@@ -100,7 +216,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | DocumentRuns | None = None,
         kv_cache: KVCacheSlot | None = None,
     ) -> torch.Tensor:
         """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default;
@@ -120,17 +236,16 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | DocumentRuns | None
     ) -> torch.Tensor:
         """q: [b, h, q_len, d]; k, v: [b, kv, k_len, d] -> [b, h, q_len, d]."""
+        if isinstance(mask, DocumentRuns):
+            return mask.attend(q, k, v, self.scale)
         kernel = flash_attn_func()
         if kernel is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            window = (
-                (-1, -1) if self.window is None else (self.window - 1, -1 if self.causal else self.window - 1)
-            )
             out = kernel(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                softmax_scale=self.scale, causal=self.causal, window_size=window,
+                softmax_scale=self.scale, causal=self.causal, window_size=flash_window(self.window, self.causal),
             )  # fmt: skip
             return out.transpose(1, 2)
         if mask is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hrm_mega.models.attention import Attention, KVCacheSlot
+from hrm_mega.models.attention import Attention, DocumentRuns, KVCacheSlot
 from hrm_mega.models.layers import GatedMLP, RMSNorm
 
 
@@ -24,7 +24,7 @@ class SeqContext:
     """Per-forward tensors shared by all blocks: RoPE tables and masks, keyed by attention kind."""
 
     ropes: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor | DocumentRuns | None] = field(default_factory=dict)
 
 
 class TransformerBlock(nn.Module):

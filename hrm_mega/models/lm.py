@@ -80,8 +80,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hrm_mega.config.model import LMModelConfig, VisionConfig
+from hrm_mega.models.attention import DocumentRuns, flash_attn_func
 from hrm_mega.models.attention import attention_mask as causal_mask
-from hrm_mega.models.attention import flash_attn_func
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
 from hrm_mega.models.layers import (
     RMSNorm,
@@ -570,6 +570,10 @@ def sequence_context(
     no_masks = attention_mask is None and doc_ids is None and past_valid is None and image_ids is None
     if no_masks and _kernel_masks(x):
         return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))  # the kernel applies causal/window
+    if doc_ids is not None and attention_mask is None and config.packed_attention == "documents":
+        starts = document_starts(doc_ids)  # per-document attention: no [s, s] mask (DocumentRuns)
+        runs = {kind: DocumentRuns.build(starts, window=w, image_ids=image_ids) for kind, w in windows.items()}
+        return SeqContext(ropes=ropes_at, masks=runs)
     valid = None  # [b, past + s]: which keys are real tokens
     if attention_mask is not None or past_valid is not None:
         valid = (
