@@ -359,3 +359,30 @@ def test_a_remote_code_export_reads_a_picture_end_to_end(tmp_path: Path, capsys)
             ours = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
                             greedy=True, eos_id=None, pixel_values=batch["pixel_values"], **halting)  # fmt: skip
             assert torch.equal(tokens[:, batch["input_ids"].shape[1] :], ours.tokens), halting
+
+
+def test_a_hub_style_preprocessor_config_is_kept_and_checked(tmp_path: Path) -> None:
+    """Gemma 3's Hub directories hold preprocessor_config.json (transformers 4's layout, nulls for the
+    processor's defaults): import keeps it, export writes it as it is, after checking its image size."""
+    import pytest
+
+    from hrm_mega.convert.hf_export import ExportError, save_image_processor
+    from hrm_mega.convert.hf_import import image_processor_settings
+
+    hub = {
+        "do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5] * 3, "image_processor_type": "Gemma3ImageProcessor", "image_seq_length": 4,
+        "image_std": [0.5] * 3, "pan_and_scan_max_num_crops": None, "pan_and_scan_min_crop_size": None,
+        "pan_and_scan_min_ratio_to_activate": None, "processor_class": "Gemma3Processor", "resample": 2,
+        "rescale_factor": 1 / 255, "size": {"height": 28, "width": 28},
+    }  # fmt: skip
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/preprocessor_config.json").write_text(json.dumps(hub))
+    assert image_processor_settings(tmp_path / "hf") == hub
+    (tmp_path / "out").mkdir()
+    save_image_processor(vision_config(), tmp_path / "out", tmp_path / "hf/preprocessor_config.json")
+    assert json.loads((tmp_path / "out/preprocessor_config.json").read_text()) == hub
+    with pytest.raises(ExportError, match=r"resizes images to 28 x 28, but the vision tower takes 56 x 56"):
+        save_image_processor(
+            vision_config(image_size=56), tmp_path / "out", tmp_path / "hf/preprocessor_config.json"
+        )
