@@ -123,6 +123,10 @@ PASS_THROUGH: dict[str, tuple[str, str]] = {
         "hrm_mega.entry.export_hf",
         "write a Hugging Face model directory: hrm-mega export-hf CKPT OUT",
     ),
+    "quantize": (
+        "hrm_mega.entry.quantize",
+        "weight-only int8/int4 (torchao): hrm-mega quantize CKPT OUT --scheme int8|int4 [--format hrm-mega|hf]",
+    ),
     "launch": (
         "hrm_mega.entry.launch",
         "plan and start a run on torchrun, the deepspeed launcher or Slurm: hrm-mega launch ... CONFIG",

@@ -90,8 +90,13 @@ def save_consolidated(state: dict[str, torch.Tensor], config: Config, out: str |
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
-    """Loads a model from a training checkpoint, a model directory, or a consolidated .safetensors file."""
+    """Loads a model from a training checkpoint, a model directory (also a quantized one: hrm-mega
+    quantize), or a consolidated .safetensors file."""
     if Path(path).is_dir() and (Path(path) / WEIGHTS).is_file():
+        from hrm_mega.checkpoint.quantized import is_quantized_dir, load_quantized
+
+        if is_quantized_dir(path):
+            return load_quantized(path)
         from hrm_mega.checkpoint.model_dir import load_model_dir
 
         return load_model_dir(path)

@@ -301,11 +301,13 @@ def _init_linear(layer: nn.Module, fan_in: int) -> None:
 def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
     """Several projections of the same input, run as one matmul over their concatenated weights (faster on
     every backend). Bias-free plain Linears (TP=1) or column-parallel ones; under TP the input goes through
-    one copy-to-TP region, so backward all-reduces its gradient once rather than once per layer."""
-    if all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+    one copy-to-TP region, so backward all-reduces its gradient once rather than once per layer. Quantized
+    weights (torchao tensor subclasses) run one layer at a time, through their own kernels."""
+    plain = all(type(layer.weight) in (torch.Tensor, nn.Parameter) for layer in layers)  # not quantized
+    if plain and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
         weight = torch.cat([layer.weight for layer in layers])
         return list(F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1))
-    if all(getattr(layer, "is_column_parallel", False) and layer.bias is None for layer in layers):
+    if plain and all(getattr(layer, "is_column_parallel", False) and layer.bias is None for layer in layers):
         from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
         weight = torch.cat([layer.weight for layer in layers])  # this rank's rows of each

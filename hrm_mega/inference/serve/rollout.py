@@ -5,8 +5,8 @@
     if result.passed:
         old = engine.swap(candidate)                                      # between batches
 
-A candidate must be an hrm-mega model directory (model.safetensors + config.yaml) or a consolidated
-.safetensors file: never a training checkpoint, whose engine files are pickles. Its format version is
+A candidate must be an hrm-mega model directory (model.safetensors + config.yaml; also a quantized one)
+or a consolidated .safetensors file: never a training checkpoint, whose engine files are pickles. Its format version is
 checked (a newer one is refused with one line).
 
 The canary is a fixed prompt set run greedily on the candidate before it serves. It passes when every
@@ -137,6 +137,7 @@ def load_candidate(path: str | Path, *, device: torch.device | str, dtype: torch
     """An HRMGemma from an hrm-mega model directory or consolidated .safetensors file (nothing else), on
     `device` in `dtype`, in eval mode."""
     from hrm_mega.checkpoint.consolidate import load_state
+    from hrm_mega.checkpoint.quantized import is_quantized_dir, load_quantized
     from hrm_mega.models import build_model
 
     p = Path(path)
@@ -147,9 +148,12 @@ def load_candidate(path: str | Path, *, device: torch.device | str, dtype: torch
             "file; a swap takes only those, never a training checkpoint (hrm-mega consolidate makes one)"
         )
     try:
-        state, config = load_state(p)
-        model = build_model(config.model)
-        load_state_dict_strict(model, state, source=str(p))
+        if is_dir and is_quantized_dir(p):
+            model, config = load_quantized(p)
+        else:
+            state, config = load_state(p)
+            model = build_model(config.model)
+            load_state_dict_strict(model, state, source=str(p))
     except (CheckpointError, ValueError) as e:
         raise RolloutError(str(e).splitlines()[0]) from None
     if not isinstance(model, HRMGemma):
