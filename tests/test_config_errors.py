@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import TINY_VISION
 
-from hrm_mega.config import BUILTIN_REWARDS, ConfigError, load_config
+from hrm_mega.config import BUILTIN_REWARDS, ConfigError, load_config, save_resolved
 from hrm_mega.data.shards import ShardWriter, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,19 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("config_errors")
     text = write_dataset(root / "text", "text", 320, TEXT_SEQ_LEN, shards=2)
     (text / "tokenizer.model").write_bytes(b"")
-    return {"sudoku": write_dataset(root / "sudoku", "sudoku", 11, 81, shards=8), "text": text}
+    teachers = {}  # model directories of which the checks read config.yaml only
+    for name, sets in (("vocab", ["model.vocab_size=256"]), ("heads", ["model.num_kv_heads=1"])):
+        teachers[name] = root / f"teacher_{name}"
+        teachers[name].mkdir()
+        save_resolved(load_config(LM, sets), teachers[name] / "config.yaml")
+        (teachers[name] / "model.safetensors").write_bytes(b"")
+    sudoku = write_dataset(root / "sudoku", "sudoku", 11, 81, shards=8)
+    return {
+        "sudoku": sudoku,
+        "text": text,
+        "teacher_vocab": teachers["vocab"],
+        "teacher_heads": teachers["heads"],
+    }
 
 
 def cli(data: dict[str, Path], command: str, recipe: Path, *sets: str, nproc: int = 1, extra=()) -> list[str]:
@@ -72,8 +84,12 @@ CASES = [
     ("num_heads_nproc2", "train", PUZZLE, ["model.num_heads=7"], 2, "model.num_heads=7 does not divide"),
     ("rl_vision_pp", "rl", RL_LM, [*TINY_VISION, "parallel.pp=2"], 2,
      "is not available with parallel.pp > 1"),  # RL's own refusal, or (before it) any vision model's
-    ("distill_tp", "train", LM, ["train.distill_weight=1", "train.distill_from=x", "parallel.tp=2"], 2,
-     "train.distill_weight > 0 needs parallel.tp=1"),
+    ("distill_missing", "train", LM, ["train.distill_weight=1", "train.distill_from=/nonexistent/x"], 1,
+     "train.distill_from=/nonexistent/x: no teacher there"),
+    ("distill_vocab", "train", LM, ["train.distill_weight=1", "train.distill_from=TEACHER_VOCAB"], 1,
+     "the teacher must be an hrm_gemma model with the student's vocab_size 512"),
+    ("distill_tp", "train", LM, ["train.distill_weight=1", "train.distill_from=TEACHER_HEADS", "parallel.tp=2"], 2,
+     "the teacher's model.num_kv_heads=1 is not divisible by parallel.tp=2"),
     ("partitions_samples", "train", PUZZLE, ["data.partitions=64"], 1, "data.partitions=64 exceeds the 32 samples"),
     ("ema_zero3", "train", PUZZLE, ["optim.ema_decay=0.999", "parallel.zero_stage=3"], 1,
      "optim.ema_decay > 0 is not supported with parallel.zero_stage=3"),
@@ -130,7 +146,8 @@ def assert_refused_early(cmd: list[str], command: str, message: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cli_refuses_a_bad_config_in_one_line_before_any_engine(data, case) -> None:
     _, command, recipe, sets, nproc, message = case
-    sets = [s.replace("SUDOKU", str(data["sudoku"])) for s in sets]
+    for key in ("sudoku", "teacher_vocab", "teacher_heads"):
+        sets = [s.replace(key.upper(), str(data[key])) for s in sets]
     extra = ("--init", "/nonexistent/ckpt") if command == "rl" and "train.init_from=" not in sets else ()
     assert_refused_early(cli(data, command, recipe, *sets, nproc=nproc, extra=extra), command, message)
 

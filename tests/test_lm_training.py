@@ -117,6 +117,27 @@ def test_distillation_loss_is_temperature_scaled_kl_over_labelled_tokens() -> No
     assert float(distillation_loss(student, teacher, labels, 2.0)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_vocab_kl_gradient_is_the_autograd_gradient_of_the_kl() -> None:
+    """kl_divergence writes its backward by hand (p_s - p_t, what the vocab-parallel form needs); on one
+    process it must equal autograd through log_softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    from hrm_mega.models.vocab import kl_divergence
+
+    g = torch.Generator().manual_seed(1)
+    student = (3 * torch.randn(6, 11, generator=g)).requires_grad_()
+    teacher = 3 * torch.randn(6, 11, generator=g)
+    weights = torch.rand(6, generator=g)
+    (kl_divergence(student, teacher) * weights).sum().backward()
+    reference = student.detach().clone().requires_grad_()
+    log_t = F.log_softmax(teacher, -1)
+    expected = (log_t.exp() * (log_t - F.log_softmax(reference, -1))).sum(-1)
+    (expected * weights).sum().backward()
+    assert torch.allclose(kl_divergence(student.detach(), teacher), expected.detach(), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(student.grad, reference.grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_distillation_from_a_teacher_checkpoint(tiny_text: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher"

@@ -91,8 +91,29 @@ def layout_runs(root: Path, data: Path, *common: str):
 
 @pytest.fixture(scope="module")
 def lm_runs(tiny_text: Path, tmp_path_factory):
-    """Runs an HRMGemma layout once per module and returns its run dir."""
-    return layout_runs(tmp_path_factory.mktemp("lm"), tiny_text)
+    """Runs an HRMGemma layout once per module and returns its run dir. Every run distils from one
+    teacher (train.distill_*) of another depth (one CycleBlock) and seed, trained a step in one process:
+    at every layout the distillation term and its gradient must agree with one process's as well."""
+    root = tmp_path_factory.mktemp("lm")
+    teacher = root / "teacher"
+    run_ok(
+        lm_cmd(
+            teacher, tiny_text, "model.num_layers=4", "model.num_kv_heads=2", "train.steps=1", "train.seed=7"
+        )
+    )
+    checkpoint = teacher / "checkpoints/step-00000001"
+    distill = (
+        "train.distill_weight=0.5",
+        "train.distill_temperature=2.0",
+        f"train.distill_from={checkpoint}",
+    )
+    return layout_runs(root, tiny_text, *distill)
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    """Every logged value of `key` in metrics.jsonl, in order."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r[key] for r in records if key in r]
 
 
 def eval_record(run_dir: Path) -> dict[str, float]:
@@ -117,6 +138,9 @@ def test_hrmgemma_layouts_agree_with_one_process(lm_runs, name):
     terms: every stage must still agree."""
     single, run_dir = lm_runs("single"), lm_runs(name, *LM_LAYOUTS[name])
     assert_agree(single, run_dir)
+    distill = [logged(single, "distill"), logged(run_dir, "distill")]
+    assert len(distill[0]) == 5 and min(distill[0]) > 0.01  # the teacher differs from the student
+    assert distill[1] == pytest.approx(distill[0], rel=REL)
     cycles = lambda d: [json.loads(x).get("cycles") for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert cycles(single) == cycles(run_dir)
     reference, other = eval_record(single), eval_record(run_dir)

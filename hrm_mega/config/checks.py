@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from hrm_mega.config.layout import check_model_layout, resolve_layout
+from hrm_mega.config.layout import check_model_layout, resolve_layout, tp_split_sizes
 from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig
 from hrm_mega.config.schema import ConfigError
 
@@ -61,11 +61,6 @@ def check_sections(c: Config) -> None:
     if par.pp > 1 and t.compile:
         raise ConfigError(
             "train.compile is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"
-        )
-    if t.distill_weight > 0 and par.tp * par.pp > 1:
-        raise ConfigError(
-            "train.distill_weight > 0 needs parallel.tp=1 and parallel.pp=1 (the teacher is a whole "
-            "single-process model); distil first, or set train.distill_weight=0"
         )
     if c.optim.ema_decay > 0 and par.zero_stage == 3:
         raise ConfigError("optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2")
@@ -125,6 +120,8 @@ def check_run(c: Config, command: Command) -> None:
     if c.data.sources:
         check_sources(c, command)
     check_manifest(c, command)
+    if command == "train" and c.train.distill_weight > 0:
+        check_teacher(c, read_teacher_model(c.train.distill_from))
 
 
 def check_sources(c: Config, command: Command) -> None:
@@ -224,6 +221,53 @@ def check_rl(c: Config) -> None:
             raise ConfigError(
                 "RL of a model with model.vision is not available with parallel.pp > 1 yet (RL prompts are "
                 "text, and the first pipeline stage's vision layer expects images); use parallel.pp=1"
+            )
+
+
+def read_teacher_model(path: str) -> Any:
+    """The model section of the checkpoint at train.distill_from (a training checkpoint, a model
+    directory or a consolidated .safetensors file), read without its weights."""
+    import yaml
+
+    from hrm_mega.config.model import model_config_from_dict
+
+    where, p = f"train.distill_from={path}", Path(path)
+    try:
+        if (p / "client" / "rank-00000.json").is_file():
+            raw = json.loads((p / "client" / "rank-00000.json").read_text())["config"]
+        elif (p / "config.yaml").is_file():
+            raw = yaml.safe_load((p / "config.yaml").read_text())
+        elif p.is_file() and p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(p, "pt") as f:
+                raw = yaml.safe_load((f.metadata() or {})["config"])
+        else:
+            raise ConfigError(
+                f"{where}: no teacher there; expected a training checkpoint (step-*/), a model directory "
+                "(model.safetensors + config.yaml) or a .safetensors file from hrm-mega consolidate"
+            )
+        return model_config_from_dict(raw["model"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where}: its config cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_teacher(c: Config, teacher: Any) -> None:
+    """The distillation teacher's model against the student's: an hrm_gemma model with the student's
+    vocabulary (the KL compares the two distributions token by token), whose sizes split over
+    parallel.tp (it runs split like the student, training/tasks/lm.py Teacher)."""
+    where = f"train.distill_from={c.train.distill_from}"
+    if not isinstance(teacher, LMModelConfig) or teacher.vocab_size != c.model.vocab_size:
+        raise ConfigError(
+            f"{where}: the teacher must be an hrm_gemma model with the student's vocab_size "
+            f"{c.model.vocab_size}, not a {teacher.family} model with vocab_size {teacher.vocab_size}"
+        )
+    tp = c.parallel.tp
+    for name, value in tp_split_sizes(teacher).items():
+        if value % tp:
+            raise ConfigError(
+                f"{where}: the teacher's model.{name}={value} is not divisible by parallel.tp={tp} "
+                "(the teacher is split like the student); distil at a parallel.tp that divides it"
             )
 
 

@@ -136,3 +136,46 @@ def _vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ki
     picked = s.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
     target = reduce_from_tensor_model_parallel_region(torch.where(mine, picked, 0))
     return total.log() - target.log()
+
+
+def kl_divergence(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(softmax(teacher) || softmax(student)) over the whole vocabulary, from this rank's
+    slices of both [..., V/T] (fp32); the gradient reaches the student's slice only. Distillation at a
+    temperature divides both by it first.
+
+    Under TP each rank holds p_t and log p_s for its slice once the maxima and the softmax sums are
+    all-reduced (two collectives of two numbers per token), and the KL is the all-reduced sum of the
+    slices' terms. Its gradient, p_s - p_t on the slice, is written by hand as megatron-core's
+    vocab-parallel cross-entropy does: through an all-reduce whose backward is the identity, each rank
+    would see only its own slice's share of d KL / d log Z_s (sum of p_t over its slice, not 1)."""
+    return _VocabKL.apply(student, teacher)
+
+
+class _VocabKL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, student: torch.Tensor, teacher: torch.Tensor
+    ) -> torch.Tensor:
+        tp = distributed.tp_size()
+        group = distributed.tensor_parallel_group() if tp > 1 else None
+        maxima = torch.stack((student.max(-1).values, teacher.max(-1).values))  # [2, ...]
+        if tp > 1:
+            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
+        log_ps = student - maxima[0].unsqueeze(-1)
+        log_pt = teacher - maxima[1].unsqueeze(-1)
+        sums = torch.stack((log_ps.exp().sum(-1), log_pt.exp().sum(-1)))
+        if tp > 1:
+            torch.distributed.all_reduce(sums, group=group)
+        log_ps -= sums[0].log().unsqueeze(-1)
+        log_pt -= sums[1].log().unsqueeze(-1)
+        p_t = log_pt.exp()
+        kl = (p_t * (log_pt - log_ps)).sum(-1)
+        if tp > 1:
+            torch.distributed.all_reduce(kl, group=group)
+        ctx.save_for_backward(log_ps.exp_().sub_(p_t))  # d KL / d student = p_s - p_t
+        return kl
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (diff,) = ctx.saved_tensors
+        return diff * grad.unsqueeze(-1), None

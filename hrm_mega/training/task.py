@@ -158,9 +158,6 @@ def load_init_weights(
     shapes are checked against the whole model (built on the meta device), so a stage also refuses a
     source with other or more layers than this config's."""
     from hrm_mega.checkpoint.consolidate import load_state
-    from hrm_mega.checkpoint.model_dir import CheckpointError
-    from hrm_mega.checkpoint.universal import full_shape, model_name, tp_share
-    from hrm_mega.distributed import tp_rank, tp_size
 
     label = label or f"train.init_from={config.train.init_from}"
     state, source_config = load_state(config.train.init_from)
@@ -169,8 +166,26 @@ def load_init_weights(
             f"{label} holds a {source_config.model.family} model; "
             f"this recipe is model.family={config.model.family}"
         )
+    fresh = copy_whole_weights(model, config.model, state, label, keep_fresh)
+    return fresh, source_config
+
+
+def copy_whole_weights(
+    model: torch.nn.Module,
+    model_config: Any,
+    state: dict[str, torch.Tensor],
+    label: str,
+    keep_fresh: tuple[str, ...] = (),
+) -> tuple[str, ...]:
+    """Copies `state` (the whole single-process model's weights of `model_config`) into `model`, this
+    rank's share of that model (TP slices, a pipeline stage), strictly as load_init_weights describes;
+    returns the keep_fresh keys the state lacks."""
+    from hrm_mega.checkpoint.model_dir import CheckpointError
+    from hrm_mega.checkpoint.universal import full_shape, model_name, tp_share
+    from hrm_mega.distributed import tp_rank, tp_size
+
     with torch.device("meta"):
-        whole = build_model(config.model)
+        whole = build_model(model_config)
     persistent = set(whole.state_dict())
     expected = {n: full_shape(p, tp_size()) for n, p in whole.named_parameters()}
     expected |= {n: tuple(b.shape) for n, b in whole.named_buffers() if n in persistent}
@@ -196,4 +211,4 @@ def load_init_weights(
         for name, b in model.named_buffers():
             if name in local_persistent:
                 b.copy_(state[model_name(name)])
-    return fresh, source_config
+    return fresh

@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hrm_mega.config import Config, ConfigError, LMModelConfig, pipeline_stage_blocks
+from hrm_mega.config import Config, LMModelConfig, pipeline_stage_blocks
 from hrm_mega.config.model import VisionConfig
 from hrm_mega.data.collate import select_rows
 from hrm_mega.data.decode import IMAGE_TEXT_TASK
@@ -41,7 +40,7 @@ from hrm_mega.data.stream import SampleStream
 from hrm_mega.distributed import all_finite, all_reduce_sums, pipeline_topology
 from hrm_mega.models.lm import HaltingCycleBlock, HRMGemma, halting_sums, lm_loss, lm_loss_terms
 from hrm_mega.models.lm_pipeline import build_pipeline_module, pipeline_inputs
-from hrm_mega.models.vocab import cross_entropy, label_is_argmax
+from hrm_mega.models.vocab import cross_entropy, kl_divergence, label_is_argmax
 from hrm_mega.optim import EMA
 from hrm_mega.training import engine as ds
 from hrm_mega.training.engine import client_optimizer
@@ -58,7 +57,7 @@ LOSS_KEYS = ("loss", "ce", "halt_bce", "compute_cost", "expected_cycles", "disti
 
 
 class LMTask(Task):
-    teacher: HRMGemma | None = None
+    teacher: Teacher | None = None
     _tokens_last_step: int = 0
 
     def __init__(self, config: Config) -> None:
@@ -71,14 +70,23 @@ class LMTask(Task):
         return manifest
 
     def build_model(self, trainer: Trainer) -> torch.nn.Module:
-        t = self.config.train
+        t, w = self.config.train, trainer.world
+        if t.distill_weight > 0:
+            from hrm_mega.checkpoint.consolidate import load_state
+
+            # every rank reads it (the checkpoint's integrity check is collective); the ranks that hold
+            # the logits keep it
+            state, teacher_config = load_state(t.distill_from)
+            if not self.pipeline or w.pp_rank == w.layout.pp - 1:
+                self.teacher = Teacher(self.config, teacher_config, state, w.device)
+            del state
         if not self.pipeline:
             model = super().build_model(trainer)
             for block in model.modules():
                 if isinstance(block, HaltingCycleBlock):
                     block.recompute = t.activation_checkpointing
             return model
-        self.pipeline_loss = PipelineLoss(self.config.model)
+        self.pipeline_loss = PipelineLoss(self.config.model, self.teacher)
         model = build_pipeline_module(
             self.config.model, t.seed, pipeline_topology(), pipeline_stage_blocks(self.config),
             self.pipeline_loss, t.activation_checkpointing,
@@ -88,22 +96,10 @@ class LMTask(Task):
         return model
 
     def setup(self, trainer: Trainer) -> None:
-        t = self.config.train
         if self.pipeline:
             own_clip = self.config.parallel.zero_stage == 0  # see engine.deepspeed_config
             clip = self.config.optim.grad_clip if own_clip else None
             self.guard = StepGuard(client_optimizer(trainer.engine), clip, trainer.world)
-        if t.distill_weight > 0:
-            from hrm_mega.checkpoint.consolidate import load_model
-
-            teacher, teacher_config = load_model(t.distill_from)
-            m = teacher_config.model
-            if m.family != "hrm_gemma" or m.vocab_size != self.config.model.vocab_size:
-                raise ConfigError(
-                    f"train.distill_from={t.distill_from}: the teacher must be an hrm_gemma model with "
-                    f"vocab_size {self.config.model.vocab_size}"
-                )
-            self.teacher = teacher.to(trainer.world.device).eval().requires_grad_(False)
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -133,7 +129,7 @@ class LMTask(Task):
         means = {k: sums[k] for k in LOSS_KEYS}  # the micro-batches' shares add up to the means
         if not finite:
             means["loss"] = float("nan")
-        if self.teacher is None:
+        if not self.config.train.distill_weight:
             del means["distill"]
         out = {**means, "ppl": math.exp(min(means["ce"], 50.0)), "cycles": cycles, "lr": lr}
         return {**out, "grad_norm": grad_norm, "skipped_step": int(not finite)}
@@ -173,10 +169,14 @@ class LMTask(Task):
 
     def _stage_inputs(self, mb: dict[str, torch.Tensor], cycles: int) -> tuple:
         """(pipeline_inputs, labels) for DeepSpeed's loader: the first stage reads the inputs (with the
-        step's H cycles), the last the labels."""
+        step's H cycles), the last the labels; when distilling, followed by the teacher's inputs (the
+        teacher runs on the last stage)."""
         mask, pixels = self._token_mask(mb), self.pixel_values(mb)
-        inputs = pipeline_inputs(mb["input_ids"], mb["position_ids"], mb["doc_ids"], mask, cycles, pixels)
-        return inputs, mb["labels"]
+        ids, positions, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
+        inputs = pipeline_inputs(ids, positions, docs, mask, cycles, pixels)
+        if not self.config.train.distill_weight:
+            return inputs, mb["labels"]
+        return inputs, (mb["labels"], ids, positions, docs, *(() if pixels is None else (pixels,)))
 
     def pixel_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return batch_pixel_values(batch, self.config.model.vision, self.image_processing)
@@ -212,13 +212,8 @@ class LMTask(Task):
         )
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_pixels = pixels if self.teacher.vision is not None else None
-                teacher_logits, _ = self.teacher(
-                    ids, pixel_values=teacher_pixels, position_ids=positions, doc_ids=docs
-                )
-            parts["distill"] = distillation_loss(
-                logits, teacher_logits, mb["labels"], t.distill_temperature, normalizer=normalizers[0]
+            parts["distill"] = self.teacher.loss(
+                logits, mb["labels"], normalizers[0], ids, positions, docs, pixels
             )
             parts["loss"] = parts["loss"] + t.distill_weight * parts["distill"]
         return parts
@@ -304,8 +299,8 @@ class PipelineLoss:
     step's token-mean loss (lm_loss_terms), times `scale`. Keeps the step's metric sums; with
     normalizers=None (evaluation) the sums are the eval split's NLL, tokens and expected cycles."""
 
-    def __init__(self, config: LMModelConfig) -> None:
-        self.config = config
+    def __init__(self, config: LMModelConfig, teacher: Teacher | None = None) -> None:
+        self.config, self.teacher = config, teacher
         self.start(normalizers=(1.0, 1.0))
 
     def start(self, normalizers: tuple[float, float] | None, scale: float = 1.0) -> None:
@@ -321,11 +316,17 @@ class PipelineLoss:
             labels, answer_docs = labels
             self.score(logits, halting[2], labels, answer_docs)
             return logits.new_zeros(())
+        teacher_inputs = ()
+        if isinstance(labels, tuple):  # distilling: (labels, ids, positions, doc_ids[, pixel_values])
+            labels, *teacher_inputs = labels
         targets = labels[:, 1:]
         ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()
         tokens = float((targets != -100).sum())
         parts = lm_loss_terms(ce_sum, halting, self.config, self.normalizers)
-        parts["distill"] = torch.zeros(())  # no teacher with pipeline stages
+        parts["distill"] = logits.new_zeros(())
+        if self.teacher is not None:
+            parts["distill"] = self.teacher.loss(logits, labels, self.normalizers[0], *teacher_inputs)
+            parts["loss"] = parts["loss"] + self.teacher.weight * parts["distill"]
         add_micro_batch(self.sums, parts["loss"], _terms(parts), counts={"tokens": tokens})
         return parts["loss"] * self.scale
 
@@ -342,6 +343,48 @@ class PipelineLoss:
         values = (float(nll), float((targets != -100).sum()), float(cycles), float((labels != -100).sum()))
         for k, v in zip(EVAL_KEYS, (*values, answers, exact)):
             self.sums[k] += v
+
+
+class Teacher:
+    """train.distill_from: a frozen HRMGemma of its own config (and h_cycles), held where the student's
+    logits are: on every rank without pipeline stages, on the last stage's ranks with them (there it
+    reads the micro-batch's ids from the labels DeepSpeed hands the loss, so no teacher state crosses a
+    stage). It is split over the run's tensor-parallel group exactly as the student is (megatron-core's
+    layers, the whole checkpoint's TP share loaded in memory), so its logits come out as this rank's
+    vocabulary slice, which the vocab-parallel KL (models/vocab.kl_divergence) takes without gathering
+    the vocabulary.
+
+    Why not cut the teacher into the student's stages: its depth is its own (only the vocabulary must
+    match), so its CycleBlocks need not fall at the student's stage boundaries, and its hidden states
+    would have to travel with the student's through DeepSpeed's one-tensor stage interface. Held whole
+    on the last stage, it costs those ranks its weights / tp and one no-grad forward per micro-batch;
+    data-parallel replicas (any ZeRO stage: it is no engine parameter) each hold their own."""
+
+    def __init__(
+        self, config: Config, teacher_config: Config, state: dict[str, torch.Tensor], device: torch.device
+    ) -> None:
+        """state, teacher_config: the whole teacher's weights and config (checkpoint.consolidate.load_state)."""
+        from hrm_mega.config.checks import check_teacher
+        from hrm_mega.models import build_model
+        from hrm_mega.training.task import copy_whole_weights
+
+        t = config.train
+        check_teacher(config, teacher_config.model)  # load_config checked it; the files may have changed
+        with torch.random.fork_rng(devices=[]):  # the student's initialisation draws as without a teacher
+            model = build_model(teacher_config.model)
+        copy_whole_weights(model, teacher_config.model, state, f"train.distill_from={t.distill_from}")
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.weight, self.temperature = t.distill_weight, t.distill_temperature
+
+    def loss(
+        self, student_logits: torch.Tensor, labels: torch.Tensor, normalizer: float, ids: torch.Tensor,
+        positions: torch.Tensor, docs: torch.Tensor, pixels: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The micro-batch's share of the step's distillation term (distillation_loss)."""
+        with torch.no_grad():
+            pixels = pixels if self.model.vision is not None else None
+            teacher_logits, _ = self.model(ids, pixel_values=pixels, position_ids=positions, doc_ids=docs)
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, normalizer)
 
 
 class StepGuard:
@@ -414,13 +457,13 @@ def distillation_loss(
     normalizer: float | None = None,
 ) -> torch.Tensor:
     """T^2 * KL(teacher || student) at temperature T, averaged over the tokens that have a label
-    (position i predicts labels[i+1], as in lm_loss); `normalizer` replaces this batch's count of them."""
+    (position i predicts labels[i+1], as in lm_loss); `normalizer` replaces this batch's count of them.
+    Under tensor parallelism both logits are this rank's vocabulary slice (models/vocab.kl_divergence)."""
     mask = labels[:, 1:] != -100
-    s = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, dim=-1)
-    kl_sum = F.kl_div(s, t, log_target=True, reduction="sum")
+    s = student_logits[:, :-1][mask].float() / temperature
+    t = teacher_logits[:, :-1][mask].float() / temperature
     count = normalizer if normalizer is not None else float(mask.sum())
-    return kl_sum / max(count, 1.0) * temperature**2
+    return kl_divergence(s, t).sum() / max(count, 1.0) * temperature**2
 
 
 def _terms(parts: dict[str, torch.Tensor]) -> dict[str, float]:
