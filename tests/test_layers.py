@@ -93,6 +93,34 @@ def test_rms_norm_bf16_in_bf16_out_computed_in_fp32(form):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["none", "plain", "gemma"])
+def test_rms_norm_gradients_and_what_backward_keeps(form, dtype):
+    """The hand-written backward gives autograd's gradients through the naive formula (x and w), and
+    keeps only the input and the reciprocal RMS, not a normalised fp32 copy."""
+    x = (randn(3, 5, 32, seed=6) * 3).to(dtype)
+    norm = RMSNorm(32, 1e-6, form)
+    w = randn(32, seed=7) if form != "none" else torch.ones(32)
+    if form != "none":
+        with torch.no_grad():
+            norm.weight.copy_(w)
+    grad = randn(3, 5, 32, seed=8).to(dtype)
+    xa = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = norm(xa)
+    out.backward(grad)
+    xb, wb = x.float().requires_grad_(), w.clone().requires_grad_()
+    scale = 1 + wb if form == "gemma" else (wb if form == "plain" else torch.ones(32))
+    (naive_rms(xb, 1e-6) * scale).backward(grad.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(xa.grad.float(), xb.grad, rtol=tol, atol=tol)
+    if form != "none":
+        torch.testing.assert_close(norm.weight.grad, wb.grad, rtol=1e-5, atol=1e-5)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].dtype == dtype  # x itself; rstd is [3, 5, 1], the scale [32]
+
+
 def test_rms_norm_rejects_unknown_form():
     with pytest.raises(ValueError, match="weight='layer'"):
         RMSNorm(8, weight="layer")

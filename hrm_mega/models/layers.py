@@ -111,11 +111,38 @@ def _full_shape(tensor: torch.Tensor) -> tuple[list[int], int | None, int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weightless RMSNorm, computed in fp32."""
-    dtype = x.dtype
-    x = x.float()
-    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
+class _RMSNorm(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * scale, in fp32, returned in x's dtype; scale None = weightless.
+
+    Written out so that backward keeps x and the [.., 1] reciprocal RMS only: autograd through the
+    plain expression keeps x and the normalised x in fp32, twice the activations of every norm (and a
+    Gemma layer has six). The forward is the plain expression's, operation for operation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, scale)
+        normed = x32 * rstd
+        return (normed if scale is None else normed * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # -> (grad x, grad scale, None)
+        x, rstd, scale = ctx.saved_tensors
+        normed, g = x.float() * rstd, grad.float()
+        grad_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                grad_scale = (g * normed).flatten(0, -2).sum(0)
+            g = g * scale
+        # d/dx of x * r(x): r * (g - normed * mean(g * normed))
+        grad_x = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_scale, None
+
+
+def rms_norm(x: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm computed in fp32 (times an fp32 `scale` [dim] if given), returned in x's dtype."""
+    return _RMSNorm.apply(x, scale, eps)
 
 
 class RMSNorm(nn.Module):
@@ -139,14 +166,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "none":
             return rms_norm(x, self.eps)
-        normed = rms_norm(x.float(), self.eps)
         weight = self.weight.float()
         if self.shared_across_tp and distributed.tp_size() > 1:
             from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
             weight = copy_to_tensor_model_parallel_region(weight)  # backward: all-reduce over TP
-        scale = weight + 1.0 if self.form == "gemma" else weight
-        return (normed * scale).to(x.dtype)
+        return rms_norm(x, self.eps, weight + 1.0 if self.form == "gemma" else weight)
 
 
 # --------------------------------------------------------------------------------------------------
