@@ -109,3 +109,27 @@ def test_bench_recipe_is_one_group_whose_gemma_twin_has_the_same_parameters() ->
     hrm = HRMGemma(m).parameter_counts()
     gemma = HRMGemma(dataclasses.replace(m, h_cycles=1, l_cycles=1)).parameter_counts()
     assert hrm == gemma
+
+
+def test_deep_supervision_is_the_mean_ce_of_every_cycle_count() -> None:
+    """With one CycleBlock, the readout after H update n of an N-cycle forward is the output of an
+    n-cycle forward (its cycles do not depend on N), so the supervised CE is the mean of the 1..N-cycle
+    CEs."""
+    for layers in (2, 3):  # one group; one group and a trailing local layer
+        config = small(gate_init=0.5, num_layers=layers)
+        plain = HRMGemma(config).init_weights(3)
+        supervised = HRMGemma(dataclasses.replace(config, deep_supervision=True)).init_weights(3)
+        x = ids()
+        per_count = []
+        for n in (1, 2, 3):
+            logits, aux = plain(x, cycles=n)
+            per_count.append(float(lm_loss(logits, x, aux, config)["ce"]))
+        logits, aux = supervised(x, cycles=3)
+        assert aux["cycle_logits"].shape[0] == 2
+        ce = float(lm_loss(logits, x, aux, config)["ce"])
+        assert ce == pytest.approx(sum(per_count) / 3, rel=1e-5)
+        assert ce != pytest.approx(per_count[-1], rel=1e-3)
+        with torch.no_grad():  # evaluation forwards read the last cycle only
+            assert "cycle_logits" not in supervised(x, cycles=3)[1]
+    with pytest.raises(ConfigError, match="model.deep_supervision is not available"):
+        load_config(RECIPE, ["model.deep_supervision=true", "train.activation_checkpointing=true"])

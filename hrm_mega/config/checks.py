@@ -58,6 +58,11 @@ def check_sections(c: Config) -> None:
             f"data.partitions={c.data.partitions} does not divide train.global_batch={t.global_batch}"
         )
     check_model_layout(c)
+    if isinstance(m, LMModelConfig) and m.deep_supervision and (par.pp > 1 or t.activation_checkpointing):
+        raise ConfigError(
+            "model.deep_supervision is not available with parallel.pp > 1 or train.activation_checkpointing; "
+            "unset one"
+        )
     if par.pp > 1 and t.compile:
         raise ConfigError(
             "train.compile is not available with parallel.pp > 1 yet; unset it or use parallel.pp=1"

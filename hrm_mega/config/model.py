@@ -204,10 +204,6 @@ class LMModelConfig:
     # "one_step" / "last_cycle" keep training memory flat in the number of cycles.
     grad_mode: Literal["one_step", "last_cycle", "full"] = "full"
     injection: Literal["add", "gated"] = "gated"  # gated (zero-init) keeps an imported Gemma 3 exact
-    # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
-    # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
-    halt_tolerance: float = 0.01
-    halt_loss_weight: float = 0.1
     # Starting value of every injection gate (gated): 0 keeps an imported Gemma 3 exact, but cycles of a
     # model trained from scratch then start as copies of one pass; 1 (the `add` sums, trainable) makes
     # every cycle read the previous one's state from the first step (docs/benchmarks.md, cycles scaling).
@@ -215,6 +211,13 @@ class LMModelConfig:
     # Truncated backprop (grad_mode full only): differentiate the last grad_cycles H cycles of every
     # block, the earlier ones run under no_grad; 0 = every cycle.
     grad_cycles: int = 0
+    # Deep supervision across cycles (training): the next-token CE is the mean over the readouts after
+    # every H cycle of the last CycleBlock (each through the tail, norm and head), not the last one only.
+    deep_supervision: bool = False
+    # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
+    # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
+    halt_tolerance: float = 0.01
+    halt_loss_weight: float = 0.1
     compute_cost_weight: float = 0.01
     value_head: bool = False  # a scalar head on the final hidden states (PPO critic)
     # Images (model.vision.*): a SigLIP tower and projector whose features replace image placeholder
@@ -258,10 +261,6 @@ class LMModelConfig:
         for name in ("rope_local_base", "rope_global_base", "rope_scaling", "rms_norm_eps", "halt_tolerance"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be > 0")
-        for name in ("halt_loss_weight", "compute_cost_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
-        if self.vision is not None:
         if self.grad_cycles < 0 or (self.grad_cycles and self.grad_mode != "full"):
             raise ConfigError(
                 f"model.grad_cycles={self.grad_cycles} must be >= 0, and > 0 only with model.grad_mode=full "
@@ -271,6 +270,10 @@ class LMModelConfig:
             raise ConfigError(
                 f"model.gate_init={self.gate_init} must be finite, and non-zero only with model.injection=gated"
             )
+        for name in ("halt_loss_weight", "compute_cost_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+        if self.vision is not None:
             self.vision.validate(self.vocab_size)
 
 

@@ -126,13 +126,13 @@ class HaltingCycleBlock(CycleBlock):
         injection: str,
         halt_tolerance: float,
         eps: float,
-    ) -> None:
         gate_init: float = 0.0,
         grad_cycles: int = 0,
+    ) -> None:
         super().__init__(
             L, H, hidden_size=hidden_size, l_cycles=l_cycles, grad_mode=grad_mode, injection=injection,
-        )  # fmt: skip
             gate_init=gate_init, grad_cycles=grad_cycles,
+        )  # fmt: skip
         self.halt_tolerance, self.eps = halt_tolerance, eps
         self.recompute = False  # activation checkpointing: keep only the input, recompute in backward
         self.halt_head = nn.Linear(hidden_size, 1)
@@ -140,13 +140,16 @@ class HaltingCycleBlock(CycleBlock):
         set_init(self.halt_head.bias, "constant", 0.0)
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, ctx: SeqContext, cycles: int
+        self, x: torch.Tensor, ctx: SeqContext, cycles: int, states: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [b, s, h], N = cycles -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s])."""
+        """x: [b, s, h], N = cycles -> (z_H [b, s, h], halt_logits [N, b, s] fp32, converged [N-1, b, s]).
+        `states`, if given, receives z_H after every H update (deep supervision reads them)."""
         halt_logits, converged = [], []
         previous: list[torch.Tensor] = []
 
         def read_halting(n: int, z_H: torch.Tensor) -> None:
+            if states is not None:
+                states.append(z_H)
             halt_logits.append(self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float())
             if previous:  # target of the previous reading: did this update change z_H?
                 converged.append(self._converged(previous[-1], z_H))
@@ -385,11 +388,15 @@ class HRMGemma(nn.Module):
             x, image_ids = inputs_embeds, None
         ctx = self.seq_context(x, position_ids, attention_mask, doc_ids, image_ids=image_ids)
         halt_logits, converged = [], []
-        for block in self.blocks.values():
+        # Deep supervision (model.deep_supervision, training forwards): the last block's z_H after every
+        # H update but the last is read out through the rest of the model, for the loss at every cycle.
+        states: list[torch.Tensor] | None = [] if self.config.deep_supervision and torch.is_grad_enabled() else None
+        for g, block in enumerate(self.blocks.values()):
             if block.recompute and torch.is_grad_enabled():
                 x, block_halt, block_converged = checkpoint(block, x, ctx, cycles, use_reentrant=False)
             else:
-                x, block_halt, block_converged = block(x, ctx, cycles)
+                last = g == len(self.blocks) - 1
+                x, block_halt, block_converged = block(x, ctx, cycles, states if last else None)
             halt_logits.append(block_halt)
             converged.append(block_converged)
         if self.tail is not None:
@@ -400,6 +407,9 @@ class HRMGemma(nn.Module):
             "converged": torch.stack(converged),
             "cycles_used": torch.tensor([h.shape[0] for h in halt_logits], dtype=torch.long),
         }
+        if states and len(states) > 1:
+            tail = self.tail if self.tail is not None else (lambda z, _, __: z)
+            aux["cycle_logits"] = torch.stack([self.head(self.norm(tail(z, None, ctx))) for z in states[:-1]])
         if self.value_head is not None:
             aux["values"] = self.value_head(hidden).squeeze(-1).float()
         return self.head(hidden), aux
@@ -572,7 +582,9 @@ def sequence_context(
         return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))  # the kernel applies causal/window
     if doc_ids is not None and attention_mask is None and config.packed_attention == "documents":
         starts = document_starts(doc_ids)  # per-document attention: no [s, s] mask (DocumentRuns)
-        runs = {kind: DocumentRuns.build(starts, window=w, image_ids=image_ids) for kind, w in windows.items()}
+        runs = {
+            kind: DocumentRuns.build(starts, window=w, image_ids=image_ids) for kind, w in windows.items()
+        }
         return SeqContext(ropes=ropes_at, masks=runs)
     valid = None  # [b, past + s]: which keys are real tokens
     if attention_mask is not None or past_valid is not None:
@@ -686,6 +698,11 @@ def lm_loss(
     """
     targets = labels[:, 1:]
     ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()  # vocab-parallel under TP
+    if "cycle_logits" in aux:  # deep supervision: the mean of the CE read out after every H cycle
+        earlier = aux["cycle_logits"]  # [N-1, b, s, V]
+        ce_sum = (ce_sum + sum(cross_entropy(e[:, :-1], targets, "softmax").sum() for e in earlier)) / (
+            1 + len(earlier)
+        )
     mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
     return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)
