@@ -534,7 +534,8 @@ def test_hot_swap_under_load_drops_nothing_and_a_failing_canary_is_refused(
     serving; a rollback brings the first model back; without the key nothing happens (401)."""
     old_model = load_model(checkpoint)[0].eval()
     new_model = load_model(candidates["good"])[0].eval()
-    s = Server([str(checkpoint), "--device", "cpu", "--api-key", KEY, "--max-batch", "16"])
+    s = Server([str(checkpoint), "--device", "cpu", "--api-key", KEY, "--max-batch", "16", "--kv-cache", "paged",
+                "--kv-block-size", "8", "--kv-resident-blocks", "400"])  # fmt: skip
     client = s.client(KEY)
     auth = {"Authorization": f"Bearer {KEY}"}
 
@@ -588,3 +589,61 @@ def test_hot_swap_under_load_drops_nothing_and_a_failing_canary_is_refused(
         assert run(1)[0] == alone(old_model, 1)
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Images in chat
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_chat_with_an_image_equals_generate_with_it(
+    tiny_image_text: Path, tmp_path: Path, server: Server
+) -> None:
+    """An image_url part (a data: URI) is placed and preprocessed as `hrm-mega generate --image` does: the
+    answer's tokens are generate's with the same picture. URLs, bad base64 and image parts to a text-only
+    model are 400s."""
+    import base64
+
+    import sentencepiece as spm
+    from conftest import TINY_VISION
+    from test_lm_training import TINY_LM
+
+    from hrm_mega.config import load_config
+    from hrm_mega.entry.generate import image_prompts
+    from hrm_mega.models import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs/lm/hrmgemma_tiny.yaml",
+                         [*TINY_LM, *TINY_VISION, f"data.path={tiny_image_text / 'images'}", "model.max_position=256"])  # fmt: skip
+    model = build_model(config.model).init_weights(0).eval()
+    tokenizer_file = tiny_image_text / "images/tokenizer.model"
+    directory = save_model_dir(
+        model.state_dict(), config, tmp_path / "vlm", {"tokenizer.model": tokenizer_file}
+    )
+    picture = next((tiny_image_text / "grids").rglob("*.png"))
+    uri = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    s = Server([str(directory), "--device", "cpu", "--kv-cache", "paged", "--kv-block-size", "4"])
+    try:
+        content = [{"type": "text", "text": "read "}, {"type": "image_url", "image_url": {"url": uri}}]
+        r = s.client().chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0, extra_body={"return_token_ids": True})  # fmt: skip
+        tok = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+        text = gemma_chat_prompt([("user", "read <start_of_image>")])
+        prompts, pixels = image_prompts([text], [str(picture)], tok, config, [tok.bos_id()])
+        assert r.usage.prompt_tokens == len(prompts[0]) and config.model.vision.image_token_id in prompts[0]
+        g = generate(model, torch.tensor(prompts), max_new_tokens=6, greedy=True, pixel_values=pixels,
+                     vocab_limit=tok.get_piece_size())  # fmt: skip
+        tokens = r.choices[0].token_ids
+        assert len(tokens) >= 1 and tokens == g.tokens[0, : len(tokens)].tolist()
+        for url, message in (("https://example.com/a.png", "must be a data: URI"),
+                             ("data:image/png;base64,@@@", "base64 data is malformed")):  # fmt: skip
+            bad = [{"type": "image_url", "image_url": {"url": url}}]
+            with pytest.raises(openai.BadRequestError, match=message):
+                s.client().chat.completions.create(model="vlm", messages=[{"role": "user", "content": bad}])
+    finally:
+        s.close()
+    with pytest.raises(openai.BadRequestError, match="this server takes text only"):
+        server.client().chat.completions.create(
+            model="model", messages=[{"role": "user", "content": content}]
+        )

@@ -123,10 +123,11 @@ IMAGE_MARKER = "<start_of_image>"
 
 
 def image_prompts(
-    texts: list[str], images: list[str], tokenizer, config, bos: list[int]
+    texts: list[str], images: list[str | bytes], tokenizer, config, bos: list[int]
 ) -> tuple[list[list[int]], Any]:  # -> (token lists, pixel_values tensor or None)
     """The prompts' ids with the images' placeholder runs in place (module docstring), and the images'
-    pixel_values in the order of their runs, row by row (None without images)."""
+    pixel_values in the order of their runs, row by row (None without images). An image is a file path
+    or the file's bytes (hrm-mega serve's chat image parts)."""
     import torch
 
     from hrm_mega.data.images import ImageError, load_image, pixel_values
@@ -155,7 +156,8 @@ def image_prompts(
     loaded = []
     for path in images:
         try:
-            loaded.append(load_image(Path(path), f"--image {path}"))
+            source, where = (path, "image") if isinstance(path, bytes) else (Path(path), f"--image {path}")
+            loaded.append(load_image(source, where))
         except ImageError as e:
             raise ValueError(str(e)) from None
     views = [pixel_values([image], processing)[0] for image in loaded]  # [1 + crops, 3, S, S] each

@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default="float32", help="weights and activations (default fp32)"
     )
     p.add_argument(
-        "--kv-cache", choices=("paged", "rectangular"), default="paged",
-        help="paged: fixed-size blocks in a pool, with offload (default); rectangular: one tensor per slot",
+        "--kv-cache", choices=("paged", "rectangular"), default="rectangular",
+        help="rectangular: one tensor per (layer, cycle step) (default: fastest on CPU); paged: fixed-size "
+        "blocks in a pool, with offload (--kv-resident-blocks)",
     )  # fmt: skip
     p.add_argument("--kv-block-size", type=int, default=16, help="positions per KV block (default 16)")
     p.add_argument(
@@ -133,7 +134,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
     from hrm_mega.checkpoint.consolidate import load_model
-    from hrm_mega.entry.generate import load_tokenizer
+    from hrm_mega.entry.generate import image_prompts, load_tokenizer
 
     try:
         from hrm_mega.inference.serve.api import ServeSettings, build_app
@@ -171,6 +172,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.kv_block_size < 1 or (args.kv_resident_blocks is not None and args.kv_resident_blocks < 1):
         raise ValueError("--kv-block-size and --kv-resident-blocks must be >= 1")
     model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    if args.kv_cache != "paged" and (args.kv_resident_blocks is not None or args.kv_offload_dir is not None):
+        raise ValueError("--kv-resident-blocks and --kv-offload-dir need --kv-cache paged")
     cache = None
     if args.kv_cache == "paged":
         pool = pool_for(model, block_size=args.kv_block_size, resident_blocks=args.kv_resident_blocks,
@@ -186,11 +189,20 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     canary = load_canary(args.canary, tokenizer.encode, bos_id, max_tokens=args.canary_max_tokens,
                          min_agreement=args.canary_min_agreement)  # fmt: skip
     rollout = Rollout(engine, canary, current=str(args.checkpoint), dtype=getattr(torch, args.dtype))
+    image_prompt = None
+    if config.model.vision is not None:  # chat image parts: placed and preprocessed as generate --image does
+        bos = [] if bos_id is None else [bos_id]
+
+        def image_prompt(text: str, images: list[bytes]) -> tuple[list[int], Any]:
+            prompts, pixels = image_prompts([text], images, tokenizer, config, bos)
+            return prompts[0], pixels
+
     default_stop = (GEMMA_STOP,) if args.chat_template is None else ()
     settings = ServeSettings(
         model_name=args.served_model_name or model_name(args.checkpoint), encode=tokenizer.encode,
         bos_id=bos_id, api_key=key, max_body_bytes=args.max_body_bytes, chat_prompt=chat_prompt,
         chat_stop=tuple(args.chat_stop) if args.chat_stop is not None else default_stop, rollout=rollout,
+        image_prompt=image_prompt,
     )  # fmt: skip
     return build_app(engine, settings), engine, settings
 

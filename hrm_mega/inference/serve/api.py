@@ -26,6 +26,8 @@ without the key, and no handler ever sees an oversized body.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import json
@@ -47,6 +49,7 @@ from hrm_mega.inference.serve.rollout import RolloutError
 from hrm_mega.inference.serve.text import GEMMA_STOP, ChatError, gemma_chat_prompt
 
 OPEN_PATHS = ("/health",)
+IMAGE_MARKER = "<start_of_image>"  # where an image part stands in the chat text (Gemma 3's convention)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ServeSettings:
     chat_prompt: Callable[[Sequence[tuple[str, str]]], str] = gemma_chat_prompt
     chat_stop: tuple[str, ...] = (GEMMA_STOP,)
     rollout: Any = None  # serve/rollout.Rollout: enables /admin/swap and /admin/rollback (with an API key)
+    # (prompt text with IMAGE_MARKERs, image bytes) -> (ids, pixel_values): a model with images only
+    image_prompt: Callable[[str, list[bytes]], tuple[list[int], Any]] | None = None
 
 
 class ApiError(Exception):
@@ -139,6 +144,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | None = None
 
 
 class Message(BaseModel):
@@ -275,14 +281,23 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat(request: Request) -> Any:
         body = await parse(request, ChatBody)
         check_model(body.model)
+        images: list[bytes] | None = [] if settings.image_prompt is not None else None
         try:
-            text = settings.chat_prompt([(m.role, message_text(i, m)) for i, m in enumerate(body.messages)])
+            turns = [(m.role, message_text(i, m, images)) for i, m in enumerate(body.messages)]
+            text = settings.chat_prompt(turns)
         except ChatError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = ([] if settings.bos_id is None else [settings.bos_id]) + settings.encode(text)
+        pixels = None
+        if images:
+            try:  # decoding and resizing: off the event loop
+                prompt, pixels = await asyncio.to_thread(settings.image_prompt, text, images)
+            except ValueError as e:
+                raise ApiError(400, str(e).splitlines()[0], param="messages") from None
+        else:
+            prompt = ([] if settings.bos_id is None else [settings.bos_id]) + settings.encode(text)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = [sampling(body, max_tokens, len(prompt), settings.chat_stop)]
-        return await respond(request, engine, body, [prompt], params, "chat.completion")
+        return await respond(request, engine, body, [prompt], params, "chat.completion", [pixels])
 
     return app
 
@@ -330,16 +345,36 @@ def completion_prompts(prompt: Any, settings: ServeSettings) -> list[list[int]]:
     raise ApiError(400, "prompt must be a string, a list of strings, token ids, or lists of token ids")
 
 
-def message_text(index: int, message: Message) -> str:
+def message_text(index: int, message: Message, images: list[bytes] | None = None) -> str:
+    """The message's text; an image part (a data: URI, decoded into `images`) becomes IMAGE_MARKER."""
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     texts = []
     for part in message.content:
+        if part.type == "image_url" and images is not None:
+            images.append(data_uri_bytes(index, part.image_url))
+            texts.append(IMAGE_MARKER)
+            continue
         if part.type != "text" or part.text is None:
-            raise ApiError(400, f"messages[{index}]: a {part.type!r} part; this server takes text only",
+            takes = "text and image_url" if images is not None else "text only"
+            raise ApiError(400, f"messages[{index}]: a {part.type!r} part; this server takes {takes}",
                            param="messages")  # fmt: skip
         texts.append(part.text)
     return "".join(texts)
+
+
+def data_uri_bytes(index: int, image_url: dict[str, Any] | None) -> bytes:
+    """The bytes of an image_url part's `data:image/...;base64,...` URI (the server fetches no URLs)."""
+    url = (image_url or {}).get("url")
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise ApiError(400, f"messages[{index}]: image_url must be a data: URI (data:image/png;base64,...); "
+                       "this server fetches no URLs", param="messages")  # fmt: skip
+    try:
+        return base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(
+            400, f"messages[{index}]: the image's base64 data is malformed", param="messages"
+        ) from None
 
 
 async def respond(
@@ -349,8 +384,10 @@ async def respond(
     prompts: list[list[int]],
     params: list[SamplingParams],
     kind: Literal["text_completion", "chat.completion"],
+    pixel_values: list[Any] | None = None,
 ) -> Any:
-    """Submits one engine request per prompt, then answers with the whole result or a stream."""
+    """Submits one engine request per prompt (with its images' pixel_values, if any), then answers with
+    the whole result or a stream."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
     requests = []
@@ -359,7 +396,9 @@ async def respond(
         def sink(output: Output, i: int = i) -> None:  # the engine thread -> this event loop
             loop.call_soon_threadsafe(queue.put_nowait, (i, output))
 
-        requests.append(EngineRequest(prompt, p, sink))
+        requests.append(
+            EngineRequest(prompt, p, sink, pixel_values=None if pixel_values is None else pixel_values[i])
+        )
     try:
         for r in requests:
             engine.check(r.prompt, r.params)

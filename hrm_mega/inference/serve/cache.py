@@ -34,10 +34,14 @@ class BatchCache(Protocol):
         ...
 
     def prefill(
-        self, ids: torch.Tensor, max_cycles: torch.Tensor, halt_threshold: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Runs one prompt ids [1, P] alone at positions 0..P-1. Returns the next-token logits [1, V],
-        the H cycles per block of its last position [1, G], and its state, for `join`."""
+        """Runs one prompt ids [1, P] alone at positions 0..P-1 (pixel_values: its images). Returns the
+        next-token logits [1, V], the H cycles per block of its last position [1, G], and its state."""
         ...
 
     def join(self, parts: list[Any]) -> None:
@@ -82,13 +86,17 @@ class RectangularCache:
         return 0 if self.cache is None or self.cache.valid is None else self.cache.valid.shape[0]
 
     def prefill(
-        self, ids: torch.Tensor, max_cycles: torch.Tensor, halt_threshold: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         part = KVCache()
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         logits, cycles = self.model.infer(
             ids, attention_mask=torch.ones_like(ids), position_ids=positions, max_cycles=max_cycles,
-            halt_threshold=halt_threshold, cache=part,
+            halt_threshold=halt_threshold, cache=part, pixel_values=pixel_values,
         )  # fmt: skip
         return logits[:, -1].float(), cycles[:, :, -1].T, part
 
@@ -141,14 +149,18 @@ class PagedCache:
         return 0 if self.cache is None else self.cache.rows
 
     def prefill(
-        self, ids: torch.Tensor, max_cycles: torch.Tensor, halt_threshold: torch.Tensor | None
+        self,
+        ids: torch.Tensor,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, PagedKVCache]:
         part = PagedKVCache(self.pool)
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         try:
             logits, cycles = self.model.infer(
                 ids, attention_mask=torch.ones_like(ids), position_ids=positions, max_cycles=max_cycles,
-                halt_threshold=halt_threshold, cache=part,
+                halt_threshold=halt_threshold, cache=part, pixel_values=pixel_values,
             )  # fmt: skip
         except BaseException:
             part.release()

@@ -118,6 +118,7 @@ class Request:
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     cancelled: bool = False
     finished: bool = False
+    pixel_values: torch.Tensor | None = None  # the prompt's images (a model with images), read in its prefill
 
     def cancel(self) -> None:
         """The client went away: its row leaves the batch before the next decode step."""
@@ -195,7 +196,9 @@ class Engine:
         p = params
         if not prompt:
             raise RequestError("the prompt is empty: it needs at least one token")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_limit:
+        vision = self.model.config.vision
+        image_id = None if vision is None else vision.image_token_id
+        if any(not 0 <= t < self.vocab_limit and t != image_id for t in prompt):
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab_limit})")
         if p.max_tokens < 1:
             raise RequestError(f"max_tokens={p.max_tokens} must be >= 1")
@@ -365,7 +368,8 @@ class Engine:
         )
         ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
         max_cycles, threshold = self._halting([row])
-        logits, cycles, part = self.cache.prefill(ids, max_cycles, threshold)
+        pixels = None if request.pixel_values is None else request.pixel_values.to(self.device)
+        logits, cycles, part = self.cache.prefill(ids, max_cycles, threshold, pixel_values=pixels)
         self.counters["prefills"] += 1
         self.counters["prompt_tokens"] += len(request.prompt)
         done = self._emit(row, int(self._pick([row], logits)[0]), int(cycles[0].sum()))
