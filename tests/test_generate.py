@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hrm_mega.checkpoint.consolidate import load_model
 from hrm_mega.checkpoint.model_dir import save_model_dir
 from hrm_mega.config import Config, DataConfig, LMModelConfig, PuzzleModelConfig
 from hrm_mega.inference.generate import generate, left_pad, sample_token, stream_generate
+from hrm_mega.models.fast_layers import fast_layers
 from hrm_mega.models.kv_cache import KVCache
 from hrm_mega.models.lm import HRMGemma
 from hrm_mega.models.puzzle import RecursiveReasoner
@@ -213,6 +215,35 @@ def test_cached_generation_equals_uncached_decoding(max_cycles, halt_threshold) 
         assert bool((cycles == (max_cycles or 2)).all())
     else:
         assert len(cycles.unique()) >= 3  # tokens halted at different cycles
+
+
+@pytest.mark.parametrize(
+    ("num_kv_heads", "max_cycles", "halt_threshold"),
+    [(1, None, None), (2, 4, 0.5)],
+    ids=["gqa", "mha-halting"],
+)
+def test_flat_layers_give_the_module_path_logits_bit_for_bit(
+    num_kv_heads, max_cycles, halt_threshold
+) -> None:
+    """Cached no-grad forwards run each attention block as a LayerPlan (models/fast_layers.py): a
+    left-padded batch prefilled, then decoded past the window, gives the module path's logits and cycles
+    exactly, with grouped-query or plain attention and with per-token halting."""
+    model = recurrent_model(seed=13, num_kv_heads=num_kv_heads)
+    plans = fast_layers(model)
+    assert len(plans.plans) == 10  # every layer
+    ids, mask = left_pad([random_ids(1, n, seed=n)[0].tolist() for n in (3, 6)])
+    halting = dict(max_cycles=max_cycles, halt_threshold=halt_threshold)
+    outputs = {}
+    for flat in (False, True):
+        cache, steps = KVCache(), []
+        with torch.no_grad(), plans.active() if flat else nullcontext():
+            steps.append(model.infer(ids, attention_mask=mask, cache=cache, **halting))
+            for t in range(6):  # 12 positions > the window of 4
+                steps.append(model.infer(random_ids(2, 1, seed=20 + t), cache=cache, **halting))
+        outputs[flat] = steps
+    for (a, cycles_a), (b, cycles_b) in zip(outputs[False], outputs[True], strict=True):
+        assert torch.equal(a, b) and torch.equal(cycles_a, cycles_b)
+    assert all(block.decode_plan is None for block in plans.plans)  # only inside active()
 
 
 def test_batch_with_left_padding_and_per_row_cycles() -> None:

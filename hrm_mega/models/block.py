@@ -11,6 +11,7 @@ in post-norm form is normalised over that axis too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,8 @@ class SeqContext:
 
 
 class TransformerBlock(nn.Module):
+    decode_plan: Any = None  # a fast_layers.LayerPlan while fast_layers(...).active() runs
+
     def __init__(
         self,
         mixer: nn.Module,
@@ -59,6 +62,11 @@ class TransformerBlock(nn.Module):
         """kv_cache (attention blocks only): keys/values of earlier positions, see attention.KVCacheSlot."""
         if kv_cache is not None and self.mixes_sequence:
             raise ValueError("a sequence-MLP block mixes whole sequences and cannot use a KV cache")
+        # cached generation: the same block as one flat function (fast_layers.py), where the mask is
+        # explicit (without one, flash-attn applies it)
+        plan = self.decode_plan if kv_cache is not None and not torch.is_grad_enabled() else None
+        if plan is not None and isinstance(ctx.masks.get(self.kind), torch.Tensor):
+            return plan(x, ctx, kv_cache)
         n = self.norms
         if self.norm_placement == "post":
             if self.mixes_sequence:  # TRM mlp_t: residual and norm along the sequence axis

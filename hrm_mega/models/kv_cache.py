@@ -15,8 +15,15 @@ so every slot covers every position and all slots of a layer have the same lengt
   keys/values of their last run step to those slots.
 
 Local (sliding-window) layers keep only the last window-1 positions: a query sees keys at distance
-< window, so the next query needs no more than that. Slots hold references to immutable tensors (every
-update concatenates), so creating a slot from another copies nothing.
+< window, so the next query needs no more than that.
+
+Storage: a slot writes its keys and values into a buffer it preallocates ([2, b, kv_heads, capacity,
+head_dim], capacity doubling as it fills; a local slot's buffer holds a few windows and starts a new
+one, with the window carried over, when full), so a decoding step copies only its new positions, not
+every earlier one as concatenation did. A buffer is only ever written past the positions already in
+it, and a slot made from another's tensors (the frontier rule, `select`, `concat`, `trim_padding`)
+holds them as they are until its first write, which copies them into a buffer of its own; so creating
+a slot from another copies nothing, and no write reaches another slot's keys.
 
 Rows join and leave (continuous batching, hrm_mega/inference/serve): `select` keeps some rows;
 `concat` puts several caches' rows into one, left-padding the shorter ones with positions flagged
@@ -33,24 +40,87 @@ import torch.nn.functional as F
 
 
 class KVSlot:
-    """Keys and values [b, kv_heads, length, head_dim] of earlier positions for one (layer, step)."""
+    """Keys and values [b, kv_heads, length, head_dim] of earlier positions for one (layer, step): views
+    of this slot's buffers, or tensors it was given (module docstring)."""
 
     def __init__(self, k: torch.Tensor | None, v: torch.Tensor | None, window: int | None) -> None:
-        self.k, self.v = k, v
         self.keep = None if window is None else window - 1  # positions a later query can still see
+        self.adopt(k, v)
+
+    def adopt(self, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
+        """Holds k, v as they are (shared, never written: the next update copies them first)."""
+        self._given = (k, v)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._start = self._end = 0  # the buffers' positions that are this slot's keys/values
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        if self._buffers is None:
+            return self._given[0]
+        return self._buffers[0].narrow(2, self._start, self._end - self._start)
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        if self._buffers is None:
+            return self._given[1]
+        return self._buffers[1].narrow(2, self._start, self._end - self._start)
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        if self._buffers is not None:
+            return self._end - self._start
+        return 0 if self._given[0] is None else self._given[0].shape[2]
+
+    def snapshot(self) -> tuple:
+        """What the slot holds now, cheaply (buffers are never written below their end): a slot made from
+        it later (`from_snapshot`) holds these keys/values, whatever this one appends meanwhile."""
+        return (self._buffers, self._start, self._end) if self._buffers is not None else (None, *self._given)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: tuple | None, window: int | None) -> KVSlot:
+        if snapshot is None:
+            return cls(None, None, window)
+        buffers, a, b = snapshot
+        if buffers is None:
+            return cls(a, b, window)
+        return cls(buffers[0].narrow(2, a, b - a), buffers[1].narrow(2, a, b - a), window)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What holds this slot's keys and values: its buffers, or the tensors it was given."""
+        if self._buffers is not None:
+            return list(self._buffers)
+        return [t for t in self._given if t is not None]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends the new positions; returns earlier + new keys/values for this call's attention."""
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-            self.k, self.v = self._trim(k), self._trim(v)
-        else:  # the first keys/values are views of the fused q/k/v output: own them, or it all stays alive
-            self.k, self.v = _owned(self._trim(k)), _owned(self._trim(v))
-        return k, v
+        new, end = k.shape[2], self._end + k.shape[2]
+        buffers = self._buffers
+        if buffers is None or end > buffers[0].shape[2] or buffers[0].shape[0] != k.shape[0]:
+            buffers = self._reserve(k, new)
+            end = self._end + new
+        buffers[0].narrow(2, self._end, new).copy_(k)
+        buffers[1].narrow(2, self._end, new).copy_(v)
+        keys = buffers[0].narrow(2, self._start, end - self._start)
+        values = buffers[1].narrow(2, self._start, end - self._start)
+        self._end = end
+        if self.keep is not None and end - self._start > self.keep:
+            self._start = end - self.keep
+        return keys, values
+
+    def _reserve(self, k: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers with room for `new` more positions after the current ones (copied in)."""
+        held = self.length
+        if self.keep is None:
+            capacity = max(2 * (held + new), 16)
+        else:  # a few windows: the window is carried over once per that many positions
+            capacity = max(held, self.keep) + max(new, 4 * self.keep, 16)
+        b, heads, _, dim = k.shape
+        buffers = (k.new_empty((b, heads, capacity, dim)), k.new_empty((b, heads, capacity, dim)))
+        if held:
+            buffers[0].narrow(2, 0, held).copy_(self.k)
+            buffers[1].narrow(2, 0, held).copy_(self.v)
+        self._buffers, self._given, self._start, self._end = buffers, (None, None), 0, held
+        return buffers
 
     def append_last(self, other: KVSlot, count: int) -> None:
         """Appends `other`'s last `count` positions (fewer if `other` keeps fewer: they were trimmed away
@@ -59,10 +129,10 @@ class KVSlot:
         take = min(count, other.length)
         self.update(other.k[:, :, other.length - take :], other.v[:, :, other.length - take :])
 
-    def _trim(self, t: torch.Tensor) -> torch.Tensor:
-        if self.keep is None or t.shape[2] <= self.keep:
-            return t
-        return t[:, :, t.shape[2] - self.keep :].clone()  # a copy, so the dropped positions are freed
+
+def _identity(t: torch.Tensor) -> tuple:
+    """The same tensor data (one view of a buffer, however often taken): storage, offset, shape, strides."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
 class KVCache:
@@ -76,7 +146,7 @@ class KVCache:
     def __init__(self) -> None:
         self.slots: dict[str, list[KVSlot]] = {}
         self.valid: torch.Tensor | None = None  # [b, length] bool: False at padding positions
-        self._frontier: dict[str, KVSlot] = {}
+        self._frontier: dict[str, tuple] = {}  # layer -> its last slot's snapshot at `start`
 
     @property
     def length(self) -> int:
@@ -92,16 +162,14 @@ class KVCache:
             )
         self.valid = valid if self.valid is None else torch.cat((self.valid, valid), dim=1)
         # Each layer's last slot as it stands now: what earlier positions contribute to a step they never ran.
-        self._frontier = {layer: KVSlot(s[-1].k, s[-1].v, None) for layer, s in self.slots.items()}
+        self._frontier = {layer: s[-1].snapshot() for layer, s in self.slots.items()}
         return self.valid
 
     def slot(self, layer: str, step: int, window: int | None) -> KVSlot:
         """The slot of `layer` at cycle step `step`, created (with every earlier step) if new."""
         slots = self.slots.setdefault(layer, [])
         while len(slots) <= step:
-            frontier = self._frontier.get(layer)
-            k, v = (None, None) if frontier is None else (frontier.k, frontier.v)
-            slots.append(KVSlot(k, v, window))
+            slots.append(KVSlot.from_snapshot(self._frontier.get(layer), window))
         return slots[step]
 
     def fill_unrun(self, layer: str, last_step: int, count: int) -> None:
@@ -115,18 +183,18 @@ class KVCache:
         """Keeps only `rows` (indices into the batch, in order) of every slot and of the padding flags:
         a decoder drops finished rows so that later steps compute only the running ones. Slots that
         shared a tensor share its selection."""
-        picked: dict[int, torch.Tensor] = {}
+        picked: dict[tuple, torch.Tensor] = {}
 
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            if id(t) not in picked:
-                picked[id(t)] = t.index_select(0, rows)
-            return picked[id(t)]
+            if _identity(t) not in picked:
+                picked[_identity(t)] = t.index_select(0, rows)
+            return picked[_identity(t)]
 
         for slots in self.slots.values():
             for slot in slots:
-                slot.k, slot.v = take(slot.k), take(slot.v)
+                slot.adopt(take(slot.k), take(slot.v))
         self.valid = take(self.valid)
 
     @classmethod
@@ -160,7 +228,7 @@ class KVCache:
                 parts = [c.slots[layer][min(step, len(c.slots[layer]) - 1)] for c in caches]
                 keep = parts[0].keep
                 target = length if keep is None else min(length, keep)
-                key = tuple(id(p.k) for p in parts)
+                key = tuple(_identity(p.k) for p in parts)
                 if key not in joined:
                     joined[key] = (
                         torch.cat([_left_pad(p.k, target) for p in parts]),
@@ -182,31 +250,32 @@ class KVCache:
             return 0
         self.valid = self.valid[:, leading:]
         length = self.valid.shape[1]
-        cut: dict[int, torch.Tensor] = {}
+        cut: dict[tuple, torch.Tensor] = {}
 
         def trim(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None or t.shape[2] <= length:
                 return t
-            if id(t) not in cut:
-                cut[id(t)] = t[:, :, t.shape[2] - length :].clone()  # a copy, so the dropped ones are freed
-            return cut[id(t)]
+            if _identity(t) not in cut:  # a copy, so the dropped ones are freed
+                cut[_identity(t)] = t[:, :, t.shape[2] - length :].clone()
+            return cut[_identity(t)]
 
         for slots in self.slots.values():
             for slot in slots:
-                slot.k, slot.v = trim(slot.k), trim(slot.v)
+                slot.adopt(trim(slot.k), trim(slot.v))
         return leading
 
     def steps(self, layer: str) -> int:
         return len(self.slots.get(layer, []))
 
     def nbytes(self) -> int:
-        """Bytes held by keys and values (slots that share a tensor count it once)."""
+        """Bytes held for keys and values: every buffer (its whole capacity) and every tensor a slot holds,
+        once however many slots share it."""
         seen: dict[int, int] = {}
         for slots in self.slots.values():
             for s in slots:
-                for t in (s.k, s.v):
-                    if t is not None:
-                        seen[id(t)] = t.numel() * t.element_size()
+                for t in s.tensors():
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
 
 
@@ -214,10 +283,3 @@ def _left_pad(t: torch.Tensor | None, length: int) -> torch.Tensor:
     """Keys or values [b, heads, n, d] with zeros prepended up to `length` positions."""
     assert t is not None and t.shape[2] <= length, "a slot longer than its cache"
     return F.pad(t, (0, 0, length - t.shape[2], 0))
-
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """t itself if it owns exactly its storage, else a compact copy."""
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.contiguous().clone()

@@ -184,15 +184,16 @@ class HaltingCycleBlock(CycleBlock):
         frozen: dict[str, torch.Tensor] = {}  # layer name -> its input in each token's latest run
         ran = 0  # H cycles this call ran (for the tokens that were still running)
         for n in range(int(max_cycles.max())):
-            keep = running[..., None]  # [b, s, 1]
+            # [b, s, 1]; None while every token runs (the merges below would return their first argument)
+            keep = None if n == 0 or bool(running.all()) else running[..., None]
             for t in range(self.l_cycles):
                 fast = self._run_stack(self.L, f"{name}.L", self.fast_input(x, z_L, z_H), keep, frozen,
                                        ctx, cache, step=n * self.l_cycles + t)  # fmt: skip
-                z_L = torch.where(keep, fast, z_L)
+                z_L = fast if keep is None else torch.where(keep, fast, z_L)
             slow = self._run_stack(
                 self.slow, f"{name}.H", self.slow_input(z_H, z_L), keep, frozen, ctx, cache, step=n
             )
-            z_H = torch.where(keep, slow, z_H)
+            z_H = slow if keep is None else torch.where(keep, slow, z_H)
             cycles += running
             stop = n + 1 >= max_cycles[:, None]  # [b, 1]
             if halt_threshold is not None:
@@ -216,17 +217,17 @@ class HaltingCycleBlock(CycleBlock):
         stack: BlockStack,
         name: str,
         hidden: torch.Tensor,
-        keep: torch.Tensor,
+        keep: torch.Tensor | None,
         frozen: dict[str, torch.Tensor],
         ctx: SeqContext,
         cache: KVCache | None,
         step: int,
     ) -> torch.Tensor:
-        """Runs `stack` at cycle step `step`; tokens outside `keep` get their frozen layer inputs back,
-        so the keys/values they offer are their last computed ones."""
+        """Runs `stack` at cycle step `step`; tokens outside `keep` (None: every token runs) get their
+        frozen layer inputs back, so the keys/values they offer are their last computed ones."""
         for i, layer in enumerate(stack.layers):
             key = f"{name}.{i}"
-            if key in frozen:
+            if key in frozen and keep is not None:
                 hidden = torch.where(keep, hidden, frozen[key])
             frozen[key] = hidden
             slot = None if cache is None else cache.slot(key, step, layer.mixer.window)
