@@ -152,14 +152,13 @@ class DocumentRuns:
                 softmax_scale=scale, causal=True, window_size=flash_window(self.window, causal=True),
             )  # fmt: skip
             return out.view(b, s, h, d).transpose(1, 2)
-        if k.shape[1] != h:  # grouped-query attention: each kv head serves h / kv query heads
-            k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
-        flat = [t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v)]  # [b*s, h, d]
+        kv = k.shape[1]  # grouped-query attention: SDPA lets each kv head serve h / kv query heads
+        flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]  # [b*s, heads, d]
         outs = []
         for index, mask in self.groups:
-            qg, kg, vg = (t[index].transpose(1, 2) for t in flat)  # [n, h, L, d]
+            qg, kg, vg = (t[index].transpose(1, 2) for t in flat)  # [n, heads, L, d]
             out = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale
+                qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=kv != h
             )
             outs.append(out.transpose(1, 2).reshape(-1, h, d))  # [n*L, h, d]
         out = torch.cat(outs)[self.inverse]  # [b*s, h, d] in batch order
