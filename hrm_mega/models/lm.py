@@ -391,7 +391,9 @@ class HRMGemma(nn.Module):
         halt_logits, converged = [], []
         # Deep supervision (model.deep_supervision, training forwards): the last block's z_H after every
         # H update but the last is read out through the rest of the model, for the loss at every cycle.
-        states: list[torch.Tensor] | None = [] if self.config.deep_supervision and torch.is_grad_enabled() else None
+        states: list[torch.Tensor] | None = (
+            [] if self.config.deep_supervision and torch.is_grad_enabled() else None
+        )
         for g, block in enumerate(self.blocks.values()):
             if block.recompute and torch.is_grad_enabled():
                 x, block_halt, block_converged = checkpoint(block, x, ctx, cycles, use_reentrant=False)
