@@ -22,27 +22,25 @@ from hrm_mega.models.layers import RMSNorm, apply_rope, column_linear, fused_lin
 
 
 @functools.cache
+def _flash_kernel(name: str):  # -> Callable | None
+    """flash-attn's kernel `name` when flash-attn is installed and a GPU is present; None otherwise."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import flash_attn  # optional extra: pip install hrm-mega[gpu]
+    except ImportError:
+        return None
+    return getattr(flash_attn, name)
+
+
 def flash_attn_func():  # -> Callable | None
-    """flash-attn's kernel when it is installed and a GPU is present; None otherwise."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from flash_attn import flash_attn_func as kernel  # optional extra: pip install hrm-mega[gpu]
-    except ImportError:
-        return None
-    return kernel
+    """flash-attn's fixed-length kernel, or None (see _flash_kernel)."""
+    return _flash_kernel("flash_attn_func")
 
 
-@functools.cache
 def flash_attn_varlen_func():  # -> Callable | None
-    """flash-attn's variable-length kernel (packed documents) when installed and a GPU is present."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from flash_attn import flash_attn_varlen_func as kernel
-    except ImportError:
-        return None
-    return kernel
+    """flash-attn's variable-length kernel (packed documents), or None (see _flash_kernel)."""
+    return _flash_kernel("flash_attn_varlen_func")
 
 
 def flash_window(window: int | None, causal: bool) -> tuple[int, int]:
