@@ -142,7 +142,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise ValueError(f"serving needs fastapi and uvicorn ({e}): pip install 'hrm-mega[serve]'") from None
     from hrm_mega.inference.serve.cache import PagedCache
     from hrm_mega.inference.serve.engine import Engine
-    from hrm_mega.inference.serve.rollout import Rollout, load_canary
+    from hrm_mega.inference.serve.hotswap import HotSwap, load_canary
     from hrm_mega.inference.serve.text import GEMMA_STOP, gemma_chat_prompt, jinja_chat_prompt
     from hrm_mega.models.lm import HRMGemma
     from hrm_mega.models.paged_kv_cache import pool_for
@@ -188,7 +188,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     bos_id = None if args.no_bos or tokenizer.bos_id() < 0 else tokenizer.bos_id()
     canary = load_canary(args.canary, tokenizer.encode, bos_id, max_tokens=args.canary_max_tokens,
                          min_agreement=args.canary_min_agreement)  # fmt: skip
-    rollout = Rollout(engine, canary, current=str(args.checkpoint), dtype=getattr(torch, args.dtype))
+    hot_swap = HotSwap(engine, canary, current=str(args.checkpoint), dtype=getattr(torch, args.dtype))
     image_prompt = None
     if config.model.vision is not None:  # chat image parts: placed and preprocessed as generate --image does
         bos = [] if bos_id is None else [bos_id]
@@ -201,7 +201,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     settings = ServeSettings(
         model_name=args.served_model_name or model_name(args.checkpoint), encode=tokenizer.encode,
         bos_id=bos_id, api_key=key, max_body_bytes=args.max_body_bytes, chat_prompt=chat_prompt,
-        chat_stop=tuple(args.chat_stop) if args.chat_stop is not None else default_stop, rollout=rollout,
+        chat_stop=tuple(args.chat_stop) if args.chat_stop is not None else default_stop, hot_swap=hot_swap,
         image_prompt=image_prompt,
     )  # fmt: skip
     return build_app(engine, settings), engine, settings

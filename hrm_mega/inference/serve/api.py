@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hrm_mega.inference.serve.engine import Busy, Engine, Output, RequestError, SamplingParams, Usage
 from hrm_mega.inference.serve.engine import Request as EngineRequest
-from hrm_mega.inference.serve.rollout import RolloutError
+from hrm_mega.inference.serve.hotswap import SwapError
 from hrm_mega.inference.serve.text import GEMMA_STOP, ChatError, gemma_chat_prompt
 
 OPEN_PATHS = ("/health",)
@@ -65,7 +65,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     chat_prompt: Callable[[Sequence[tuple[str, str]]], str] = gemma_chat_prompt
     chat_stop: tuple[str, ...] = (GEMMA_STOP,)
-    rollout: Any = None  # serve/rollout.Rollout: enables /admin/swap and /admin/rollback (with an API key)
+    hot_swap: Any = None  # serve/hotswap.HotSwap: enables /admin/swap and /admin/rollback (with an API key)
     # (prompt text with IMAGE_MARKERs, image bytes) -> (ids, pixel_values): a model with images only
     image_prompt: Callable[[str, list[bytes]], tuple[list[int], Any]] | None = None
 
@@ -200,17 +200,17 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         stats = engine.stats()
         return {"status": "ok", "running": stats["running"], "waiting": stats["waiting"]}
 
-    def rollout() -> Any:
-        if settings.api_key is None or settings.rollout is None:
+    def hot_swap() -> Any:
+        if settings.api_key is None or settings.hot_swap is None:
             raise ApiError(403, "the admin endpoints need a server started with an API key (--api-key)",
                            "permission_error")  # fmt: skip
-        return settings.rollout
+        return settings.hot_swap
 
     @app.post("/admin/swap")
     async def swap(request: Request) -> dict[str, Any]:
         """Body {"model": PATH}: a model directory or consolidated .safetensors the server can read.
         The candidate must pass the canary; then it serves from the next batch on (no request dropped)."""
-        r = rollout()
+        r = hot_swap()
         raw = await request.body()
         try:
             path = json.loads(raw)["model"]
@@ -220,15 +220,15 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, 'the body must be {"model": PATH}', param="model") from None
         try:
             return await asyncio.to_thread(r.swap_to, path)
-        except RolloutError as e:
+        except SwapError as e:
             raise ApiError(409, str(e), code="swap_refused") from None
 
     @app.post("/admin/rollback")
     async def rollback() -> dict[str, Any]:
-        r = rollout()
+        r = hot_swap()
         try:
             return await asyncio.to_thread(r.rollback)
-        except RolloutError as e:
+        except SwapError as e:
             raise ApiError(409, str(e), code="rollback_refused") from None
 
     def model_card() -> dict[str, Any]:
@@ -246,7 +246,7 @@ def build_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
-        current = None if settings.rollout is None else settings.rollout.current
+        current = None if settings.hot_swap is None else settings.hot_swap.current
         return {**engine.stats(), "kv_cache_bytes": engine.cache.nbytes(), "serving": current}
 
     def check_model(name: str) -> None:

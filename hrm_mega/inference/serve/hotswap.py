@@ -1,4 +1,4 @@
-"""Safe rollout: load a candidate model directory, run the canary on it, and only then hot-swap.
+"""Hot swap: load a candidate model directory, run the canary on it, and only then hot-swap.
 
     candidate = load_candidate(path, device="cpu", dtype=torch.float32)   # model directories only
     result = run_canary(candidate, canary)                                # CanaryResult
@@ -34,7 +34,7 @@ from hrm_mega.models.lm import HRMGemma
 DEFAULT_PROMPTS = ("12 plus 7 is", "The quick brown fox", "sort 3 1 2:", "Once upon a time")
 
 
-class RolloutError(ValueError):
+class SwapError(ValueError):
     """A candidate that cannot be loaded or did not pass the canary; the message is one line."""
 
 
@@ -143,7 +143,7 @@ def load_candidate(path: str | Path, *, device: torch.device | str, dtype: torch
     p = Path(path)
     is_dir = p.is_dir() and (p / WEIGHTS).is_file() and (p / CONFIG).is_file()
     if not is_dir and not (p.is_file() and p.suffix == ".safetensors"):
-        raise RolloutError(
+        raise SwapError(
             f"{path}: not an hrm-mega model directory ({WEIGHTS} + {CONFIG}) or consolidated .safetensors "
             "file; a swap takes only those, never a training checkpoint (hrm-mega consolidate makes one)"
         )
@@ -155,13 +155,13 @@ def load_candidate(path: str | Path, *, device: torch.device | str, dtype: torch
             model = build_model(config.model)
             load_state_dict_strict(model, state, source=str(p))
     except (CheckpointError, ValueError) as e:
-        raise RolloutError(str(e).splitlines()[0]) from None
+        raise SwapError(str(e).splitlines()[0]) from None
     if not isinstance(model, HRMGemma):
-        raise RolloutError(f"{path}: a model.family={config.model.family} model; serving needs hrm_gemma")
+        raise SwapError(f"{path}: a model.family={config.model.family} model; serving needs hrm_gemma")
     return model.to(device=device, dtype=dtype).eval()
 
 
-class Rollout:
+class HotSwap:
     """Swaps and rollbacks of one engine's model, one at a time (the admin endpoints call these on a
     worker thread). `current` names what serves now; `previous` is kept for a rollback."""
 
@@ -180,16 +180,14 @@ class Rollout:
         self._lock = threading.Lock()
 
     def swap_to(self, path: str) -> dict[str, object]:
-        """Loads `path`, runs the canary, swaps (RolloutError with one line when refused)."""
+        """Loads `path`, runs the canary, swaps (SwapError with one line when refused)."""
         if not self._lock.acquire(blocking=False):
-            raise RolloutError("another swap is under way; retry when it is done")
+            raise SwapError("another swap is under way; retry when it is done")
         try:
             candidate = load_candidate(path, device=self.engine.device, dtype=self.dtype)
             result = run_canary(candidate, self.canary, self.engine.vocab_limit)
             if not result.passed:
-                raise RolloutError(
-                    f"{path} failed the canary ({result.reason}); still serving {self.current}"
-                )
+                raise SwapError(f"{path} failed the canary ({result.reason}); still serving {self.current}")
             return self._swap(candidate, str(path), result)
         finally:
             self._lock.release()
@@ -197,10 +195,10 @@ class Rollout:
     def rollback(self) -> dict[str, object]:
         """Back to the model served before the last swap (it passed its canary then)."""
         if not self._lock.acquire(blocking=False):
-            raise RolloutError("another swap is under way; retry when it is done")
+            raise SwapError("another swap is under way; retry when it is done")
         try:
             if self.previous is None:
-                raise RolloutError(f"nothing to roll back to: {self.current} is the first model served")
+                raise SwapError(f"nothing to roll back to: {self.current} is the first model served")
             model, name = self.previous
             return self._swap(model, name, None)
         finally:
@@ -210,7 +208,7 @@ class Rollout:
         try:
             old = self.engine.swap(model, timeout=self.swap_timeout)
         except (Busy, TimeoutError, ValueError) as e:
-            raise RolloutError(f"{e}; still serving {self.current}") from None
+            raise SwapError(f"{e}; still serving {self.current}") from None
         self.previous, self.current = (old, self.current), name
         return {"status": "swapped", "model": name, "previous": self.previous[1], "swaps": self.engine.swaps,
                 "canary": None if result is None else result.as_json()}  # fmt: skip
