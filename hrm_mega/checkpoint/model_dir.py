@@ -83,13 +83,20 @@ def check_format(meta: dict[str, str], source: str | Path) -> int:
     if tag is None or tag == "pt":  # written before versions were recorded: read as version 1
         print(f"note: {source} records no format version; reading it as {FORMAT_TAG}", file=sys.stderr)
         return 1
-    match = re.fullmatch(r"hrm-mega/model/(\d+)", tag)
+    return format_version(tag, "model", MODEL_FORMAT, source)
+
+
+def format_version(tag: str | None, kind: str, newest: int, source: str | Path) -> int:
+    """N of an `hrm-mega/{kind}/N` format tag; one line for another kind or an N newer than `newest`."""
+    match = re.fullmatch(rf"hrm-mega/{kind}/(\d+)", tag or "")
     if match is None:
-        raise CheckpointError(f"{source}: format {tag!r} is not an hrm-mega model ({FORMAT_TAG})")
-    version = int(match.group(1))
-    if version > MODEL_FORMAT:
         raise CheckpointError(
-            f"{source}: format version {version} is newer than this hrm-mega reads ({MODEL_FORMAT}); "
+            f"{source}: format {tag!r} is not an hrm-mega {kind} (hrm-mega/{kind}/{newest})"
+        )
+    version = int(match.group(1))
+    if version > newest:
+        raise CheckpointError(
+            f"{source}: format version {version} is newer than this hrm-mega reads ({newest}); "
             "upgrade hrm-mega to load it"
         )
     return version

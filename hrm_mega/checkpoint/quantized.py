@@ -12,7 +12,6 @@ a newer format version is refused with one line.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hrm_mega.checkpoint.integrity import damaged_files, write_checksums
-from hrm_mega.checkpoint.model_dir import CONFIG, WEIGHTS, CheckpointError, read_safetensors
+from hrm_mega.checkpoint.model_dir import CONFIG, WEIGHTS, CheckpointError, format_version, read_safetensors
 from hrm_mega.config import Config, ConfigError, load_config, save_resolved
 from hrm_mega.models.quantize import SCHEMES, quantize_model
 
@@ -84,16 +83,7 @@ def load_quantized(model_dir: str | Path) -> tuple[nn.Module, Config]:
     except ConfigError as e:
         raise CheckpointError(f"{d / CONFIG}: {e}") from None
     flat, meta = read_safetensors(d / WEIGHTS)
-    match = re.fullmatch(r"hrm-mega/quantized/(\d+)", meta.get("format", ""))
-    if match is None:
-        raise CheckpointError(
-            f"{d / WEIGHTS}: not a quantized hrm-mega model (format {meta.get('format')!r})"
-        )
-    if int(match.group(1)) > QUANTIZED_FORMAT:
-        raise CheckpointError(
-            f"{d / WEIGHTS}: format version {match.group(1)} is newer than this hrm-mega reads "
-            f"({QUANTIZED_FORMAT}); upgrade hrm-mega to load it"
-        )
+    format_version(meta.get("format"), "quantized", QUANTIZED_FORMAT, d / WEIGHTS)
     scheme = meta.get("scheme", "")
     if scheme not in SCHEMES:
         raise CheckpointError(f"{d / WEIGHTS}: unknown quantization scheme {scheme!r}")
