@@ -72,7 +72,34 @@ class BatchCache(Protocol):
         ...
 
 
-class RectangularCache:
+class _DecodeStep:
+    """The decoding step and byte count both caches share: one token per row through model.infer
+    against `self.cache` (a KVCache or a PagedKVCache)."""
+
+    model: HRMGemma
+    cache: Any
+    rows: int
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        max_cycles: torch.Tensor,
+        halt_threshold: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.cache is not None and self.rows == tokens.shape[0]
+        ids = tokens[:, None]
+        logits, cycles = self.model.infer(
+            ids, attention_mask=torch.ones_like(ids), position_ids=positions[:, None], max_cycles=max_cycles,
+            halt_threshold=halt_threshold, cache=self.cache,
+        )  # fmt: skip
+        return logits[:, -1].float(), cycles[:, :, -1].T
+
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+
+class RectangularCache(_DecodeStep):
     """BatchCache on KVCache: joining left-pads and concatenates (KVCache.concat), leaving selects rows
     and drops the padding columns no row needs any more (KVCache.trim_padding). A step costs the
     longest row's length for every row: the price of the rectangle, which a paged cache avoids."""
@@ -113,29 +140,11 @@ class RectangularCache:
         self.cache.select(rows)
         self.cache.trim_padding()
 
-    def step(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        max_cycles: torch.Tensor,
-        halt_threshold: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.cache is not None and self.rows == tokens.shape[0]
-        ids = tokens[:, None]
-        logits, cycles = self.model.infer(
-            ids, attention_mask=torch.ones_like(ids), position_ids=positions[:, None], max_cycles=max_cycles,
-            halt_threshold=halt_threshold, cache=self.cache,
-        )  # fmt: skip
-        return logits[:, -1].float(), cycles[:, :, -1].T
-
-    def nbytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes()
-
     def for_model(self, model: HRMGemma) -> RectangularCache:
         return RectangularCache(model)
 
 
-class PagedCache:
+class PagedCache(_DecodeStep):
     """BatchCache on PagedKVCache: every row's blocks come from one BlockPool (models/paged_kv_cache.py).
     A step gathers each row's own positions, so a short row next to a long one costs its own length in
     the pool (the attention call still pads the view to the longest row)."""
@@ -177,24 +186,6 @@ class PagedCache:
         self.cache.select(rows)
         if rows.numel() == 0:
             self.cache = None
-
-    def step(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        max_cycles: torch.Tensor,
-        halt_threshold: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.cache is not None and self.rows == tokens.shape[0]
-        ids = tokens[:, None]
-        logits, cycles = self.model.infer(
-            ids, attention_mask=torch.ones_like(ids), position_ids=positions[:, None], max_cycles=max_cycles,
-            halt_threshold=halt_threshold, cache=self.cache,
-        )  # fmt: skip
-        return logits[:, -1].float(), cycles[:, :, -1].T
-
-    def nbytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes()
 
     def for_model(self, model: HRMGemma) -> PagedCache:
         p = self.pool
