@@ -251,6 +251,50 @@ def test_hrm_gemma_with_open_gates_exports_remote_code(tmp_path: Path, capsys) -
     assert torch.equal(generated[1, 2:], greedy_reference(model, prompt[1:, :4], 5)[0])
 
 
+def test_remote_code_generate_decodes_against_a_kv_cache(tmp_path: Path, capsys) -> None:
+    """generate() prefills once, then feeds the model one token per step (the cache holds the rest), and
+    gives the tokens of recomputing the whole sequence (use_cache=False) and of hrm-mega's generation,
+    with and without per-token halting, for a left-padded batch and under beam search."""
+    import time
+
+    model, ckpt = hrm_gemma(tmp_path, seed=21, open_gates=True, h_cycles=2, l_cycles=2)
+    out = tmp_path / "export"
+    run_ok(export_hf.main, [ckpt, out], capsys)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    fed = []  # positions each forward computed
+    hf.register_forward_pre_hook(lambda _, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    prompt = token_ids(seed=22, length=7)
+    padded = prompt.clone()
+    mask = torch.ones_like(padded)
+    padded[1, :3], mask[1, :3] = 0, 0  # row 1: a 4-token prompt, left-padded
+    common = {"attention_mask": mask, "max_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+    for halting in ({}, {"max_cycles": 3, "halt_threshold": 0.5}):
+        fed.clear()
+        cached = hf.generate(padded, **common, **halting)
+        assert fed == [7] + [1] * 9  # the prompt once, then one position per new token
+        fed.clear()
+        recomputed = hf.generate(padded, **common, use_cache=False, **halting)
+        assert fed == list(range(7, 17))
+        assert torch.equal(cached, recomputed), halting
+        ours = generate(model, padded, attention_mask=mask, max_new_tokens=10, greedy=True, **halting)
+        assert torch.equal(cached[:, 7:], ours.tokens), halting
+    out = hf.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.cache.length == 7 + 5  # the last token is sampled, never fed back
+    beams = {"max_new_tokens": 6, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
+    assert torch.equal(hf.generate(prompt, **beams), hf.generate(prompt, **beams, use_cache=False))
+
+    long = token_ids(batch=1, seed=23, length=16)  # cost per token, printed: timings here are noisy
+    runs = {"cache": [], "recompute": []}
+    for _ in range(4):
+        for name, use_cache in (("cache", True), ("recompute", False)):
+            start = time.perf_counter()
+            hf.generate(long, max_new_tokens=40, min_new_tokens=40, do_sample=False, use_cache=use_cache)
+            runs[name].append((time.perf_counter() - start) / 40)
+    best = {name: min(times) for name, times in runs.items()}
+    print(f"remote generate, ms per token (16-token prompt, 40 new): cache {1e3 * best['cache']:.2f}, "
+          f"recompute {1e3 * best['recompute']:.2f}, x{best['recompute'] / best['cache']:.2f}")  # fmt: skip
+
+
 @pytest.mark.parametrize("puzzle_emb_ndim", [32, 0])  # 0: no puzzle-embedding table at all
 def test_recursive_reasoner_exports_remote_code(tmp_path: Path, capsys, tiny_config, puzzle_emb_ndim) -> None:
     tiny_config = dataclasses.replace(tiny_config, puzzle_emb_ndim=puzzle_emb_ndim)

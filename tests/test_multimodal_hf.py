@@ -359,6 +359,10 @@ def test_a_remote_code_export_reads_a_picture_end_to_end(tmp_path: Path, capsys)
             ours = generate(model, batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
                             greedy=True, eos_id=None, pixel_values=batch["pixel_values"], **halting)  # fmt: skip
             assert torch.equal(tokens[:, batch["input_ids"].shape[1] :], ours.tokens), halting
+            # generate() decodes against its KV cache (the prefill read the picture); recomputing agrees
+            again = hf.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None, use_cache=False,
+                                **halting)  # fmt: skip
+            assert torch.equal(tokens, again), halting
 
 
 def test_a_hub_style_preprocessor_config_is_kept_and_checked(tmp_path: Path) -> None:

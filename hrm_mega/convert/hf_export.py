@@ -243,7 +243,8 @@ def _export_remote(
     )  # fmt: skip
     hf_config.save_pretrained(out)
     if family == "hrm_gemma":
-        GenerationConfig(**special, use_cache=False).save_pretrained(out)
+        # use_cache: the wrapper's generate() decodes against hrm-mega's KV cache (modeling_hrm_mega.py)
+        GenerationConfig(**special, use_cache=True).save_pretrained(out)
     notes = [
         f"{name} imports {', '.join(packages)} inside a function (not at load); from the Hugging Face Hub, "
         "unlike from a directory, transformers loads the export only where that is installed"

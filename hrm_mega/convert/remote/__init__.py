@@ -1,8 +1,8 @@
 """What a remote-code (`trust_remote_code`) export ships: hrm-mega's model sources plus a thin HF wrapper.
 
 There is one implementation of every model, in hrm_mega/models. The export copies the modules that
-lm.py and puzzle.py need (found by following their `hrm_mega` imports) into the export directory as
-flat files, rewriting `from hrm_mega.models.layers import X` into `from .layers import X` and
+lm.py, puzzle.py and kv_cache.py need (found by following their `hrm_mega` imports) into the export
+directory as flat files, rewriting `from hrm_mega.models.layers import X` into `from .layers import X` and
 `from hrm_mega import distributed` into `from . import distributed`, and adds the two wrapper files of
 this package: configuration_hrm_mega.py (the HF config) and modeling_hrm_mega.py (the HF model
 classes). transformers loads the wrapper, which imports the copies; hrm-mega need not be installed.
@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = "hrm_mega"
-MODEL_ROOTS = ("hrm_mega.models.lm", "hrm_mega.models.puzzle")
+# kv_cache: lm.py names KVCache for annotations only, but the wrapper decodes against it (generate())
+MODEL_ROOTS = ("hrm_mega.models.lm", "hrm_mega.models.puzzle", "hrm_mega.models.kv_cache")
 WRAPPER_FILES = ("configuration_hrm_mega.py", "modeling_hrm_mega.py")
 ENTRY = "modeling_hrm_mega.py"
 # Importable wherever transformers is: its own dependencies, plus torch.

@@ -7,8 +7,11 @@ transformers API (from_pretrained, the Auto classes, generate):
 - HRMGemmaForCausalLM: AutoModelForCausalLM. Returns logits [b, s, vocab] (and the per-cycle halting
   logits), `loss` = next-token cross-entropy when `labels` are given. With `max_cycles` and/or
   `halt_threshold` it runs HRMGemma's inference forward with per-token halting instead (`infer`), also
-  through generate(): `model.generate(ids, max_cycles=8, halt_threshold=0.9)`. generate() keeps no KV
-  cache: every step recomputes the whole sequence, which gives exactly the tokens of cached decoding.
+  through generate(): `model.generate(ids, max_cycles=8, halt_threshold=0.9)`. generate() decodes against
+  a KV cache (HRMGemmaCache: hrm-mega's KVCache, one slot per (layer, cycle step)): the prompt is
+  prefilled once and every later step computes only the new token. `generate(..., use_cache=False)`
+  recomputes the whole sequence per step instead, with the same tokens (the reference the cache is
+  tested against).
 - RecursiveReasonerModel: AutoModel. One forward is one ACT segment on a puzzle batch; pass the returned
   z_H/z_L back in to run the next segment, and stop when q_halt_logits > q_continue_logits (HRM) or
   q_halt_logits > 0 (TRM), or after halt_max_steps segments.
@@ -25,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_hrm_mega import HRMMegaConfig
 from .distributed import tp_size  # noqa: F401 (see below)
+from .kv_cache import KVCache
 from .layers import RotaryEmbedding
 from .lm import HRMGemma, lm_loss
 from .model import model_config_from_dict
@@ -66,6 +70,21 @@ class HRMGemmaOutput(ModelOutput):
     halt_logits: torch.Tensor | None = None  # [blocks, h_cycles, b, s]: halting head after every H update
     values: torch.Tensor | None = None  # [b, s], with the value head
     cycles: torch.Tensor | None = None  # [blocks, b, s]: H cycles run per token, with per-token halting
+    cache: HRMGemmaCache | None = None  # the KV cache, extended by this call (cached decoding)
+
+
+class HRMGemmaCache(KVCache):
+    """generate()'s KV cache: hrm-mega's KVCache (one slot per layer and cycle step, the halting rules of
+    kv_cache.py), with the two methods transformers' generation loop calls on a cache."""
+
+    is_croppable = False  # assisted decoding would have to roll the cache back: not supported
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row i continues the beam beam_idx[i] (rows may repeat)."""
+        self.select(beam_idx)
 
 
 class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
@@ -89,7 +108,9 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
         halt_threshold: float | torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        **kwargs: Any,  # generate()'s cache arguments: there is no KV cache here
+        cache: HRMGemmaCache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,  # other arguments generate() passes, unused
     ) -> HRMGemmaOutput:
         """input_ids [b, s] (or inputs_embeds [b, s, h], already scaled by sqrt(hidden)); attention_mask
         [b, s] hides padding keys; position_ids [b, s] default to 0..s-1; labels [b, s] are aligned with
@@ -100,13 +121,26 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
 
         max_cycles (>= 1, may exceed the trained h_cycles) and halt_threshold (a probability in (0, 1]),
         each an int/float or one per row [b]: every block runs at most max_cycles H cycles per token and
-        stops a token's cycles once its halting head reaches halt_threshold (HRMGemma.infer)."""
+        stops a token's cycles once its halting head reaches halt_threshold (HRMGemma.infer).
+
+        cache (an HRMGemmaCache, empty or holding P earlier positions): input_ids [b, s] are the positions
+        after the cached ones, attention_mask covers all of them [b, P + s] (transformers' convention),
+        pixel_values only those of these positions. The forward is the inference one (HRMGemma.infer;
+        without max_cycles/halt_threshold: h_cycles in every block, no halting, which is the training
+        forward's result), it extends the cache and returns it. use_cache (without a cache) starts one."""
         vision = self.model.config.vision
         marked = token_type_ids is not None and input_ids is not None and vision is not None
         if marked and not torch.equal(token_type_ids.bool(), input_ids == vision.image_token_id):
             raise ValueError(
                 f"token_type_ids must be 1 exactly on the image placeholders (id {vision.image_token_id})"
             )
+        if use_cache and cache is None:
+            cache = HRMGemmaCache()
+        if cache is not None:
+            return self._cached_forward(
+                input_ids, cache, attention_mask, position_ids, max_cycles, halt_threshold, pixel_values,
+                unsupported=inputs_embeds is not None or labels is not None,
+            )  # fmt: skip
         if max_cycles is not None or halt_threshold is not None:
             if inputs_embeds is not None or labels is not None:
                 raise ValueError(
@@ -126,22 +160,65 @@ class HRMGemmaForCausalLM(HRMMegaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, halt_logits=aux["halt_logits"], values=aux.get("values")
         )
 
-    # generate(): no KV cache, so every step is a full forward over the sequence so far
+    def _cached_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        cache: HRMGemmaCache,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        max_cycles: int | torch.Tensor | None,
+        halt_threshold: float | torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        unsupported: bool,
+    ) -> HRMGemmaOutput:
+        if unsupported or input_ids is None:
+            raise ValueError("a KV cache (cache/use_cache) takes input_ids, no inputs_embeds or labels")
+        s = input_ids.shape[1]
+        if attention_mask is not None:
+            if attention_mask.shape[1] != cache.length + s:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} positions; with a KV cache it covers the "
+                    f"{cache.length} cached ones and the {s} new ones"
+                )
+            if position_ids is None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]
+            attention_mask = attention_mask[:, -s:]
+        logits, cycles = self.model.infer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, max_cycles=max_cycles,
+            halt_threshold=halt_threshold, pixel_values=pixel_values, cache=cache,
+        )  # fmt: skip
+        return HRMGemmaOutput(logits=logits, cycles=cycles, cache=cache)
+
+    # generate(): the cache is hrm-mega's own (HRMGemmaCache), started here at the first step and handed
+    # back by every forward (transformers keeps the output's `cache` for the next step).
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False
+        return False  # transformers' DynamicCache has one slot per layer; a cycle step needs its own
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HRMGemmaCache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None or position_ids.shape[-1] != input_ids.shape[-1]:
+        inputs: dict[str, Any] = {"attention_mask": attention_mask}
+        passed = ["max_cycles", "halt_threshold"]
+        if use_cache is False:  # every step re-reads the whole sequence, images included
             position_ids = None
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        passed = ("max_cycles", "halt_threshold", "pixel_values")  # every step re-reads the whole sequence
+            inputs |= {"input_ids": input_ids, "position_ids": position_ids}
+            passed.append("pixel_values")
+        else:
+            if cache is None:
+                cache = HRMGemmaCache()
+            if cache.length == 0:  # the prefill reads the images; their tokens are cached after it
+                passed.append("pixel_values")
+            # positions after the cached ones: the whole prompt first, then one new token per step
+            inputs |= {"input_ids": input_ids[:, cache.length :], "cache": cache}
         return inputs | {k: kwargs[k] for k in passed if kwargs.get(k) is not None}
 
 
