@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hrm_lr
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from hrm_mega.checkpoint.consolidate import load_model
+from hrm_mega.checkpoint.integrity import write_checksums
 from hrm_mega.checkpoint.model_dir import CheckpointError
 from hrm_mega.config import ConfigError, load_config
 from hrm_mega.data.shards import manifest_digest
@@ -126,6 +129,60 @@ def test_trm_resume_keeps_the_ema_state(trm_run):
         assert torch.equal(resumed.ema.shadow[name], shadow), name
     params = dict(resumed.model.named_parameters())
     assert any(not torch.equal(params[n].float(), s) for n, s in resumed.ema.shadow.items())  # not re-seeded
+
+
+def test_a_training_checkpoint_records_its_format_version(trm_run, tmp_path, capsys):
+    """Every rank's client state says hrm-mega/checkpoint/1 and the layout-free copy hrm-mega/universal/1.
+    A newer version of either is refused in one line by resume and by load_model; a checkpoint without a
+    version (written before versions were recorded) resumes and loads as version 1, with one line
+    saying so."""
+    trainer, _ = trm_run
+    saved = checkpoint_dir(trainer)
+    universal = "universal/tp00-pp00.safetensors"
+    assert [json.loads(c.read_text())["format"] for c in (saved / "client").glob("rank-*.json")] == [
+        "hrm-mega/checkpoint/1"
+    ]
+    with safe_open(str(saved / universal), "pt") as f:
+        assert f.metadata()["format"] == "hrm-mega/universal/1"
+    expected = load_model(saved)[0].state_dict()
+
+    def variant(name: str, format_tag: str | None, universal_tag: str = "hrm-mega/universal/1") -> Path:
+        copy = Path(shutil.copytree(saved, tmp_path / name))
+        for client in (copy / "client").glob("rank-*.json"):
+            state = json.loads(client.read_text())
+            state.pop("format")
+            client.write_text(json.dumps(state if format_tag is None else {**state, "format": format_tag}))
+        with safe_open(str(copy / universal), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+        save_file(tensors, copy / universal, metadata={**meta, "format": universal_tag})
+        write_checksums(copy)  # as the writer of that version did
+        return copy
+
+    for name, tags, version in (
+        ("newer", ("hrm-mega/checkpoint/2",), 2),
+        ("newer_universal", ("hrm-mega/checkpoint/1", "hrm-mega/universal/3"), 3),
+    ):
+        copy = variant(name, *tags)
+        newer = (
+            rf"format version {version} is newer than this hrm-mega reads \(1\); upgrade hrm-mega to load it$"
+        )
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(copy))}\S*: {newer}"):
+            load_model(copy)
+        if name == "newer":  # resuming at the same layout reads DeepSpeed's files, not universal/
+            with pytest.raises(CheckpointError, match=newer) as error:
+                build_trainer(trainer.config, resume=str(copy))
+            assert "\n" not in str(error.value)
+
+    note = "records no format version (written before versions were recorded); reading it as hrm-mega/checkpoint/1"
+    older = variant("older", None)
+    capsys.readouterr()
+    loaded = load_model(older)[0].state_dict()
+    assert capsys.readouterr().err == f"note: {older} {note}\n"
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    older = variant("older_resumed", None)
+    resumed = build_trainer(trainer.config, resume=str(older))
+    assert resumed.step == STEPS
+    assert capsys.readouterr().err.count(note) == 1
 
 
 # --------------------------------------------------------------------------------------------------

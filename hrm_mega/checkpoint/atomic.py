@@ -17,6 +17,12 @@ A checkpoint is written into `.staging/`, then renamed into place, and only then
 checkpoint. Our client state is JSON and safetensors only; DeepSpeed's own files are written and read by
 DeepSpeed (they contain pickles, so only load checkpoints you or your cluster wrote).
 
+Format version: every rank's client JSON says `"format": "hrm-mega/checkpoint/N"` (the layout of this
+directory and of the client state), and the universal/ files `hrm-mega/universal/N` in their metadata.
+A reader refuses an N newer than it knows with one line, and reads a checkpoint without one (written
+before versions were recorded, in the same layout) as version 1, saying so in one line
+(`check_checkpoint_format`).
+
 A file damaged after publication (a truncated copy, a flipped bit on disk) is found by its checksum
 before anything reads it: `--resume auto` then takes the newest intact checkpoint, or the damaged one's
 layout-free copy when only DeepSpeed's files are hit, and says so in one line (`pick_intact`).
@@ -28,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +44,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hrm_mega.checkpoint.integrity import damaged_files, file_digests, write_checksums
-from hrm_mega.checkpoint.model_dir import CheckpointError
+from hrm_mega.checkpoint.model_dir import CheckpointError, format_version
 from hrm_mega.checkpoint.universal import UNIVERSAL
 
 STAGING, LATEST = ".staging", "latest"
+CHECKPOINT_FORMAT = 1  # the newest `hrm-mega/checkpoint/N` this code writes and reads
+CHECKPOINT_TAG = f"hrm-mega/checkpoint/{CHECKPOINT_FORMAT}"
+_migration_noted: set[Path] = set()  # checkpoints this process has already said it reads as version 1
 
 
 def tag_for(step: int) -> str:
@@ -79,7 +89,9 @@ class CheckpointManager:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, client_dir / f"{name}.safetensors"
         )
-        (client_dir / f"{name}.json").write_text(json.dumps(client, sort_keys=True))
+        (client_dir / f"{name}.json").write_text(
+            json.dumps({**client, "format": CHECKPOINT_TAG}, sort_keys=True)
+        )
         if self.rank == 0:
             for target, source in (files or {}).items():
                 shutil.copyfile(source, staging / tag / target)
@@ -137,7 +149,27 @@ def read_client_state(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
     client_tensors = path / "client" / f"{name}.safetensors"
     if not client_json.is_file() or not client_tensors.is_file():
         raise CheckpointError(f"{path}: no client state for rank {rank}; the checkpoint is incomplete")
-    return json.loads(client_json.read_text()), load_file(client_tensors)
+    client = json.loads(client_json.read_text())
+    check_checkpoint_format(client, path)
+    return client, load_file(client_tensors)
+
+
+def check_checkpoint_format(client: dict[str, Any], path: Path) -> int:
+    """The format version of training checkpoint `path` from a rank's client state: one line refuses a
+    newer one; one without (written before versions were recorded) is read as version 1, which this
+    process says once per checkpoint (on global rank 0)."""
+    tag = client.get("format")
+    if tag is not None:
+        return format_version(tag, "checkpoint", CHECKPOINT_FORMAT, path)
+    if path not in _migration_noted:
+        _migration_noted.add(path)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(
+                f"note: {path} records no format version (written before versions were recorded); "
+                f"reading it as {CHECKPOINT_TAG}",
+                file=sys.stderr,
+            )
+    return 1
 
 
 def resolve_resume(spec: str | None, manager: CheckpointManager) -> list[Path]:

@@ -17,6 +17,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hrm_mega.checkpoint.atomic import check_checkpoint_format
 from hrm_mega.checkpoint.integrity import damaged_files, tensors_digest
 from hrm_mega.checkpoint.model_dir import (
     CONFIG,
@@ -40,7 +41,9 @@ def checkpoint_config(checkpoint: Path) -> Config:
         raise CheckpointError(
             f"{checkpoint}: not an hrm-mega training checkpoint (no client/rank-00000.json)"
         )
-    return config_from_dict(json.loads(client.read_text())["config"]).validate()
+    state = json.loads(client.read_text())
+    check_checkpoint_format(state, checkpoint)
+    return config_from_dict(state["config"]).validate()
 
 
 def consolidate_checkpoint(

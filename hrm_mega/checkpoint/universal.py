@@ -25,9 +25,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hrm_mega.checkpoint.model_dir import CheckpointError
+from hrm_mega.checkpoint.model_dir import CheckpointError, format_version
 
 UNIVERSAL = "universal"
+UNIVERSAL_FORMAT = 1  # the newest `hrm-mega/universal/N` this code writes and reads
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _PIPE_PREFIX = re.compile(r"^(\d+|tied_modules\.\w+)\.")
 
@@ -103,7 +104,7 @@ def save_universal(
     for name, b in buffers.items():
         tensors[f"buffer/{name}"] = b.detach().float().cpu()
     metadata = {
-        "format": "hrm-mega/universal/1",
+        "format": f"hrm-mega/universal/{UNIVERSAL_FORMAT}",
         "dims": json.dumps(dims),
         "step": str(_optimizer_step(optimizer)),
     }
@@ -165,8 +166,8 @@ class UniversalCheckpoint:
             tp = int(path.name[2:4])
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != "hrm-mega/universal/1":
-                    raise CheckpointError(f"{path}: not an hrm-mega universal checkpoint file")
+                # written with a tag since the first version: refuse another kind or a newer N
+                format_version(meta.get("format"), "universal", UNIVERSAL_FORMAT, path)
                 self.dims.update(json.loads(meta["dims"]))
                 self.step = int(meta["step"])
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
