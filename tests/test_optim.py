@@ -280,6 +280,75 @@ def test_adam_atan2_reduces_quadratic_loss():
     assert loss_fn().item() < 1e-3 * first
 
 
+def _run_many(p0s, grads, **kwargs):
+    """AdamATan2 over several parameters at once; grads[i][t] is parameter i's gradient at step t."""
+    ps = [torch.nn.Parameter(p0.clone()) for p0 in p0s]
+    opt = AdamATan2(ps, **kwargs)
+    for t in range(len(grads[0])):
+        for p, g in zip(ps, grads):
+            p.grad = g[t].clone()
+        opt.step()
+    return [p.detach() for p in ps]
+
+
+def test_adam_atan2_compiled_update_matches_the_package():
+    """compile=True (one compiled kernel per tensor) against the package's transcription, on tensors of
+    several sizes (one element, one chunk and more), a non-contiguous one (the eager slice path) and a
+    bf16 one (updated in fp32), with a tensor lr; and within a few ulps of the eager update."""
+    gen = torch.Generator().manual_seed(7)
+    sizes = (1, 1000, 300_000)
+    p0s = [torch.randn(n, generator=gen) * 0.5 for n in sizes]
+    grads = [_grad_sequence(n, 6, torch.float32, seed=8 + i) for i, n in enumerate(sizes)]
+    wide = torch.randn(40, 30, generator=gen)
+    wide_grads = [torch.randn(40, 30, generator=gen) for _ in range(6)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.95))
+    compiled = _run_many([*p0s, wide.t()], [*grads, [g.t() for g in wide_grads]], weight_decay=0.5,
+                         compile=True, **{**hp, "lr": torch.tensor(1e-2)})  # fmt: skip
+    eager = _run_many([*p0s, wide.t()], [*grads, [g.t() for g in wide_grads]], weight_decay=0.5, **hp)
+    assert not compiled[-1].is_contiguous()
+    for got, ref, p0, gs in zip(compiled, eager, [*p0s, wide.t()], [*grads, [g.t() for g in wide_grads]]):
+        want, _, _ = _package_adam_atan2(p0, gs, wd=0.5, **hp)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        assert (got - p0).abs().max() > 1e-3  # six steps of ~lr: the weights moved
+
+    # a = 1.27 scales the update: (lr, wd, a) is the package at (lr*a, wd/a).
+    x0, xg = p0s[1], grads[1]
+    (scaled,) = _run_many([x0], [xg], weight_decay=0.5, a=1.27, compile=True, **hp)
+    want, _, _ = _package_adam_atan2(x0, xg, lr=1e-2 * 1.27, betas=hp["betas"], wd=0.5 / 1.27)
+    torch.testing.assert_close(scaled, want, rtol=0, atol=2e-6)
+
+    # bf16: computed in fp32 and rounded once per step, as the eager path does.
+    b0 = (torch.randn(4096, generator=gen) * 0.02).to(torch.bfloat16)
+    bg = [(torch.randn(4096, generator=gen) * 1e-3).to(torch.bfloat16) for _ in range(6)]
+    (b_compiled,) = _run_many([b0], [bg], weight_decay=0.1, compile=True, lr=1e-3)
+    (b_eager,) = _run_many([b0], [bg], weight_decay=0.1, lr=1e-3)
+    assert b_compiled.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * b_eager.float().abs().max()
+    assert ((b_compiled.float() - b_eager.float()).abs() <= ulp).all()
+    assert (b_compiled == b_eager).float().mean() > 0.99
+
+
+def test_adam_atan2_foreach_update_equals_the_sliced_update():
+    """The multi-tensor update (what non-CPU devices run) is the same operations as the CPU slices."""
+    from hrm_mega.optim.adam_atan2 import _update_foreach, _update_slice
+
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(7,), (300, 20), (1,)]
+    quads = [tuple(torch.randn(s, generator=gen).abs() if i == 3 else torch.randn(s, generator=gen)
+                   for i in range(4)) for s in shapes]  # fmt: skip
+    copies = [tuple(x.clone() for x in q) for q in quads]
+    before = [q[0].clone() for q in quads]
+    coefficients = (0.9, 0.95, 1.3, 0.02, 0.999)
+    _update_foreach(quads, *coefficients)
+    for q in copies:
+        _update_slice(*q, *coefficients)
+    for q, c in zip(quads, copies):
+        for got, want in zip(q, c):
+            assert torch.equal(got, want)
+    assert all(not torch.equal(q[0], b) for q, b in zip(quads, before))  # the parameters moved
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

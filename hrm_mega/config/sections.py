@@ -265,7 +265,7 @@ class TrainConfig:
     micro_batch: int = 0  # 0 = global_batch / dp (no gradient accumulation)
     steps: int = 1000  # optimizer steps; one step is one ACT segment
     precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False  # torch.compile the model (fuses norms/activations; the first steps compile)
+    compile: bool = False  # torch.compile the model and AdamATan2's update (the first steps compile)
     activation_checkpointing: bool = False  # HRMGemma: recompute each CycleBlock in backward
     eval_interval: int = 0  # 0 = only at the end
     eval_modes: list[str] = field(default_factory=lambda: ["fixed", "adaptive"])

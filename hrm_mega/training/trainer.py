@@ -149,8 +149,9 @@ class Trainer:
         if o.name == "adamw":
             return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         return AdamATan2(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, a=o.adam_atan2_scale
-        )
+            params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, a=o.adam_atan2_scale,
+            compile=self.config.train.compile,  # the update as one compiled kernel per tensor
+        )  # fmt: skip
 
     # --- what a task's step calls ----------------------------------------------------------------
 
