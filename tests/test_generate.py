@@ -432,6 +432,24 @@ def test_cli_streams_the_greedy_continuation_and_stats(lm_checkpoint: Path, caps
     assert stats["tokens_per_s"] > 0 and stats["max_cycles"] == 3
 
 
+def test_generate_cli_takes_an_int8_kv_cache(lm_checkpoint, capsys) -> None:
+    import sentencepiece as spm
+
+    from hrm_mega.entry.generate import main
+    from hrm_mega.models.paged_kv_cache import pool_for
+
+    argv = [str(lm_checkpoint), "--prompt", "12 plus 7 is", "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*argv, "--kv-dtype", "int8"]) == 0
+    text, stats = capsys.readouterr().out.splitlines()
+    sp = spm.SentencePieceProcessor(model_file=str(lm_checkpoint.parent / "data" / "tokenizer.model"))
+    prompt = [sp.bos_id(), *sp.encode("12 plus 7 is")]
+    model = load_model(lm_checkpoint)[0].eval()
+    expected = generate(model, torch.tensor([prompt]), max_new_tokens=6, greedy=True, eos_id=sp.eos_id(),
+                        vocab_limit=sp.get_piece_size(), kv_pool=pool_for(model, kv_dtype="int8"))  # fmt: skip
+    assert text == sp.decode(prompt + expected.tokens[0, : int(expected.lengths[0])].tolist())
+    assert json.loads(stats)["tokens"] == int(expected.lengths[0])
+
+
 def test_cli_samples_reproducibly(lm_checkpoint: Path, capsys) -> None:
     from hrm_mega.entry.generate import main
 

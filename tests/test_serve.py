@@ -148,9 +148,10 @@ def test_concat_pads_on_the_left_and_aligns_cycle_steps() -> None:
     assert KVCache.concat([caches[0]]).length == caches[0].length
 
 
-def _alone(model, prompt: list[int], p: SamplingParams) -> tuple[list[int], list[int]]:
+def _alone(model, prompt: list[int], p: SamplingParams, kv_pool=None) -> tuple[list[int], list[int]]:
     """What `hrm-mega generate` computes for this one prompt: tokens and per-token cycles."""
-    kwargs = dict(max_new_tokens=p.max_tokens, max_cycles=p.max_cycles, halt_threshold=p.halt_threshold)
+    kwargs = dict(max_new_tokens=p.max_tokens, max_cycles=p.max_cycles, halt_threshold=p.halt_threshold,
+                  kv_pool=kv_pool)  # fmt: skip
     if p.greedy:
         kwargs["greedy"] = True
     else:
@@ -159,15 +160,18 @@ def _alone(model, prompt: list[int], p: SamplingParams) -> tuple[list[int], list
     return g.tokens[0].tolist(), g.cycles[0].sum(-1).tolist()
 
 
-@pytest.mark.parametrize("kv", ["rectangular", "paged", "paged-offload"])
+@pytest.mark.parametrize("kv", ["rectangular", "paged", "paged-offload", "paged-int8"])
 def test_rows_that_join_and_leave_compute_what_they_would_alone(kv: str) -> None:
     """Requests arrive while others decode (staggered), with their own lengths, max_cycles, thresholds
     and samplers: each gets the tokens and cycles of generating alone; rows left at once when done.
-    Paged: every block resident, or 48 resident blocks of 4 positions (the rest offloaded)."""
+    Paged: every block resident, or 48 resident blocks of 4 positions (the rest offloaded), or int8
+    keys/values (alone: generate with an int8 pool too, since int8 changes logits slightly)."""
     model = recurrent_model(seed=14, max_position=CONTEXT)
     cache = None
+    kv_dtype = "int8" if kv == "paged-int8" else "model"
     if kv != "rectangular":
-        pool = pool_for(model, block_size=4, resident_blocks=48 if kv == "paged-offload" else None)
+        pool = pool_for(model, block_size=4, resident_blocks=48 if kv == "paged-offload" else None,
+                        kv_dtype=kv_dtype)  # fmt: skip
         cache = PagedCache(model, pool)
     engine = Engine(model, eos_id=None, max_batch=4, cache=cache)
     specs = [
@@ -194,7 +198,8 @@ def test_rows_that_join_and_leave_compute_what_they_would_alone(kv: str) -> None
     for i, (prompt, p) in enumerate(zip(prompts, specs, strict=True)):
         tokens = [t for o in outputs[i] for t in o.token_ids]
         cycles = [c for o in outputs[i] for c in o.cycles]
-        assert (tokens, cycles) == _alone(model, prompt, p), i
+        alone_pool = pool_for(model, kv_dtype=kv_dtype) if kv_dtype != "model" else None
+        assert (tokens, cycles) == _alone(model, prompt, p, alone_pool), i
         final = outputs[i][-1]
         assert final.finish_reason == "length" and final.usage.completion_tokens == p.max_tokens
         assert final.usage.cycles == sum(cycles)
@@ -486,6 +491,27 @@ def test_binding_beyond_loopback_needs_a_key(checkpoint: Path, capsys, monkeypat
     assert "shorter than 8 characters" in capsys.readouterr().err
     assert [is_loopback(h) for h in ("127.0.0.1", "127.3.0.1", "::1", "localhost", "0.0.0.0", "10.0.0.1",
                                      "example.org")] == [True] * 4 + [False] * 3  # fmt: skip
+
+
+def test_an_int8_kv_cache_is_a_flag_of_the_paged_cache(checkpoint: Path, model, sp, capsys) -> None:
+    """--kv-cache paged --kv-dtype int8 serves generate's tokens with an int8 pool; without the paged
+    cache the flag is one line."""
+    from hrm_mega.entry.serve import main
+
+    assert main([str(checkpoint), "--kv-dtype", "int8"]) == 2
+    assert capsys.readouterr().err == "hrm-mega serve: error: --kv-dtype int8 needs --kv-cache paged\n"
+    s = Server([str(checkpoint), "--device", "cpu", "--kv-cache", "paged", "--kv-dtype", "int8"])
+    try:
+        assert s.engine.cache.pool.kv_dtype == "int8"
+        r = s.client().completions.create(model="model", prompt="12 plus 7 is", max_tokens=8, temperature=0,
+                                          extra_body={"return_token_ids": True})  # fmt: skip
+    finally:
+        s.close()
+    prompt = [sp.bos_id(), *sp.encode("12 plus 7 is")]
+    g = generate(model, torch.tensor([prompt]), max_new_tokens=8, greedy=True, eos_id=sp.eos_id(),
+                 vocab_limit=sp.get_piece_size(), kv_pool=pool_for(model, kv_dtype="int8"))  # fmt: skip
+    tokens = r.choices[0].token_ids
+    assert len(tokens) >= 1 and tokens == g.tokens[0, : len(tokens)].tolist()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ generation computes what the rectangular cache computes. What changes is where k
   device); the others live in a second tier (pinned host memory for an accelerator, memory-mapped files
   on CPU) and are brought back, least recently used first out, when an attention call needs them.
 
+- int8 storage (`kv_dtype="int8"`): every position's key (and value) vector of each kv head is stored
+  as int8 with its own fp32 scale, absmax / 127 (symmetric, per token and head), in the 4 bytes after
+  its head_dim int8 values in the same frame row; so blocks, copies and offload move rows as they are,
+  and a block takes (head_dim + 4) / (head_dim * 4) of an fp32 block's bytes (0.28 at head_dim 32,
+  0.254 at Gemma 3's 256). Keys/values are quantized when written and dequantized to the model's dtype
+  when an attention call gathers them; the positions of the current forward attend to each other
+  unquantized. Tokens then differ from an fp32 cache's only where a greedy choice is that close
+  (bench/paged_kv.py --kv-int8 measures it).
+
 Attention here is torch's SDPA over a contiguous tensor, so each attention call gathers its slot's
 blocks into one left-padded [rows, kv_heads, length, head_dim] view (the rectangle the model's masks
 expect) for the duration of that call; a paged-attention kernel would read the blocks in place. The
@@ -39,12 +48,17 @@ class OffloadError(RuntimeError):
     """The resident budget cannot hold what one attention call needs; the message is one line."""
 
 
+KV_DTYPES = ("model", "int8")  # how a pool stores keys/values: the model's dtype, or int8 + a scale
+
+
 class BlockPool:
-    """Blocks of keys/values [block_size, 2, kv_heads, head_dim], resident frames + a second tier.
+    """Blocks of keys/values [block_size, 2, kv_heads, row_width], resident frames + a second tier.
 
     Block ids are stable handles; a resident block sits in a frame (row range of `frames`), an offloaded
     one in its home in the second tier. resident_blocks None: every block stays resident (the frames
-    grow as needed). A block id's refcount counts the slot rows that hold it."""
+    grow as needed). A block id's refcount counts the slot rows that hold it. A frame row holds one
+    position's head_dim values per (k/v, kv head): in `dtype`, or with kv_dtype="int8" as int8 values
+    followed by their fp32 scale's 4 bytes (row_width = head_dim + 4; module docstring)."""
 
     def __init__(
         self,
@@ -56,17 +70,26 @@ class BlockPool:
         block_size: int = 16,
         resident_blocks: int | None = None,
         offload_dir: str | None = None,
+        kv_dtype: str = "model",
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
         if resident_blocks is not None and resident_blocks < 1:
             raise ValueError(f"resident_blocks={resident_blocks} must be >= 1 (or None: no offload)")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={kv_dtype!r} must be one of {', '.join(KV_DTYPES)}")
         self.block_size, self.kv_heads, self.head_dim = block_size, kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, torch.device(device)  # dtype: what attention reads back
+        self.kv_dtype = kv_dtype
+        self.quantized = kv_dtype == "int8"
+        self.storage_dtype = torch.int8 if self.quantized else dtype
+        self.row_width = head_dim + 4 if self.quantized else head_dim  # int8 values, then an fp32 scale
         self.resident_blocks = resident_blocks
         self.offload_dir = offload_dir
         capacity = 64 if resident_blocks is None else resident_blocks
-        self.frames = torch.zeros((capacity * block_size, 2, kv_heads, head_dim), dtype=dtype, device=device)
+        self.frames = torch.zeros(
+            (capacity * block_size, 2, kv_heads, self.row_width), dtype=self.storage_dtype, device=device
+        )
         self._free_frames = list(range(capacity - 1, -1, -1))
         self.refs: list[int] = []  # per block id
         self.frame: list[int] = []  # per block id: its frame, or -1 when offloaded (or free)
@@ -86,7 +109,7 @@ class BlockPool:
 
     @property
     def block_bytes(self) -> int:
-        return self.block_size * 2 * self.kv_heads * self.head_dim * self.frames.element_size()
+        return self.block_size * 2 * self.kv_heads * self.row_width * self.frames.element_size()
 
     @property
     def blocks_in_use(self) -> int:
@@ -99,6 +122,26 @@ class BlockPool:
     def resident_bytes(self) -> int:
         """Bytes of the resident frames (allocated, used or not): what the budget bounds."""
         return self.frames.numel() * self.frames.element_size()
+
+    # ----------------------------------------------------------------------------------------------
+    # Stored form
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """Keys/values [..., head_dim] -> frame rows [..., row_width] in the storage dtype."""
+        if not self.quantized:
+            return kv.to(self.storage_dtype)
+        x = kv.float()
+        scale = x.abs().amax(dim=-1, keepdim=True) / 127  # [..., 1]: one per position and head
+        q = (x / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-127, 127).to(torch.int8)
+        return torch.cat((q, scale.contiguous().view(torch.int8)), dim=-1)  # the scale's 4 bytes last
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """Frame rows [..., row_width] -> keys/values [..., head_dim] in the model's dtype."""
+        if not self.quantized:
+            return rows
+        d = self.head_dim
+        scale = rows[..., d:].contiguous().view(torch.float32)  # [..., 1]
+        return (rows[..., :d].float() * scale).to(self.dtype)
 
     # ----------------------------------------------------------------------------------------------
     # Blocks
@@ -212,9 +255,9 @@ class BlockPool:
         return self._tier[chunk][index * bs : (index + 1) * bs]
 
     def _new_chunk(self) -> torch.Tensor:
-        shape = (self._chunk_blocks * self.block_size, 2, self.kv_heads, self.head_dim)
+        shape = (self._chunk_blocks * self.block_size, 2, self.kv_heads, self.row_width)
         if self.device.type != "cpu":
-            return torch.empty(shape, dtype=self.dtype, pin_memory=True)
+            return torch.empty(shape, dtype=self.storage_dtype, pin_memory=True)
         # CPU: a memory-mapped file, unlinked at once (the mapping keeps it until the pool is freed)
         fd, path = tempfile.mkstemp(prefix="hrm-mega-kv-", suffix=".bin", dir=self.offload_dir)
         os.close(fd)
@@ -222,7 +265,7 @@ class BlockPool:
             numel = 1
             for n in shape:
                 numel *= n
-            flat = torch.from_file(path, shared=True, size=numel, dtype=self.dtype)
+            flat = torch.from_file(path, shared=True, size=numel, dtype=self.storage_dtype)
         finally:
             os.unlink(path)
         return flat.view(shape)
@@ -268,7 +311,7 @@ class PagedSlot:
         pool, bs = self.cache.pool, self.cache.pool.block_size
         b = len(self.tables)
         if width == 0:
-            return pool.frames.new_zeros((b, 0, 2, pool.kv_heads, pool.head_dim))
+            return torch.zeros((b, 0, 2, pool.kv_heads, pool.head_dim), dtype=pool.dtype, device=pool.device)
         frames = [[pool.resident(block) for block in t.blocks] or [0] for t in self.tables]
         widest = max(len(f) for f in frames)
         table = torch.tensor([f + [0] * (widest - len(f)) for f in frames], device=pool.device)  # [b, nb]
@@ -279,7 +322,7 @@ class PagedSlot:
         present = (positions >= lowest.clamp_min(0)[:, None]) & (positions >= 0)
         index = (positions // bs - firsts[:, None]).clamp(0, widest - 1)
         flat = table.gather(1, index) * bs + positions % bs
-        view = pool.frames[flat.flatten()].view(b, width, 2, pool.kv_heads, pool.head_dim)
+        view = pool.decode(pool.frames[flat.flatten()]).view(b, width, 2, pool.kv_heads, pool.head_dim)
         return view.masked_fill(~present[:, :, None, None, None], 0)
 
     def _write(self, kv: torch.Tensor) -> None:
@@ -295,7 +338,7 @@ class PagedSlot:
         if destinations:
             flat = kv.reshape(-1, *kv.shape[2:])
             rows = torch.tensor(sources, device=kv.device)
-            pool.frames[torch.tensor(destinations, device=pool.device)] = flat[rows].to(pool.dtype)
+            pool.frames[torch.tensor(destinations, device=pool.device)] = pool.encode(flat[rows])
 
     def _extend(self, t: _Table, count: int) -> list[int]:
         """Grows row table `t` by `count` positions; returns the frame rows to write the kept ones to."""

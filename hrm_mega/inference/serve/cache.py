@@ -190,4 +190,4 @@ class PagedCache(_DecodeStep):
     def for_model(self, model: HRMGemma) -> PagedCache:
         p = self.pool
         return PagedCache(model, pool_for(model, block_size=p.block_size, resident_blocks=p.resident_blocks,
-                                          offload_dir=p.offload_dir))  # fmt: skip
+                                          offload_dir=p.offload_dir, kv_dtype=p.kv_dtype))  # fmt: skip
