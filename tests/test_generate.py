@@ -189,6 +189,26 @@ def _reference_with_early_stops(model: HRMGemma, ids: torch.Tensor, stop: torch.
     return model.head(model.norm(x))
 
 
+def test_select_keeps_a_slots_room_and_the_chosen_rows() -> None:
+    """KVCache.select takes the kept rows (a row may be taken twice) of a slot's own buffers with their
+    room: the next write appends in place, without copying the earlier keys again."""
+    cache = KVCache()
+    cache.start(torch.ones(3, 2, dtype=torch.bool))
+    slot = cache.slot("layer", 0, None)
+    k, v = torch.randn(3, 1, 2, 4), torch.randn(3, 1, 2, 4)
+    slot.update(k, v)
+    rows = torch.tensor([2, 0, 2])
+    cache.select(rows)
+    storage = slot.k.untyped_storage().data_ptr()
+    assert torch.equal(cache.valid, torch.ones(3, 2, dtype=torch.bool))
+    cache.start(torch.ones(3, 1, dtype=torch.bool))
+    k_new, v_new = torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4)
+    keys, values = slot.update(k_new, v_new)
+    assert keys.untyped_storage().data_ptr() == storage  # written into the kept buffer
+    assert torch.equal(keys, torch.cat((k[[2, 0, 2]], k_new), dim=2))
+    assert torch.equal(values, torch.cat((v[[2, 0, 2]], v_new), dim=2))
+
+
 # --------------------------------------------------------------------------------------------------
 # Generation: cached equals uncached
 # --------------------------------------------------------------------------------------------------
@@ -314,6 +334,35 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged() -> None
         assert compacted[1:] == running  # each step after the prompt feeds only the unfinished rows
         if "greedy" in sampling:
             assert min(compacted[1:]) < 4  # row 1 did finish early
+
+
+def test_rows_with_the_same_prompt_share_one_prefill() -> None:
+    """Rows that repeat a prompt with the same halting limits (an RL group's samples) run the prompt's
+    forward once and then decode apart: the prefill sees each distinct (prompt, limits) once, and every
+    row gets the tokens and cycles of the uncached reference. What leaves the generator are ordinary
+    tensors (the cached forwards run in inference mode)."""
+    model = recurrent_model(seed=14)
+    a, b = random_ids(1, 5, seed=30)[0].tolist(), random_ids(1, 4, seed=31)[0].tolist()
+    ids, mask = left_pad([a, b, a, a, b, a])
+    halting = dict(max_cycles=torch.tensor([3, 3, 3, 2, 3, 3]), halt_threshold=0.5)
+    rows_seen = []
+    infer = model.infer
+
+    def recording(x, **kwargs):
+        rows_seen.append(x.shape[0])
+        return infer(x, **kwargs)
+
+    model.infer = recording
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, temperature=1.3, seed=5, **halting)
+    shared = list(stream_generate(model, ids, **kwargs))
+    assert rows_seen == [3] + [6] * 5  # a at 3 cycles, b, a at 2 cycles; then every row
+    reference = list(stream_generate(model, ids, use_cache=False, **kwargs))
+    for a_step, b_step in zip(shared, reference, strict=True):
+        assert torch.equal(a_step.tokens, b_step.tokens) and torch.equal(a_step.cycles, b_step.cycles)
+        assert max_diff(a_step.logits, b_step.logits) < 1e-4
+        fields = (a_step.tokens, a_step.cycles, a_step.logits, a_step.active, a_step.finished)
+        assert not any(t.is_inference() for t in fields)
+    assert not torch.equal(shared[-1].tokens[0], shared[-1].tokens[2])  # the group's samples differ
 
 
 # --------------------------------------------------------------------------------------------------

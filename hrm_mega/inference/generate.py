@@ -24,7 +24,8 @@
 - `use_cache=False` recomputes the whole sequence at every step (the reference the cache is tested
   against); the cached path computes only the new positions, and only of the rows still running: a
   finished row leaves the batch and its cache (row compaction). Sampling still draws for every row, so
-  the same seed gives the same tokens whichever rows have finished.
+  the same seed gives the same tokens whichever rows have finished. Rows that repeat a prompt with the
+  same halting limits (an RL group's samples) share one prefill, whose cache rows are then copied.
 
 Cycles reported for a token are those of the forward that produced it: the H cycles each block ran on
 the position whose logits the token was drawn from.
@@ -240,20 +241,22 @@ def _decode_with(
     # Cached forwards run each attention block as one flat function (models/fast_layers.py: the same
     # numbers, a third of the operations), its weights prepared here, once per generation.
     flat = fast_layers(model).active if cache is not None else nullcontext
-    # no_grad around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
-    with torch.no_grad(), flat():
-        logits, cycles = model.infer(
-            ids,
-            pixel_values=pixel_values,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            **halting,
-        )
+    # The rectangular cache's forwards run in inference mode (less bookkeeping per operation than no_grad);
+    # their tensors stay in this function, and what leaves it (a DecodeStep) is made outside.
+    no_grad = torch.inference_mode if isinstance(cache, KVCache) else torch.no_grad
+    # around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
+    with no_grad(), flat():
+        if isinstance(cache, KVCache) and pixel_values is None:
+            logits, cycles = _shared_prefill(model, cache, ids, mask, positions, halting)
+        else:
+            logits, cycles = model.infer(
+                ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions, cache=cache,
+                **halting,
+            )  # fmt: skip
     vocab_size = model.config.vocab_size
     for index in range(max_new_tokens):
         active = ~finished
-        step_logits = logits[:, -1].float()
+        step_logits = logits[:, -1].float().clone()  # (a normal tensor, not inference mode's)
         if step_logits.shape[-1] < vocab_size:  # a tensor-parallel rank's slice: every rank samples alike
             step_logits = gather_vocab(step_logits)
         tokens = torch.where(active, pick(step_logits), pad_id)
@@ -265,29 +268,71 @@ def _decode_with(
             return
         # Feed the new tokens; finished rows feed padding (id 0), which nothing attends to.
         fed = torch.where(finished, 0, tokens)[:, None]
-        new_mask = (~finished).long()[:, None]
         new_positions = next_position[:, None]
         next_position = next_position + 1
-        with torch.no_grad(), flat():
+        with no_grad(), flat():
             if cache is not None:
                 if bool(finished[running].any()):  # row compaction: finished rows leave the batch
                     running, kept = running[~finished[running]], (~finished[running]).nonzero().squeeze(1)
                     cache.select(kept)
                     halting = {k: None if v is None else v.index_select(0, kept) for k, v in halting.items()}
+                # the rows the cache holds all feed a real token: no attention mask
+                if running.shape[0] == ids.shape[0]:
+                    logits, cycles = model.infer(fed, position_ids=new_positions, cache=cache, **halting)
+                    continue
                 part, part_cycles = model.infer(
-                    fed[running], attention_mask=new_mask[running], position_ids=new_positions[running],
-                    cache=cache, **halting,
-                )  # fmt: skip
+                    fed[running], position_ids=new_positions[running], cache=cache, **halting
+                )
                 logits = part.new_zeros((ids.shape[0], *part.shape[1:])).index_copy_(0, running, part)
                 cycles = part_cycles.new_zeros((part_cycles.shape[0], ids.shape[0], *part_cycles.shape[2:]))
                 cycles.index_copy_(1, running, part_cycles)
             else:
+                new_mask = (~finished).long()[:, None]
                 ids = torch.cat((ids, fed), dim=1)
                 mask = torch.cat((mask, new_mask), dim=1)
                 positions = torch.cat((positions, new_positions), dim=1)
                 logits, cycles = model.infer(
                     ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions, **halting
                 )
+
+
+def _shared_prefill(
+    model: HRMGemma,
+    cache: KVCache,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    halting: dict[str, torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' forward, once per distinct row: rows with the same prompt (and halting limits), such
+    as an RL group's samples, share one prefill, whose cache rows and last logits are then copied to each.
+    Each row computes what it would in the full batch, up to the GEMM's rounding for another row count
+    (on the CPU none: MKL gives a row the same bits for any count from 4 rows, which a prompt of 4 or
+    more tokens has; bench/rl_throughput.py --compare-rollout checks the samples bit for bit).
+    Returns the last position's logits [b, 1, vocab] and cycles [G, b, 1]."""
+    b = ids.shape[0]
+    limits = [halting["max_cycles"][:, None]]
+    if halting["halt_threshold"] is not None:
+        limits.append(halting["halt_threshold"].view(torch.int32).long()[:, None])  # its bits
+    _, inverse = torch.cat([ids, mask, *limits], dim=1).unique(dim=0, return_inverse=True)
+    distinct = int(inverse.max()) + 1
+    if distinct == b:
+        logits, cycles = model.infer(ids, attention_mask=mask, position_ids=positions, cache=cache, **halting)
+        return logits[:, -1:], cycles[:, :, -1:]
+    # each distinct row's first occurrence, in batch order
+    first = torch.full((distinct,), b, device=ids.device).scatter_reduce_(
+        0, inverse, torch.arange(b, device=ids.device), reduce="amin"
+    )
+    first, order = first.sort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(distinct, device=ids.device)
+    rows = rank[inverse]  # [b]: each row's index among the distinct ones
+    part = {k: None if v is None else v[first] for k, v in halting.items()}
+    logits, cycles = model.infer(
+        ids[first], attention_mask=mask[first], position_ids=positions[first], cache=cache, **part
+    )
+    cache.select(rows)
+    return logits[:, -1:].index_select(0, rows), cycles[:, :, -1:].index_select(1, rows)
 
 
 def _check_prompts(

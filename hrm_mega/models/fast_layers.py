@@ -8,25 +8,29 @@ every call (`fused_linear`), six RMSNorms each with dtype round trips and its (1
 rotary embedding applied to q and k apart, and K/V repeated for grouped-query attention.
 
 `LayerPlan` is the same block as one function over weights prepared once per generation: the q/k/v
-and gate/up weights concatenated, each norm's scale computed, q and k normalised and rotated as one
-tensor (the q and k heads side by side, each head with its own norm scale), torch's fused
-`F.rms_norm` for every norm, and grouped-query attention left to SDPA (`enable_gqa`) rather than
-copying K/V per query head. About 35 operations per layer call. Every one computes what the block's
-own operations compute, element for element: the same reductions over the same rows, the same
-products in the same order, SDPA over the same keys, so the logits and the samples drawn from them
-are bit-identical to the module path's (tests/test_generate.py checks logits bit for bit, with
-halting, padding and windows). The module path stays the reference, and the one that trains.
+and gate/up weights concatenated, each norm's scale computed, the activations kept as [rows, hidden]
+so that every projection is one `torch.mm` (the call F.linear makes), q and k normalised and rotated
+as one tensor (the q and k heads side by side, each head with its own norm scale), each RMSNorm as the
+module's own operations (torch.rms_norm computes the same numbers, but on the CPU as a composite with
+two extra dtype copies), masks turned into SDPA's additive form once per forward rather than by SDPA
+in every layer call, and grouped-query attention left to SDPA (`enable_gqa`) rather than copying K/V
+per query head. About 35 operations per layer call. Every one computes what the block's own operations
+compute, element for element: the same reductions over the same rows, the same products in the same
+order, SDPA over the same keys, so the logits and the samples drawn from them are bit-identical to the
+module path's (tests/test_generate.py checks logits bit for bit, with halting, padding and windows).
+The module path stays the reference, and the one that trains.
 
 `fast_layers(model)` returns the plans for a model's eligible blocks: attention blocks with plain
 bias-free linears on a single tensor-parallel rank (under TP the projections are megatron-core's
 layers, which keep their own path), unquantized. `plans.active()` lets the blocks use them for the
 duration of one forward, only where that forward runs without gradients, with a KV cache slot and an
-explicit mask (TransformerBlock.forward checks; a mask left to flash-attn keeps the module path); the weights are read when the plans are made, so make them when a
-generation starts. They hold a second copy of the q/k/v and gate/up weights for as long as they live.
+explicit mask (TransformerBlock.forward checks; a mask left to flash-attn keeps the module path); the
+weights are read when the plans are made, so make them when a generation starts. They hold a second copy of the q/k/v and gate/up weights for as long as they live.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,21 +42,23 @@ from torch import nn
 from hrm_mega import distributed
 
 
-class _Norm:
-    """An RMSNorm module's forward: fp32 normalisation, then its scale ((1 + w) for gemma weights)."""
+def _rms(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """layers.rms_norm's forward, operation for operation: fp32 normalisation over the last dim, then the
+    fp32 scale. (torch.rms_norm computes the same numbers, but on the CPU as a composite of twice the
+    operations, two of them dtype copies.)"""
+    x32 = x if x.dtype == torch.float32 else x.float()
+    out = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+    if scale is not None:
+        out = out.mul_(scale)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-    def __init__(self, norm: nn.Module) -> None:
-        self.eps = norm.eps
-        if norm.form == "none":
-            self.scale = None
-        else:
-            weight = norm.weight.detach().float()
-            self.scale = weight + 1.0 if norm.form == "gemma" else weight
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return torch.rms_norm(x, (x.shape[-1],), self.scale, self.eps)
-        return torch.rms_norm(x.float(), (x.shape[-1],), self.scale, self.eps).to(x.dtype)
+def _scale(norm: nn.Module) -> torch.Tensor | None:
+    """An RMSNorm module's fp32 scale: (1 + w) for gemma weights, w for plain ones, None for none."""
+    if norm.form == "none":
+        return None
+    weight = norm.weight.detach().float()
+    return weight + 1.0 if norm.form == "gemma" else weight
 
 
 def _plain(layer: nn.Module) -> bool:
@@ -83,91 +89,103 @@ class LayerPlan:
     def __init__(self, block: nn.Module) -> None:
         a, m = block.mixer, block.mlp
         self.placement, self.kind = block.norm_placement, block.kind
-        self.norms = [_Norm(n) for n in block.norms]
-        self.scales = [n.scale for n in self.norms]
-        self.dims = (block.mixer.q_proj.in_features,)
+        self.scales = [_scale(n) for n in block.norms]
+        self.eps = [n.eps for n in block.norms]
         self.heads, self.kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.scale = a.scale
+        # [in, out] views of the weights: F.linear's own matmul (input @ weight.t()), called directly on
+        # [rows, in] activations
         with torch.no_grad():
-            self.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            self.w_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-        self.w_o, self.w_down = a.o_proj.weight.detach(), m.down_proj.weight.detach()
+            self.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t()
+            self.w_gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).t()
+        self.w_o, self.w_down = a.o_proj.weight.detach().t(), m.down_proj.weight.detach().t()
         self.intermediate = m.gate_proj.out_features
         self.act = m.act
         self.qk_eps = a.q_norm.eps if a.q_norm is not None else 0.0
         self.qk_scale = None  # [heads + kv_heads, 1, head_dim]: each q head's scale, then each k head's
         if a.q_norm is not None:
-            q, k = _Norm(a.q_norm).scale, _Norm(a.k_norm).scale
+            q, k = _scale(a.q_norm), _scale(a.k_norm)
             if q is not None and k is not None:
                 rows = [q.expand(self.heads, -1), k.expand(self.kv_heads, -1)]
                 self.qk_scale = torch.cat(rows).unsqueeze(1)
         self.qk_norm = a.q_norm is not None
-        self.ropes = RopeCache()  # the active forward's (LayerPlans.active)
+        self.tables = ForwardTables()  # the active forward's (LayerPlans.active)
 
     def __call__(self, x: torch.Tensor, ctx: Any, kv_cache: Any) -> torch.Tensor:
-        n, ropes = self.norms, self.ropes
-        if self.placement == "sandwich" and x.dtype == torch.float32:  # the norms inline: the common case
-            (s0, s1, s2, s3), eps, dims = self.scales, n[0].eps, self.dims
-            x = x + torch.rms_norm(
-                self._attention(torch.rms_norm(x, dims, s0, eps), ctx, kv_cache, ropes), dims, s1, eps
-            )
-            return x + torch.rms_norm(self._mlp(torch.rms_norm(x, dims, s2, eps)), dims, s3, eps)
+        b, s, width = x.shape
+        x = x.reshape(b * s, width)  # [rows, hidden]: every matmul is one mm, as F.linear's would be
+        (s0, s1, *rest), (e0, e1, *_) = self.scales, self.eps
         if self.placement == "sandwich":
-            x = x + n[1](self._attention(n[0](x), ctx, kv_cache, ropes))
-            return x + n[3](self._mlp(n[2](x)))
-        if self.placement == "pre":
-            x = x + self._attention(n[0](x), ctx, kv_cache, ropes)
-            return x + self._mlp(n[1](x))
-        x = n[0](x + self._attention(x, ctx, kv_cache, ropes))
-        return n[1](x + self._mlp(x))
+            s2, s3 = rest
+            e2, e3 = self.eps[2:]
+            x = x + _rms(self._attention(_rms(x, s0, e0), b, s, ctx, kv_cache), s1, e1)
+            x = x + _rms(self._mlp(_rms(x, s2, e2)), s3, e3)
+        elif self.placement == "pre":
+            x = x + self._attention(_rms(x, s0, e0), b, s, ctx, kv_cache)
+            x = x + self._mlp(_rms(x, s1, e1))
+        else:
+            x = _rms(x + self._attention(x, b, s, ctx, kv_cache), s0, e0)
+            x = _rms(x + self._mlp(x), s1, e1)
+        return x.view(b, s, width)
 
-    def _attention(self, x: torch.Tensor, ctx: Any, kv_cache: Any, ropes: RopeCache) -> torch.Tensor:
-        b, s, _ = x.shape
+    def _attention(self, x: torch.Tensor, b: int, s: int, ctx: Any, kv_cache: Any) -> torch.Tensor:
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(x, self.w_qkv).view(b, s, h + 2 * kv, d).transpose(1, 2)  # [b, h + 2kv, s, d]
+        qkv = torch.mm(x, self.w_qkv).view(b, s, h + 2 * kv, d).transpose(1, 2)  # [b, h + 2kv, s, d]
         qk, v = qkv[:, : h + kv], qkv[:, h + kv :]
         fp32 = qk.dtype == torch.float32  # below fp32 the module path rounds after the norm and the rope
         if self.qk_norm:  # Attention's q_norm / k_norm: per head over d, then each head's scale
-            normed = torch.rms_norm(qk if fp32 else qk.float(), (d,), None, self.qk_eps)
-            if self.qk_scale is not None:
-                normed = normed * self.qk_scale
-            qk = normed if fp32 else normed.to(qkv.dtype)
+            qk = _rms(qk, self.qk_scale, self.qk_eps)
         rope = ctx.ropes.get(self.kind)
         if rope is not None:  # layers.apply_rope on q and k at once
-            cos, sin = ropes.get(rope)
+            cos, sin = self.tables.rope(rope)
             x = qk if fp32 else qk.float()
-            x = x * cos + x.roll(d // 2, -1) * sin
+            x = (x * cos).add_(x.roll(d // 2, -1).mul_(sin))
             qk = x if fp32 else x.to(qkv.dtype)
-        q, k = qk[:, :h], qk[:, h:]
-        k, v = kv_cache.update(k, v)
-        mask = ctx.masks.get(self.kind)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != h)
-        return F.linear(out.transpose(1, 2).reshape(b, s, h * d), self.w_o)
+        k, v = kv_cache.update(qk[:, h:], v)
+        mask = self.tables.mask(ctx.masks.get(self.kind), qk.dtype)
+        out = F.scaled_dot_product_attention(
+            qk[:, :h], k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
+        )
+        return torch.mm(out.transpose(1, 2).reshape(b * s, h * d), self.w_o)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.w_gate_up)
+        gate_up = torch.mm(x, self.w_gate_up)
         i = self.intermediate
-        return F.linear(self.act(gate_up[..., :i]) * gate_up[..., i:], self.w_down)
+        return torch.mm(self.act(gate_up[:, :i]).mul_(gate_up[:, i:]), self.w_down)
 
 
-class RopeCache:
-    """One forward's rotary tables in the form every plan uses: cos and sin [b, 1, s, d] (or [s, d]), sin
-    with the first half negated, so that rotate_half(x) * sin = roll(x, d/2) * sin' (a sign flip is
-    exact). Made once per table, not once per layer; emptied when the plans stop being active."""
+class ForwardTables:
+    """One forward's tables in the form every plan uses, made once per forward rather than once per layer
+    call, and emptied when the plans stop being active:
+
+    - rotary tables: cos and sin [b, 1, s, d] (or [s, d]), sin with the first half negated, so that
+      rotate_half(x) * sin = roll(x, d/2) * sin' (a sign flip is exact);
+    - masks: a boolean mask as the additive float mask (0 / -inf) that SDPA turns it into on every call.
+    """
 
     def __init__(self) -> None:
-        self.tables: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+        self.ropes: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = self.tables.get(id(rope))
-        if entry is None or entry[0] is not rope:  # (the tuple is kept, so its id is not reused)
+    def rope(self, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.ropes.get(id(rope))
+        if entry is None or entry[0] is not rope:  # (the key object is kept, so its id is not reused)
             cos, sin = rope
             if cos.dim() == 3:
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             half = sin.shape[-1] // 2
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-            entry = self.tables[id(rope)] = (rope, cos, sin)
+            entry = self.ropes[id(rope)] = (rope, cos, sin)
         return entry[1], entry[2]
+
+    def mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        entry = self.masks.get(id(mask))
+        if entry is None or entry[0] is not mask or entry[1].dtype != dtype:
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+            entry = self.masks[id(mask)] = (mask, additive)
+        return entry[1]
 
 
 class LayerPlans:
@@ -179,14 +197,15 @@ class LayerPlans:
     @contextmanager
     def active(self) -> Iterator[None]:
         """The blocks use their plans for cached no-grad forwards until the block exits."""
-        ropes = RopeCache()
-        for block, plan in self.plans.items():
-            block.decode_plan, plan.ropes = plan, ropes
+        tables = ForwardTables()
+        for block, plan in self.plans.items():  # a plain attribute: nn.Module.__setattr__'s checks skipped
+            object.__setattr__(block, "decode_plan", plan)
+            plan.tables = tables
         try:
             yield
         finally:
             for block in self.plans:
-                block.decode_plan = None
+                object.__setattr__(block, "decode_plan", None)
 
 
 def fast_layers(model: nn.Module) -> LayerPlans:

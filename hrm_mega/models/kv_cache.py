@@ -25,7 +25,8 @@ it, and a slot made from another's tensors (the frontier rule, `select`, `concat
 holds them as they are until its first write, which copies them into a buffer of its own; so creating
 a slot from another copies nothing, and no write reaches another slot's keys.
 
-Rows join and leave (continuous batching, hrm_mega/inference/serve): `select` keeps some rows;
+Rows join and leave (continuous batching, hrm_mega/inference/serve): `select` keeps some rows (a
+slot's own buffers keep their room, so the next write copies nothing old);
 `concat` puts several caches' rows into one, left-padding the shorter ones with positions flagged
 invalid (masked like prompt padding) and giving a cache the slots of steps it never ran by the same
 frontier rule; `trim_padding` drops leading positions that are padding in every row.
@@ -106,6 +107,14 @@ class KVSlot:
         if self.keep is not None and end - self._start > self.keep:
             self._start = end - self.keep
         return keys, values
+
+    def select_buffers(self, rows: torch.Tensor) -> bool:
+        """Keeps `rows` of the slot's own buffers, room and all, so the next write need not copy them
+        again; False (nothing done) for a slot that holds given tensors."""
+        if self._buffers is None:
+            return False
+        self._buffers = (self._buffers[0].index_select(0, rows), self._buffers[1].index_select(0, rows))
+        return True
 
     def _reserve(self, k: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """New buffers with room for `new` more positions after the current ones (copied in)."""
@@ -194,7 +203,8 @@ class KVCache:
 
         for slots in self.slots.values():
             for slot in slots:
-                slot.adopt(take(slot.k), take(slot.v))
+                if not slot.select_buffers(rows):
+                    slot.adopt(take(slot.k), take(slot.v))
         self.valid = take(self.valid)
 
     @classmethod
