@@ -37,20 +37,29 @@ def test_the_quantized_directory_reloads_exactly_and_is_small(quantized) -> None
     scheme, model, directory = quantized
     fp32 = recurrent_model(seed=3)
     ids = random_ids(2, 9)
+    loaded = load_model(directory)[0]  # what serve / generate / eval load
     with torch.no_grad():
         expected, _ = fp32.infer(ids)
         logits, _ = model.infer(ids)
-        reloaded, _ = load_model(directory)[0].infer(ids)  # what serve / generate / eval load
-    assert torch.equal(reloaded, logits)
+        reloaded, _ = loaded.infer(ids)
     assert bool(torch.isfinite(logits).all()) and (logits - expected).abs().max() > 0  # quantized
-    memory = weight_bytes(model) / weight_bytes(fp32)  # int4 values sit one per int8 byte in memory
+    linears = [m for m in loaded.modules() if type(m) is torch.nn.Linear]
+    weights = {type(m.weight).__name__ for m in linears if m.out_features % 16 == 0}
+    if scheme == "int8":
+        assert torch.equal(reloaded, logits) and weights == {"IntxUnpackedToInt8Tensor"}
+    else:  # int4 Linear weights load packed two per byte (ATen's layout: out features a multiple of 16)
+        assert weights == {"Int4OpaqueTensor"} and len(linears) > 2
+        assert {type(m.weight).__name__ for m in linears if m.out_features == 1} == {
+            "IntxUnpackedToInt8Tensor"
+        }
+        assert (reloaded - logits).abs().max() <= 1e-4 * logits.abs().max()  # equal on this CPU
+    fp32_bytes = weight_bytes(fp32)
+    memory = weight_bytes(loaded) / fp32_bytes
     stored = sum(
         t.numel() * t.element_size() for t in read_safetensors(directory / "model.safetensors")[0].values()
     )
-    assert memory < 0.3 and stored / weight_bytes(fp32) < BOUNDS[scheme], (
-        memory,
-        stored / weight_bytes(fp32),
-    )
+    assert memory < BOUNDS[scheme] and stored / fp32_bytes < BOUNDS[scheme], (memory, stored / fp32_bytes)
+    assert weight_bytes(model) / fp32_bytes < 0.3  # before packing, int4 values sit one per int8 byte
 
 
 def test_a_newer_quantized_format_is_refused_with_one_line(quantized, tmp_path) -> None:

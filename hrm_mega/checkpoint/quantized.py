@@ -6,7 +6,8 @@
 model.safetensors holds torchao's flattened tensors (flatten_tensor_state_dict; int4 qdata packed two
 values per byte), its metadata torchao's plus `format: hrm-mega/quantized/N`, the scheme and the packed
 keys; config.yaml and the tokenizer sit beside it, with checksums. Reading never unpickles anything, and
-a newer format version is refused with one line.
+a newer format version is refused with one line. An int4 model is loaded with its Linear weights packed
+two values per byte in memory too (models/quantize.py: pack_int4_linears).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from hrm_mega.checkpoint.integrity import damaged_files, write_checksums
 from hrm_mega.checkpoint.model_dir import CONFIG, WEIGHTS, CheckpointError, format_version, read_safetensors
 from hrm_mega.config import Config, ConfigError, load_config, save_resolved
-from hrm_mega.models.quantize import SCHEMES, quantize_model
+from hrm_mega.models.quantize import SCHEMES, pack_int4_linears, quantize_model
 
 QUANTIZED_FORMAT = 1
 QUANTIZED_TAG = f"hrm-mega/quantized/{QUANTIZED_FORMAT}"
@@ -100,6 +101,8 @@ def load_quantized(model_dir: str | Path) -> tuple[nn.Module, Config]:
     if unexpected := sorted(set(state) - expected):
         raise CheckpointError(f"{d / WEIGHTS}: unexpected key {unexpected[0]}")
     model.load_state_dict(state, strict=False, assign=True)
+    if scheme == "int4":  # two values per byte in memory too (models/quantize.py)
+        pack_int4_linears(model)
     return model.eval(), config
 
 

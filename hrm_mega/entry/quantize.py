@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from hrm_mega.checkpoint.quantized import save_quantized
     from hrm_mega.convert.quantize import export_hf_quantized
     from hrm_mega.models.lm import HRMGemma
-    from hrm_mega.models.quantize import QuantizeError, quantize_model, weight_bytes
+    from hrm_mega.models.quantize import QuantizeError, pack_int4_linears, quantize_model, weight_bytes
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         export_hf_quantized(model, config, out, args.scheme, tokenizer=tokenizer)
     else:
         save_quantized(model, config, out, args.scheme, tokenizer=tokenizer)
+    if args.format != "hf":  # as `serve`/`generate` hold it once loaded: int4 packed two per byte
+        pack_int4_linears(model)
     after = weight_bytes(model)
     print(
         f"wrote {out}: {args.scheme} weights, {after / 2**20:.2f} MiB in memory ({after / before:.3f}x fp32)"
