@@ -7,18 +7,18 @@ call: eleven module calls (norms, projections, MLP), q/k/v and gate/up weights c
 every call (`fused_linear`), six RMSNorms each with dtype round trips and its (1 + w) recomputed, the
 rotary embedding applied to q and k apart, and K/V repeated for grouped-query attention.
 
-`LayerPlan` is the same block as one function over weights prepared once per generation: the q/k/v
-and gate/up weights concatenated, each norm's scale computed, the activations kept as [rows, hidden]
-so that every projection is one `torch.mm` (the call F.linear makes), q and k normalised and rotated
-as one tensor (the q and k heads side by side, each head with its own norm scale), each RMSNorm as the
-module's own operations (torch.rms_norm computes the same numbers, but on the CPU as a composite with
-two extra dtype copies), masks turned into SDPA's additive form once per forward rather than by SDPA
-in every layer call, and grouped-query attention left to SDPA (`enable_gqa`) rather than copying K/V
-per query head. About 35 operations per layer call. Every one computes what the block's own operations
-compute, element for element: the same reductions over the same rows, the same products in the same
-order, SDPA over the same keys, so the logits and the samples drawn from them are bit-identical to the
-module path's (tests/test_generate.py checks logits bit for bit, with halting, padding and windows).
-The module path stays the reference, and the one that trains.
+`LayerPlan` is the same block as one function over weights prepared once per generation: the q/k/v and
+gate/up weights concatenated, each norm's scale computed, the activations kept as [rows, hidden] so that
+every projection is one `torch.mm` (the call F.linear makes), q and k normalised and rotated as one
+tensor (the q and k heads side by side, each head with its own norm scale), each RMSNorm as the module's
+own operations (torch.rms_norm computes the same numbers, but on the CPU as a composite with two extra
+dtype copies), masks turned into SDPA's additive form once per forward rather than by SDPA in every
+layer call, and grouped-query attention left to SDPA (`enable_gqa`) rather than copying K/V per query
+head. About 60 operations per layer call, views included. Every one computes what the block's own
+operations compute, element for element: the same reductions over the same rows, the same products in
+the same order, SDPA over the same keys, so the logits and the samples drawn from them are bit-identical
+to the module path's (tests/test_generate.py checks logits bit for bit, with halting, padding and
+windows). The module path stays the reference, and the one that trains.
 
 `fast_layers(model)` returns the plans for a model's eligible blocks: attention blocks with plain
 bias-free linears on a single tensor-parallel rank (under TP the projections are megatron-core's
