@@ -52,6 +52,36 @@ def test_gate_init_sets_every_gate_and_makes_cycles_differ() -> None:
         assert torch.allclose(zero(ids(), cycles=1)[0], zero(ids(), cycles=3)[0], atol=1e-5)
 
 
+def test_gated_rms_feeds_back_normalised_states_and_is_exact_at_zero_gates() -> None:
+    from hrm_mega.models.layers import rms_norm
+
+    zero = HRMGemma(small(injection="gated_rms", num_layers=2)).init_weights(0)
+    with torch.no_grad():  # zero gates: every cycle is H(L(x)), however many run
+        assert torch.equal(zero(ids(), cycles=1)[0], zero(ids(), cycles=4)[0])
+    model = HRMGemma(small(injection="gated_rms", gate_init=1.0, num_layers=2, l_cycles=1)).init_weights(0)
+    block, x = model.blocks["0"], ids()
+    with torch.no_grad():
+        h = model.embed(x)
+        ctx = model.seq_context(h, None, None, None)
+        z_L = z_H = torch.zeros_like(h)
+        for _ in range(3):  # the module docstring's update, written out
+            z_L = block.L(h + rms_norm(z_L, 1e-6) + rms_norm(z_H, 1e-6), None, ctx)
+            z_H = block.H(z_L + rms_norm(z_H, 1e-6), None, ctx)
+        ours, _, _ = block(h, ctx, 3)
+    assert torch.allclose(ours, z_H, atol=1e-5)
+
+    def state_norm(injection: str, cycles: int) -> float:
+        m = HRMGemma(small(injection=injection, gate_init=1.0, num_layers=2, l_cycles=1)).init_weights(0)
+        with torch.no_grad():
+            h = m.embed(x)
+            z, _, _ = m.blocks["0"](h, m.seq_context(h, None, None, None), cycles)
+        return float(z.norm())
+
+    # the plain gated sums grow with every cycle; the normalised feedback keeps the state bounded
+    assert state_norm("gated", 8) > 20 * state_norm("gated", 2)
+    assert state_norm("gated_rms", 8) < 1.5 * state_norm("gated_rms", 2)
+
+
 def test_grad_cycles_truncates_backprop_to_the_last_cycles() -> None:
     base = small(gate_init=0.5)
     full = gradients(base)
@@ -98,7 +128,7 @@ def test_recipe_option_errors(override: str, message: str) -> None:
     sets = ["model.grad_mode=one_step"] if override.startswith("model.grad_cycles") else []
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_config(RECIPE, [*sets, override])
-    with pytest.raises(ConfigError, match="non-zero only with model.injection=gated"):
+    with pytest.raises(ConfigError, match="non-zero only with model.injection gated or gated_rms"):
         load_config(RECIPE, ["model.injection=add"])  # the recipe's gate_init=1 needs gates
 
 

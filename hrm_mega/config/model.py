@@ -44,7 +44,7 @@ class PuzzleModelConfig:
     l_cycles: int = 2
     shared_net: bool = False  # TRM: one network serves as both L and H
     grad_mode: Literal["one_step", "last_cycle", "full"] = "one_step"
-    injection: Literal["add", "gated"] = "add"
+    injection: Literal["add", "gated", "gated_rms"] = "add"
     # Puzzle embedding prefix: puzzle_emb_ndim values spread over puzzle_emb_len positions.
     puzzle_emb_ndim: int = 512
     puzzle_emb_len: int = 0  # 0 = ceil(puzzle_emb_ndim / hidden_size), as HRM; TRM uses 16
@@ -203,7 +203,9 @@ class LMModelConfig:
     # "full" backpropagates through every cycle (exact gradient; at N = T = 1 all modes coincide);
     # "one_step" / "last_cycle" keep training memory flat in the number of cycles.
     grad_mode: Literal["one_step", "last_cycle", "full"] = "full"
-    injection: Literal["add", "gated"] = "gated"  # gated (zero-init) keeps an imported Gemma 3 exact
+    # gated (zero-init) keeps an imported Gemma 3 exact; gated_rms feeds the states back RMS-normalised
+    # (bounded however many cycles run, so the state can converge; exact at zero gates): models/recurrence.py
+    injection: Literal["add", "gated", "gated_rms"] = "gated"
     # Starting value of every injection gate (gated): 0 keeps an imported Gemma 3 exact, but cycles of a
     # model trained from scratch then start as copies of one pass; 1 (the `add` sums, trainable) makes
     # every cycle read the previous one's state from the first step (docs/benchmarks.md, cycles scaling).
@@ -266,9 +268,10 @@ class LMModelConfig:
                 f"model.grad_cycles={self.grad_cycles} must be >= 0, and > 0 only with model.grad_mode=full "
                 f"(got {self.grad_mode})"
             )
-        if not math.isfinite(self.gate_init) or (self.gate_init and self.injection != "gated"):
+        if not math.isfinite(self.gate_init) or (self.gate_init and self.injection == "add"):
             raise ConfigError(
-                f"model.gate_init={self.gate_init} must be finite, and non-zero only with model.injection=gated"
+                f"model.gate_init={self.gate_init} must be finite, and non-zero only with model.injection "
+                "gated or gated_rms"
             )
         for name in ("halt_loss_weight", "compute_cost_weight"):
             if getattr(self, name) < 0:

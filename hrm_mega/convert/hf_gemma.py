@@ -126,13 +126,13 @@ def key_map(config: LMModelConfig) -> dict[str, str]:
 def plain_gemma3_blocker(state: dict[str, torch.Tensor], config: LMModelConfig) -> str | None:
     """Why these weights are not exactly a Gemma3ForCausalLM, or None when they are.
 
-    They are with h_cycles = l_cycles = 1, or with gated injection and every gate exactly zero: then each
+    They are with h_cycles = l_cycles = 1, or with gated (or gated_rms) injection and every gate exactly zero: then each
     cycle recomputes H(L(x)) bit for bit and the extra cycles change nothing.
     """
     if config.h_cycles == 1 and config.l_cycles == 1:
         return None
     cycles = f"model.h_cycles={config.h_cycles}, model.l_cycles={config.l_cycles}"
-    if config.injection != "gated":
+    if config.injection == "add":
         return f"{cycles} with model.injection={config.injection} feeds z_H back into every cycle"
     for name, tensor in state.items():
         if name.rsplit(".", 1)[-1] in ("gate_LL", "gate_LH", "gate_HH") and bool(tensor.any()):

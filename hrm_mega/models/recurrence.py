@@ -26,6 +26,16 @@ Injection `gated` replaces the fixed sums with learned per-channel gates that st
 With zero gates every cycle computes exactly H(L(x)), the wrapped layers on their own, however many
 cycles run. That lets a pretrained stack (e.g. a Gemma 3 local-global group) be imported unchanged and
 then learn to use extra cycles. (`add` is the same with all gates fixed at one.)
+
+Injection `gated_rms` feeds the states back through a weightless RMS norm:
+
+    z_L = L(x + g_LL * rms(z_L) + g_LH * rms(z_H));   z_H = H(z_L + g_HH * rms(z_H))
+
+For pre-norm stacks (Gemma's sandwich layers leave the residual stream unnormalised) the plain sums
+grow with every cycle, roughly x2.4 per cycle at unit gates, so a late cycle's update is a vanishing
+fraction of the state: cycles past the trained count change nothing, and the state never converges.
+Normalised, what a cycle reads back is bounded (|g| per channel), the state can reach a fixed point,
+and zero gates still give exactly H(L(x)) (rms(z) is finite, times 0).
 """
 
 from __future__ import annotations
@@ -37,10 +47,11 @@ import torch
 from torch import nn
 
 from hrm_mega.models.block import BlockStack, SeqContext
-from hrm_mega.models.layers import set_init
+from hrm_mega.models.layers import rms_norm, set_init
 
 GRAD_MODES = ("one_step", "last_cycle", "full")
-INJECTIONS = ("add", "gated")
+INJECTIONS = ("add", "gated", "gated_rms")
+STATE_NORM_EPS = 1e-6  # gated_rms: eps of the weightless RMS norm of the fed-back states
 
 
 @dataclass
@@ -83,7 +94,7 @@ class CycleBlock(nn.Module):
         self.grad_cycles = grad_cycles
         self.l_cycles = l_cycles
         self.grad_mode, self.injection = grad_mode, injection
-        if injection == "gated":
+        if injection != "add":
             self.gate_LL = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
             self.gate_LH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
             self.gate_HH = set_init(nn.Parameter(torch.empty(hidden_size)), "constant", gate_init)
@@ -129,15 +140,21 @@ class CycleBlock(nn.Module):
         return last_cycle and (t is None or t == self.l_cycles - 1)
 
     def fast_input(self, x: torch.Tensor, z_L: torch.Tensor, z_H: torch.Tensor) -> torch.Tensor:
-        """What the L update feeds its stack: z_L + z_H + x, or x + g_LL * z_L + g_LH * z_H (gated)."""
+        """What the L update feeds its stack: z_L + z_H + x, x + g_LL * z_L + g_LH * z_H (gated), or the
+        same with rms(z_L), rms(z_H) (gated_rms)."""
         if self.injection == "add":
             return z_L + (z_H + x)
+        if self.injection == "gated_rms":
+            z_L, z_H = rms_norm(z_L, STATE_NORM_EPS), rms_norm(z_H, STATE_NORM_EPS)
         return x + (self.gate_LL * z_L + self.gate_LH * z_H)
 
     def slow_input(self, z_H: torch.Tensor, z_L: torch.Tensor) -> torch.Tensor:
-        """What the H update feeds its stack: z_H + z_L, or z_L + g_HH * z_H (gated)."""
+        """What the H update feeds its stack: z_H + z_L, z_L + g_HH * z_H (gated), or z_L + g_HH * rms(z_H)
+        (gated_rms)."""
         if self.injection == "add":
             return z_H + z_L
+        if self.injection == "gated_rms":
+            z_H = rms_norm(z_H, STATE_NORM_EPS)
         return z_L + self.gate_HH * z_H
 
     def _fast_update(
