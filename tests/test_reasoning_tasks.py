@@ -51,3 +51,22 @@ def test_every_task_answers_right_at_its_splits_depths(tmp_path) -> None:
     assert main(["reasoning", "--task", "chain", "--out", str(again), "--train", "100", "--val", "5", "--hard", "5"]) == 0  # fmt: skip
     assert read(again / "train.jsonl") == read(tmp_path / "chain/train.jsonl")[:100]  # a prefix, same bytes
     assert main(["reasoning", "--task", "chain", "--out", str(again)]) == 2  # exists: --overwrite
+
+
+def test_relay_defines_every_variable_before_it_is_read(tmp_path) -> None:
+    out = tmp_path / "relay"
+    assert main(["reasoning", "--task", "relay", "--out", str(out), "--train", "300", "--val", "300", "--hard", "200"]) == 0  # fmt: skip
+    for split, (lo, hi) in {"train": (1, 3), "val": (1, 6), "hard": (4, 6)}.items():
+        rows = read(out / f"{split}.jsonl")
+        assert {r["difficulty"] for r in rows} == set(range(lo, hi + 1)), split
+        for r in rows:
+            body, query = re.fullmatch(r"relay (.*) : (\w)=", r["prompt"]).groups()
+            defined: set[str] = set()
+            for assignment in body.split():
+                name, source = assignment.split("=")
+                assert name not in defined and (source.isdigit() or source in defined), r
+                defined.add(name)
+            roots = [a.split("=")[1] for a in body.split() if a.split("=")[1].isdigit()]
+            assert len(roots) == len(set(roots)) >= 2, r  # distinct digits: a distractor's never matches
+            value, hops = resolve(r["prompt"].replace("relay ", "chain ", 1))
+            assert (value, hops) == (r["answer"], r["difficulty"]), r

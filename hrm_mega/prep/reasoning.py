@@ -19,6 +19,16 @@ training example. The definitions were fixed before the first bench run:
                  parity 1 0 1 1 0 =                      -> 1
              train/val 2-12 bits, hard 16-24 bits.
 
+Added later (2026-12-03, definition committed before its first bench run):
+
+    relay    variable binding in definition order. As chain, but every variable is defined after the one
+             it copies (chains interleaved at random, each in its own order) and the chains' digits are
+             distinct, so each position can resolve its value from earlier ones, one hop per step of
+             computation; the query is the last variable of the main chain.
+                 relay a=7 x=2 b=a c=b y=x : c=          -> 7        (2 hops: c -> b -> a)
+             train 1-3 hops; hard 4-6; val 1-6 (held out; it spans the trained and the harder depths,
+             so a test-time cycle count can be chosen on it); one or two distractor chains of 1-3 hops.
+
 Each record is a function of (seed, split, index) alone (random.Random seeded with a string, stable
 across Python versions), so the files are byte-identical for the same arguments and `--train 100` is a
 prefix of `--train 200`. Difficulty is the number of hops, digits or bits.
@@ -37,10 +47,12 @@ from typing import Any
 from hrm_mega.prep.common import non_negative_int, output_files
 
 Task = tuple[str, str, int]  # (prompt, answer, difficulty)
+# A task takes (rng, split); the first three tasks only ask whether the split is "hard".
 SPLITS = ("train", "val", "hard")
 
 
-def chain(rng: random.Random, hard: bool) -> Task:
+def chain(rng: random.Random, split: str) -> Task:
+    hard = split == "hard"
     hops = rng.randint(6, 8) if hard else rng.randint(1, 4)
     distractors = [rng.randint(1, 4) for _ in range(rng.randint(1, 2))]
     names = rng.sample(string.ascii_lowercase, hops + 1 + sum(d + 1 for d in distractors))
@@ -57,22 +69,44 @@ def chain(rng: random.Random, hard: bool) -> Task:
     return f"chain {' '.join(assignments)} : {query}=", answer, hops
 
 
-def addition(rng: random.Random, hard: bool) -> Task:
+def addition(rng: random.Random, split: str) -> Task:
+    hard = split == "hard"
     digits = rng.randint(7, 8) if hard else rng.randint(1, 5)
     low = 0 if digits == 1 else 10 ** (digits - 1)
     a, b = rng.randint(low, 10**digits - 1), rng.randint(low, 10**digits - 1)
     return f"add {a}+{b}=", str(a + b), digits
 
 
-def parity(rng: random.Random, hard: bool) -> Task:
+def parity(rng: random.Random, split: str) -> Task:
+    hard = split == "hard"
     bits = [rng.randint(0, 1) for _ in range(rng.randint(16, 24) if hard else rng.randint(2, 12))]
     return f"parity {' '.join(map(str, bits))} =", str(sum(bits) % 2), len(bits)
 
 
-TASKS: dict[str, Callable[[random.Random, bool], Task]] = {
+RELAY_HOPS = {"train": (1, 3), "val": (1, 6), "hard": (4, 6)}
+
+
+def relay(rng: random.Random, split: str) -> Task:
+    hops = rng.randint(*RELAY_HOPS[split])
+    lengths = [hops] + [rng.randint(1, 3) for _ in range(rng.randint(1, 2))]
+    names = rng.sample(string.ascii_lowercase, sum(n + 1 for n in lengths))
+    digits = rng.sample(string.digits, len(lengths))
+    chains = []  # each chain's definitions in order: root = digit, then each variable copies the previous
+    for n, digit in zip(lengths, digits):
+        run, names = names[: n + 1], names[n + 1 :]
+        chains.append([f"{run[0]}={digit}"] + [f"{run[i]}={run[i - 1]}" for i in range(1, n + 1)])
+    query = chains[0][-1].split("=")[0]
+    definitions = []
+    while any(chains):  # interleave: the next definition of a random unfinished chain
+        definitions.append(rng.choice([c for c in chains if c]).pop(0))
+    return f"relay {' '.join(definitions)} : {query}=", digits[0], hops
+
+
+TASKS: dict[str, Callable[[random.Random, str], Task]] = {
     "chain": chain,
     "addition": addition,
     "parity": parity,
+    "relay": relay,
 }
 
 
@@ -81,14 +115,14 @@ def records(task: str, split: str, count: int, seed: int) -> list[dict[str, Any]
     out = []
     for i in range(count):
         rng = random.Random(f"hrm-mega reasoning/{task}/{seed}/{split}/{i}")
-        prompt, answer, difficulty = TASKS[task](rng, split == "hard")
+        prompt, answer, difficulty = TASKS[task](rng, split)
         out.append({"prompt": prompt, "answer": answer, "task": task, "difficulty": difficulty})
     return out
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "reasoning", help="write a depth-controlled reasoning task (chain, addition, parity) as JSONL"
+        "reasoning", help="write a depth-controlled reasoning task (chain, addition, parity, relay) as JSONL"
     )
     p.add_argument("--task", choices=list(TASKS), required=True)
     p.add_argument("--out", type=Path, required=True, help="output directory (train/val/hard.jsonl)")
