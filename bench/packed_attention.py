@@ -15,12 +15,15 @@ packed_batch, same seed for both paths).
    are built, then the process's high-water mark (VmHWM) over the first training step. "step" =
    high-water mark - resident before: what the step itself needs (with AdamW's state, 12 MiB);
    "peak" = the whole process's high-water mark.
-2. speed: at each sequence length, one process alternates the two paths for --rounds rounds of
+2. saved: where the step's memory goes. One forward per (path, seq) in this process, then a walk of
+   the autograd graph summing the bytes each kind of backward node keeps (each storage counted once,
+   at the first node that holds it; parameters left out), in MiB and KB per token.
+3. speed: at each sequence length, one process alternates the two paths for --rounds rounds of
    --steps timed steps (after one untimed step each); tokens/s per path are means over rounds, and the
    ratio is documents / mask.
 
     python bench/packed_attention.py [--seq-lens 2048,4096] [--batch 2] [--rounds 4] [--steps 1]
-        [--sections memory,speed] [--threads 2] [--activation-checkpointing]
+        [--sections memory,saved,speed] [--threads 2] [--activation-checkpointing]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -110,6 +114,53 @@ def memory_section(args: argparse.Namespace) -> None:
         )
 
 
+def saved_bytes(loss: torch.Tensor, skip: set[int]) -> Counter[str]:
+    """Bytes kept for backward under loss's graph, by node kind; storages in `skip` (parameters) and
+    storages already counted at another node are left out."""
+    seen, by_kind = set(skip), Counter()
+    stack, visited = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        tensors = []
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                value = getattr(node, attr, None)
+                tensors += [value] if isinstance(value, torch.Tensor) else []
+                tensors += (
+                    [t for t in value if isinstance(t, torch.Tensor)] if isinstance(value, tuple) else []
+                )
+        if hasattr(node, "saved_tensors"):  # custom autograd Functions (RMSNorm, the gated activation)
+            tensors += [t for t in node.saved_tensors if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                by_kind[type(node).__name__] += storage.nbytes()
+        stack += [next_node for next_node, _ in node.next_functions]
+    return by_kind
+
+
+def saved_section(args: argparse.Namespace) -> None:
+    print(f"saved for backward: one forward, batch {args.batch} (MiB; KB per token)")
+    for seq_len in args.seq_lens:
+        for path in PATHS:
+            c = load_config(RECIPE).model
+            c = dataclasses.replace(c, packed_attention=path, max_position=max(c.max_position, seq_len))
+            model = HRMGemma(c).init_weights(0)
+            b = packed_batch(args.batch, seq_len, c.vocab_size, torch.Generator().manual_seed(seq_len))
+            logits, aux = model(b["input_ids"], doc_ids=b["doc_ids"])
+            loss = lm_loss(logits, b["labels"], aux, c)["loss"]
+            kinds = saved_bytes(loss, {p.untyped_storage().data_ptr() for p in model.parameters()})
+            tokens, total = args.batch * seq_len, sum(kinds.values())
+            print(f"{seq_len:>6} {path:<10} {total / 2**20:8.0f} MiB  {total / tokens / 1024:6.1f} KB/token")
+            for kind, n in kinds.most_common(6):
+                print(f"         {kind:<46} {n / 2**20:8.0f} MiB  {n / tokens / 1024:6.1f} KB/token")
+            del logits, aux, loss
+
+
 def speed_section(args: argparse.Namespace) -> None:
     print(
         f"speed: training tokens/s, batch {args.batch}, {args.rounds} alternating rounds of {args.steps} steps"
@@ -140,7 +191,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="timed steps per path and round")
-    p.add_argument("--sections", default="memory,speed", help="comma-separated: memory, speed")
+    p.add_argument("--sections", default="memory,speed", help="comma-separated: memory, saved, speed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--activation-checkpointing", action="store_true", help="recompute each CycleBlock in backward"
@@ -162,6 +213,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "memory" in sections:
         memory_section(args)
+    if "saved" in sections:
+        saved_section(args)
     if "speed" in sections:
         speed_section(args)
 

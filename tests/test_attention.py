@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from hrm_mega.models import attention
 from hrm_mega.models.attention import Attention, DocumentRuns, attention_mask, flash_attn_func
 from hrm_mega.models.layers import RotaryEmbedding, init_parameters
 
@@ -197,18 +198,27 @@ def packed_allowed(docs: list[int], images: list[int], i: int, j: int, window: i
     return (j <= i and near) or (same_image and near)
 
 
-@pytest.mark.parametrize("window", [None, 3, 64])
+@pytest.mark.parametrize("window", [None, 3, 5, 64])
 @pytest.mark.parametrize("with_images", [False, True])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_document_runs_match_naive(window, with_images, num_kv_heads):
+@pytest.mark.parametrize("band_chunk", [1, 64])
+def test_document_runs_match_naive(window, with_images, num_kv_heads, band_chunk, monkeypatch):
     """Per-document attention (no [seq, seq] mask) equals naive attention under the packed row's mask,
-    outputs and input gradients."""
+    outputs and input gradients. Windows without images take the banded form, chunks of
+    c = max(window, BAND_CHUNK) queries with a [chunks, 1, c, 2c] mask: BAND_CHUNK 1 makes c the window
+    (many chunks; 5 leaves a partial last one of the 46 flattened positions), 64 one chunk."""
+    monkeypatch.setattr(attention, "BAND_CHUNK", band_chunk)
     attn = make(num_kv_heads=num_kv_heads, causal=True, window=window)
     docs, images = torch.tensor(PACKED_DOCS), torch.tensor(PACKED_IMAGES)
     starts = torch.ones_like(docs, dtype=torch.bool)
     starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
     runs = DocumentRuns.build(starts, window=window, image_ids=images if with_images else None)
     s = docs.shape[1]
+    banded = window is not None and not with_images
+    assert (runs.band is not None) == banded and (runs.groups == ()) == banded
+    if banded:
+        c = max(window, band_chunk)
+        assert runs.band.shape == (-(-2 * s // c), 1, c, 2 * c)
     imgs = PACKED_IMAGES if with_images else [[-1] * s] * 2
     mask = torch.tensor(
         [

@@ -228,6 +228,31 @@ def test_gated_mlp_matches_formula(activation):
     torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_mlp_gradients_and_what_backward_keeps(activation):
+    """Gradients (input and the three weights) equal autograd's through the naive formula; backward
+    keeps the input, the fused gate/up projection and the product fed to down_proj, not act(gate)."""
+    mlp = GatedMLP(16, 40, activation)
+    init_parameters(mlp, seed=2)
+    x = (randn(2, 5, 16, seed=13) * 2).requires_grad_()
+    grad = randn(2, 5, 16, seed=14)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = mlp(x)
+    out.backward(grad)
+    xb = x.detach().clone().requires_grad_()
+    g, u, d = (w.detach().clone().requires_grad_() for w in (mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                              mlp.down_proj.weight))  # fmt: skip
+    ((naive_act(activation, xb @ g.T) * (xb @ u.T)) @ d.T).backward(grad)
+    torch.testing.assert_close(x.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    for got, want in ((mlp.gate_proj.weight, g), (mlp.up_proj.weight, u), (mlp.down_proj.weight, d)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+    per_token = [t for t in saved if t.dim() >= 2 and t.numel() // t.shape[-1] == 10]  # not weights
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in per_token}
+    # x (16 floats a token), gate and up in one storage (80), act(gate) * up (40): 136 floats a token
+    assert sum(storages.values()) == 2 * 5 * 136 * 4, sorted(storages.values())
+
+
 def test_silu_and_gelu_tanh_mlps_differ():
     silu, gelu = GatedMLP(16, 40, "silu"), GatedMLP(16, 40, "gelu_tanh")
     init_parameters(silu, seed=1)

@@ -81,6 +81,12 @@ class DocumentRuns:
     or an image's tokens see each other both ways), and the outputs are put back in place. Memory and
     work grow with the sum of squared document lengths instead of batch x seq^2.
 
+    A sliding window (without images) takes a banded form instead of the groups: the flattened
+    positions are cut into chunks of c >= window queries, each chunk attending to its own and the
+    previous chunk's keys (2c, a strided view of the keys, no copy) under a [chunks, 1, c, 2c] mask of
+    same document, causal and within the window. Scores, mask and saved tensors grow with
+    batch x seq x window, not with the squared document lengths; no gather either.
+
     On a GPU in fp16/bf16 with flash-attn installed, rows without images run flash-attn's
     variable-length kernel over the same documents instead (cu_seqlens, with the window).
 
@@ -88,7 +94,8 @@ class DocumentRuns:
     plain causal attention) per document length; inverse: the permutation that puts the concatenated
     group outputs back in batch x seq order; cu_seqlens [docs + 1] int32: document boundaries in the
     flattened positions; max_length: the longest document; window: as `attention_mask`; images: whether
-    any document holds an image (a mask flash-attn cannot express).
+    any document holds an image (a mask flash-attn cannot express); band: the banded form's mask
+    [chunks, 1, c, 2c] when it replaces the groups (which are then empty), else None.
     """
 
     groups: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
@@ -97,6 +104,7 @@ class DocumentRuns:
     max_length: int
     window: int | None
     images: bool
+    band: torch.Tensor | None = None
 
     @staticmethod
     def build(
@@ -110,6 +118,12 @@ class DocumentRuns:
         flat_starts = starts.flatten().nonzero().squeeze(1)  # [docs]: flat start position
         # every row begins a document, so the next start also ends a row's last document
         lengths = torch.diff(flat_starts, append=flat_starts.new_tensor([b * s]))
+        cu_seqlens = torch.cat((flat_starts, flat_starts.new_tensor([b * s]))).int()
+        max_length = int(lengths.max())
+        if window is not None and (image_ids is None or not bool((image_ids >= 0).any())):
+            empty = torch.zeros(0, dtype=torch.long, device=starts.device)
+            band = _band_mask(starts.flatten(), window)
+            return DocumentRuns((), empty, cu_seqlens, max_length, window, False, band)
         groups, order, images = [], [], False
         for length in lengths.unique().tolist():
             first = flat_starts[lengths == length]
@@ -130,8 +144,6 @@ class DocumentRuns:
             groups.append((index, mask[None, None] if cut else None))
             order.append(index.flatten())
         inverse = torch.cat(order).argsort()
-        cu_seqlens = torch.cat((flat_starts, flat_starts.new_tensor([b * s]))).int()
-        max_length = int(lengths.max())
         return DocumentRuns(tuple(groups), inverse, cu_seqlens, max_length, window, images)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -152,6 +164,8 @@ class DocumentRuns:
             return out.view(b, s, h, d).transpose(1, 2)
         kv = k.shape[1]  # grouped-query attention: SDPA lets each kv head serve h / kv query heads
         flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v)]  # [b*s, heads, d]
+        if self.band is not None:
+            return self._attend_band(*flat, scale).view(b, s, h, d).transpose(1, 2)
         outs = []
         for index, mask in self.groups:
             qg, kg, vg = (t[index].transpose(1, 2) for t in flat)  # [n, heads, L, d]
@@ -161,6 +175,41 @@ class DocumentRuns:
             outs.append(out.transpose(1, 2).reshape(-1, h, d))  # [n*L, h, d]
         out = torch.cat(outs)[self.inverse]  # [b*s, h, d] in batch order
         return out.view(b, s, h, d).transpose(1, 2)
+
+    def _attend_band(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """The banded form: q [n, h, d], k, v [n, kv, d] over the flattened positions -> [n, h, d]."""
+        n, h, d = q.shape
+        chunks, _, c, _ = self.band.shape  # c: queries per chunk
+        tail = chunks * c - n
+        qc = F.pad(q, (0, 0, 0, 0, 0, tail)).view(chunks, c, h, d).transpose(1, 2)  # [chunks, h, c, d]
+        # keys with one chunk of zeros in front: chunk j's keys are padded rows j*c .. j*c + 2c (the
+        # previous chunk and its own), overlapping windows of one tensor: a view, no copy
+        kc, vc = (F.pad(t, (0, 0, 0, 0, c, tail)).unfold(0, 2 * c, c).permute(0, 1, 3, 2) for t in (k, v))
+        out = F.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=self.band, scale=scale, enable_gqa=k.shape[1] != h
+        )  # [chunks, h, c, d]
+        return out.transpose(1, 2).reshape(chunks * c, h, d)[:n]
+
+
+BAND_CHUNK = (
+    16  # the banded form's least queries per chunk (windows below it waste few scores; calls stay large)
+)
+
+
+def _band_mask(flat_starts: torch.Tensor, window: int) -> torch.Tensor:
+    """[chunks, 1, c, 2c] bool, c = max(window, BAND_CHUNK): query i of chunk j (position j*c + i) may
+    attend to key t of the chunk's keys (position (j-1)*c + t) when both are in one document and the key
+    is at most window-1 positions behind. Padding past the end is one document of its own (each of its
+    queries sees itself, so no row of scores is empty); the keys before the start are in none."""
+    n, c = flat_starts.numel(), max(window, BAND_CHUNK)
+    chunks = -(-n // c)
+    doc = torch.cumsum(flat_starts.long(), 0)  # [n]: document number, from 1
+    doc = F.pad(doc, (0, chunks * c - n), value=-1)  # [chunks * c]
+    keys = F.pad(doc, (c, 0), value=-2).unfold(0, 2 * c, c)  # [chunks, 2c]
+    i = torch.arange(c, device=doc.device)[:, None]
+    t = torch.arange(2 * c, device=doc.device)[None, :]
+    near = (t > i + c - window) & (t <= i + c)  # key position in (query - window, query]
+    return (near & (doc.view(chunks, c)[:, :, None] == keys[:, None, :])).unsqueeze(1)
 
 
 class KVCacheSlot(Protocol):

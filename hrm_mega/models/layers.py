@@ -349,6 +349,37 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.T
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def _activation_backward(activation: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad * act'(x) with the kernels autograd runs for ACTIVATIONS[activation]."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up, keeping only gate and up for backward (views of one matmul output when the
+    projections are fused). Autograd through the expression also keeps act(gate), one more [tokens,
+    intermediate] tensor per MLP call; here backward recomputes it. Forward and backward are the same
+    operations as autograd's, so results are equal bit for bit."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+        ctx.activation = activation
+        ctx.save_for_backward(gate, up)
+        return ACTIVATIONS[activation](gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # -> (grad gate, grad up, None)
+        gate, up = ctx.saved_tensors
+        grad_gate = _activation_backward(ctx.activation, grad * up, gate)
+        return grad_gate, grad * ACTIVATIONS[ctx.activation](gate), None
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """ACTIVATIONS[activation](gate) * up, saving only gate and up for backward."""
+    return _GatedActivation.apply(gate, up, activation)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with act=silu (HRM), GeGLU with act=gelu_tanh (Gemma)."""
 
@@ -359,11 +390,11 @@ class GatedMLP(nn.Module):
         tp = distributed.tp_size()
         if intermediate % tp:
             raise ValueError(f"MLP width {intermediate} is not divisible by parallel.tp={tp}")
-        self.act = ACTIVATIONS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         self.gate_proj = column_linear(hidden, intermediate)
         self.up_proj = column_linear(hidden, intermediate)
         self.down_proj = row_linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(gated_activation(gate, up, self.activation))
