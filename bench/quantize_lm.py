@@ -3,11 +3,13 @@
 For a trained checkpoint (e.g. `make demo-lm`'s runs/demo-lm/checkpoints/step-00000400), evaluates the
 held-out loss of every data source of its config (as `hrm-mega eval` does, at the trained cycles) in
 fp32 and after quantize_model(..., "int8") and (..., "int4"), saved as a quantized model directory and
-loaded back as `serve`, `generate` and `eval` load it (int4 Linear weights packed two per byte), and
-prints per scheme: each source's loss and its change against fp32, the token-weighted mean change, the
-weight bytes held in memory and the bytes of the directory's model.safetensors, both against fp32. Exit
+loaded back as `serve`, `generate` and `eval` load it, and prints per scheme: each source's loss and its
+change against fp32, the token-weighted mean change, the weight bytes held in memory and the bytes of
+the directory's model.safetensors, both against fp32; for int4 also the bytes with its Linear weights
+packed two per byte (load_quantized(pack_int4=True)) and how far that model's logits are from the
+unpacked one's on two random rows (its held-out loss is the unpacked one's when they are equal). Exit
 status 1 when a scheme misses its bound (int8: loss within 1%, bytes <= 0.3x; int4: within 3%, <= 0.2x;
-bytes both in memory and on disk).
+bytes on disk and in memory, packed for int4).
 
     python bench/quantize_lm.py CKPT [--root DIR] [--max-samples N] [--out DIR] [--threads 2]
         [--schemes int8,int4]
@@ -41,7 +43,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from hrm_mega.checkpoint.consolidate import load_model
-    from hrm_mega.checkpoint.quantized import save_quantized
+    from hrm_mega.checkpoint.quantized import load_quantized, save_quantized
     from hrm_mega.models.quantize import quantize_model, weight_bytes
     from hrm_mega.training.engine import World
     from hrm_mega.training.tasks.lm import evaluate_lm
@@ -82,20 +84,31 @@ def main() -> int:
         q, _ = load_model(args.checkpoint)
         quantize_model(q.eval(), scheme)
         d = save_quantized(q, config, out_dir / scheme, scheme)
-        q = load_model(d)[0].eval()  # what serve / generate / eval hold: int4 packed two per byte
+        q = load_model(d)[0].eval()  # what serve / generate / eval hold
         got = losses(q)
-        memory = weight_bytes(q) / fp32_bytes
+        memory = held = weight_bytes(q) / fp32_bytes
+        packed_note = ""
+        if scheme == "int4":  # packed two per byte (opt-in): its bytes, and its logits against q's
+            packed = load_quantized(d, pack_int4=True)[0].eval()
+            held = weight_bytes(packed) / fp32_bytes
+            ids = torch.randint(
+                0, config.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)
+            )
+            with torch.no_grad():
+                diff = (packed.infer(ids)[0] - q.infer(ids)[0]).abs().max().item()
+            packed_note = f" ({held:.3f}x packed, whose logits differ by {diff:.2e})"
         disk = os.path.getsize(d / "model.safetensors") / os.path.getsize(fp32_file)
         changes = {k: got[k][0] / base[k][0] - 1 for k in base}
         tokens = {k: base[k][1] for k in base}
         mean = sum(changes[k] * tokens[k] for k in base) / sum(tokens.values())
         worst = max(abs(c) for c in changes.values())
-        fits = worst <= loss_bound and max(disk, memory) <= byte_bound
+        fits = worst <= loss_bound and max(disk, held) <= byte_bound
         ok &= fits
         print(
             f"{scheme:<6} " + "  ".join(f"{k} {got[k][0]:.4f} ({changes[k]:+.2%})" for k in base)
             + f"; mean {mean:+.2%}, worst {worst:.2%} (bound {loss_bound:.0%}); weight bytes "
-            f"{memory:.3f}x in memory, {disk:.3f}x on disk (bound {byte_bound}x); {'ok' if fits else 'MISSED'}"
+            f"{memory:.3f}x in memory{packed_note}, {disk:.3f}x on disk (bound {byte_bound}x); "
+            f"{'ok' if fits else 'MISSED'}"
         )  # fmt: skip
     return 0 if ok else 1
 

@@ -6,8 +6,8 @@
 model.safetensors holds torchao's flattened tensors (flatten_tensor_state_dict; int4 qdata packed two
 values per byte), its metadata torchao's plus `format: hrm-mega/quantized/N`, the scheme and the packed
 keys; config.yaml and the tokenizer sit beside it, with checksums. Reading never unpickles anything, and
-a newer format version is refused with one line. An int4 model is loaded with its Linear weights packed
-two values per byte in memory too (models/quantize.py: pack_int4_linears).
+a newer format version is refused with one line. `load_quantized(dir, pack_int4=True)` holds int4 Linear
+weights two values per byte in memory too (models/quantize.py: pack_int4_linears).
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def load_quantized(model_dir: str | Path) -> tuple[nn.Module, Config]:
-    """The quantized model of a directory written by save_quantized, and its config."""
+def load_quantized(model_dir: str | Path, pack_int4: bool = False) -> tuple[nn.Module, Config]:
+    """The quantized model of a directory written by save_quantized, and its config. pack_int4: hold
+    int4 Linear weights two values per byte (models/quantize.py: pack_int4_linears; CPU only, and on
+    an AVX2 CPU in fp32 its matmul is far slower than the unpacked one, so it is opt-in)."""
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     from hrm_mega.models import build_model
@@ -101,7 +103,7 @@ def load_quantized(model_dir: str | Path) -> tuple[nn.Module, Config]:
     if unexpected := sorted(set(state) - expected):
         raise CheckpointError(f"{d / WEIGHTS}: unexpected key {unexpected[0]}")
     model.load_state_dict(state, strict=False, assign=True)
-    if scheme == "int4":  # two values per byte in memory too (models/quantize.py)
+    if pack_int4 and scheme == "int4":
         pack_int4_linears(model)
     return model.eval(), config
 

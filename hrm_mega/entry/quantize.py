@@ -56,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
         export_hf_quantized(model, config, out, args.scheme, tokenizer=tokenizer)
     else:
         save_quantized(model, config, out, args.scheme, tokenizer=tokenizer)
-    if args.format != "hf":  # as `serve`/`generate` hold it once loaded: int4 packed two per byte
-        pack_int4_linears(model)
     after = weight_bytes(model)
+    packed = ""
+    if args.scheme == "int4" and pack_int4_linears(model):  # what load_quantized(pack_int4=True) holds
+        packed = f"; {weight_bytes(model) / 2**20:.2f} MiB ({weight_bytes(model) / before:.3f}x) packed"
     print(
         f"wrote {out}: {args.scheme} weights, {after / 2**20:.2f} MiB in memory ({after / before:.3f}x fp32)"
+        + packed
     )
     return 0
 
