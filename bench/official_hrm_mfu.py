@@ -1,20 +1,28 @@
 """MFU of the official HRM implementation next to hrm-mega's, interleaved in one process.
 
-Both models are the paper-scale sudoku HRM (hidden 512, 8 heads, 4+4 layers, N=T=2, batch 32, fp32),
-both train one ACT segment per step with HRM's bootstrap look-ahead, and both use AdamATan2. Steps of
-the two alternate, and the matmul peak is measured between them, so machine noise hits both alike.
-FLOPs are hrm-mega's executed-FLOP count (hrm_mega.models.summary.segment_flops) for both.
+Both models are the paper-scale sudoku HRM (hidden 512, 8 heads, 4+4 layers, N=T=2, batch 32), both
+train one ACT segment per step with HRM's bootstrap look-ahead, and both take the adam-atan2 package's
+update with no gradient clipping (HRM's pretrain.py clips nothing): the official side through
+PackageAdamATan2 below, a transcription of the package's kernel in torch ops (the package itself is
+CUDA-only), hrm-mega through its AdamATan2 (compile=True under --compile, as train.compile does).
+Steps of the two alternate, and the matmul peak is measured between them, so machine noise hits both
+alike. FLOPs are hrm-mega's executed-FLOP count (hrm_mega.models.summary.segment_flops) for both.
+
+--dtype bfloat16: the official model computes in bf16 from fp32 weights (its forward_dtype; CastedLinear
+casts the weights every call); hrm-mega's model is cast to bf16 as a bf16 run's engine does, and its
+AdamATan2 keeps fp32 moments. The peak is then the bf16 square-matmul rate.
 
 The official code (github.com/sapientinc/HRM) is not part of this repository: pass a checkout of it.
 Its attention imports flash-attn, which has no CPU build; a stand-in module with the same call
 signature, backed by torch's scaled_dot_product_attention, is registered before importing it.
 
-    python bench/official_hrm_mfu.py --hrm-repo /path/to/HRM [--compile] [--rounds 4]
+    python bench/official_hrm_mfu.py --hrm-repo /path/to/HRM [--compile] [--dtype bfloat16] [--rounds 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import types
@@ -41,7 +49,33 @@ def cpu_flash_attn_func(q, k, v, causal=False, **_):
     return out.transpose(1, 2)
 
 
-def official_model(repo: Path, batch: int):
+class PackageAdamATan2(torch.optim.Optimizer):
+    """The adam-atan2 package's update (csrc/adam_atan2.cu, adam_math), written out per tensor for the
+    CPU, independently of hrm_mega.optim. With t the step count: p *= 1 - lr*wd; m = lerp(m, g, 1-b1);
+    v = lerp(v, g*g, 1-b2); p -= lr / (1-b1^t) * atan2(m, sqrt(v) / sqrt(1-b2^t))."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                st["t"] += 1
+                p.mul_(1 - lr * wd)
+                st["m"].lerp_(p.grad, 1 - b1)
+                st["v"].lerp_(p.grad.square(), 1 - b2)
+                denom = st["v"].sqrt().div_(math.sqrt(1 - b2 ** st["t"]))
+                p.sub_(torch.atan2(st["m"], denom).mul_(lr / (1 - b1 ** st["t"])))
+
+
+def official_model(repo: Path, batch: int, dtype: str):
     shim = types.ModuleType("flash_attn")
     shim.flash_attn_func = cpu_flash_attn_func
     sys.modules.setdefault("flash_attn", shim)
@@ -51,12 +85,12 @@ def official_model(repo: Path, batch: int):
 
     arch = dict(batch_size=batch, seq_len=81, puzzle_emb_ndim=512, num_puzzle_identifiers=1, vocab_size=11,
                 H_cycles=2, L_cycles=2, H_layers=4, L_layers=4, hidden_size=512, expansion=4, num_heads=8,
-                pos_encodings="rope", halt_max_steps=16, halt_exploration_prob=0.1, forward_dtype="float32")  # fmt: skip
+                pos_encodings="rope", halt_max_steps=16, halt_exploration_prob=0.1, forward_dtype=dtype)  # fmt: skip
     return ACTLossHead(HierarchicalReasoningModel_ACTV1(arch), "stablemax_cross_entropy").train()
 
 
-def matmul_rate(seconds: float = 1.0, n: int = 2048) -> float:
-    a = torch.randn(n, n)
+def matmul_rate(seconds: float = 1.0, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a = torch.randn(n, n, dtype=dtype)
     a @ a
     start, reps = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -71,6 +105,7 @@ def main() -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile both (the official pretrain.py default)"
     )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -82,9 +117,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     b = args.batch
 
-    ref = official_model(args.hrm_repo, b)
+    dtype = getattr(torch, args.dtype)
+    ref = official_model(args.hrm_repo, b, args.dtype)
     config = load_config(ROOT / "configs/puzzle/hrm_sudoku.yaml").model
-    ours = RecursiveReasoner(config).init_weights(0)
+    ours = RecursiveReasoner(config).init_weights(0).to(dtype)
     ref_fwd, ours_fwd = ref, ours
     if args.compile:
         ref_fwd = torch.compile(ref, dynamic=False)
@@ -96,8 +132,8 @@ def main() -> None:
         "labels": torch.randint(2, 11, (b, 81), generator=g),
         "puzzle_identifiers": torch.zeros(b, dtype=torch.int32),
     }
-    opt_ref = AdamATan2([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-    opt_ours = AdamATan2(ours.parameters(), lr=1e-4, weight_decay=0.1)
+    opt_ref = PackageAdamATan2([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    opt_ours = AdamATan2(ours.parameters(), lr=1e-4, weight_decay=0.1, compile=args.compile)
     carry = ref.initial_carry(batch)
     state = initial_state(ours, {**batch, "puzzle_identifiers": batch["puzzle_identifiers"].long()})
 
@@ -112,7 +148,6 @@ def main() -> None:
         nonlocal state
         loss, _, state, _ = step_segment(ours_fwd, config, state, training=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
@@ -122,19 +157,21 @@ def main() -> None:
     times: dict[str, list[float]] = {"official HRM": [], "hrm-mega": []}
     peaks = []
     for _ in range(args.rounds):
-        peaks.append(matmul_rate())
+        peaks.append(matmul_rate(dtype=dtype))
         for name, step in (("official HRM", step_ref), ("hrm-mega", step_ours)):
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
     flops, peak = segment_flops(config).train_per_segment * b, max(peaks)
     mode = "torch.compile" if args.compile else "eager"
-    print(f"paper-scale sudoku HRM, batch {b}, fp32, {mode}, {args.threads} threads; "
+    print(f"paper-scale sudoku HRM, batch {b}, {args.dtype}, {mode}, {args.threads} threads; "
           f"{flops / 1e9:.0f} GFLOP/step; matmul peak {peak / 1e9:.0f} GFLOP/s (best of {len(peaks)})")  # fmt: skip
     for name, ts in times.items():
         best, mean = min(ts), sum(ts) / len(ts)
         print(f"  {name:<13} best {best * 1e3:6.0f} ms/step  MFU {flops / best / peak:5.1%}   "
               f"mean {mean * 1e3:6.0f} ms/step  MFU {flops / mean / peak:5.1%}")  # fmt: skip
+    ref_t, ours_t = (sum(t) / len(t) for t in times.values())
+    print(f"hrm-mega throughput / official: {ref_t / ours_t:.3f} (means)")
 
 
 if __name__ == "__main__":
