@@ -3,10 +3,12 @@ forward's, and the ACT segments / H cycles each sample used."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from hrm_mega.config import LMModelConfig, PuzzleModelConfig
+from hrm_mega.config import ConfigError, LMModelConfig, PuzzleModelConfig, RLConfig, load_config, read_config
 from hrm_mega.inference.generate import generate, left_pad
 from hrm_mega.inference.puzzle import run_adaptive
 from hrm_mega.models.lm import HRMGemma
@@ -20,6 +22,7 @@ from hrm_mega.rl.rollout import (
     puzzle_policy,
     puzzle_rollout,
     recompute_policy,
+    rollout_kv_pool,
 )
 
 SEQ, VOCAB, MAX_STEPS = 16, 11, 4
@@ -251,6 +254,103 @@ def test_lm_rollout_stops_rows_at_eos() -> None:
     new = lm_policy(model, ro)
     assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-5
     assert bool((new.logprobs[~ro.completion_mask] == 0).all())
+
+
+def assert_same_rollout(a, b) -> None:
+    """Tokens, masks, cycles and log-probs bit for bit (the paged cache gathers its blocks into the
+    rectangle the rectangular cache holds, so attention sums the same values in the same order)."""
+    for name in ("completion_ids", "completion_mask", "cycles", "finished", "logprobs"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("block_size, resident", [(4, 0), (2, 40)], ids=["resident", "offloaded"])
+def test_lm_rollout_with_the_paged_cache_equals_the_rectangular_one(block_size: int, resident: int) -> None:
+    """rl.kv_cache=paged: the same samples, cycles (dynamic halting) and log-probs as the rectangular
+    cache; with a small resident budget blocks move to the second tier and back, outputs unchanged."""
+    model = lm_model()
+    ids, mask = prompts()
+    options = dict(attention_mask=mask, group_size=2, max_new_tokens=8, seed=11, top_k=20, max_cycles=3,
+                   halt_threshold=0.5, eos_id=3, pad_id=0)  # fmt: skip
+    rectangular = lm_rollout(model, ids, **options)
+    rl = RLConfig(kv_cache="paged", kv_block_size=block_size, kv_resident_blocks=resident)
+    pool = rollout_kv_pool(rl, model)
+    assert pool is not None and pool.block_size == block_size
+    assert pool.resident_blocks == (resident or None)
+    paged = lm_rollout(model, ids, kv_pool=pool, **options)
+    assert_same_rollout(paged, rectangular)
+    assert len(set(paged.cycles.flatten().tolist())) > 1  # halting varies, so slots differ per step
+    assert pool.counters["peak_blocks"] > 0 and pool.blocks_in_use == 0  # used, then given back
+    if resident:
+        assert pool.counters["offloaded"] > 0 and pool.counters["reloaded"] > 0
+        assert pool.counters["peak_resident"] <= resident
+    again = lm_rollout(model, ids, kv_pool=pool, **options)  # the pool serves the next chunk as well
+    assert_same_rollout(again, rectangular)
+    assert rollout_kv_pool(RLConfig(), model) is None  # the default: the rectangular cache
+
+
+def test_rl_kv_cache_options_are_checked_with_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"^rl.kv_cache='blocks' must be one of 'rectangular', 'paged'$"):
+        read_config(None, ["rl.kv_cache=blocks"])
+    with pytest.raises(ConfigError, match=r"^rl.kv_dtype='int4' must be one of 'model', 'int8'$"):
+        read_config(None, ["rl.kv_dtype=int4"])
+    for fields, message in [
+        ({"kv_block_size": 0}, "rl.kv_block_size=0 must be >= 1"),
+        ({"kv_cache": "paged", "kv_resident_blocks": -1}, "rl.kv_resident_blocks=-1 must be >= 0"),
+        ({"kv_resident_blocks": 8}, "need rl.kv_cache=paged"),
+        ({"kv_dtype": "int8"}, "need rl.kv_cache=paged"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            RLConfig(**fields).validate()
+    RLConfig(kv_cache="paged", kv_block_size=8, kv_resident_blocks=64, kv_dtype="int8").validate()
+    puzzle_rl = Path(__file__).resolve().parents[1] / "configs/rl/grpo_sudoku_tiny.yaml"
+    with pytest.raises(ConfigError, match="rl.kv_cache=paged applies to language models"):
+        load_config(puzzle_rl, ["rl.kv_cache=paged"], command="rl")
+    pool = rollout_kv_pool(read_config(None, ["rl.kv_cache=paged", "rl.kv_dtype=int8"]).rl, lm_model())
+    assert pool is not None and pool.kv_dtype == "int8" and pool.block_size == 16
+
+
+class CharTokenizer:
+    """Enough of a SentencePiece processor for TextEnvironment's encode and decode: ids 4.. are characters."""
+
+    def encode(self, text: str) -> list[int]:
+        return [4 + ord(c) % (LM_VOCAB - 4) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(32 + i) for i in ids)
+
+
+def test_the_rl_trainer_rolls_out_into_the_configured_cache(monkeypatch) -> None:
+    """rl.kv_cache reaches the rollouts of the LM trainer (TextEnvironment._rollout_chunks, what its
+    rollout step calls): one pool per step shared by the chunks, and the same scored rollouts."""
+    from types import SimpleNamespace
+
+    from hrm_mega.training.tasks import rl_lm
+
+    pools: list = []
+
+    def recording(rl: RLConfig, model: torch.nn.Module):
+        pools.append(rollout_kv_pool(rl, model))
+        return pools[-1]
+
+    monkeypatch.setattr(rl_lm, "rollout_kv_pool", recording)
+    model = lm_model()
+    questions = [("1+2=", "3", {}), ("4-1=", "3", {}), ("2*3=", "6", {})]
+
+    def rollouts(*sets: str):
+        config = read_config(None, ["rl.rewards={arithmetic_exact_match: 1}", "rl.group_size=2", "rl.max_cycles=2",
+                                    "rl.max_new_tokens=6", "rl.rollout_chunk=2", *sets])  # fmt: skip
+        env = rl_lm.TextEnvironment(config.validate())
+        env.tokenizer, env.vocab_limit = CharTokenizer(), LM_VOCAB
+        env.bos_id, env.eos_id, env.pad_id = 1, 2, 0
+        trainer = SimpleNamespace(world=SimpleNamespace(device=torch.device("cpu")), step=3)
+        return env._rollout_chunks(trainer, model, questions, 0, [0, 2])  # two chunks
+
+    rectangular = rollouts()
+    paged = rollouts("rl.kv_cache=paged", "rl.kv_block_size=4")
+    assert pools[0] is None and pools[1] is not None and len(pools) == 2
+    assert pools[1].block_size == 4 and pools[1].counters["peak_blocks"] > 0
+    assert_same_rollout(paged.rollout, rectangular.rollout)
+    assert torch.equal(paged.rewards, rectangular.rewards) and paged.texts == rectangular.texts
 
 
 def test_recompute_policy_takes_rollouts_only() -> None:

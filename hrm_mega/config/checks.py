@@ -207,6 +207,10 @@ def check_rl(c: Config) -> None:
             raise ConfigError(
                 "rl.algorithm=ppo needs a value head, which puzzle models lack; use rl.algorithm=grpo"
             )
+        if rl.kv_cache != "rectangular":
+            raise ConfigError(
+                f"rl.kv_cache={rl.kv_cache} applies to language models; puzzles keep no KV cache"
+            )
         if d.augment:
             raise ConfigError("data.augment=true applies to pretraining; set data.augment=false for RL")
         if rl.prompts_per_step % d.partitions:

@@ -346,6 +346,12 @@ class RLConfig:
     max_cycles: int = 0
     halt_threshold: float = 0.0
     rollout_chunk: int = 1  # LM prompts per generate call; the draws are seeded per chunk
+    # LM: the rollouts' KV cache: rectangular (one tensor per layer and cycle step; faster on CPU) or
+    # paged (blocks of kv_block_size positions in a pool, models/paged_kv_cache.py; the same tokens).
+    kv_cache: Literal["rectangular", "paged"] = "rectangular"
+    kv_block_size: int = 16  # paged: positions per block
+    kv_resident_blocks: int = 0  # paged: blocks kept on the model's device, the rest offloaded; 0 = all
+    kv_dtype: Literal["model", "int8"] = "model"  # paged: int8 stores keys/values with a scale per token
     # Puzzles: halting of the ACT loop during rollouts (sample: a Boltzmann policy over the Q-head, whose
     # decisions are actions; greedy: the evaluation rule; fixed: every row runs halt_max_steps segments).
     halting: Literal["sample", "greedy", "fixed"] = "sample"
@@ -399,7 +405,11 @@ class RLConfig:
         positive(
             self, "rl", "prompts_per_step", "group_size", "iterations", "max_new_tokens", "rollout_chunk"
         )
-        positive(self, "rl", "arithmetic_max_digits", "eval_prompts")
+        positive(self, "rl", "arithmetic_max_digits", "eval_prompts", "kv_block_size")
+        if self.kv_resident_blocks < 0:
+            raise ConfigError(f"rl.kv_resident_blocks={self.kv_resident_blocks} must be >= 0 (0: no offload)")
+        if self.kv_cache != "paged" and (self.kv_resident_blocks or self.kv_dtype != "model"):
+            raise ConfigError("rl.kv_resident_blocks and rl.kv_dtype=int8 need rl.kv_cache=paged")
         if self.reward_timeout < 0:
             raise ConfigError(f"rl.reward_timeout={self.reward_timeout} must be >= 0 (0: no limit)")
         if self.log_rollouts < 0:

@@ -32,7 +32,9 @@ KV caches and per-token halting (max_cycles, halt_threshold), temperature, top-k
 returned log-probs are those of the policy softmax(logits / temperature) over the ids below
 vocab_limit, computed from the logits each decoding step reports; they do not include the top-k /
 top-p truncation (the training forward cannot know it), so with truncation the sampler's probability
-of a token is higher than the reported one.
+of a token is higher than the reported one. `kv_pool` (built from the config by `rollout_kv_pool`:
+rl.kv_cache=paged) decodes into the paged cache's blocks instead of the rectangular cache, with the
+same tokens.
 
 Recomputation (`puzzle_policy`, `lm_policy`, or `recompute_policy` for either) runs the *training*
 forward over the rollouts (for puzzles the same segments; for the LM `model.forward`, which runs every
@@ -46,15 +48,19 @@ the difference.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from hrm_mega.inference.generate import stream_generate
 from hrm_mega.models.act import halt_logit, keyed_uniform
+from hrm_mega.models.paged_kv_cache import BlockPool, pool_for
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import gather_vocab, log_stablemax
+
+if TYPE_CHECKING:
+    from hrm_mega.config import RLConfig
 
 Halting = Literal["sample", "greedy", "fixed"]
 HALTING_MODES = ("sample", "greedy", "fixed")
@@ -381,11 +387,13 @@ def lm_rollout(
     eos_id: int | None = None,
     pad_id: int = 0,
     vocab_limit: int | None = None,
+    kv_pool: BlockPool | None = None,
 ) -> LMRollout:
     """Samples `group_size` completions per prompt with hrm_mega.inference.generate (KV caches, per-token
     halting). input_ids [b, P] with left padding marked by attention_mask [b, P] (see generate.left_pad);
     max_cycles / halt_threshold: a number or one per prompt [b]; `model`: an HRMGemma (an engine's
-    .module). The other arguments are stream_generate's. Runs under no_grad.
+    .module). The other arguments are stream_generate's (kv_pool: see `rollout_kv_pool`). Runs under
+    no_grad.
 
     The draws come from one torch.Generator seeded with `seed` (generate's), so they depend on the batch
     a prompt is in: give every step and every data-parallel rank its own seed."""
@@ -403,7 +411,7 @@ def lm_rollout(
     steps = stream_generate(
         model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, max_cycles=per_row(max_cycles),
         halt_threshold=per_row(halt_threshold), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        eos_id=eos_id, pad_id=pad_id, vocab_limit=vocab_limit,
+        eos_id=eos_id, pad_id=pad_id, vocab_limit=vocab_limit, kv_pool=kv_pool,
     )  # fmt: skip
     rows, device = ids.shape[0], ids.device
     # One column per decoding step, after an empty one (so max_new_tokens = 0 gives [N, 0] tensors).
@@ -434,6 +442,15 @@ def lm_rollout(
         temperature=temperature,
         vocab_limit=vocab_limit,
     )
+
+
+def rollout_kv_pool(rl: RLConfig, model: torch.nn.Module) -> BlockPool | None:
+    """The BlockPool `lm_rollout` decodes into with rl.kv_cache=paged (rl.kv_block_size, rl.kv_resident_blocks,
+    rl.kv_dtype), shaped for `model`; None (the rectangular cache) otherwise."""
+    if rl.kv_cache != "paged":
+        return None
+    resident = rl.kv_resident_blocks or None  # 0: every block stays resident
+    return pool_for(model, block_size=rl.kv_block_size, resident_blocks=resident, kv_dtype=rl.kv_dtype)
 
 
 def lm_policy_inputs(rollout: LMRollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

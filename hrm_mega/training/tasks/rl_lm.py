@@ -6,11 +6,13 @@ model's), not its rows. Prompts come from hrm_mega.rl.prompts (ArithmeticPrompts
 rl.prompts=jsonl), put into rl.prompt_template for the model. A rollout decodes with KV caches
 and per-token halting (rl.max_cycles, rl.halt_threshold), temperature, top-k and top-p, in chunks of
 rl.rollout_chunk prompts whose draws are seeded by (seed, step, chunk): the same prompt gets the same
-completions at any data-parallel size. Completions are decoded to text for the rewards.
+completions at any data-parallel size. rl.kv_cache=paged decodes them into the paged KV cache
+(rollout_kv_pool) instead of the rectangular one, with the same tokens. Completions are decoded to
+text for the rewards.
 
-Evaluation answers the held-out questions greedily (with the same halting settings) and reports exact
-accuracy (arithmetic: also per operation and the answer-format rate) and the mean H cycles per
-generated token.
+Evaluation answers the held-out questions greedily (with the same halting settings; the rectangular
+cache whatever rl.kv_cache says) and reports exact accuracy (arithmetic: also per operation and the
+answer-format rate) and the mean H cycles per generated token.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hrm_mega.rl.rewards import (
     compute_fraction,
     shape_for_compute,
 )
-from hrm_mega.rl.rollout import LMRollout, lm_rollout
+from hrm_mega.rl.rollout import LMRollout, lm_rollout, rollout_kv_pool
 from hrm_mega.training.evaluation import eval_mode
 from hrm_mega.training.tasks.rl import Environment, Rollouts, step_seed
 from hrm_mega.training.tasks.rl_layout import gather_over_pipeline, stages
@@ -134,6 +136,7 @@ class TextEnvironment(Environment):
         """The scored rollouts of the chunks starting at questions[first] for each of `firsts`."""
         rl, device = self.config.rl, trainer.world.device
         chunks, asked = [], []
+        kv_pool = rollout_kv_pool(rl, model)  # rl.kv_cache=paged; one pool for the chunks (None: rectangular)
         for first in firsts:
             part = questions[first : first + rl.rollout_chunk]
             ids, mask = self.encode([q[0] for q in part], device)
@@ -142,7 +145,7 @@ class TextEnvironment(Environment):
                 model, ids, attention_mask=mask, group_size=rl.group_size,
                 max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                 seed=seed, eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit,
-                **self.halting(),
+                kv_pool=kv_pool, **self.halting(),
             ))  # fmt: skip
             asked += part
         ro = concat_lm_rollouts(chunks, rl.max_new_tokens)
