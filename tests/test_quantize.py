@@ -112,3 +112,25 @@ def test_the_hf_export_loads_in_transformers_and_generates_our_greedy_tokens(qua
         ours = generate(model, ids, max_new_tokens=4, greedy=True, eos_id=eos)
         theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         assert theirs[0, ids.shape[1] :].tolist() == ours.tokens[0, : int(ours.lengths[0])].tolist(), i
+
+
+def test_export_hf_quantize_is_the_quantize_commands_hf_export(tmp_path, capsys) -> None:
+    """`export-hf --quantize` writes what `quantize --format hf` writes, and transformers loads it
+    quantized; a flag it cannot honour is one line."""
+    from transformers import AutoModelForCausalLM
+
+    from hrm_mega.checkpoint.model_dir import save_model_dir
+    from hrm_mega.entry import export_hf, quantize
+
+    model = recurrent_model(seed=3, num_layers=4)
+    ckpt = str(save_model_dir(model.state_dict(), Config(model=model.config), tmp_path / "model"))
+    assert export_hf.main([ckpt, str(tmp_path / "a"), "--quantize", "int8"]) == 0
+    assert quantize.main([ckpt, str(tmp_path / "b"), "--scheme", "int8", "--format", "hf"]) == 0
+    a, b = (read_safetensors(tmp_path / d / "model.safetensors")[0] for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    assert "torchao" in str(hf.config.quantization_config.quant_method).lower()
+    capsys.readouterr()
+    assert export_hf.main([ckpt, str(tmp_path / "c"), "--quantize", "int4", "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "drop --dtype bf16" in err, err

@@ -1,9 +1,11 @@
-"""Hugging Face export: `hrm-mega export-hf CKPT OUT [--tokenizer PATH] [--dtype fp32|bf16] [--format F]`.
+"""Hugging Face export: `hrm-mega export-hf CKPT OUT [--tokenizer PATH] [--dtype fp32|bf16] [--format F]
+[--quantize int8|int4]`.
 
 CKPT is anything `hrm-mega eval` reads: a training checkpoint (runs/.../checkpoints/step-*), a
 consolidated .safetensors file or a model directory. An HRMGemma that computes exactly Gemma 3 becomes a
 plain Gemma3ForCausalLM; anything else ships its modeling code (load it with trust_remote_code=True).
-See docs/checkpoints.md and hrm_mega/convert/hf_export.py.
+--quantize writes the weight-only quantized export of `hrm-mega quantize --format hf` instead (remote code
+and a TorchAoConfig). See docs/checkpoints.md and hrm_mega/convert/hf_export.py.
 """
 
 from __future__ import annotations
@@ -34,10 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", default="5GB", help="split the weights into files of at most this size"
     )
+    p.add_argument(
+        "--quantize", choices=["int8", "int4"],
+        help="weight-only quantized export (torchao; the same as `hrm-mega quantize --format hf`)",
+    )  # fmt: skip
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quantize:
+        from hrm_mega.entry import quantize
+
+        clashes = [f"--format {args.format}"] if args.format == "gemma3" else []
+        clashes += [f"--dtype {args.dtype}"] if args.dtype != "fp32" else []
+        if clashes:
+            raise ValueError(
+                f"--quantize {args.quantize} writes a remote-code export with fp32 scales; drop {' and '.join(clashes)}"
+            )
+        return quantize.run(
+            argparse.Namespace(checkpoint=args.checkpoint, out=args.out, scheme=args.quantize, format="hf",
+                               tokenizer=args.tokenizer)
+        )  # fmt: skip
     from hrm_mega.checkpoint.consolidate import load_model
     from hrm_mega.checkpoint.model_dir import tokenizer_for
     from hrm_mega.convert.hf_export import DTYPES, export_hf
