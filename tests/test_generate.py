@@ -302,6 +302,19 @@ def test_eos_finishes_a_row_and_the_others_continue() -> None:
     assert stopped.mean_cycles() == pytest.approx(2.0)
 
 
+def record_rows(model) -> list[int]:
+    """Wraps model.infer to record the rows of every forward it runs; returns the (live) list."""
+    rows: list[int] = []
+    infer = model.infer
+
+    def recording(x, **kwargs):
+        rows.append(x.shape[0])
+        return infer(x, **kwargs)
+
+    model.infer = recording
+    return rows
+
+
 def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged() -> None:
     """Row compaction: once a row emits eos, later decoding steps run only the other rows (the cache
     drops it), and every row gets the tokens, cycles and logits of the uncached reference, also when
@@ -311,14 +324,7 @@ def test_finished_rows_leave_the_batch_and_the_others_decode_unchanged() -> None
     halting = dict(max_cycles=torch.tensor([2, 3, 2, 4]), halt_threshold=torch.tensor([0.5, 0.6, 0.4, 0.5]))
     free = generate(model, ids, attention_mask=mask, max_new_tokens=8, greedy=True, **halting)
     eos = int(free.tokens[1, 1])  # row 1 stops early; the others stop where they emit it, if ever
-    rows_seen = []
-    infer = model.infer
-
-    def recording(x, **kwargs):
-        rows_seen.append(x.shape[0])
-        return infer(x, **kwargs)
-
-    model.infer = recording
+    rows_seen = record_rows(model)
     for sampling in (dict(greedy=True), dict(temperature=1.5, top_k=20, seed=3)):
         rows_seen.clear()
         kwargs = dict(attention_mask=mask, max_new_tokens=8, eos_id=eos, pad_id=0, **halting, **sampling)
@@ -345,14 +351,7 @@ def test_rows_with_the_same_prompt_share_one_prefill() -> None:
     a, b = random_ids(1, 5, seed=30)[0].tolist(), random_ids(1, 4, seed=31)[0].tolist()
     ids, mask = left_pad([a, b, a, a, b, a])
     halting = dict(max_cycles=torch.tensor([3, 3, 3, 2, 3, 3]), halt_threshold=0.5)
-    rows_seen = []
-    infer = model.infer
-
-    def recording(x, **kwargs):
-        rows_seen.append(x.shape[0])
-        return infer(x, **kwargs)
-
-    model.infer = recording
+    rows_seen = record_rows(model)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, temperature=1.3, seed=5, **halting)
     shared = list(stream_generate(model, ids, **kwargs))
     assert rows_seen == [3] + [6] * 5  # a at 3 cycles, b, a at 2 cycles; then every row
