@@ -191,9 +191,8 @@ class DocumentRuns:
         return out.transpose(1, 2).reshape(chunks * c, h, d)[:n]
 
 
-BAND_CHUNK = (
-    16  # the banded form's least queries per chunk (windows below it waste few scores; calls stay large)
-)
+# The banded form's least queries per chunk: windows below it waste few scores, and calls stay large.
+BAND_CHUNK = 16
 
 
 def _band_mask(flat_starts: torch.Tensor, window: int) -> torch.Tensor:
