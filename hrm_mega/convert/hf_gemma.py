@@ -126,8 +126,8 @@ def key_map(config: LMModelConfig) -> dict[str, str]:
 def plain_gemma3_blocker(state: dict[str, torch.Tensor], config: LMModelConfig) -> str | None:
     """Why these weights are not exactly a Gemma3ForCausalLM, or None when they are.
 
-    They are with h_cycles = l_cycles = 1, or with gated (or gated_rms) injection and every gate exactly zero: then each
-    cycle recomputes H(L(x)) bit for bit and the extra cycles change nothing.
+    They are with h_cycles = l_cycles = 1, or with gated (or gated_rms) injection and every gate exactly
+    zero: then each cycle recomputes H(L(x)) bit for bit and the extra cycles change nothing.
     """
     if config.h_cycles == 1 and config.l_cycles == 1:
         return None
