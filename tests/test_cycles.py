@@ -177,7 +177,8 @@ def test_pipeline_stages_run_the_cycles_their_inputs_carry() -> None:
             for layer in layers:
                 x = layer(x)
             logits, sums = tied_head(embed, x)
-            expected, aux = model(ids(), cycles=cycles)
+            # the same packed-row inputs (doc_ids: the same attention path), so the same numbers
+            expected, aux = model(ids(), position_ids=positions, doc_ids=doc_ids, cycles=cycles)
             assert ran.take() == [cycles] * config.num_groups
             torch.testing.assert_close(logits, expected)
             terms = lm_loss(expected, ids(), aux, config, normalizers=(1.0, 1.0))
