@@ -386,3 +386,55 @@ def test_grpo_steps_raise_the_reward() -> None:
         optimizer.step()
         history.append(reward.mean().item())
     assert sum(history[-5:]) / 5 > sum(history[:5]) / 5 + 0.08
+
+
+def test_halt_temperature_is_the_sampled_halting_policy() -> None:
+    """P(halt) = sigmoid(halt logit / halt_temperature): the rollout's decision log-probs are those of
+    that policy (and the training forward's), its draws follow it, and near 0 it is the greedy rule."""
+    model, batch = puzzle_model(q_target="halt_only"), puzzle_batch(b=1)
+    with torch.no_grad():  # P(halt) near neither 0 nor 1
+        model.q_head.weight.mul_(0.05)
+        model.q_head.bias.copy_(torch.tensor([0.3, 0.0]))
+        q1 = model(model.initial_carry(1), batch).q_halt  # halt_only: the halting logit is q_halt
+    n, t = 400, 0.5
+    ro = puzzle_rollout(model, batch, group_size=n, seed=5, halt_temperature=t)
+    p = torch.sigmoid(q1 / t)
+    assert 0.1 < p.item() < 0.9
+    halted = ro.segments == 1
+    assert abs(halted.float().mean().item() - p.item()) < 0.1  # 4 standard errors at n = 400
+    expected = torch.where(halted, torch.log(p), torch.log1p(-p))
+    assert torch.allclose(ro.halt_logprobs[:, 0], expected, atol=1e-5)
+    new = puzzle_policy(model, ro)
+    assert (new.logprobs - ro.logprobs)[ro.mask].abs().max().item() < 1e-5
+    batch = puzzle_batch(b=4, seed=9)
+    cold = puzzle_rollout(model, batch, group_size=3, seed=5, halt_temperature=1e-4)
+    greedy = puzzle_rollout(model, batch, group_size=3, halting="greedy")
+    assert torch.equal(cold.segments, greedy.segments)
+    with pytest.raises(ValueError, match="halt_temperature=0"):
+        puzzle_rollout(model, batch, group_size=2, halt_temperature=0)
+    with pytest.raises(ConfigError, match="rl.halt_temperature=0"):
+        RLConfig(halt_temperature=0).validate()
+
+
+@pytest.mark.parametrize("early_pays", [True, False])
+def test_grpo_moves_the_halting_logit_the_way_the_reward_pays(early_pays: bool) -> None:
+    """One GRPO step on the halting head: when every sample is right and pays for its segments
+    (reward 1 - 0.2 segments / 4), the halting logit after segment 1 must rise on every puzzle; when
+    a sample that stops after segment 1 is wrong (reward 0), it must fall."""
+    model, batch = puzzle_model(q_target="halt_only"), puzzle_batch(b=2)
+    with torch.no_grad():  # P(halt) near neither 0 nor 1
+        model.q_head.weight.mul_(0.05)
+        model.q_head.bias.copy_(torch.tensor([0.3, 0.0]))
+    ro = puzzle_rollout(model, batch, group_size=16, seed=3)
+    assert len(set(ro.segments[:16].tolist())) > 1 and len(set(ro.segments[16:].tolist())) > 1
+    right = torch.ones(32) if early_pays else (ro.segments > 1).float()
+    reward = right - 0.2 * ro.segments.float() / MAX_STEPS
+    new = puzzle_policy(model, ro)
+    loss, _ = policy_loss(new.logprobs, ro.logprobs, group_advantages(reward, 16, "none"), ro.mask)
+    loss.backward()
+    with torch.no_grad():
+        before = model(model.initial_carry(2), batch).q_halt
+        for p in model.q_head.parameters():
+            p -= 1.0 * p.grad
+        after = model(model.initial_carry(2), batch).q_halt
+    assert bool((after > before).all()) if early_pays else bool((after < before).all())

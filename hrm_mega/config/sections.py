@@ -355,6 +355,9 @@ class RLConfig:
     # Puzzles: halting of the ACT loop during rollouts (sample: a Boltzmann policy over the Q-head, whose
     # decisions are actions; greedy: the evaluation rule; fixed: every row runs halt_max_steps segments).
     halting: Literal["sample", "greedy", "fixed"] = "sample"
+    # Puzzles, halting sample: P(halt) = sigmoid(halting logit / halt_temperature); below 1 the sampled
+    # policy is closer to the greedy rule that adaptive evaluation runs (docs/rl.md).
+    halt_temperature: float = 1.0
     # Loss: ratio clipped to [1 - eps_low, 1 + eps_high]; beta * k3 KL to a frozen copy of the initial
     # weights (beta 0: no reference model is loaded); aggregation over the actions of the step.
     eps_low: float = 0.2
@@ -436,6 +439,8 @@ class RLConfig:
             raise ConfigError(
                 f"rl.arithmetic_train_pool={self.arithmetic_train_pool} must be >= 0 (0 = no pool)"
             )
+        if self.halt_temperature <= 0:
+            raise ConfigError(f"rl.halt_temperature={self.halt_temperature} must be > 0")
         if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ConfigError("rl.temperature must be > 0, rl.top_p in (0, 1] and rl.top_k >= 0")
         if self.max_cycles < 0 or not 0.0 <= self.halt_threshold < 1.0:

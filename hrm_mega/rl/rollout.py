@@ -12,11 +12,16 @@ its halting decisions (one column per segment, halt_max_steps columns; see `mask
 
 Halting (`halting=`):
     sample  (default) after segment m < halt_max_steps a running row halts with probability
-            sigmoid(q_halt - q_continue) (q_target bootstrap) or sigmoid(q_halt) (halt_only): the
-            Boltzmann policy over the two Q-values, whose mode is the greedy rule. The decisions are
-            actions with log-probs, so the policy gradient reaches the Q-head, and the samples of one
-            puzzle use different numbers of segments; only then does halting-aware reward shaping
-            (reward - lam * segments / max) tell samples of the same group apart.
+            sigmoid(logit / halt_temperature), where logit is models.act.halt_logit: q_halt - q_continue
+            (q_target bootstrap), q_halt (halt_only), or q_halt - logit(t) under model.halt_threshold t.
+            At halt_temperature 1 this is the Boltzmann policy over the two Q-values; whatever the
+            temperature its mode is the greedy rule. The decisions are actions with log-probs, so the
+            policy gradient reaches the Q-head, and the samples of one puzzle use different numbers of
+            segments; only then does halting-aware reward shaping (reward - lam * segments / max) tell
+            samples of the same group apart. A lower halt_temperature makes the sampled policy closer
+            to the greedy one that adaptive evaluation runs: at 1, rows halt on wrong answers so often
+            that the expected reward barely depends on the halting bias (docs/benchmarks.md, Sudoku
+            compute cost).
     greedy  the evaluation rule (q_says_halt): deterministic, so every sample of a puzzle runs the same
             segments and no decision is an action (compute shaping cannot change group advantages).
     fixed   every row runs halt_max_steps segments (the papers' evaluation).
@@ -161,6 +166,7 @@ class PuzzleRollout:
     temperature: float
     halting: str
     distribution: str  # softmax | stablemax
+    halt_temperature: float = 1.0  # halting decisions are drawn from sigmoid(halt logit / this)
 
     @property
     def seq_len(self) -> int:
@@ -205,6 +211,7 @@ def puzzle_rollout(
     temperature: float = 1.0,
     halting: Halting = "sample",
     seed: int = 0,
+    halt_temperature: float = 1.0,
 ) -> PuzzleRollout:
     """Samples `group_size` solutions per puzzle of `batch` (inputs [b, seq_len], puzzle_identifiers [b],
     optional sample_id [b] keying the draws; other [b, ...] entries are carried along) with the ACT loop
@@ -222,6 +229,8 @@ def puzzle_rollout(
         raise ValueError("batch needs inputs [batch, seq_len] (and puzzle_identifiers [batch])")
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
+    if halt_temperature <= 0:
+        raise ValueError(f"halt_temperature={halt_temperature} must be > 0")
     config = model.config
     distribution = config.loss
     max_steps = config.halt_max_steps
@@ -251,7 +260,7 @@ def puzzle_rollout(
             segments = torch.where(running, m + 1, segments)
             if m + 1 == max_steps or halting == "fixed":
                 continue
-            logit = halt_logit(config, out)
+            logit = halt_logit(config, out) / halt_temperature  # the sign, hence greedy, is unchanged
             if halting == "greedy":
                 halt = logit > 0
             else:
@@ -287,6 +296,7 @@ def puzzle_rollout(
         temperature=temperature,
         halting=halting,
         distribution=distribution,
+        halt_temperature=halt_temperature,
     )
 
 
@@ -295,7 +305,8 @@ def puzzle_policy(
 ) -> PolicyOutput:
     """Recomputes a puzzle rollout's action log-probs with the training forward: the same segments from
     a fresh carry (every segment is a normal one-segment forward, so gradients flow as in ACT training),
-    the cells from each row's last segment, each sampled halting decision from its segment's Q-head.
+    the cells from each row's last segment, each sampled halting decision from its segment's Q-head
+    (at the rollout's halt_temperature).
     Put a `puzzle_emb` leaf into rollout.batch to collect puzzle-embedding gradients.
 
     `segments`: how many forwards to run (default: the rows' most; at least that). Under ZeRO-3 every
@@ -319,7 +330,7 @@ def puzzle_policy(
         final_logits = (
             out.logits if final_logits is None else torch.where(last[:, None, None], out.logits, final_logits)
         )
-        logit = halt_logit(config, out)
+        logit = halt_logit(config, out) / rollout.halt_temperature
         halt_lp.append(torch.where(decisions[:, m], _halt_logprob(logit, last), 0.0))
         halt_ent.append(torch.where(decisions[:, m], _halt_entropy(logit.detach()), 0.0))
     pad = max_steps - len(halt_lp)

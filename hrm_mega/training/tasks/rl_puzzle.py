@@ -41,6 +41,7 @@ class PuzzleEnvironment(Environment):
         ro = puzzle_rollout(
             model, batch, group_size=rl.group_size, temperature=rl.temperature, halting=rl.halting,
             seed=step_seed(self.config.train.seed, trainer.step, _ROLLOUT_STREAM),
+            halt_temperature=rl.halt_temperature,
         )  # fmt: skip
         total, parts = combine_rewards(
             rl.rewards, timeout=rl.reward_timeout, tokens=ro.tokens, inputs=ro.batch["inputs"], labels=ro.batch["labels"],
