@@ -135,3 +135,15 @@ def test_the_trained_halting_decision_is_logged_on_wrong_and_right_rows(cells_co
     assert {k: int(m[k]) for k in ("unsolved", "unsolved_continue", "solved", "solved_halt")} == {
         "unsolved": 2, "unsolved_continue": 1, "solved": 2, "solved_halt": 1,
     }  # fmt: skip
+
+
+def test_halt_lr_mult_reaches_the_cells_head(cells_config):
+    """optim.halt_lr_mult scales the per-cell halting head (cell_head) like the position-0 q_head."""
+    from hrm_mega.training.trainer import parameter_groups
+
+    model = RecursiveReasoner(cells_config).init_weights(0)
+    groups = parameter_groups(model, halt_lr_mult=20.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_mult = {g["lr_mult"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert by_mult[20.0] == sorted(n for n, _ in model.named_parameters() if n.startswith("cell_head."))
+    assert len(by_mult[20.0]) == 4 and len(by_mult[1.0]) + 4 == len(list(model.parameters()))

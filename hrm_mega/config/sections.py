@@ -224,8 +224,9 @@ class OptimConfig:
     puzzle_emb_weight_decay: float = 0.1
     ema_decay: float = 0.0  # 0 disables EMA; TRM uses 0.999
     # Learning-rate multipliers (times optim.lr, on the same schedule) for the CycleBlocks' injection gates
-    # (gate_LL/LH/HH) and the halting heads (HRMGemma's halt_head, the puzzle model's q_head): parameters
-    # that start at a fixed value and that the shared LR may move too slowly (docs/benchmarks.md).
+    # (gate_LL/LH/HH) and the halting heads (HRMGemma's halt_head, the puzzle model's q_head or
+    # cell_head): parameters that start at a fixed value and that the shared LR may move too slowly
+    # (docs/benchmarks.md).
     gate_lr_mult: float = 1.0
     halt_lr_mult: float = 1.0
 

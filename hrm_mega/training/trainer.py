@@ -428,7 +428,7 @@ class Trainer:
 
 
 GATE_PARAMS = ("gate_LL", "gate_LH", "gate_HH")
-HALT_PARAMS = ("halt_head", "q_head")
+HALT_PARAMS = ("halt_head", "q_head", "cell_head")  # HRMGemma; the puzzle model (q_head: first / cells)
 
 
 def parameter_groups(
