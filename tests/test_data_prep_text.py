@@ -644,3 +644,89 @@ def test_existing_dataset_needs_overwrite(tmp_path, corpus, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "d"), "--quiet", "--overwrite"]) == 0
     assert read_manifest(tmp_path / "d")["seq_len"] == 8
+
+
+# ---- hidden targets (--hidden-field) ----------------------------------------------------------------
+
+
+def test_hidden_targets_train_at_the_placeholders_and_are_not_scored(tmp_path, monkeypatch):
+    import torch
+
+    from hrm_mega.data.stream import SampleStream
+    from hrm_mega.training.tasks.lm import answer_documents, answer_only
+
+    records = [
+        {
+            "prompt": f"q{i % 10}?r{(i * 3) % 10}?{'s' * (i % 30)}=",
+            "answer": "ok",
+            "hidden": [str(i % 7), "x"],
+        }
+        for i in range(60)
+    ]  # the 's' runs make some documents longer than a row: split documents keep their targets
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    atomic = ["--atomic-symbols", "?", *"0123456789", "x"]
+    argv = ["text", "--input", str(tmp_path / "h.jsonl"), "--prompt-field", "prompt", "--answer-field", "answer",
+            "--hidden-field", "hidden", "--vocab-size", "290", "--seq-len", "24", "--test-fraction", "0.2",
+            "--keep-order", "--quiet", *atomic]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "w1"), "--workers", "1"]) == 0
+    monkeypatch.setattr(text_prep, "_CHUNK_DOCUMENTS", 8)
+    assert main([*argv, "--out", str(tmp_path / "w2"), "--workers", "2"]) == 0
+    manifest = read_manifest(tmp_path / "w1")
+    assert shard_hashes(read_manifest(tmp_path / "w2")) == shard_hashes(manifest)
+    assert sum(manifest["extra"]["hidden_targets"].values()) == 2 * len(records)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "w1/tokenizer.model"))
+    placeholder = sp.piece_to_id("?")
+    # The rows as stored: the tokens keep the placeholder; targets name what each one hides, in order.
+    hidden_of: dict[int, list[str]] = {}
+    for split in ("train", "test"):
+        for sample in read_samples(tmp_path / "w1", split):
+            targets, tokens, docs = sample["targets"], sample["tokens"], sample["docs"]
+            assert (
+                targets.dtype == np.int32
+                and ((targets >= 0) == ((tokens == placeholder) & (docs >= 0))).all()
+            )
+            for doc, t in zip(docs[targets >= 0].tolist(), targets[targets >= 0].tolist()):
+                hidden_of.setdefault((split, doc), []).append(sp.id_to_piece(t))
+    assert sorted(hidden_of.values()) == sorted(r["hidden"] for r in records)
+    # Decoded: labels at the placeholders are the targets, answer marks them 2; the loss keeps them, the
+    # exact-answer scoring does not.
+    stream = SampleStream(str(tmp_path / "w1"), "train", seed=0, global_batch=4, partitions=1)
+    batch = stream.take(range(4))
+    ids, labels, answer = batch["input_ids"], batch["labels"], batch["answer"]
+    hidden = answer == 2
+    assert hidden.any() and (ids[hidden] == placeholder).all()
+    assert {sp.id_to_piece(int(t)) for t in labels[hidden]} <= {*"0123456", "x"}
+    assert not (labels[hidden] == placeholder).any()
+    kept = answer_only(batch)
+    assert (kept[hidden] == labels[hidden]).all() and (kept[answer == 0] == -100).all()
+    scored = answer_documents(batch, kept)
+    assert (scored[hidden] == -1).all() and (scored[answer == 1] >= 0).all()
+    assert torch.equal(scored >= 0, (answer == 1) & (kept != -100))
+
+
+@pytest.mark.parametrize(
+    ("record", "extra", "message"),
+    [
+        ({"prompt": "a?b?=", "answer": "1", "hidden": ["1"]}, [],
+         'h.jsonl:1: 1 hidden targets ("hidden") for 2 "?" placeholders in the prompt (--hidden-piece)'),
+        ({"prompt": "a?=", "answer": "1", "hidden": "1"}, [],
+         'h.jsonl:1: expected a list of non-empty strings in "hidden" (--hidden-field)'),
+        ({"prompt": "a?=", "answer": "1", "hidden": ["12"]}, [],
+         "--hidden-field: target '12' is not one piece of the tokenizer"),
+        ({"prompt": "a??=", "answer": "1", "hidden": ["1", "2"]}, ["--vocab-size", "265", "--atomic-symbols", "1", "2", "??"],
+         '--hidden-piece "?": not a piece of its own in every prompt (0 found for 2 targets)'),
+    ],
+)  # fmt: skip
+def test_hidden_targets_bad_input_gives_one_line(tmp_path, capsys, record, extra, message):
+    (tmp_path / "h.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["text", "--input", str(tmp_path / "h.jsonl"), "--test-input", str(tmp_path / "h.jsonl"),
+            "--prompt-field", "prompt", "--answer-field", "answer", "--hidden-field", "hidden",
+            "--seq-len", "16", "--out", str(tmp_path / "out"), "--quiet",
+            *(extra or ["--vocab-size", "265", "--atomic-symbols", "?", "1", "2"])]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(["text", "--input", str(tmp_path / "h.jsonl"), "--hidden-field", "hidden", "--seq-len", "8",
+                 "--vocab-size", "270", "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "--hidden-field hidden: needs --prompt-field/--answer-field" in capsys.readouterr().err

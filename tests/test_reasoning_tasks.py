@@ -70,3 +70,23 @@ def test_relay_defines_every_variable_before_it_is_read(tmp_path) -> None:
             assert len(roots) == len(set(roots)) >= 2, r  # distinct digits: a distractor's never matches
             value, hops = resolve(r["prompt"].replace("relay ", "chain ", 1))
             assert (value, hops) == (r["answer"], r["difficulty"]), r
+
+
+def test_trace_hidden_targets_are_every_names_value_in_definition_order(tmp_path) -> None:
+    out = tmp_path / "trace"
+    assert main(["reasoning", "--task", "trace", "--out", str(out), "--train", "300", "--val", "300", "--hard", "200"]) == 0  # fmt: skip
+    for split, (lo, hi) in {"train": (0, 3), "val": (1, 6), "hard": (4, 6)}.items():
+        rows = read(out / f"{split}.jsonl")
+        assert {r["difficulty"] for r in rows} == set(range(lo, hi + 1)), split
+        for r in rows:
+            body, query = re.fullmatch(r"trace ((?:\w\w\?)+):(\w)=", r["prompt"]).groups()
+            values: dict[str, str] = {}  # resolved independently, in reading order
+            depth: dict[str, int] = {}
+            for name, source in re.findall(r"(\w)(\w)\?", body):
+                assert name not in values and (source.isdigit() or source in values), r
+                values[name] = source if source.isdigit() else values[source]
+                depth[name] = 0 if source.isdigit() else depth[source] + 1
+            assert r["hidden"] == list(values.values()), r  # one target per placeholder, in order
+            assert (values[query], depth[query]) == (r["answer"], r["difficulty"]), r
+            roots = [s for _, s in re.findall(r"(\w)(\w)\?", body) if s.isdigit()]
+            assert len(roots) == len(set(roots)) >= 2, r

@@ -277,8 +277,11 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
     - position_ids: 0, 1, 2, ... restarting at every document piece (and at the padding);
     - doc_ids: 0, 1, 2, ... per document piece in the row; the padding gets the next id;
     - answer: 1 on the tokens of an answer span (a prompt/answer dataset's `answer.npy`: the answer's
-      tokens and its document's EOS), else 0; and answer_spans, 1 when the dataset marks spans at all
-      (the LM task then trains and scores on the answers only; docs/data.md).
+      tokens and its document's EOS), 2 on hidden targets, else 0; and answer_spans, 1 when the dataset
+      marks spans at all (the LM task then trains on both and scores the answers only; docs/data.md);
+    - with `targets.npy` (hidden targets, `prep text --hidden-field`: an id or -1 per token), the labels
+      of those positions are their targets: the input keeps the placeholder, the model learns to predict
+      what it never sees.
 
     Raises DataFormatError with a short reason (the caller adds the shard and key).
     """
@@ -298,9 +301,21 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
     answer = _int_array(record, "answer.npy", spec) if spans else np.zeros(spec.seq_len, dtype=np.int64)
     if spans and ((answer < 0) | (answer > 1) | (answer.astype(bool) & ~real)).any():
         raise DataFormatError("answer.npy: must be 0 or 1, and 0 on padding")
+    labels = np.where(real & ~starts, tokens, spec.ignore_label_id)
+    if "targets.npy" in record:
+        targets = _int_array(record, "targets.npy", spec)
+        hidden = targets >= 0
+        if not spans or (targets < -1).any() or (hidden & (~real | answer.astype(bool))).any():
+            raise DataFormatError(
+                "targets.npy: must be -1 or a token id, only on prompt tokens of a dataset with answer.npy"
+            )
+        _check_ids(targets[hidden], "targets.npy", spec)
+        hidden &= ~starts  # a split document's piece starting at a placeholder: no position predicts it
+        labels = np.where(hidden, targets, labels)
+        answer = np.where(hidden, 2, answer)
     return {
         "input_ids": tokens,
-        "labels": np.where(real & ~starts, tokens, spec.ignore_label_id),
+        "labels": labels,
         "position_ids": np.arange(spec.seq_len) - np.flatnonzero(starts)[doc_ids],
         "doc_ids": doc_ids,
         "answer": answer,

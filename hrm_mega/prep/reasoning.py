@@ -29,6 +29,17 @@ Added later (2026-12-03, definition committed before its first bench run):
              train 1-3 hops; hard 4-6; val 1-6 (held out; it spans the trained and the harder depths,
              so a test-time cycle count can be chosen on it); one or two distractor chains of 1-3 hops.
 
+Added later (2026-12-03, second session of the day; definition committed before its first bench run):
+
+    trace    relay's chains with the intermediate values as hidden targets. Each definition is the
+             defined name, its source (a digit or an earlier name) and a placeholder `?` whose hidden
+             target (the record's "hidden" list, for `prep text --hidden-field hidden`) is the digit the
+             defined name resolves to: the model is trained to resolve every name, at every depth, yet
+             never sees a resolved value in its input. No spaces: every symbol is one token.
+                 trace a7?x2?ba?cb?yx?:c=               -> 7        hidden 7 2 7 7 2 (2 hops: c -> b -> a)
+             train 0-3 hops (0: the queried name is its chain's root); val 1-6; hard 4-6; one or two
+             distractor chains of 0-3 hops; chains interleaved and digits distinct as in relay.
+
 Each record is a function of (seed, split, index) alone (random.Random seeded with a string, stable
 across Python versions), so the files are byte-identical for the same arguments and `--train 100` is a
 prefix of `--train 200`. Difficulty is the number of hops, digits or bits.
@@ -47,6 +58,7 @@ from typing import Any
 from hrm_mega.prep.common import non_negative_int, output_files
 
 Task = tuple[str, str, int]  # (prompt, answer, difficulty)
+Traced = tuple[str, str, int, list[str]]  # the same with hidden targets (trace)
 # A task takes (rng, split); the first three tasks only ask whether the split is "hard".
 SPLITS = ("train", "val", "hard")
 
@@ -102,11 +114,32 @@ def relay(rng: random.Random, split: str) -> Task:
     return f"relay {' '.join(definitions)} : {query}=", digits[0], hops
 
 
-TASKS: dict[str, Callable[[random.Random, str], Task]] = {
+TRACE_HOPS = {"train": (0, 3), "val": (1, 6), "hard": (4, 6)}
+
+
+def trace(rng: random.Random, split: str) -> Traced:
+    hops = rng.randint(*TRACE_HOPS[split])
+    lengths = [hops] + [rng.randint(0, 3) for _ in range(rng.randint(1, 2))]
+    names = rng.sample(string.ascii_lowercase, sum(n + 1 for n in lengths))
+    digits = rng.sample(string.digits, len(lengths))
+    chains = []  # each chain's (name, source, value) in definition order
+    for n, digit in zip(lengths, digits):
+        run, names = names[: n + 1], names[n + 1 :]
+        chains.append([(run[0], digit, digit)] + [(run[i], run[i - 1], digit) for i in range(1, n + 1)])
+    query = chains[0][-1][0]
+    definitions = []
+    while any(chains):  # interleave: the next definition of a random unfinished chain
+        definitions.append(rng.choice([c for c in chains if c]).pop(0))
+    prompt = "trace " + "".join(f"{name}{source}?" for name, source, _ in definitions) + f":{query}="
+    return prompt, digits[0], hops, [value for _, _, value in definitions]
+
+
+TASKS: dict[str, Callable[[random.Random, str], Task | Traced]] = {
     "chain": chain,
     "addition": addition,
     "parity": parity,
     "relay": relay,
+    "trace": trace,
 }
 
 
@@ -115,14 +148,16 @@ def records(task: str, split: str, count: int, seed: int) -> list[dict[str, Any]
     out = []
     for i in range(count):
         rng = random.Random(f"hrm-mega reasoning/{task}/{seed}/{split}/{i}")
-        prompt, answer, difficulty = TASKS[task](rng, split)
-        out.append({"prompt": prompt, "answer": answer, "task": task, "difficulty": difficulty})
+        prompt, answer, difficulty, *hidden = TASKS[task](rng, split)
+        record = {"prompt": prompt, "answer": answer, "task": task, "difficulty": difficulty}
+        out.append({**record, "hidden": hidden[0]} if hidden else record)
     return out
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "reasoning", help="write a depth-controlled reasoning task (chain, addition, parity, relay) as JSONL"
+        "reasoning",
+        help="write a depth-controlled reasoning task (chain, addition, parity, relay, trace) as JSONL",
     )
     p.add_argument("--task", choices=list(TASKS), required=True)
     p.add_argument("--out", type=Path, required=True, help="output directory (train/val/hard.jsonl)")

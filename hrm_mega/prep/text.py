@@ -31,7 +31,9 @@ space and continues into as many rows as it needs. The train split packs its doc
 random order (input order with --keep-order), the test split in input order. Each row stores its tokens
 and, per token, the index of the document it comes from (-1 for padding); a prompt/answer dataset also
 stores `answer` per token: 1 on the answer's tokens and the EOS after them, 0 elsewhere (prompt, BOS,
-padding), which a split document's pieces keep.
+padding), which a split document's pieces keep. With --hidden-field, a row also stores `targets` per
+token: at each prompt placeholder (--hidden-piece) the id of its hidden target, -1 elsewhere; the token
+stays the placeholder, so the model is trained to predict a value it never sees (docs/data_format.md).
 
 Determinism: the tokenizer sample is a function of the seed and the documents, the tokenizer trains
 with a fixed thread count, chunks are cut in the main process and their results come back in order, and
@@ -45,7 +47,7 @@ import hashlib
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ from hrm_mega.prep.common import (
     write_order,
 )
 from hrm_mega.prep.tokenizer import (
+    DEFAULT_HIDDEN_PIECE,
     Document,
     Fields,
     TokenizerSample,
@@ -93,18 +96,23 @@ _HELD_OUT = 21  # unit_hash purpose: which --input documents form the test split
 # ---- encoding ---------------------------------------------------------------------------------------
 
 _encoder: spm.SentencePieceProcessor | None = None  # per process, set by _start_encoder
+_hidden_piece = DEFAULT_HIDDEN_PIECE
 
 
-def _start_encoder(model: bytes) -> None:
-    global _encoder
-    _encoder = spm.SentencePieceProcessor(model_proto=model)
+def _start_encoder(model: bytes, hidden_piece: str = DEFAULT_HIDDEN_PIECE) -> None:
+    global _encoder, _hidden_piece
+    _encoder, _hidden_piece = spm.SentencePieceProcessor(model_proto=model), hidden_piece
 
 
-def _encode_chunk(documents: list[Document]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Encodes a chunk of documents: (all ids as one int32 array, tokens per document, and for
-    prompt/answer documents the answer's tokens per document, else None)."""
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+def _encode_chunk(documents: list[Document]) -> Encoded:
+    """Encodes a chunk of documents: (all ids as one int32 array, tokens per document, for prompt/answer
+    documents the answer's tokens per document (else None), and for documents with hidden targets an
+    int32 array aligned with the ids: the target's id at each placeholder, -1 elsewhere (else None))."""
     assert _encoder is not None
-    answers = None
+    answers = targets = None
     if all(isinstance(document, str) for document in documents):
         encoded = _encoder.encode(documents, out_type=int, num_threads=1)
     else:
@@ -112,25 +120,60 @@ def _encode_chunk(documents: list[Document]) -> tuple[np.ndarray, np.ndarray, np
         replies = _encoder.encode([d[1] for d in documents], out_type=int, num_threads=1)
         encoded = [prompt + reply for prompt, reply in zip(prompts, replies)]
         answers = np.fromiter(map(len, replies), dtype=np.int32, count=len(replies))
+        if len(documents[0]) == 3:
+            targets = np.concatenate(
+                [np.zeros(0, dtype=np.int32)]
+                + [_hidden_targets(p, len(r), d[2]) for p, r, d in zip(prompts, replies, documents)]  # type: ignore[misc]
+            )
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
-    return flat, lengths, answers
+    return flat, lengths, answers, targets
+
+
+def _hidden_targets(prompt: list[int], answer_tokens: int, targets: tuple[str, ...]) -> np.ndarray:
+    """One document's hidden targets aligned with its ids (prompt + answer): each placeholder piece's
+    target id, -1 elsewhere."""
+    assert _encoder is not None
+    placeholder = _encoder.piece_to_id(_hidden_piece)
+    ids = [_encoder.piece_to_id(t) for t in targets]
+    out = np.full(len(prompt) + answer_tokens, -1, dtype=np.int32)
+    where = np.flatnonzero(np.asarray(prompt, dtype=np.int64) == placeholder)
+    if placeholder == _encoder.unk_id() or len(where) != len(targets):
+        raise DataPrepError(
+            f'--hidden-piece "{_hidden_piece}": not a piece of its own in every prompt ({len(where)} found for '
+            f"{len(targets)} targets); list it in --atomic-symbols when the tokenizer is trained"
+        )
+    unknown = [t for t, i in zip(targets, ids) if i == _encoder.unk_id()]
+    if unknown:
+        raise DataPrepError(
+            f"--hidden-field: target {unknown[0]!r} is not one piece of the tokenizer (each target must be "
+            "a single piece: list it in --atomic-symbols)"
+        )
+    out[where] = ids
+    return out
 
 
 class TokenFile:
-    """One split's encoded documents, in the order appended: ids in an anonymous temporary file, a
-    document's offset (and its answer's length) in memory, and the per-id token counts."""
+    """One split's encoded documents, in the order appended: ids (and, with hidden targets, the targets
+    aligned with them) in anonymous temporary files, a document's offset (and its answer's length) in
+    memory, and the per-id token counts."""
 
-    def __init__(self, directory: Path, vocab_size: int, answers: bool) -> None:
+    def __init__(self, directory: Path, vocab_size: int, answers: bool, hidden: bool = False) -> None:
         self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close())
+        self.hidden = tempfile.TemporaryFile(dir=directory) if hidden else None  # noqa: SIM115
         self._lengths: list[np.ndarray] = []
         self._answers: list[np.ndarray] | None = [] if answers else None
         self.id_counts = np.zeros(vocab_size, dtype=np.int64)
         self.offsets = np.zeros(1, dtype=np.int64)  # document i: ids offsets[i]:offsets[i + 1]
         self.answers: np.ndarray | None = None  # answer tokens per document (prompt/answer only)
 
-    def append(self, ids: np.ndarray, lengths: np.ndarray, answers: np.ndarray | None) -> None:
+    def append(
+        self, ids: np.ndarray, lengths: np.ndarray, answers: np.ndarray | None, targets: np.ndarray | None
+    ) -> None:
         self.file.write(memoryview(ids))
+        if self.hidden is not None:
+            assert targets is not None
+            self.hidden.write(memoryview(targets))
         self._lengths.append(lengths)
         if self._answers is not None:
             assert answers is not None
@@ -140,6 +183,8 @@ class TokenFile:
     def seal(self) -> None:
         """Ends appending; reading starts."""
         self.file.flush()
+        if self.hidden is not None:
+            self.hidden.flush()
         lengths = np.concatenate([np.zeros(1, dtype=np.int64), *self._lengths])
         self.offsets, self._lengths = np.cumsum(lengths), []
         if self._answers is not None:
@@ -150,10 +195,18 @@ class TokenFile:
         return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self._read(self.file, index)
+
+    def targets(self, index: int) -> np.ndarray:
+        """Document `index`'s hidden targets, aligned with its ids (-1: none)."""
+        assert self.hidden is not None
+        return self._read(self.hidden, index)
+
+    def _read(self, file: Any, index: int) -> np.ndarray:
         start, end = 4 * int(self.offsets[index]), 4 * int(self.offsets[index + 1])
         chunks = []
         while start < end:  # pread may return less than asked (at most ~2 GB per call on Linux)
-            chunks.append(os.pread(self.file.fileno(), end - start, start))
+            chunks.append(os.pread(file.fileno(), end - start, start))
             if not chunks[-1]:
                 raise OSError(f"temporary token file: short read at byte {start}")
             start += len(chunks[-1])
@@ -164,6 +217,8 @@ class TokenFile:
 
     def close(self) -> None:
         self.file.close()
+        if self.hidden is not None:
+            self.hidden.close()
 
 
 def encode_splits(
@@ -179,16 +234,25 @@ def encode_splits(
 
     bar = progress(None, "encoding", args.quiet)  # type: ignore[arg-type] (no total: streamed)
     encoded = bounded_map(
-        _encode_chunk, jobs(), args.workers, ahead=_IN_FLIGHT, initializer=_start_encoder, initargs=(model,)
+        _encode_chunk,
+        jobs(),
+        args.workers,
+        ahead=_IN_FLIGHT,
+        initializer=_start_encoder,
+        initargs=(model, fields.hidden_piece),
     )
-    for ids, lengths, answers in encoded:
+    for ids, lengths, answers, targets in encoded:
         test = test_masks.popleft()
         for split, keep in (("train", ~test), ("test", test)):
             if keep.all():
-                files[split].append(ids, lengths, answers)
+                files[split].append(ids, lengths, answers, targets)
             elif keep.any():
+                tokens = np.repeat(keep, lengths)
                 files[split].append(
-                    ids[np.repeat(keep, lengths)], lengths[keep], None if answers is None else answers[keep]
+                    ids[tokens],
+                    lengths[keep],
+                    None if answers is None else answers[keep],
+                    None if targets is None else targets[tokens],
                 )
         bar.update(len(lengths))
     bar.close()
@@ -224,46 +288,51 @@ def pack_documents(
     eos: int,
     pad: int,
     answers: Sequence[int] | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    targets: Callable[[int], np.ndarray] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Packs BOS + ids + EOS of documents[i] for i in `order` into rows of `seq_len` (next-fit).
 
-    Yields (tokens int32 [seq_len], docs int32 [seq_len], answer): docs[k] is the index of the document
-    token k comes from, -1 for padding (which only ends a row). A document that fits in a row is never
-    split; a longer one fills the current row and continues in the next rows. With `answers` (the
-    answer's token count per document: its last ids), answer is uint8 [seq_len], 1 on those ids and the
-    EOS after them; else None.
+    Yields rows {"tokens": int32 [seq_len], "docs": int32 [seq_len], ...}: docs[k] is the index of the
+    document token k comes from, -1 for padding (which only ends a row). A document that fits in a row is
+    never split; a longer one fills the current row and continues in the next rows. With `answers` (the
+    answer's token count per document: its last ids), "answer" is uint8 [seq_len], 1 on those ids and
+    the EOS after them. With `targets` (document i's hidden targets aligned with its ids, -1 where none),
+    "targets" is int32 [seq_len], -1 except at the placeholders.
     """
 
-    def new_row() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return (
-            np.full(seq_len, pad, dtype=np.int32),
-            np.full(seq_len, -1, dtype=np.int32),
-            np.zeros(seq_len, dtype=np.uint8),
-        )
+    def new_row() -> dict[str, np.ndarray]:
+        row = {"tokens": np.full(seq_len, pad, dtype=np.int32), "docs": np.full(seq_len, -1, dtype=np.int32)}
+        if answers is not None:
+            row["answer"] = np.zeros(seq_len, dtype=np.uint8)
+        if targets is not None:
+            row["targets"] = np.full(seq_len, -1, dtype=np.int32)
+        return row
 
-    tokens, docs, answer = new_row()
-    fill = 0
+    row, fill = new_row(), 0
     for index in order:
         ids = documents[index]
-        run = np.concatenate(([bos], ids, [eos])).astype(np.int32)
-        marks = np.zeros(len(run), dtype=np.uint8)
+        run = {"tokens": np.concatenate(([bos], ids, [eos])).astype(np.int32)}
+        run["docs"] = np.full(len(run["tokens"]), index, dtype=np.int32)
         if answers is not None:
-            marks[len(run) - 1 - answers[index] :] = 1
-        if fill and len(run) <= seq_len and fill + len(run) > seq_len:  # fits a row, not this one's space
-            yield tokens, docs, (None if answers is None else answer)
-            (tokens, docs, answer), fill = new_row(), 0
+            run["answer"] = np.zeros(len(run["tokens"]), dtype=np.uint8)
+            run["answer"][len(run["tokens"]) - 1 - answers[index] :] = 1
+        if targets is not None:
+            run["targets"] = np.concatenate(([-1], targets(index), [-1])).astype(np.int32)
+        size = len(run["tokens"])
+        if fill and size <= seq_len and fill + size > seq_len:  # fits a row, not this one's space
+            yield row
+            row, fill = new_row(), 0
         start = 0
-        while start < len(run):
-            take = min(seq_len - fill, len(run) - start)
-            tokens[fill : fill + take] = run[start : start + take]
-            docs[fill : fill + take] = index
-            answer[fill : fill + take] = marks[start : start + take]
+        while start < size:
+            take = min(seq_len - fill, size - start)
+            for name, values in run.items():
+                row[name][fill : fill + take] = values[start : start + take]
             fill, start = fill + take, start + take
             if fill == seq_len:
-                yield tokens, docs, (None if answers is None else answer)
-                (tokens, docs, answer), fill = new_row(), 0
+                yield row
+                row, fill = new_row(), 0
     if fill:
-        yield tokens, docs, (None if answers is None else answer)
+        yield row
 
 
 # ---- the unigram baseline ---------------------------------------------------------------------------
@@ -343,7 +412,10 @@ def run(args: argparse.Namespace, command: str) -> Path:
 
     created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
-    files = {split: TokenFile(args.out, vocab_size, fields.pairs) for split in ("train", "test")}
+    files = {
+        split: TokenFile(args.out, vocab_size, fields.pairs, hidden=fields.hidden is not None)
+        for split in ("train", "test")
+    }
     try:
         encode_splits(args, fields, model, files)
         check_split_sizes(args, {split: len(file) for split, file in files.items()})
@@ -438,13 +510,22 @@ def write_rows(
     writer = ShardWriter(args.out / split, args.samples_per_shard)
     padding = 0
     bar = progress(count, f"packing {split}", args.quiet)
+    targets = file.targets if file.hidden is not None else None
     rows = pack_documents(
-        _counted(order, bar), file, args.seq_len, bos=bos, eos=eos, pad=pad, answers=file.answers
+        _counted(order, bar),
+        file,
+        args.seq_len,
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        answers=file.answers,
+        targets=targets,
     )
-    for tokens, docs, answer in rows:
-        row = {"tokens": tokens, "docs": docs}
-        writer.write(row if answer is None else {**row, "answer": answer})
-        padding += int((docs < 0).sum())
+    hidden = 0
+    for row in rows:
+        writer.write(row)
+        padding += int((row["docs"] < 0).sum())
+        hidden += int((row["targets"] >= 0).sum()) if "targets" in row else 0
     bar.close()
     lengths = file.lengths() + 2  # + BOS and EOS
     stats = {
@@ -455,6 +536,8 @@ def write_rows(
     }
     if file.answers is not None:
         stats["answer_documents"] = count
+    if file.hidden is not None:
+        stats["hidden_targets"] = hidden
     return writer.close(), stats
 
 

@@ -60,7 +60,10 @@ _TRAINER_CHUNK = 4096  # characters per training sentence (SentencePiece skips l
 _SAMPLE_KEY = 20  # unit_hash purpose: the tokenizer sample's keys
 _PARQUET_BATCH = 1024  # rows per Parquet read (memory: one batch of one row group's columns)
 
-Document = str | tuple[str, str]  # a text, or a (prompt, answer) pair
+# A text, a (prompt, answer) pair, or a pair with hidden targets: (prompt, answer, targets), the k-th
+# target what the prompt's k-th placeholder piece is trained to predict (Fields.hidden).
+Document = str | tuple[str, str] | tuple[str, str, tuple[str, ...]]
+DEFAULT_HIDDEN_PIECE = "?"
 
 
 # ---- reading documents ------------------------------------------------------------------------------
@@ -68,11 +71,14 @@ Document = str | tuple[str, str]  # a text, or a (prompt, answer) pair
 
 @dataclass(frozen=True)
 class Fields:
-    """Which JSONL/Parquet fields hold a document: `text`, or the pair (`prompt`, `answer`)."""
+    """Which JSONL/Parquet fields hold a document: `text`, or the pair (`prompt`, `answer`), optionally
+    with `hidden`: a list of strings, the targets of the prompt's `hidden_piece` placeholders in order."""
 
     text: str = "text"
     prompt: str | None = None
     answer: str | None = None
+    hidden: str | None = None
+    hidden_piece: str = DEFAULT_HIDDEN_PIECE
 
     @property
     def pairs(self) -> bool:
@@ -82,11 +88,13 @@ class Fields:
         """The fields a record must have: the text's, or the prompt's and the answer's."""
         if self.prompt is None or self.answer is None:
             return [self.text]
-        return [self.prompt, self.answer]
+        return [self.prompt, self.answer, *([self.hidden] if self.hidden else [])]
 
     def option(self, field: str) -> str:
         if not self.pairs:
             return "--text-field"
+        if field == self.hidden:
+            return "--hidden-field"
         return "--prompt-field" if field == self.prompt else "--answer-field"
 
 
@@ -103,6 +111,20 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
         "and only the answer (and its EOS) is marked as one (instead of --text-field)",
     )
     parser.add_argument("--answer-field", metavar="NAME", help="see --prompt-field")
+    parser.add_argument(
+        "--hidden-field",
+        metavar="NAME",
+        help="with --prompt-field: a list of strings, hidden targets. The prompt's k-th --hidden-piece "
+        "placeholder is trained to predict the k-th string (one tokenizer piece each) while the model only "
+        "ever sees the placeholder there: supervision of intermediate results the context never shows",
+    )
+    parser.add_argument(
+        "--hidden-piece",
+        metavar="PIECE",
+        default=DEFAULT_HIDDEN_PIECE,
+        help=f'the placeholder of --hidden-field (default "{DEFAULT_HIDDEN_PIECE}"; it must be a piece of its '
+        "own in every prompt: list it in --atomic-symbols)",
+    )
 
 
 def fields_from_args(args: argparse.Namespace) -> Fields:
@@ -113,6 +135,11 @@ def fields_from_args(args: argparse.Namespace) -> Fields:
             else ("--answer-field", "--prompt-field")
         )
         raise DataPrepError(f"{given}: needs {missing} too (a document is a prompt and an answer)")
+    hidden = getattr(args, "hidden_field", None)
+    if hidden is not None and args.prompt_field is None:
+        raise DataPrepError(
+            f"--hidden-field {hidden}: needs --prompt-field/--answer-field (targets of a prompt)"
+        )
     if args.prompt_field is None:
         return Fields(text="text" if args.text_field is None else args.text_field)
     if args.text_field is not None:
@@ -122,7 +149,12 @@ def fields_from_args(args: argparse.Namespace) -> Fields:
         )
     if args.prompt_field == args.answer_field:
         raise DataPrepError(f"--answer-field {args.answer_field}: the same field as --prompt-field")
-    return Fields(prompt=args.prompt_field, answer=args.answer_field)
+    if hidden in (args.prompt_field, args.answer_field):
+        raise DataPrepError(f"--hidden-field {hidden}: the same field as --prompt-field or --answer-field")
+    piece = getattr(args, "hidden_piece", DEFAULT_HIDDEN_PIECE)
+    if not piece or any(c.isspace() for c in piece):
+        raise DataPrepError(f"--hidden-piece {piece!r}: must be a non-empty piece without whitespace")
+    return Fields(prompt=args.prompt_field, answer=args.answer_field, hidden=hidden, hidden_piece=piece)
 
 
 def iter_documents(
@@ -229,13 +261,28 @@ def _parquet_documents(path: Path, option: str, fields: Fields) -> Iterator[Docu
 def _document(values: list[Any], fields: Fields, where: str, expected: str) -> Document:
     """The document of one record's field values (an empty text is "": skipped)."""
     for name, value in zip(fields.columns(), values):
+        if name == fields.hidden:
+            continue
         if not isinstance(value, str):
             raise DataPrepError(f'{where}: expected {expected} "{name}" ({fields.option(name)})')
     if not fields.pairs:
         return values[0]
     if not values[1]:
         raise DataPrepError(f'{where}: the answer is empty (field "{fields.answer}", --answer-field)')
-    return values[0], values[1]
+    if fields.hidden is None:
+        return values[0], values[1]
+    targets = values[2]
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise DataPrepError(
+            f'{where}: expected a list of non-empty strings in "{fields.hidden}" (--hidden-field)'
+        )
+    placeholders = values[0].count(fields.hidden_piece)
+    if placeholders != len(targets):
+        raise DataPrepError(
+            f'{where}: {len(targets)} hidden targets ("{fields.hidden}") for {placeholders} '
+            f'"{fields.hidden_piece}" placeholders in the prompt (--hidden-piece); they must pair up'
+        )
+    return values[0], values[1], tuple(targets)
 
 
 def document_text(document: Document) -> str:

@@ -424,8 +424,9 @@ EVAL_KEYS = ("nll", "tokens", "cycles", "labelled", "answers", "answers_exact")
 
 
 def answer_only(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The labels with every target outside an answer span ignored (-100), on the rows of datasets that
-    mark spans (batch["answer_spans"]); other rows keep theirs."""
+    """The labels with every target outside an answer span or a hidden target (batch["answer"] 1 or 2)
+    ignored (-100), on the rows of datasets that mark spans (batch["answer_spans"]); other rows keep
+    theirs."""
     keep = batch["answer"].bool() | ~batch["answer_spans"].bool()[:, None]
     return batch["labels"].masked_fill(~keep, -100)
 
@@ -433,7 +434,7 @@ def answer_only(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def answer_documents(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Per position, the document piece (doc_ids) whose answer that labelled token belongs to; -1 for
     tokens outside answer spans."""
-    return torch.where(batch["answer"].bool() & (labels != -100), batch["doc_ids"], -1)
+    return torch.where((batch["answer"] == 1) & (labels != -100), batch["doc_ids"], -1)
 
 
 def answer_counts(correct: torch.Tensor, answer_docs: torch.Tensor) -> tuple[int, int]:
