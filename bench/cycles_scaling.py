@@ -37,22 +37,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/lm/hrmgemma_reason_tiny.yaml"
-TASKS = ("chain", "addition", "parity", "relay")
+TASKS = ("chain", "addition", "parity", "relay", "trace")
 MAX_CYCLES = 4  # HRMGemma trains with H cycles drawn from [1, MAX_CYCLES] (the recipe's cycles_range)
 SEQ_LEN = 128
 # SentencePiece pieces of each task's tokenizer (256 byte pieces among them; at most the recipe's
 # model.vocab_size, 320): the digits-and-symbols texts of addition and parity allow no more than ~280.
-VOCAB = {"chain": 320, "addition": 276, "parity": 272, "relay": 299}
+VOCAB = {"chain": 320, "addition": 276, "parity": 272, "relay": 299, "trace": 300}
 # Pieces the tokenizer keeps whole. relay: every name and digit one piece, the same with or without
 # the space before it (with only "=", "▁q" and "q" are different pieces, so a name read back does not
 # match its definition token for token; chain, measured first, kept that).
-ATOMIC = {"relay": [*"abcdefghijklmnopqrstuvwxyz0123456789", "=", ":"]}
+ATOMIC = {
+    "relay": [*"abcdefghijklmnopqrstuvwxyz0123456789", "=", ":"],
+    "trace": [*"abcdefghijklmnopqrstuvwxyz0123456789", "=", ":", "?"],
+}
+# Tasks whose records carry hidden targets (prep text --hidden-field; docs/data_format.md).
+HIDDEN = {"trace": "hidden"}
 SEED = 0
 RECORDS = {"train": 20000, "val": 500, "hard": 500}
 THRESHOLDS = (0.5, 0.7, 0.9)
 # Equal-time step counts, fixed from `--calibrate` (2026-12-03, this 2-core machine shared with other
 # jobs; docs/benchmarks.md): hrmgemma 404.7 ms/step, gemma 195.4 ms/step -> gemma gets 2.07x the steps.
 STEPS = {"hrmgemma": 1000, "gemma": 2070}
+# trace: its own recipe settings (both models) and equal-time step counts (`--calibrate --tasks trace`).
+TASK_SETS: dict[str, list[str]] = {
+    "trace": [
+        "train.global_batch=8", "optim.lr=2e-3", "model.injection=gated_rms", "model.deep_supervision=true",
+    ]
+}  # fmt: skip
+# trace, `--calibrate --tasks trace` (2026-12-03, one thread, the machine otherwise nearly idle):
+# hrmgemma 127.6 ms/step, gemma 49.8 ms/step -> ratio 0.390; 5000 hrmgemma steps (~11 min) -> 12800.
+TASK_STEPS: dict[str, dict[str, int]] = {"trace": {"hrmgemma": 5000, "gemma": 12800}}
 COMMON = [
     "train.checkpoint_interval=0", "train.eval_interval=0", "train.eval_max_samples=64",
     "log.wandb=disabled", "log.log_interval=100", "log.progress_bar=false", f"train.seed={SEED}",
@@ -75,16 +89,18 @@ def build_data(task: str, work: Path) -> dict[str, Path]:
     qa = ["--prompt-field", "prompt", "--answer-field", "answer"]
     prep("tokenizer", "--input", str(src / "train.jsonl"), *qa, "--vocab-size", str(VOCAB[task]),
          "--atomic-symbols", *ATOMIC.get(task, ["="]), "--out", str(out["tokenizer"]))  # fmt: skip
-    prep("text", "--input", str(src / "train.jsonl"), "--test-input", str(src / "val.jsonl"), *qa,
+    hidden = ["--hidden-field", HIDDEN[task]] if task in HIDDEN else []
+    prep("text", "--input", str(src / "train.jsonl"), "--test-input", str(src / "val.jsonl"), *qa, *hidden,
          "--tokenizer", str(out["tokenizer"]), "--seq-len", str(SEQ_LEN), "--out", str(out["train"]),
          "--samples-per-shard", "256", "--overwrite")  # fmt: skip
     return out
 
 
-def train(model: str, data: Path, run: Path, steps: int, extra: list[str]) -> float:
+def train(task: str, model: str, data: Path, run: Path, steps: int, extra: list[str]) -> float:
     """Trains one model in a subprocess (one thread); returns its wall-clock seconds."""
     sets = [
         *COMMON,
+        *TASK_SETS.get(task, []),
         *MODELS[model],
         *extra,
         f"data.path={data}",
@@ -165,8 +181,8 @@ def evaluate(run: Path, data: dict[str, Path], hrm: bool) -> dict:
     return out
 
 
-def calibrate(work: Path, extra: list[str], rounds: int = 3, steps: int = 8) -> float:
-    """Seconds per training step (forward, backward, AdamATan2 step on one batch of the chain data) of
+def calibrate(work: Path, task: str, extra: list[str], rounds: int = 3, steps: int = 8) -> float:
+    """Seconds per training step (forward, backward, AdamATan2 step on one batch of the task's data) of
     both models, alternated in one process on one thread; HRMGemma's averaged over its cycle range.
     Returns gemma's step time over hrmgemma's."""
     import numpy as np
@@ -177,12 +193,15 @@ def calibrate(work: Path, extra: list[str], rounds: int = 3, steps: int = 8) -> 
     from hrm_mega.models import build_model
     from hrm_mega.models.lm import lm_loss
     from hrm_mega.optim import AdamATan2
+    from hrm_mega.training.tasks.lm import answer_only
 
     torch.set_num_threads(1)
-    data = build_data("chain", work)["train"]
+    data = build_data(task, work)["train"]
     models, configs = {}, {}
     for name, sets in MODELS.items():
-        configs[name] = load_config(RECIPE, [*COMMON, *sets, *extra, f"data.path={data}"])
+        configs[name] = load_config(
+            RECIPE, [*COMMON, *TASK_SETS.get(task, []), *sets, *extra, f"data.path={data}"]
+        )
         models[name] = build_model(configs[name].model).init_weights(SEED)
     config = configs["hrmgemma"]
     stream = SampleStream(str(data), "train", seed=SEED, global_batch=config.train.global_batch,
@@ -196,7 +215,8 @@ def calibrate(work: Path, extra: list[str], rounds: int = 3, steps: int = 8) -> 
         start = time.perf_counter()
         logits, aux = models[name](batch["input_ids"], position_ids=batch["position_ids"],
                                    doc_ids=batch["doc_ids"], cycles=cycles)  # fmt: skip
-        lm_loss(logits, batch["labels"], aux, configs[name].model)["loss"].backward()
+        labels = answer_only(batch) if configs[name].data.answer_only_loss else batch["labels"]
+        lm_loss(logits, labels, aux, configs[name].model)["loss"].backward()
         optimizers[name].step()
         optimizers[name].zero_grad()
         return time.perf_counter() - start
@@ -265,7 +285,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--work", type=Path, default=ROOT / "runs/cycles-bench")
-    p.add_argument("--calibrate", action="store_true")
+    p.add_argument("--calibrate", action="store_true", help="measure the step times on each of --tasks")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], help="a recipe override for both models"
     )
@@ -275,16 +295,19 @@ def main() -> int:
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.calibrate:
-        calibrate(args.data or args.work, args.sets)
+        for task in args.tasks.split(","):
+            calibrate(args.data or args.work, task, args.sets)
         return 0
-    steps = dict(zip(STEPS, map(int, args.steps.split(",")))) if args.steps else STEPS
     results_file = args.work / "results.json"
     for task in args.tasks.split(","):
+        steps = TASK_STEPS.get(task, STEPS)
+        if args.steps:
+            steps = dict(zip(STEPS, map(int, args.steps.split(","))))
         data = build_data(task, args.data or args.work)
         for model in args.models.split(","):
             run = args.work / task / model
             run.parent.mkdir(parents=True, exist_ok=True)
-            seconds = train(model, data["train"], run, steps[model], args.sets)
+            seconds = train(task, model, data["train"], run, steps[model], args.sets)
             scores = evaluate(run, data, hrm=model == "hrmgemma")
             # read again just before writing: runs of other models may share this work directory
             results = json.loads(results_file.read_text()) if results_file.is_file() else {}
