@@ -324,12 +324,16 @@ def _init_linear(layer: nn.Module, fan_in: int) -> None:
 
 
 def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
-    """Several projections of the same input, run as one matmul over their concatenated weights (faster on
-    every backend). Bias-free plain Linears (TP=1) or column-parallel ones; under TP the input goes through
-    one copy-to-TP region, so backward all-reduces its gradient once rather than once per layer. Quantized
-    weights (torchao tensor subclasses) run one layer at a time, through their own kernels."""
+    """Several projections of the same input. Bias-free plain Linears (TP=1) run as one matmul over their
+    concatenated weights on GPUs (one kernel instead of several small ones) and one at a time on the CPU,
+    where the matmuls cost the same either way and concatenating the weights (and copying the split
+    outputs) on every call does not pay (bench/hf_gemma_speed.py: ~5% of a training step). Column-parallel
+    ones always fuse: the input goes through one copy-to-TP region, so backward all-reduces its gradient
+    once rather than once per layer. Quantized weights (torchao tensor subclasses) run one layer at a
+    time, through their own kernels."""
     plain = all(type(layer.weight) in (torch.Tensor, nn.Parameter) for layer in layers)  # not quantized
-    if plain and all(type(layer) is nn.Linear and layer.bias is None for layer in layers):
+    linear = all(type(layer) is nn.Linear and layer.bias is None for layer in layers)
+    if plain and linear and x.device.type != "cpu":
         weight = torch.cat([layer.weight for layer in layers])
         return list(F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1))
     if plain and all(getattr(layer, "is_column_parallel", False) and layer.bias is None for layer in layers):
