@@ -96,33 +96,16 @@ def parity(rng: random.Random, split: str) -> Task:
 
 
 RELAY_HOPS = {"train": (1, 3), "val": (1, 6), "hard": (4, 6)}
-
-
-def relay(rng: random.Random, split: str) -> Task:
-    hops = rng.randint(*RELAY_HOPS[split])
-    lengths = [hops] + [rng.randint(1, 3) for _ in range(rng.randint(1, 2))]
-    names = rng.sample(string.ascii_lowercase, sum(n + 1 for n in lengths))
-    digits = rng.sample(string.digits, len(lengths))
-    chains = []  # each chain's definitions in order: root = digit, then each variable copies the previous
-    for n, digit in zip(lengths, digits):
-        run, names = names[: n + 1], names[n + 1 :]
-        chains.append([f"{run[0]}={digit}"] + [f"{run[i]}={run[i - 1]}" for i in range(1, n + 1)])
-    query = chains[0][-1].split("=")[0]
-    definitions = []
-    while any(chains):  # interleave: the next definition of a random unfinished chain
-        definitions.append(rng.choice([c for c in chains if c]).pop(0))
-    return f"relay {' '.join(definitions)} : {query}=", digits[0], hops
-
-
 TRACE_HOPS = {"train": (0, 3), "val": (1, 6), "hard": (4, 6)}
 
 
-def trace(rng: random.Random, split: str) -> Traced:
-    hops = rng.randint(*TRACE_HOPS[split])
-    lengths = [hops] + [rng.randint(0, 3) for _ in range(rng.randint(1, 2))]
+def interleaved_chains(rng: random.Random, lengths: list[int]) -> tuple[list[tuple[str, str, str]], str]:
+    """Chains of lengths[i] hops from distinct digits through distinct names, as definitions (name,
+    source, value) in definition order with the chains interleaved at random; and the last name of the
+    first chain (the query)."""
     names = rng.sample(string.ascii_lowercase, sum(n + 1 for n in lengths))
     digits = rng.sample(string.digits, len(lengths))
-    chains = []  # each chain's (name, source, value) in definition order
+    chains = []  # each chain's definitions in order: root = digit, then each name copies the previous
     for n, digit in zip(lengths, digits):
         run, names = names[: n + 1], names[n + 1 :]
         chains.append([(run[0], digit, digit)] + [(run[i], run[i - 1], digit) for i in range(1, n + 1)])
@@ -130,8 +113,26 @@ def trace(rng: random.Random, split: str) -> Traced:
     definitions = []
     while any(chains):  # interleave: the next definition of a random unfinished chain
         definitions.append(rng.choice([c for c in chains if c]).pop(0))
+    return definitions, query
+
+
+def relay(rng: random.Random, split: str) -> Task:
+    hops = rng.randint(*RELAY_HOPS[split])
+    definitions, query = interleaved_chains(
+        rng, [hops] + [rng.randint(1, 3) for _ in range(rng.randint(1, 2))]
+    )
+    answer = next(value for name, _, value in definitions if name == query)
+    return f"relay {' '.join(f'{name}={source}' for name, source, _ in definitions)} : {query}=", answer, hops
+
+
+def trace(rng: random.Random, split: str) -> Traced:
+    hops = rng.randint(*TRACE_HOPS[split])
+    definitions, query = interleaved_chains(
+        rng, [hops] + [rng.randint(0, 3) for _ in range(rng.randint(1, 2))]
+    )
+    answer = next(value for name, _, value in definitions if name == query)
     prompt = "trace " + "".join(f"{name}{source}?" for name, source, _ in definitions) + f":{query}="
-    return prompt, digits[0], hops, [value for _, _, value in definitions]
+    return prompt, answer, hops, [value for _, _, value in definitions]
 
 
 TASKS: dict[str, Callable[[random.Random, str], Task | Traced]] = {
