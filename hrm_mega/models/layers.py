@@ -327,7 +327,7 @@ def fused_linear(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.T
     """Several projections of the same input. Bias-free plain Linears (TP=1) run as one matmul over their
     concatenated weights on GPUs (one kernel instead of several small ones) and one at a time on the CPU,
     where the matmuls cost the same either way and concatenating the weights (and copying the split
-    outputs) on every call does not pay (bench/hf_gemma_speed.py: ~5% of a training step). Column-parallel
+    outputs) on every call does not pay (bench/hf_gemma_speed.py: ~4% of a training step). Column-parallel
     ones always fuse: the input goes through one copy-to-TP region, so backward all-reduces its gradient
     once rather than once per layer. Quantized weights (torchao tensor subclasses) run one layer at a
     time, through their own kernels."""
