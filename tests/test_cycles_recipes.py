@@ -163,3 +163,35 @@ def test_deep_supervision_is_the_mean_ce_of_every_cycle_count() -> None:
             assert "cycle_logits" not in supervised(x, cycles=3)[1]
     with pytest.raises(ConfigError, match="model.deep_supervision is not available"):
         load_config(RECIPE, ["model.deep_supervision=true", "train.activation_checkpointing=true"])
+
+
+def test_due_cycles_train_each_target_from_its_cycle_on() -> None:
+    """With due cycles (prep text --due-field), the readout after cycle n < N is trained on the targets due
+    by n only and the last on every target: the CE is the mean over n of the n-cycle forward's CE summed
+    over those targets, per labelled target; at N = 1, or without deep supervision, `due` changes
+    nothing."""
+    config = small(gate_init=0.5, num_layers=2, deep_supervision=True)
+    model = HRMGemma(config).init_weights(3)
+    x = ids()
+    due = torch.randint(0, 5, x.shape, generator=torch.Generator().manual_seed(1))  # 4: never at N = 3
+    targets, target_due = x[:, 1:], due[:, 1:]
+    expected = 0.0
+    for n in (1, 2, 3):
+        with torch.no_grad():
+            logits, _ = model(x, cycles=n)
+        keep = (target_due <= n) | (n == 3)
+        expected += float(
+            torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep], reduction="sum")
+        )
+    expected /= 3 * targets.numel()
+    logits, aux = model(x, cycles=3)
+    ce = float(lm_loss(logits, x, aux, config, due=due)["ce"])
+    assert ce == pytest.approx(expected, rel=1e-5)
+    assert ce != pytest.approx(float(lm_loss(logits, x, aux, config)["ce"]), rel=1e-3)
+    logits, aux = model(x, cycles=1)
+    assert float(lm_loss(logits, x, aux, config, due=due)["ce"]) == float(
+        lm_loss(logits, x, aux, config)["ce"]
+    )
+    plain = dataclasses.replace(config, deep_supervision=False)
+    logits, aux = HRMGemma(plain).init_weights(3)(x, cycles=3)
+    assert float(lm_loss(logits, x, aux, plain, due=due)["ce"]) == float(lm_loss(logits, x, aux, plain)["ce"])

@@ -660,13 +660,14 @@ def test_hidden_targets_train_at_the_placeholders_and_are_not_scored(tmp_path, m
             "prompt": f"q{i % 10}?r{(i * 3) % 10}?{'s' * (i % 30)}=",
             "answer": "ok",
             "hidden": [str(i % 7), "x"],
+            "due": [i % 3, 4, 1 + i % 5],
         }
         for i in range(60)
     ]  # the 's' runs make some documents longer than a row: split documents keep their targets
     (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     atomic = ["--atomic-symbols", "?", *"0123456789", "x"]
     argv = ["text", "--input", str(tmp_path / "h.jsonl"), "--prompt-field", "prompt", "--answer-field", "answer",
-            "--hidden-field", "hidden", "--vocab-size", "290", "--seq-len", "24", "--test-fraction", "0.2",
+            "--hidden-field", "hidden", "--due-field", "due", "--vocab-size", "290", "--seq-len", "24", "--test-fraction", "0.2",
             "--keep-order", "--quiet", *atomic]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "w1"), "--workers", "1"]) == 0
     monkeypatch.setattr(text_prep, "_CHUNK_DOCUMENTS", 8)
@@ -676,23 +677,36 @@ def test_hidden_targets_train_at_the_placeholders_and_are_not_scored(tmp_path, m
     assert sum(manifest["extra"]["hidden_targets"].values()) == 2 * len(records)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "w1/tokenizer.model"))
     placeholder = sp.piece_to_id("?")
-    # The rows as stored: the tokens keep the placeholder; targets name what each one hides, in order.
+    # The rows as stored: the tokens keep the placeholder; targets name what each one hides, in order;
+    # due holds each placeholder's due cycle and the answer's on the answer and its EOS, 0 elsewhere.
     hidden_of: dict[int, list[str]] = {}
+    due_of: dict[int, list[int]] = {}
     for split in ("train", "test"):
         for sample in read_samples(tmp_path / "w1", split):
-            targets, tokens, docs = sample["targets"], sample["tokens"], sample["docs"]
+            targets, tokens, docs, due = sample["targets"], sample["tokens"], sample["docs"], sample["due"]
             assert (
                 targets.dtype == np.int32
                 and ((targets >= 0) == ((tokens == placeholder) & (docs >= 0))).all()
             )
+            assert due.dtype == np.uint8 and (due[(targets < 0) & (sample["answer"] == 0)] == 0).all()
             for doc, t in zip(docs[targets >= 0].tolist(), targets[targets >= 0].tolist()):
                 hidden_of.setdefault((split, doc), []).append(sp.id_to_piece(t))
+            for doc, d in zip(docs[targets >= 0].tolist(), due[targets >= 0].tolist()):
+                due_of.setdefault((split, doc), []).append(d)
+            for doc, d in zip(docs[sample["answer"] == 1].tolist(), due[sample["answer"] == 1].tolist()):
+                due_of.setdefault((split, doc, "answer"), []).append(d)
     assert sorted(hidden_of.values()) == sorted(r["hidden"] for r in records)
+    answer_dues = {key[:2]: set(v) for key, v in due_of.items() if len(key) == 3}
+    pairs = sorted(due_of[key] + sorted(answer_dues[key]) for key in hidden_of)
+    assert pairs == sorted([*r["due"][:2], r["due"][2]] for r in records)
     # Decoded: labels at the placeholders are the targets, answer marks them 2; the loss keeps them, the
     # exact-answer scoring does not.
     stream = SampleStream(str(tmp_path / "w1"), "train", seed=0, global_batch=4, partitions=1)
     batch = stream.take(range(4))
     ids, labels, answer = batch["input_ids"], batch["labels"], batch["answer"]
+    assert (
+        set(batch["due"][answer == 1].tolist()) <= {1, 2, 3, 4, 5} and (batch["due"][answer == 0] == 0).all()
+    )
     hidden = answer == 2
     assert hidden.any() and (ids[hidden] == placeholder).all()
     assert {sp.id_to_piece(int(t)) for t in labels[hidden]} <= {*"0123456", "x"}
@@ -715,6 +729,10 @@ def test_hidden_targets_train_at_the_placeholders_and_are_not_scored(tmp_path, m
          "--hidden-field: target '12' is not one piece of the tokenizer"),
         ({"prompt": "a??=", "answer": "1", "hidden": ["1", "2"]}, ["--vocab-size", "265", "--atomic-symbols", "1", "2", "??"],
          '--hidden-piece "?": not a piece of its own in every prompt (0 found for 2 targets)'),
+        ({"prompt": "a?=", "answer": "1", "hidden": ["1"], "due": [1]}, ["--due-field", "due"],
+         'h.jsonl:1: expected 2 ints in 0..255 in "due" (--due-field: one per hidden target, then the answer\'s)'),
+        ({"prompt": "a?=", "answer": "1", "hidden": ["1"], "due": [1, 2]}, ["--due-field", "hidden"],
+         "--due-field hidden: needs --hidden-field, and a field of its own"),
     ],
 )  # fmt: skip
 def test_hidden_targets_bad_input_gives_one_line(tmp_path, capsys, record, extra, message):
@@ -722,7 +740,8 @@ def test_hidden_targets_bad_input_gives_one_line(tmp_path, capsys, record, extra
     argv = ["text", "--input", str(tmp_path / "h.jsonl"), "--test-input", str(tmp_path / "h.jsonl"),
             "--prompt-field", "prompt", "--answer-field", "answer", "--hidden-field", "hidden",
             "--seq-len", "16", "--out", str(tmp_path / "out"), "--quiet",
-            *(extra or ["--vocab-size", "265", "--atomic-symbols", "?", "1", "2"])]  # fmt: skip
+            *(extra if extra[:1] == ["--due-field"] else []),
+            *(extra if extra[:1] == ["--vocab-size"] else ["--vocab-size", "265", "--atomic-symbols", "?", "1", "2"])]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err

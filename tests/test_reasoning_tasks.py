@@ -88,5 +88,7 @@ def test_trace_hidden_targets_are_every_names_value_in_definition_order(tmp_path
                 depth[name] = 0 if source.isdigit() else depth[source] + 1
             assert r["hidden"] == list(values.values()), r  # one target per placeholder, in order
             assert (values[query], depth[query]) == (r["answer"], r["difficulty"]), r
+            # due cycles: one lookup per cycle, the answer one past the queried name
+            assert r["due"] == [d + 1 for d in depth.values()] + [depth[query] + 2], r
             roots = [s for _, s in re.findall(r"(\w)(\w)\?", body) if s.isdigit()]
             assert len(roots) == len(set(roots)) >= 2, r

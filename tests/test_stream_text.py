@@ -16,7 +16,17 @@ from hrm_mega.prep.cli import main
 from hrm_mega.prep.common import read_samples
 
 SEQ = 32
-TEXT_KEYS = {"input_ids", "labels", "position_ids", "doc_ids", "answer", "answer_spans", "sample_id", "epoch"}
+TEXT_KEYS = {
+    "input_ids",
+    "labels",
+    "position_ids",
+    "doc_ids",
+    "answer",
+    "answer_spans",
+    "due",
+    "sample_id",
+    "epoch",
+}
 
 
 @pytest.fixture(scope="module")

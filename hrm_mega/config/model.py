@@ -215,6 +215,7 @@ class LMModelConfig:
     grad_cycles: int = 0
     # Deep supervision across cycles (training): the next-token CE is the mean over the readouts after
     # every H cycle of the last CycleBlock (each through the tail, norm and head), not the last one only.
+    # Data with due cycles (prep text --due-field) trains each target from its due cycle on (lm_loss).
     deep_supervision: bool = False
     # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
     # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.

@@ -75,6 +75,7 @@ def pad_sample(spec: SampleSpec) -> dict[str, Any]:
             "doc_ids": np.zeros(spec.seq_len, dtype=np.int64),
             "answer": np.zeros(spec.seq_len, dtype=np.int64),
             "answer_spans": 0,
+            "due": np.zeros(spec.seq_len, dtype=np.int64),
             "sample_id": -1,
             "epoch": 0,
         }

@@ -281,7 +281,9 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
       marks spans at all (the LM task then trains on both and scores the answers only; docs/data.md);
     - with `targets.npy` (hidden targets, `prep text --hidden-field`: an id or -1 per token), the labels
       of those positions are their targets: the input keeps the placeholder, the model learns to predict
-      what it never sees.
+      what it never sees;
+    - due: with `due.npy` (`prep text --due-field`: 0-255 per token) the H cycle from which deep
+      supervision trains the target at each position (lm_loss), else 0 everywhere.
 
     Raises DataFormatError with a short reason (the caller adds the shard and key).
     """
@@ -313,6 +315,11 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
         hidden &= ~starts  # a split document's piece starting at a placeholder: no position predicts it
         labels = np.where(hidden, targets, labels)
         answer = np.where(hidden, 2, answer)
+    due = np.zeros(spec.seq_len, dtype=np.int64)
+    if "due.npy" in record:
+        due = _int_array(record, "due.npy", spec)
+        if (due < 0).any() or (due > 255).any():
+            raise DataFormatError("due.npy: must be 0-255 (a cycle) per token")
     return {
         "input_ids": tokens,
         "labels": labels,
@@ -320,6 +327,7 @@ def decode_text(record: Record, spec: SampleSpec) -> dict[str, Any]:
         "doc_ids": doc_ids,
         "answer": answer,
         "answer_spans": int(spans),
+        "due": due,
         "sample_id": sample_id,
     }
 

@@ -685,6 +685,7 @@ def lm_loss(
     config: LMModelConfig,
     token_mask: torch.Tensor | None = None,
     normalizers: tuple[float, float] | None = None,
+    due: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Next-token CE + halt_loss_weight * halting BCE + compute_cost_weight * compute cost.
 
@@ -694,6 +695,14 @@ def lm_loss(
     this batch's own counts. A trainer passes the counts of the whole step (all ranks and micro-batches),
     so the loss is the same token mean at any data-parallel size and micro-batching.
 
+    Deep supervision (aux["cycle_logits"], model.deep_supervision): the CE is the mean over the readouts
+    after H cycles 1..N of each readout's CE. due [b, s] (aligned with labels, like them; the data's
+    `due`, prep text --due-field) says from which cycle a target is trained: the readout after cycle
+    n < N sees only the targets with due <= n (0: all), so a target that takes d steps to work out is
+    not asked of the cycles before d; the last readout (the model's output) is trained on every target,
+    as without deep supervision, which is all a model run at N = 1 has. Without model.deep_supervision
+    `due` is unused.
+
     The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged`. The
     compute cost is the expected fraction of optional cycles (the N-1 after the first) that a token
     runs if it stops at the first reading whose halt probability fires:
@@ -702,12 +711,21 @@ def lm_loss(
     # The labels move left, not the logits: slicing logits[:, :-1] would copy the [b, s, V] tensor to
     # flatten it and fill a zero one for its gradient (~3% of a step at vocabulary 8192).
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    ce_sum = cross_entropy(logits, targets, "softmax").sum()  # vocab-parallel under TP
-    if "cycle_logits" in aux:  # deep supervision: the mean of the CE read out after every H cycle
-        earlier = aux["cycle_logits"]  # [N-1, b, s, V]
-        ce_sum = (ce_sum + sum(cross_entropy(e, targets, "softmax").sum() for e in earlier)) / (
-            1 + len(earlier)
+    # Deep supervision: the mean of the CE read out after every H cycle 1..N (the last is `logits`).
+    readouts = [*aux.get("cycle_logits", []), logits]
+    due_targets = None if due is None or not config.deep_supervision else F.pad(due[:, 1:], (0, 1))
+    last = len(readouts)
+    ce_sum = (
+        sum(
+            cross_entropy(  # vocab-parallel under TP
+                r,
+                targets if due_targets is None or n == last else targets.masked_fill(due_targets > n, -100),
+                "softmax",
+            ).sum()
+            for n, r in enumerate(readouts, start=1)
         )
+        / last
+    )
     mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
     return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)

@@ -39,6 +39,10 @@ Added later (2026-12-03, second session of the day; definition committed before 
                  trace a7?x2?ba?cb?yx?:c=               -> 7        hidden 7 2 7 7 2 (2 hops: c -> b -> a)
              train 0-3 hops (0: the queried name is its chain's root); val 1-6; hard 4-6; one or two
              distractor chains of 0-3 hops; chains interleaved and digits distinct as in relay.
+             Added with deep supervision by due cycle (2026-12-04; the prompts, answers and hidden
+             targets unchanged): a "due" list for `prep text --due-field due`, the cycle from which
+             each hidden target is trained (its name's depth + 1: one lookup per cycle) and last the
+             answer's (the queried name's depth + 2).
 
 Each record is a function of (seed, split, index) alone (random.Random seeded with a string, stable
 across Python versions), so the files are byte-identical for the same arguments and `--train 100` is a
@@ -58,7 +62,7 @@ from typing import Any
 from hrm_mega.prep.common import non_negative_int, output_files
 
 Task = tuple[str, str, int]  # (prompt, answer, difficulty)
-Traced = tuple[str, str, int, list[str]]  # the same with hidden targets (trace)
+Traced = tuple[str, str, int, list[str], list[int]]  # the same with hidden targets and due cycles (trace)
 # A task takes (rng, split); the first three tasks only ask whether the split is "hard".
 SPLITS = ("train", "val", "hard")
 
@@ -132,7 +136,13 @@ def trace(rng: random.Random, split: str) -> Traced:
     )
     answer = next(value for name, _, value in definitions if name == query)
     prompt = "trace " + "".join(f"{name}{source}?" for name, source, _ in definitions) + f":{query}="
-    return prompt, answer, hops, [value for _, _, value in definitions]
+    depth: dict[str, int] = {}  # hops from a name to its chain's digit
+    for name, source, _ in definitions:
+        depth[name] = 0 if source.isdigit() else depth[source] + 1
+    # Due cycles (prep text --due-field): one lookup per cycle, so a name of depth d is due at cycle
+    # d + 1 and the answer, one lookup past the queried name, at depth + 2.
+    due = [depth[name] + 1 for name, _, _ in definitions] + [depth[query] + 2]
+    return prompt, answer, hops, [value for _, _, value in definitions], due
 
 
 TASKS: dict[str, Callable[[random.Random, str], Task | Traced]] = {
@@ -149,9 +159,9 @@ def records(task: str, split: str, count: int, seed: int) -> list[dict[str, Any]
     out = []
     for i in range(count):
         rng = random.Random(f"hrm-mega reasoning/{task}/{seed}/{split}/{i}")
-        prompt, answer, difficulty, *hidden = TASKS[task](rng, split)
+        prompt, answer, difficulty, *traced = TASKS[task](rng, split)
         record = {"prompt": prompt, "answer": answer, "task": task, "difficulty": difficulty}
-        out.append({**record, "hidden": hidden[0]} if hidden else record)
+        out.append({**record, "hidden": traced[0], "due": traced[1]} if traced else record)
     return out
 
 

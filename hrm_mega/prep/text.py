@@ -34,6 +34,8 @@ stores `answer` per token: 1 on the answer's tokens and the EOS after them, 0 el
 padding), which a split document's pieces keep. With --hidden-field, a row also stores `targets` per
 token: at each prompt placeholder (--hidden-piece) the id of its hidden target, -1 elsewhere; the token
 stays the placeholder, so the model is trained to predict a value it never sees (docs/data_format.md).
+With --due-field, a row also stores `due` per token: the H cycle from which deep supervision trains the
+target there (each placeholder's, the answer's on the answer and its EOS), 0 elsewhere.
 
 Determinism: the tokenizer sample is a function of the seed and the documents, the tokenizer trains
 with a fixed thread count, chunks are cut in the main process and their results come back in order, and
@@ -104,15 +106,17 @@ def _start_encoder(model: bytes, hidden_piece: str = DEFAULT_HIDDEN_PIECE) -> No
     _encoder, _hidden_piece = spm.SentencePieceProcessor(model_proto=model), hidden_piece
 
 
-Encoded = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]
 
 
 def _encode_chunk(documents: list[Document]) -> Encoded:
     """Encodes a chunk of documents: (all ids as one int32 array, tokens per document, for prompt/answer
-    documents the answer's tokens per document (else None), and for documents with hidden targets an
-    int32 array aligned with the ids: the target's id at each placeholder, -1 elsewhere (else None))."""
+    documents the answer's tokens per document (else None), for documents with hidden targets an int32
+    array aligned with the ids: the target's id at each placeholder, -1 elsewhere (else None), and for
+    documents with due cycles an int32 array aligned with the ids: each placeholder's due cycle and the
+    answer's on its tokens, 0 elsewhere (else None))."""
     assert _encoder is not None
-    answers = targets = None
+    answers = targets = dues = None
     if all(isinstance(document, str) for document in documents):
         encoded = _encoder.encode(documents, out_type=int, num_threads=1)
     else:
@@ -120,14 +124,26 @@ def _encode_chunk(documents: list[Document]) -> Encoded:
         replies = _encoder.encode([d[1] for d in documents], out_type=int, num_threads=1)
         encoded = [prompt + reply for prompt, reply in zip(prompts, replies)]
         answers = np.fromiter(map(len, replies), dtype=np.int32, count=len(replies))
-        if len(documents[0]) == 3:
-            targets = np.concatenate(
+        if len(documents[0]) >= 3:
+            per_document = [_hidden_targets(p, len(r), d[2]) for p, r, d in zip(prompts, replies, documents)]  # type: ignore[misc]
+            targets = np.concatenate([np.zeros(0, dtype=np.int32)] + per_document)
+        if len(documents[0]) == 4:
+            dues = np.concatenate(
                 [np.zeros(0, dtype=np.int32)]
-                + [_hidden_targets(p, len(r), d[2]) for p, r, d in zip(prompts, replies, documents)]  # type: ignore[misc]
+                + [_due_cycles(t, len(r), d[3]) for t, r, d in zip(per_document, replies, documents)]  # type: ignore[misc]
             )
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
-    return flat, lengths, answers, targets
+    return flat, lengths, answers, targets, dues
+
+
+def _due_cycles(targets: np.ndarray, answer_tokens: int, dues: tuple[int, ...]) -> np.ndarray:
+    """One document's due cycles aligned with its ids: dues[k] at the k-th placeholder, dues[-1] on the
+    answer's tokens, 0 elsewhere."""
+    out = np.zeros(len(targets), dtype=np.int32)
+    out[targets >= 0] = dues[:-1]
+    out[len(targets) - answer_tokens :] = dues[-1]
+    return out
 
 
 def _hidden_targets(prompt: list[int], answer_tokens: int, targets: tuple[str, ...]) -> np.ndarray:
@@ -158,9 +174,12 @@ class TokenFile:
     aligned with them) in anonymous temporary files, a document's offset (and its answer's length) in
     memory, and the per-id token counts."""
 
-    def __init__(self, directory: Path, vocab_size: int, answers: bool, hidden: bool = False) -> None:
+    def __init__(
+        self, directory: Path, vocab_size: int, answers: bool, hidden: bool = False, due: bool = False
+    ) -> None:
         self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close())
         self.hidden = tempfile.TemporaryFile(dir=directory) if hidden else None  # noqa: SIM115
+        self.due = tempfile.TemporaryFile(dir=directory) if due else None  # noqa: SIM115
         self._lengths: list[np.ndarray] = []
         self._answers: list[np.ndarray] | None = [] if answers else None
         self.id_counts = np.zeros(vocab_size, dtype=np.int64)
@@ -168,12 +187,18 @@ class TokenFile:
         self.answers: np.ndarray | None = None  # answer tokens per document (prompt/answer only)
 
     def append(
-        self, ids: np.ndarray, lengths: np.ndarray, answers: np.ndarray | None, targets: np.ndarray | None
+        self,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        answers: np.ndarray | None,
+        targets: np.ndarray | None,
+        dues: np.ndarray | None = None,
     ) -> None:
         self.file.write(memoryview(ids))
-        if self.hidden is not None:
-            assert targets is not None
-            self.hidden.write(memoryview(targets))
+        for file, values in ((self.hidden, targets), (self.due, dues)):
+            if file is not None:
+                assert values is not None
+                file.write(memoryview(values))
         self._lengths.append(lengths)
         if self._answers is not None:
             assert answers is not None
@@ -182,9 +207,9 @@ class TokenFile:
 
     def seal(self) -> None:
         """Ends appending; reading starts."""
-        self.file.flush()
-        if self.hidden is not None:
-            self.hidden.flush()
+        for file in (self.file, self.hidden, self.due):
+            if file is not None:
+                file.flush()
         lengths = np.concatenate([np.zeros(1, dtype=np.int64), *self._lengths])
         self.offsets, self._lengths = np.cumsum(lengths), []
         if self._answers is not None:
@@ -202,6 +227,11 @@ class TokenFile:
         assert self.hidden is not None
         return self._read(self.hidden, index)
 
+    def dues(self, index: int) -> np.ndarray:
+        """Document `index`'s due cycles, aligned with its ids (0: none)."""
+        assert self.due is not None
+        return self._read(self.due, index)
+
     def _read(self, file: Any, index: int) -> np.ndarray:
         start, end = 4 * int(self.offsets[index]), 4 * int(self.offsets[index + 1])
         chunks = []
@@ -216,9 +246,9 @@ class TokenFile:
         return np.diff(self.offsets)
 
     def close(self) -> None:
-        self.file.close()
-        if self.hidden is not None:
-            self.hidden.close()
+        for file in (self.file, self.hidden, self.due):
+            if file is not None:
+                file.close()
 
 
 def encode_splits(
@@ -241,11 +271,11 @@ def encode_splits(
         initializer=_start_encoder,
         initargs=(model, fields.hidden_piece),
     )
-    for ids, lengths, answers, targets in encoded:
+    for ids, lengths, answers, targets, dues in encoded:
         test = test_masks.popleft()
         for split, keep in (("train", ~test), ("test", test)):
             if keep.all():
-                files[split].append(ids, lengths, answers, targets)
+                files[split].append(ids, lengths, answers, targets, dues)
             elif keep.any():
                 tokens = np.repeat(keep, lengths)
                 files[split].append(
@@ -253,6 +283,7 @@ def encode_splits(
                     lengths[keep],
                     None if answers is None else answers[keep],
                     None if targets is None else targets[tokens],
+                    None if dues is None else dues[tokens],
                 )
         bar.update(len(lengths))
     bar.close()
@@ -289,6 +320,7 @@ def pack_documents(
     pad: int,
     answers: Sequence[int] | None = None,
     targets: Callable[[int], np.ndarray] | None = None,
+    dues: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Packs BOS + ids + EOS of documents[i] for i in `order` into rows of `seq_len` (next-fit).
 
@@ -297,7 +329,8 @@ def pack_documents(
     never split; a longer one fills the current row and continues in the next rows. With `answers` (the
     answer's token count per document: its last ids), "answer" is uint8 [seq_len], 1 on those ids and
     the EOS after them. With `targets` (document i's hidden targets aligned with its ids, -1 where none),
-    "targets" is int32 [seq_len], -1 except at the placeholders.
+    "targets" is int32 [seq_len], -1 except at the placeholders. With `dues` (document i's due cycles
+    aligned with its ids), "due" is uint8 [seq_len]: those, the answer's on the EOS too, 0 elsewhere.
     """
 
     def new_row() -> dict[str, np.ndarray]:
@@ -306,6 +339,8 @@ def pack_documents(
             row["answer"] = np.zeros(seq_len, dtype=np.uint8)
         if targets is not None:
             row["targets"] = np.full(seq_len, -1, dtype=np.int32)
+        if dues is not None:
+            row["due"] = np.zeros(seq_len, dtype=np.uint8)
         return row
 
     row, fill = new_row(), 0
@@ -318,6 +353,9 @@ def pack_documents(
             run["answer"][len(run["tokens"]) - 1 - answers[index] :] = 1
         if targets is not None:
             run["targets"] = np.concatenate(([-1], targets(index), [-1])).astype(np.int32)
+        if dues is not None:
+            due = dues(index)
+            run["due"] = np.concatenate(([0], due, due[-1:])).astype(np.uint8)  # the EOS: the answer's
         size = len(run["tokens"])
         if fill and size <= seq_len and fill + size > seq_len:  # fits a row, not this one's space
             yield row
@@ -413,7 +451,9 @@ def run(args: argparse.Namespace, command: str) -> Path:
     created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
     files = {
-        split: TokenFile(args.out, vocab_size, fields.pairs, hidden=fields.hidden is not None)
+        split: TokenFile(
+            args.out, vocab_size, fields.pairs, hidden=fields.hidden is not None, due=fields.due is not None
+        )
         for split in ("train", "test")
     }
     try:
@@ -511,6 +551,7 @@ def write_rows(
     padding = 0
     bar = progress(count, f"packing {split}", args.quiet)
     targets = file.targets if file.hidden is not None else None
+    dues = file.dues if file.due is not None else None
     rows = pack_documents(
         _counted(order, bar),
         file,
@@ -520,6 +561,7 @@ def write_rows(
         pad=pad,
         answers=file.answers,
         targets=targets,
+        dues=dues,
     )
     hidden = 0
     for row in rows:

@@ -61,8 +61,14 @@ _SAMPLE_KEY = 20  # unit_hash purpose: the tokenizer sample's keys
 _PARQUET_BATCH = 1024  # rows per Parquet read (memory: one batch of one row group's columns)
 
 # A text, a (prompt, answer) pair, or a pair with hidden targets: (prompt, answer, targets), the k-th
-# target what the prompt's k-th placeholder piece is trained to predict (Fields.hidden).
-Document = str | tuple[str, str] | tuple[str, str, tuple[str, ...]]
+# target what the prompt's k-th placeholder piece is trained to predict (Fields.hidden), and with due
+# cycles (Fields.due) (prompt, answer, targets, dues): one per target, then the answer's.
+Document = (
+    str
+    | tuple[str, str]
+    | tuple[str, str, tuple[str, ...]]
+    | tuple[str, str, tuple[str, ...], tuple[int, ...]]
+)
 DEFAULT_HIDDEN_PIECE = "?"
 
 
@@ -72,13 +78,16 @@ DEFAULT_HIDDEN_PIECE = "?"
 @dataclass(frozen=True)
 class Fields:
     """Which JSONL/Parquet fields hold a document: `text`, or the pair (`prompt`, `answer`), optionally
-    with `hidden`: a list of strings, the targets of the prompt's `hidden_piece` placeholders in order."""
+    with `hidden`: a list of strings, the targets of the prompt's `hidden_piece` placeholders in order,
+    and with `due`: a list of ints, the H cycle from which deep supervision trains each target, then the
+    answer's (0: from the first)."""
 
     text: str = "text"
     prompt: str | None = None
     answer: str | None = None
     hidden: str | None = None
     hidden_piece: str = DEFAULT_HIDDEN_PIECE
+    due: str | None = None
 
     @property
     def pairs(self) -> bool:
@@ -88,13 +97,15 @@ class Fields:
         """The fields a record must have: the text's, or the prompt's and the answer's."""
         if self.prompt is None or self.answer is None:
             return [self.text]
-        return [self.prompt, self.answer, *([self.hidden] if self.hidden else [])]
+        return [self.prompt, self.answer, *(f for f in (self.hidden, self.due) if f)]
 
     def option(self, field: str) -> str:
         if not self.pairs:
             return "--text-field"
         if field == self.hidden:
             return "--hidden-field"
+        if field == self.due:
+            return "--due-field"
         return "--prompt-field" if field == self.prompt else "--answer-field"
 
 
@@ -125,6 +136,13 @@ def add_field_arguments(parser: argparse.ArgumentParser) -> None:
         help=f'the placeholder of --hidden-field (default "{DEFAULT_HIDDEN_PIECE}"; it must be a piece of its '
         "own in every prompt: list it in --atomic-symbols)",
     )
+    parser.add_argument(
+        "--due-field",
+        metavar="NAME",
+        help="with --hidden-field: a list of ints, one per hidden target and then one for the answer: the H "
+        "cycle from which HRMGemma's deep supervision (model.deep_supervision) trains each of them, for "
+        "targets that take that many steps to work out (0: from the first cycle); stored as `due`",
+    )
 
 
 def fields_from_args(args: argparse.Namespace) -> Fields:
@@ -151,10 +169,15 @@ def fields_from_args(args: argparse.Namespace) -> Fields:
         raise DataPrepError(f"--answer-field {args.answer_field}: the same field as --prompt-field")
     if hidden in (args.prompt_field, args.answer_field):
         raise DataPrepError(f"--hidden-field {hidden}: the same field as --prompt-field or --answer-field")
+    due = getattr(args, "due_field", None)
+    if due is not None and (hidden is None or due in (args.prompt_field, args.answer_field, hidden)):
+        raise DataPrepError(f"--due-field {due}: needs --hidden-field, and a field of its own")
     piece = getattr(args, "hidden_piece", DEFAULT_HIDDEN_PIECE)
     if not piece or any(c.isspace() for c in piece):
         raise DataPrepError(f"--hidden-piece {piece!r}: must be a non-empty piece without whitespace")
-    return Fields(prompt=args.prompt_field, answer=args.answer_field, hidden=hidden, hidden_piece=piece)
+    return Fields(
+        prompt=args.prompt_field, answer=args.answer_field, hidden=hidden, hidden_piece=piece, due=due
+    )
 
 
 def iter_documents(
@@ -261,7 +284,7 @@ def _parquet_documents(path: Path, option: str, fields: Fields) -> Iterator[Docu
 def _document(values: list[Any], fields: Fields, where: str, expected: str) -> Document:
     """The document of one record's field values (an empty text is "": skipped)."""
     for name, value in zip(fields.columns(), values):
-        if name == fields.hidden:
+        if name in (fields.hidden, fields.due):
             continue
         if not isinstance(value, str):
             raise DataPrepError(f'{where}: expected {expected} "{name}" ({fields.option(name)})')
@@ -282,7 +305,19 @@ def _document(values: list[Any], fields: Fields, where: str, expected: str) -> D
             f'{where}: {len(targets)} hidden targets ("{fields.hidden}") for {placeholders} '
             f'"{fields.hidden_piece}" placeholders in the prompt (--hidden-piece); they must pair up'
         )
-    return values[0], values[1], tuple(targets)
+    if fields.due is None:
+        return values[0], values[1], tuple(targets)
+    dues = values[3]
+    if (
+        not isinstance(dues, list)
+        or len(dues) != len(targets) + 1
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 255 for d in dues)
+    ):
+        raise DataPrepError(
+            f'{where}: expected {len(targets) + 1} ints in 0..255 in "{fields.due}" (--due-field: one per '
+            "hidden target, then the answer's)"
+        )
+    return values[0], values[1], tuple(targets), tuple(dues)
 
 
 def document_text(document: Document) -> str:

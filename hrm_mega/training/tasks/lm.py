@@ -208,8 +208,9 @@ class LMTask(Task):
         pixels = self.pixel_values(mb)  # every step, even one without images: all ranks' vision grads exist
         logits, aux = model(ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles)
         parts = lm_loss(
-            logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers
-        )
+            logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers,
+            due=mb.get("due"),
+        )  # fmt: skip
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
             parts["distill"] = self.teacher.loss(
