@@ -122,6 +122,7 @@ def test_lr_multipliers_group_gates_and_halting_heads() -> None:
         ("model.gate_init=.nan", "model.gate_init=nan must be finite"),
         ("optim.gate_lr_mult=0", "optim.gate_lr_mult=0.0 must be a number > 0"),
         ("optim.halt_lr_mult=-1", "optim.halt_lr_mult=-1.0 must be a number > 0"),
+        ("model.halt_target=correct", "model.halt_target=correct needs model.deep_supervision=true"),
     ],
 )
 def test_recipe_option_errors(override: str, message: str) -> None:
@@ -195,3 +196,34 @@ def test_due_cycles_train_each_target_from_its_cycle_on() -> None:
     plain = dataclasses.replace(config, deep_supervision=False)
     logits, aux = HRMGemma(plain).init_weights(3)(x, cycles=3)
     assert float(lm_loss(logits, x, aux, plain, due=due)["ce"]) == float(lm_loss(logits, x, aux, plain)["ce"])
+
+
+def test_correct_halting_target_is_the_label_at_this_and_every_later_cycle() -> None:
+    """model.halt_target=correct: on labelled tokens the halting head of the (last) block is trained on
+    "the readout after this cycle is the label's argmax, and so is every later one", computed here from
+    separate 1-, 2- and 3-cycle forwards (one block: the readout after update n is the n-cycle output);
+    unlabelled tokens keep the convergence target."""
+    config = small(gate_init=0.5, num_layers=2, deep_supervision=True, halt_target="correct")
+    model = HRMGemma(config).init_weights(3)
+    with torch.no_grad():  # a head that is not undecided everywhere (it starts at zero)
+        model.blocks["0"].halt_head.weight.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        model.blocks["0"].halt_head.bias.fill_(1.0)
+    x = ids()
+    with torch.no_grad():
+        preds = torch.stack([model(x, cycles=n)[0].argmax(-1) for n in (1, 2, 3)])  # [3, b, s]
+    # labels: the 3-cycle prediction on even positions (right at the last readout), random elsewhere
+    labels = torch.where(torch.arange(x.shape[1]) % 2 == 0, torch.roll(preds[-1], 1, dims=1), x)
+    labels[:, :1] = -100
+    targets = labels[:, 1:]
+    right = preds[:, :, :-1] == targets  # [3, b, s-1]
+    expected_target = torch.stack([right[0] & right[1] & right[2], right[1] & right[2]]).float()
+    assert 0 < expected_target.mean() < 1
+    logits, aux = model(x, cycles=3)
+    halt = aux["halt_logits"][0, :-1]  # [2, b, s]: the readings with a target
+    converged = aux["converged"][0].float()
+    target = torch.cat([expected_target, converged[:, :, -1:]], dim=2)  # the last position has no label
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(halt, target, reduction="none").mean(0).mean()
+    parts = lm_loss(logits, labels, aux, config)
+    assert float(parts["halt_bce"]) == pytest.approx(float(bce), rel=1e-5)
+    converged_only = lm_loss(logits, labels, aux, dataclasses.replace(config, halt_target="converged"))
+    assert float(converged_only["halt_bce"]) != pytest.approx(float(bce), rel=1e-3)

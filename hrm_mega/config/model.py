@@ -219,6 +219,10 @@ class LMModelConfig:
     deep_supervision: bool = False
     # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
     # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
+    # halt_target "correct" (with deep_supervision): on labelled tokens the last CycleBlock's head is
+    # trained on "the readout after this cycle predicts the label, and so does every later one" (HRM's
+    # Q-halt target, per token), the others keep "converged" (lm_loss).
+    halt_target: Literal["converged", "correct"] = "converged"
     halt_tolerance: float = 0.01
     halt_loss_weight: float = 0.1
     compute_cost_weight: float = 0.01
@@ -277,6 +281,11 @@ class LMModelConfig:
         for name in ("halt_loss_weight", "compute_cost_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+        if self.halt_target == "correct" and not self.deep_supervision:
+            raise ConfigError(
+                "model.halt_target=correct needs model.deep_supervision=true (the readouts after every "
+                "cycle it compares with the labels)"
+            )
         if self.vision is not None:
             self.vision.validate(self.vocab_size)
 

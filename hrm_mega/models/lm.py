@@ -35,7 +35,10 @@ than halt_tolerance relative to its norm, i.e. whether stopping after update n w
 That is the decision the head makes at inference, and it is defined for every cycle but the last
 (whose reading has no target). Training adds the BCE of these predictions and a compute cost (the
 expected fraction of optional cycles run if a token stops when the head fires) to the next-token loss;
-see `lm_loss`. Training forwards (`forward`) run all N cycles in every block.
+see `lm_loss`. Training forwards (`forward`) run all N cycles in every block. With
+model.halt_target=correct (and deep supervision) the last block's head is trained instead on whether
+the readout after update n predicts the label and every later readout does too, on labelled tokens:
+a state need not stop moving for its answer to be settled (docs/benchmarks.md, trace).
 
 Cycles are an argument, never state. `forward(..., cycles=N)` runs N H cycles in every block (default:
 config.h_cycles; training may draw N per step, evaluation may raise it), and `infer(..., max_cycles=)`
@@ -93,7 +96,7 @@ from hrm_mega.models.layers import (
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
 from hrm_mega.models.vision import ImageEncoder
-from hrm_mega.models.vocab import cross_entropy, tied_logits, vocab_embedding
+from hrm_mega.models.vocab import cross_entropy, label_is_argmax, tied_logits, vocab_embedding
 
 if TYPE_CHECKING:
     from hrm_mega.models.kv_cache import KVCache
@@ -703,7 +706,8 @@ def lm_loss(
     as without deep supervision, which is all a model run at N = 1 has. Without model.deep_supervision
     `due` is unused.
 
-    The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged`. The
+    The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged` (with
+    model.halt_target=correct, the last block's with correct_halting_targets). The
     compute cost is the expected fraction of optional cycles (the N-1 after the first) that a token
     runs if it stops at the first reading whose halt probability fires:
         E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
@@ -728,7 +732,23 @@ def lm_loss(
     )
     mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
+    if config.halt_target == "correct" and len(readouts) > 1:
+        aux = {**aux, "converged": correct_halting_targets(readouts, targets, aux["converged"])}
     return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)
+
+
+@torch.no_grad()
+def correct_halting_targets(
+    readouts: list[torch.Tensor], targets: torch.Tensor, converged: torch.Tensor
+) -> torch.Tensor:
+    """model.halt_target=correct: the last CycleBlock's halting targets [N-1, b, s] become, on labelled
+    tokens, "the readout after this cycle predicts the label and so does every later one" (stopping
+    here loses nothing the full run gets right); unlabelled tokens and other blocks keep `converged`.
+    readouts: the logits after H cycles 1..N; targets [b, s] (shifted labels, -100 = none)."""
+    right = torch.stack([label_is_argmax(r, targets) for r in readouts])  # [N, b, s]
+    stays_right = right.flip(0).int().cumprod(0).flip(0).bool()  # right at n and at every later cycle
+    last = torch.where(targets != -100, stays_right[:-1], converged[-1])
+    return torch.cat([converged[:-1], last[None]])
 
 
 def halting_sums(aux: dict[str, torch.Tensor], token_mask: torch.Tensor) -> torch.Tensor:
