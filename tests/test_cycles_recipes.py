@@ -227,3 +227,6 @@ def test_correct_halting_target_is_the_label_at_this_and_every_later_cycle() -> 
     assert float(parts["halt_bce"]) == pytest.approx(float(bce), rel=1e-5)
     converged_only = lm_loss(logits, labels, aux, dataclasses.replace(config, halt_target="converged"))
     assert float(converged_only["halt_bce"]) != pytest.approx(float(bce), rel=1e-3)
+    # tokens left out of halt_labels (the trainer leaves out hidden targets) keep the convergence target
+    undecided = lm_loss(logits, labels, aux, config, halt_labels=torch.full_like(labels, -100))
+    assert float(undecided["halt_bce"]) == float(converged_only["halt_bce"])

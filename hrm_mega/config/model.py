@@ -219,9 +219,9 @@ class LMModelConfig:
     deep_supervision: bool = False
     # Halting: a head per CycleBlock predicts "converged" (the next H update would change z_H by less
     # than halt_tolerance, relative); training adds its BCE and an expected-compute cost.
-    # halt_target "correct" (with deep_supervision): on labelled tokens the last CycleBlock's head is
-    # trained on "the readout after this cycle predicts the label, and so does every later one" (HRM's
-    # Q-halt target, per token), the others keep "converged" (lm_loss).
+    # halt_target "correct" (with deep_supervision): on labelled tokens (not hidden targets) the last
+    # CycleBlock's head is trained on "the readout after this cycle predicts the label, and so does every
+    # later one" (HRM's Q-halt target, per token), the others keep "converged" (lm_loss).
     halt_target: Literal["converged", "correct"] = "converged"
     halt_tolerance: float = 0.01
     halt_loss_weight: float = 0.1

@@ -689,6 +689,7 @@ def lm_loss(
     token_mask: torch.Tensor | None = None,
     normalizers: tuple[float, float] | None = None,
     due: torch.Tensor | None = None,
+    halt_labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Next-token CE + halt_loss_weight * halting BCE + compute_cost_weight * compute cost.
 
@@ -707,7 +708,8 @@ def lm_loss(
     `due` is unused.
 
     The halting BCE compares each reading but the last, halt_logits[:, :-1], with `converged` (with
-    model.halt_target=correct, the last block's with correct_halting_targets). The
+    model.halt_target=correct, the last block's with correct_halting_targets on the tokens labelled in
+    halt_labels, default `labels`). The
     compute cost is the expected fraction of optional cycles (the N-1 after the first) that a token
     runs if it stops at the first reading whose halt probability fires:
         E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
@@ -733,7 +735,8 @@ def lm_loss(
     mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
     if config.halt_target == "correct" and len(readouts) > 1:
-        aux = {**aux, "converged": correct_halting_targets(readouts, targets, aux["converged"])}
+        decided = targets if halt_labels is None else F.pad(halt_labels[:, 1:], (0, 1), value=-100)
+        aux = {**aux, "converged": correct_halting_targets(readouts, decided, aux["converged"])}
     return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)
 
 

@@ -207,9 +207,13 @@ class LMTask(Task):
         ids, positions, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
         pixels = self.pixel_values(mb)  # every step, even one without images: all ranks' vision grads exist
         logits, aux = model(ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles)
+        # halt_target=correct decides on answers and text, not on hidden targets (answer 2): those are
+        # intermediate results later tokens read, and a token frozen once its own value is right
+        # offers them its earlier state (docs/benchmarks.md, trace: 18-24% exact against 96%).
+        halt_labels = mb["labels"].masked_fill(mb["answer"] == 2, -100)
         parts = lm_loss(
             logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers,
-            due=mb.get("due"),
+            due=mb.get("due"), halt_labels=halt_labels,
         )  # fmt: skip
         parts["distill"] = logits.new_zeros(())
         if self.teacher is not None:
