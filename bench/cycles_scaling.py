@@ -1,18 +1,19 @@
 """Do HRMGemma's cycles buy reasoning? Exact accuracy against test-time cycles, against a plain Gemma.
 
-For each task of `hrm-mega prep reasoning` (chain, addition, parity: hrm_mega/prep/reasoning.py, whose
-definitions were fixed before the first run), the bench builds the data (train, a held-out validation
+For each task of `hrm-mega prep reasoning` (chain, addition, parity, relay, trace:
+hrm_mega/prep/reasoning.py, each definition fixed before its first run), the bench builds the data (train, a held-out validation
 split of the same depths, a harder split that needs more steps), trains two tiny models of the same
 parameter count on the same data for the same wall-clock time, and scores the answers exactly:
 
     hrmgemma  RECIPE (configs/lm/hrmgemma_reason_tiny.yaml): H cycles drawn from [1, MAX] every step
+              (trace: TASK_SETS, a fixed 5 cycles with deep supervision by due cycle)
     gemma     the same model with N = T = 1 (a plain Gemma 3 stack; its gates and halting heads idle)
 
 Scoring reads the JSONL records themselves: BOS + prompt + answer + EOS, one record per row (right
 padding), through `HRMGemma.infer`; an answer is right when the argmax at every answer position is the
 next answer token and EOS (what greedy decoding from the prompt produces). HRMGemma is scored at every
-H cycle count from 1 to 2 x MAX with halting off, and with per-token halting (max_cycles = 2 x MAX, each
-threshold of THRESHOLDS); its best count and threshold are chosen on the validation split and reported
+H cycle count from 1 to 2 x MAX (MAX: the trained maximum, `trained_max`) with halting off, and with
+per-token halting (max_cycles = 2 x MAX, each threshold of THRESHOLDS); its best count and threshold are chosen on the validation split and reported
 on the harder one. Cycles are counted per token and block, and averaged separately over the answer
 tokens (the positions that predict the answer and EOS) and the prompt tokens.
 
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/lm/hrmgemma_reason_tiny.yaml"
 TASKS = ("chain", "addition", "parity", "relay", "trace")
 MAX_CYCLES = 4  # HRMGemma trains with H cycles drawn from [1, MAX_CYCLES] (the recipe's cycles_range)
+TASK_MAX_CYCLES = {"trace": 5}  # trace trains at a fixed 5 (its TASK_SETS); scored at 1 .. 2x this
 SEQ_LEN = 128
 # SentencePiece pieces of each task's tokenizer (256 byte pieces among them; at most the recipe's
 # model.vocab_size, 320): the digits-and-symbols texts of addition and parity allow no more than ~280.
@@ -50,23 +52,29 @@ ATOMIC = {
     "relay": [*"abcdefghijklmnopqrstuvwxyz0123456789", "=", ":"],
     "trace": [*"abcdefghijklmnopqrstuvwxyz0123456789", "=", ":", "?"],
 }
-# Tasks whose records carry hidden targets (prep text --hidden-field; docs/data_format.md).
+# Tasks whose records carry hidden targets (prep text --hidden-field; docs/data_format.md) and their due
+# cycles (prep text --due-field: the cycle from which deep supervision trains each target).
 HIDDEN = {"trace": "hidden"}
+DUE = {"trace": "due"}
 SEED = 0
 RECORDS = {"train": 20000, "val": 500, "hard": 500}
-THRESHOLDS = (0.5, 0.7, 0.9)
+THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
 # Equal-time step counts, fixed from `--calibrate` (2026-12-03, this 2-core machine shared with other
 # jobs; docs/benchmarks.md): hrmgemma 404.7 ms/step, gemma 195.4 ms/step -> gemma gets 2.07x the steps.
 STEPS = {"hrmgemma": 1000, "gemma": 2070}
 # trace: its own recipe settings (both models) and equal-time step counts (`--calibrate --tasks trace`).
+# 2026-12-04: deep supervision by due cycle (the data's `due`), so each readout is trained only on what
+# that many cycles can work out, at a fixed 5 cycles (the deepest trained answer is due at 5); 16 rows;
+# the halting heads trained on "this cycle's readout is right and stays right" (model.halt_target).
 TASK_SETS: dict[str, list[str]] = {
     "trace": [
-        "train.global_batch=8", "optim.lr=2e-3", "model.injection=gated_rms", "model.deep_supervision=true",
+        "train.global_batch=16", "optim.lr=2e-3", "model.injection=gated_rms", "model.deep_supervision=true",
+        "model.h_cycles=5", "train.cycles_range=[]", "model.halt_target=correct",
     ]
 }  # fmt: skip
-# trace, `--calibrate --tasks trace` (2026-12-03, one thread, the machine otherwise nearly idle):
-# hrmgemma 127.6 ms/step, gemma 49.8 ms/step -> ratio 0.390; 5000 hrmgemma steps (~11 min) -> 12800.
-TASK_STEPS: dict[str, dict[str, int]] = {"trace": {"hrmgemma": 5000, "gemma": 12800}}
+# trace, `--calibrate --tasks trace` (2026-12-04, one thread, nothing else running): hrmgemma 279.4
+# ms/step (5 cycles, 16 rows), gemma 55.5 ms/step -> ratio 0.199; 3000 hrmgemma steps (~14 min) -> 15100.
+TASK_STEPS: dict[str, dict[str, int]] = {"trace": {"hrmgemma": 3000, "gemma": 15100}}
 COMMON = [
     "train.checkpoint_interval=0", "train.eval_interval=0", "train.eval_max_samples=64",
     "log.wandb=disabled", "log.log_interval=100", "log.progress_bar=false", f"train.seed={SEED}",
@@ -90,6 +98,7 @@ def build_data(task: str, work: Path) -> dict[str, Path]:
     prep("tokenizer", "--input", str(src / "train.jsonl"), *qa, "--vocab-size", str(VOCAB[task]),
          "--atomic-symbols", *ATOMIC.get(task, ["="]), "--out", str(out["tokenizer"]))  # fmt: skip
     hidden = ["--hidden-field", HIDDEN[task]] if task in HIDDEN else []
+    hidden += ["--due-field", DUE[task]] if task in DUE else []
     prep("text", "--input", str(src / "train.jsonl"), "--test-input", str(src / "val.jsonl"), *qa, *hidden,
          "--tokenizer", str(out["tokenizer"]), "--seq-len", str(SEQ_LEN), "--out", str(out["train"]),
          "--samples-per-shard", "256", "--overwrite")  # fmt: skip
@@ -131,10 +140,11 @@ def encode(jsonl: Path, tokenizer: Path) -> list[dict]:
 
 
 def score(model, rows: list[dict], max_cycles: int, threshold: float | None, batch: int = 250) -> dict:
-    """Exact accuracy (overall and by difficulty) and the mean H cycles per answer and per prompt token."""
+    """Exact accuracy (overall and by difficulty) and the mean H cycles per answer token (overall and by
+    difficulty: where halting spends them) and per prompt token."""
     import torch
 
-    right, by_difficulty, answer_cycles, prompt_cycles = 0, {}, [], []
+    right, by_difficulty, answer_cycles, prompt_cycles, cycles_by_difficulty = 0, {}, [], [], {}
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         width = max(len(r["ids"]) for r in chunk)
@@ -152,17 +162,26 @@ def score(model, rows: list[dict], max_cycles: int, threshold: float | None, bat
             right += ok
             by_difficulty.setdefault(r["difficulty"], []).append(ok)
             answer_cycles.append(per_token[b, start - 1 : n - 1].mean().item())
+            cycles_by_difficulty.setdefault(r["difficulty"], []).append(answer_cycles[-1])
             prompt_cycles.append(per_token[b, : start - 1].mean().item())
     return {
         "exact": right / len(rows),
         "by_difficulty": {str(d): sum(v) / len(v) for d, v in sorted(by_difficulty.items())},
         "answer_cycles": sum(answer_cycles) / len(answer_cycles),
+        "answer_cycles_by_difficulty": {
+            str(d): sum(v) / len(v) for d, v in sorted(cycles_by_difficulty.items())
+        },
         "prompt_cycles": sum(prompt_cycles) / len(prompt_cycles),
     }
 
 
-def evaluate(run: Path, data: dict[str, Path], hrm: bool) -> dict:
-    """Scores of the trained model on val and hard: at each cycle count, and with per-token halting."""
+def trained_max(task: str) -> int:
+    return TASK_MAX_CYCLES.get(task, MAX_CYCLES)
+
+
+def evaluate(run: Path, data: dict[str, Path], hrm: bool, most: int) -> dict:
+    """Scores of the trained model on val and hard: at each cycle count 1..2 x `most` (the trained
+    maximum), and with per-token halting."""
     import torch
 
     from hrm_mega.checkpoint.consolidate import load_model
@@ -174,10 +193,10 @@ def evaluate(run: Path, data: dict[str, Path], hrm: bool) -> dict:
     out = {}
     for split in ("val", "hard"):
         rows = encode(data["jsonl"] / f"{split}.jsonl", data["tokenizer"])
-        counts = range(1, 2 * MAX_CYCLES + 1) if hrm else [1]
+        counts = range(1, 2 * most + 1) if hrm else [1]
         out[split] = {"fixed": {str(c): score(model, rows, c, None) for c in counts}}
         if hrm:
-            out[split]["adaptive"] = {str(t): score(model, rows, 2 * MAX_CYCLES, t) for t in THRESHOLDS}
+            out[split]["adaptive"] = {str(t): score(model, rows, 2 * most, t) for t in THRESHOLDS}
     return out
 
 
@@ -253,7 +272,7 @@ def plot(results: dict, path: Path) -> None:
                     label=f"HRMGemma {split}")  # fmt: skip
             gemma = r["gemma"]["scores"][split]["fixed"]["1"]["exact"]
             ax.axhline(100 * gemma, linestyle=style, color="gray", label=f"Gemma {split}")
-        ax.axvline(MAX_CYCLES, color="k", linewidth=0.5)
+        ax.axvline(trained_max(task), color="k", linewidth=0.5)
         ax.set(title=task, xlabel="test-time H cycles", ylabel="exact accuracy (%)", ylim=(-2, 102))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -264,7 +283,7 @@ def summary(results: dict) -> list[str]:
     """The table: per task and model, the cycle count and halting threshold chosen on val, and the
     harder split's accuracy at them, by cycle count, and with halting."""
     lines = [f"{'task':<9} {'model':<9} {'steps':>6} {'train s':>7} {'best c':>6} {'val':>6} {'hard':>6}"
-             f"  hard by cycles 1..{2 * MAX_CYCLES}"]  # fmt: skip
+             f"  hard by cycles 1..2x the trained maximum"]  # fmt: skip
     for task, r in results.items():
         for model in STEPS:
             s = r[model]["scores"]
@@ -277,7 +296,7 @@ def summary(results: dict) -> list[str]:
                 v = s["val"]["adaptive"][t]
                 lines.append(f"{'':<9} halting p>={t}: val {100 * v['exact']:.1f}%, hard {100 * a['exact']:.1f}% "
                              f"at {a['answer_cycles']:.2f} cycles per answer token, {a['prompt_cycles']:.2f} "
-                             f"per prompt token (max {2 * MAX_CYCLES})")  # fmt: skip
+                             f"per prompt token (max {2 * trained_max(task)})")  # fmt: skip
     return lines
 
 
@@ -308,7 +327,7 @@ def main() -> int:
             run = args.work / task / model
             run.parent.mkdir(parents=True, exist_ok=True)
             seconds = train(task, model, data["train"], run, steps[model], args.sets)
-            scores = evaluate(run, data, hrm=model == "hrmgemma")
+            scores = evaluate(run, data, hrm=model == "hrmgemma", most=trained_max(task))
             # read again just before writing: runs of other models may share this work directory
             results = json.loads(results_file.read_text()) if results_file.is_file() else {}
             results.setdefault(task, {})[model] = {
