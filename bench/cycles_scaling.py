@@ -6,7 +6,7 @@ split of the same depths, a harder split that needs more steps), trains two tiny
 parameter count on the same data for the same wall-clock time, and scores the answers exactly:
 
     hrmgemma  RECIPE (configs/lm/hrmgemma_reason_tiny.yaml): H cycles drawn from [1, MAX] every step
-              (trace: TASK_SETS, a fixed 5 cycles with deep supervision by due cycle)
+              (trace: TASK_RECIPES, a fixed 5 cycles with deep supervision by due cycle)
     gemma     the same model with N = T = 1 (a plain Gemma 3 stack; its gates and halting heads idle)
 
 Scoring reads the JSONL records themselves: BOS + prompt + answer + EOS, one record per row (right
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/lm/hrmgemma_reason_tiny.yaml"
 TASKS = ("chain", "addition", "parity", "relay", "trace")
 MAX_CYCLES = 4  # HRMGemma trains with H cycles drawn from [1, MAX_CYCLES] (the recipe's cycles_range)
-TASK_MAX_CYCLES = {"trace": 5}  # trace trains at a fixed 5 (its TASK_SETS); scored at 1 .. 2x this
+TASK_MAX_CYCLES = {"trace": 5}  # trace trains at a fixed 5 (its recipe); scored at 1 .. 2x this
 SEQ_LEN = 128
 # SentencePiece pieces of each task's tokenizer (256 byte pieces among them; at most the recipe's
 # model.vocab_size, 320): the digits-and-symbols texts of addition and parity allow no more than ~280.
@@ -62,16 +62,9 @@ THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
 # Equal-time step counts, fixed from `--calibrate` (2026-12-03, this 2-core machine shared with other
 # jobs; docs/benchmarks.md): hrmgemma 404.7 ms/step, gemma 195.4 ms/step -> gemma gets 2.07x the steps.
 STEPS = {"hrmgemma": 1000, "gemma": 2070}
-# trace: its own recipe settings (both models) and equal-time step counts (`--calibrate --tasks trace`).
-# 2026-12-04: deep supervision by due cycle (the data's `due`), so each readout is trained only on what
-# that many cycles can work out, at a fixed 5 cycles (the deepest trained answer is due at 5); 16 rows;
-# the halting heads trained on "this cycle's readout is right and stays right" (model.halt_target).
-TASK_SETS: dict[str, list[str]] = {
-    "trace": [
-        "train.global_batch=16", "optim.lr=2e-3", "model.injection=gated_rms", "model.deep_supervision=true",
-        "model.h_cycles=5", "train.cycles_range=[]", "model.halt_target=correct",
-    ]
-}  # fmt: skip
+# Tasks with a recipe of their own (both models; gemma's MODELS overrides still apply). trace (2026-12-04): deep supervision by due cycle, a fixed 5 cycles,
+# halt_target correct, 16 rows, lr 2e-3 (configs/lm/hrmgemma_trace_tiny.yaml says why).
+TASK_RECIPES = {"trace": ROOT / "configs/lm/hrmgemma_trace_tiny.yaml"}
 # trace, `--calibrate --tasks trace` (2026-12-04, one thread, nothing else running): hrmgemma 279.4
 # ms/step (5 cycles, 16 rows), gemma 55.5 ms/step -> ratio 0.199; 3000 hrmgemma steps (~14 min) -> 15100.
 TASK_STEPS: dict[str, dict[str, int]] = {"trace": {"hrmgemma": 3000, "gemma": 15100}}
@@ -109,14 +102,14 @@ def train(task: str, model: str, data: Path, run: Path, steps: int, extra: list[
     """Trains one model in a subprocess (one thread); returns its wall-clock seconds."""
     sets = [
         *COMMON,
-        *TASK_SETS.get(task, []),
         *MODELS[model],
         *extra,
         f"data.path={data}",
         f"log.out_dir={run}",
         f"train.steps={steps}",
     ]
-    cmd = [sys.executable, "-m", "hrm_mega.entry.pretrain", str(RECIPE), *[f"--set={s}" for s in sets]]
+    recipe = TASK_RECIPES.get(task, RECIPE)
+    cmd = [sys.executable, "-m", "hrm_mega.entry.pretrain", str(recipe), *[f"--set={s}" for s in sets]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     with open(run.parent / f"{run.name}.log", "w") as log:
@@ -219,7 +212,7 @@ def calibrate(work: Path, task: str, extra: list[str], rounds: int = 3, steps: i
     models, configs = {}, {}
     for name, sets in MODELS.items():
         configs[name] = load_config(
-            RECIPE, [*COMMON, *TASK_SETS.get(task, []), *sets, *extra, f"data.path={data}"]
+            TASK_RECIPES.get(task, RECIPE), [*COMMON, *sets, *extra, f"data.path={data}"]
         )
         models[name] = build_model(configs[name].model).init_weights(SEED)
     config = configs["hrmgemma"]

@@ -142,6 +142,17 @@ def test_bench_recipe_is_one_group_whose_gemma_twin_has_the_same_parameters() ->
     assert hrm == gemma
 
 
+def test_trace_recipe_is_the_reason_recipe_with_the_settings_the_bench_measured() -> None:
+    """configs/lm/hrmgemma_trace_tiny.yaml resolves to exactly the run bench/cycles_scaling.py measured
+    on trace (docs/benchmarks.md, fourth round): the reasoning recipe with these overrides."""
+    measured = ["train.global_batch=16", "optim.lr=2e-3", "model.injection=gated_rms", "model.deep_supervision=true",
+                "model.h_cycles=5", "train.cycles_range=[]", "model.halt_target=correct"]  # fmt: skip
+    where = ["data.path=/data/trace/train", "log.out_dir=/runs/trace"]
+    trace = load_config(RECIPE.with_name("hrmgemma_trace_tiny.yaml"), where)
+    assert trace == load_config(RECIPE, [*measured, *where])
+    assert trace != load_config(RECIPE, where)
+
+
 def test_deep_supervision_is_the_mean_ce_of_every_cycle_count() -> None:
     """With one CycleBlock, the readout after H update n of an N-cycle forward is the output of an
     n-cycle forward (its cycles do not depend on N), so the supervised CE is the mean of the 1..N-cycle
