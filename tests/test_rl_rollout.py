@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hrm_mega.config import ConfigError, LMModelConfig, PuzzleModelConfig, RLConfig, load_config, read_config
-from hrm_mega.inference.generate import generate, left_pad
+from hrm_mega.inference.generate import generate, left_pad, stream_generate
 from hrm_mega.inference.puzzle import run_adaptive
 from hrm_mega.models.lm import HRMGemma
 from hrm_mega.models.puzzle import RecursiveReasoner
@@ -254,6 +254,105 @@ def test_lm_rollout_stops_rows_at_eos() -> None:
     new = lm_policy(model, ro)
     assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-5
     assert bool((new.logprobs[~ro.completion_mask] == 0).all())
+
+
+def one_token_halting(model: HRMGemma, t: float, temperature: float) -> torch.Tensor:
+    """P(k cycles) [3] for a one-token prompt by the paper's rule, from the training forward's halting
+    logits (an independent path from infer's): stop after cycle n with sigmoid((logit_n - logit(t)) / T),
+    the third cycle always last."""
+    _, aux = model(torch.tensor([[5]]), cycles=3)
+    x = (aux["halt_logits"][0, :, 0, 0] - torch.logit(torch.tensor(t))) / temperature
+    p = torch.sigmoid(x.double())
+    return torch.stack((p[0], (1 - p[0]) * p[1], (1 - p[0]) * (1 - p[1])))
+
+
+def test_lm_drawn_halting_follows_the_head_and_its_logprobs() -> None:
+    """rl.halting=sample for the LM: the first token's cycle counts over 4000 draws follow the halting
+    head's distribution (within 4 standard errors), and each row's halting log-prob is log P(its count),
+    both against the training forward's halting logits."""
+    model = lm_model(seed=2)
+    with torch.no_grad():  # P(halt) near neither 0 nor 1
+        model.blocks["0"].halt_head.weight.mul_(0.05)
+    t, temp, n = 0.6, 1.5, 4000
+    with torch.no_grad():
+        expected = one_token_halting(model, t, temp)
+    assert bool((expected > 0.1).all()), expected
+    ro = lm_rollout(model, torch.tensor([[5]]), group_size=n, max_new_tokens=1, max_cycles=3, halt_threshold=t,
+                    halt_temperature=temp, seed=11)  # fmt: skip
+    k = ro.cycles[:, 0, 0]
+    for count in (1, 2, 3):
+        p = expected[count - 1].item()
+        assert abs((k == count).double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5, count
+    assert torch.allclose(ro.halt_logprobs[:, 0].double(), expected.log()[k - 1], atol=1e-5)
+    token_lp = ro.logprobs - ro.halt_logprobs  # the joint action's log-prob: halting + token
+    assert bool((token_lp < 0).all()) and torch.equal(ro.completion_ids, lm_rollout(
+        model, torch.tensor([[5]]), group_size=n, max_new_tokens=1, max_cycles=3, halt_threshold=t,
+        halt_temperature=temp, seed=11).completion_ids)  # fmt: skip
+
+
+def test_lm_drawn_halting_is_replayed_by_the_policy_forward() -> None:
+    """A rollout with drawn halting (eos, row compaction, prompts of different lengths): decoding with
+    and without the KV cache draws the same tokens and cycles; the policy forward replays the recorded
+    cycles and gives the rollout's log-probs (token + halting) with gradient on the halting head."""
+    model = lm_model()
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=6, seed=7, max_cycles=4, halt_threshold=0.5, halt_temperature=1.0)
+    free = lm_rollout(model, ids, attention_mask=mask, group_size=3, **kw)
+    eos = int(free.completion_ids[1, 2])
+    ro = lm_rollout(model, ids, attention_mask=mask, group_size=3, eos_id=eos, **kw)
+    assert bool(ro.finished.any()) and not bool(ro.completion_mask.all())  # some rows stop early
+    assert len(set(ro.cycles[ro.completion_mask].flatten().tolist())) == 4  # 1..4 cycles all drawn
+    rows = dict(attention_mask=mask.repeat_interleave(3, dim=0), eos_id=eos, **kw)
+    cached = list(stream_generate(model, ids.repeat_interleave(3, dim=0), **rows))
+    plain = list(stream_generate(model, ids.repeat_interleave(3, dim=0), use_cache=False, **rows))
+    for a, b in zip(cached, plain, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cycles, b.cycles)
+        assert (a.halt_logprobs - b.halt_logprobs).abs().max().item() < 1e-4
+    assert torch.equal(torch.stack([s.tokens for s in cached], dim=1)[ro.completion_mask],
+                       ro.completion_ids[ro.completion_mask])  # fmt: skip
+    model.train()
+    new = lm_policy(model, ro)
+    assert (new.logprobs - ro.logprobs).abs().max().item() < 1e-4
+    assert bool((new.logprobs[~ro.completion_mask] == 0).all())
+    new.logprobs.sum().backward()
+    assert model.blocks["0"].halt_head.weight.grad.abs().sum().item() > 0
+
+
+def test_grpo_on_drawn_lm_halting_moves_the_head_the_way_the_reward_pays() -> None:
+    """One GRPO step on rollouts whose reward pays for fewer cycles (1 - 0.5 cycles / 3): the first
+    token's probability of halting after one cycle rises."""
+    model = lm_model(seed=2)
+    with torch.no_grad():
+        model.blocks["0"].halt_head.weight.mul_(0.05)
+    halting = dict(max_cycles=3, halt_threshold=0.6, halt_temperature=1.5)
+    ro = lm_rollout(model, torch.tensor([[5]]), group_size=64, max_new_tokens=1, seed=3, **halting)
+    reward = 1 - 0.5 * ro.cycles[:, 0, 0].float() / 3
+    model.train()
+    new = lm_policy(model, ro)
+    loss, _ = policy_loss(new.logprobs, ro.logprobs, group_advantages(reward, 64, "none"), ro.completion_mask)
+    loss.backward()
+    with torch.no_grad():
+        before = one_token_halting(model, 0.6, 1.5)[0]
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+        after = one_token_halting(model, 0.6, 1.5)[0]
+    assert after > before + 1e-3, (before, after)
+
+
+def test_drawn_lm_halting_config_errors_are_one_line() -> None:
+    recipe = Path(__file__).resolve().parents[1] / "configs/rl/grpo_arith_tiny.yaml"
+    for sets, message in (
+        (["rl.halt_threshold=0.9", "rl.algorithm=ppo", "model.value_head=true"], "rl.algorithm=grpo only"),
+        (["rl.halt_threshold=0.9", "parallel.pp=2"], "parallel.pp > 1 or zero_stage 3"),
+        (["rl.halt_threshold=0.9", "parallel.zero_stage=3"], "parallel.pp > 1 or zero_stage 3"),
+    ):
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config(recipe, sets, world_size=4, command="rl")
+        assert "\n" not in str(e.value)
+    load_config(
+        recipe, ["rl.halt_threshold=0.9", "rl.halting=greedy", "parallel.pp=2"], world_size=4, command="rl"
+    )
 
 
 def assert_same_rollout(a, b) -> None:

@@ -460,12 +460,19 @@ def test_dropping_uniform_groups_rescales_the_update_and_keeps_dp2_equal_to_dp1(
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-8), (step, key)
 
 
+DRAWN_HALTING = ("rl.halt_threshold=0.6", "rl.max_cycles=3", "rl.compute_cost_lambda=0.3")
+
+
 @pytest.mark.slow
-def test_lm_grpo_dp2_equals_dp1(workdir: Path, lm_init, tmp_path: Path) -> None:
+@pytest.mark.parametrize("halting", [(), DRAWN_HALTING], ids=["all-cycles", "drawn-halting"])
+def test_lm_grpo_dp2_equals_dp1(workdir: Path, lm_init, tmp_path: Path, halting: tuple[str, ...]) -> None:
     """Also the users' path: a JSONL prompt set and a reward named as module:function (which reads the
-    records' other fields as metadata)."""
+    records' other fields as metadata). With drawn halting (rl.halting=sample, the default, and a
+    halt_threshold) the halting decisions are keyed draws too, and the policy forward replays them: its
+    log-probs equal the sampler's."""
     common = ("train.steps=3", "rl.iterations=2", "rl.beta=0.05", "rl.aggregation=seq_mean_token_mean",
-              *jsonl_prompts(workdir), "rl.rewards={test_length: 1.0, 'mypkg.rewards:exact': 1.0}")  # fmt: skip
+              *jsonl_prompts(workdir), "rl.rewards={test_length: 1.0, 'mypkg.rewards:exact': 1.0}",
+              *halting)  # fmt: skip
     run_ok(lm_cmd(tmp_path / "dp1", lm_init, *common), workdir)
     run_ok(lm_cmd(tmp_path / "dp2", lm_init, *common, nproc=2), workdir)
     one, two = steps(tmp_path / "dp1"), steps(tmp_path / "dp2")
@@ -479,6 +486,9 @@ def test_lm_grpo_dp2_equals_dp1(workdir: Path, lm_init, tmp_path: Path) -> None:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-8), (step, key)
     assert any(abs(r["loss"]) > 1e-6 for r in one.values())
     assert "reward/mypkg.rewards:exact" in one[1]
+    if halting:
+        assert all(r["mismatch/logprob_diff_mean_abs"] < 1e-5 for r in one.values())
+        assert all(1.0 < r["mean_cycles"] < 3.0 for r in one.values())  # drawn, not all 3 cycles
     final = [
         json.loads(x) for x in (tmp_path / "dp1/metrics.jsonl").read_text().splitlines() if "eval/" in x
     ][-1]

@@ -231,6 +231,18 @@ def check_rl(c: Config) -> None:
                 "RL of a model with model.vision is not available with parallel.pp > 1 yet (RL prompts are "
                 "text, and the first pipeline stage's vision layer expects images); use parallel.pp=1"
             )
+        if rl.halting == "sample" and rl.halt_threshold > 0:  # drawn halting: an action
+            drawn = f"rl.halting=sample with rl.halt_threshold={rl.halt_threshold} (drawn halting)"
+            if rl.algorithm == "ppo":
+                raise ConfigError(
+                    f"{drawn} is available with rl.algorithm=grpo only (its replayed forward has no "
+                    "value head yet); or set rl.halting=greedy"
+                )
+            if par.pp > 1 or par.zero_stage == 3:
+                raise ConfigError(
+                    f"{drawn} is not available with parallel.pp > 1 or zero_stage 3 yet (stages recompute "
+                    "every cycle, and ZeRO-3 ranks must gather the same layers); use rl.halting=greedy"
+                )
 
 
 def read_teacher_model(path: str) -> Any:

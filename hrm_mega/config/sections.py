@@ -353,11 +353,13 @@ class RLConfig:
     kv_block_size: int = 16  # paged: positions per block
     kv_resident_blocks: int = 0  # paged: blocks kept on the model's device, the rest offloaded; 0 = all
     kv_dtype: Literal["model", "int8"] = "model"  # paged: int8 stores keys/values with a scale per token
-    # Puzzles: halting of the ACT loop during rollouts (sample: a Boltzmann policy over the Q-head, whose
+    # Halting during rollouts. Puzzles: of the ACT loop (sample: a Boltzmann policy over the Q-head, whose
     # decisions are actions; greedy: the evaluation rule; fixed: every row runs halt_max_steps segments).
+    # LM with a halt_threshold: sample draws the per-token halting of every position that produces a
+    # token (an action, replayed by the policy forward); greedy and fixed keep the threshold rule.
     halting: Literal["sample", "greedy", "fixed"] = "sample"
-    # Puzzles, halting sample: P(halt) = sigmoid(halting logit / halt_temperature); below 1 the sampled
-    # policy is closer to the greedy rule that adaptive evaluation runs (docs/rl.md).
+    # halting sample: P(halt) = sigmoid(halting logit / halt_temperature) (LM: the head's logit less
+    # logit(halt_threshold)); below 1 the sampled policy is closer to the greedy rule evaluation runs.
     halt_temperature: float = 1.0
     # Loss: ratio clipped to [1 - eps_low, 1 + eps_high]; beta * k3 KL to a frozen copy of the initial
     # weights (beta 0: no reference model is loaded); aggregation over the actions of the step.

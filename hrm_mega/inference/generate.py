@@ -12,7 +12,10 @@
   so a row computes exactly what it would alone.
 - Halting (see models/lm.py): every block of every position runs at most `max_cycles` H cycles, and
   stops earlier where its halting head reaches `halt_threshold`. Both may be one value per row.
-  `max_cycles` may exceed the trained h_cycles.
+  `max_cycles` may exceed the trained h_cycles. With `halt_temperature` (RL) the positions that
+  produce new tokens draw their halting instead (models.lm.HaltActions: P(halt) = sigmoid((halt logit
+  - logit(halt_threshold)) / halt_temperature), keyed by seed, row and position), and each step
+  reports the log-probability of its decisions; the prompt's other positions keep the threshold rule.
 - Sampling: greedy (argmax), or softmax sampling at `temperature` restricted to the `top_k` most likely
   tokens and to the smallest set whose probability reaches `top_p`. A torch.Generator seeded with
   `seed` draws every sample, so the same seed gives the same tokens.
@@ -25,7 +28,8 @@
   against); the cached path computes only the new positions, and only of the rows still running: a
   finished row leaves the batch and its cache (row compaction). Sampling still draws for every row, so
   the same seed gives the same tokens whichever rows have finished. Rows that repeat a prompt with the
-  same halting limits (an RL group's samples) share one prefill, whose cache rows are then copied.
+  same halting limits (an RL group's samples) share one prefill, whose cache rows are then copied
+  (not with drawn halting: the last prompt position draws per row).
 
 Cycles reported for a token are those of the forward that produced it: the H cycles each block ran on
 the position whose logits the token was drawn from.
@@ -42,7 +46,7 @@ import torch
 
 from hrm_mega.models.fast_layers import fast_layers
 from hrm_mega.models.kv_cache import KVCache
-from hrm_mega.models.lm import HRMGemma
+from hrm_mega.models.lm import HaltActions, HRMGemma
 from hrm_mega.models.paged_kv_cache import BlockPool, PagedKVCache
 from hrm_mega.models.vocab import gather_vocab
 
@@ -59,6 +63,9 @@ class DecodeStep:
     logits: torch.Tensor  # [b, vocab] fp32: the model's next-token logits (before vocab_limit)
     active: torch.Tensor  # [b] bool: the row produced a real token in this step
     finished: torch.Tensor  # [b] bool: the row is done after this step
+    # [b] fp32: log-prob of the drawn halting decisions of the position that produced the token (0
+    # without halt_temperature, or if inactive)
+    halt_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -133,6 +140,7 @@ def stream_generate(
     use_cache: bool = True,
     pixel_values: torch.Tensor | None = None,
     kv_pool: BlockPool | None = None,
+    halt_temperature: float | None = None,
 ) -> Iterator[DecodeStep]:
     """Checks the arguments, then returns an iterator of one DecodeStep per new token (module docstring).
 
@@ -141,7 +149,8 @@ def stream_generate(
     None (no early halting) or a probability, or one per row [b]; vocab_limit: generate only ids below
     it (a tokenizer smaller than the model's padded vocabulary). pixel_values [n_images, 3, S, S]: the
     images of the prompts' placeholder runs (a model with model.vision; HRMGemma.forward's order), read
-    once in the prefill: the cache keeps what the tokens after them need.
+    once in the prefill: the cache keeps what the tokens after them need. halt_temperature: draw the
+    halting of the positions that produce tokens (needs a halt_threshold below 1; module docstring).
     """
     if not isinstance(model, HRMGemma):
         raise ValueError(f"generation needs an HRMGemma language model, not a {type(model).__name__}")
@@ -162,6 +171,12 @@ def stream_generate(
         max_cycles, halt_threshold, input_ids.shape[0], input_ids.device
     )
     halting = {"max_cycles": cycles_t, "halt_threshold": threshold_t}
+    if halt_temperature is not None:
+        if halt_temperature <= 0:
+            raise ValueError(f"halt_temperature={halt_temperature} must be > 0")
+        if threshold_t is None or bool((threshold_t >= 1).any()):
+            raise ValueError(f"drawn halting needs a halt_threshold below 1, not {halt_threshold}")
+    draws = None if halt_temperature is None else HaltDraws(seed, halt_temperature)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
@@ -172,7 +187,20 @@ def stream_generate(
                             generator=generator)  # fmt: skip
 
     return _decode(model, input_ids, attention_mask.long(), max_new_tokens, halting, pick, eos_id, pad_id,
-                   use_cache, pixel_values, kv_pool)  # fmt: skip
+                   use_cache, pixel_values, kv_pool, draws)  # fmt: skip
+
+
+@dataclass
+class HaltDraws:
+    """Drawn halting for a generation: the HaltActions of each forward, keyed by row and position."""
+
+    seed: int
+    temperature: float
+
+    def actions(self, rows: torch.Tensor, positions: torch.Tensor, where: torch.Tensor) -> HaltActions:
+        """rows [b]: the rows' indices in the generation; positions [b, s]; where [b, s] bool."""
+        keys = (rows[:, None].long() << 32) | positions.long()
+        return HaltActions(where=where, temperature=self.temperature, seed=self.seed, keys=keys)
 
 
 def generate(model: HRMGemma, input_ids: torch.Tensor, **options: Any) -> Generation:
@@ -202,21 +230,22 @@ def _decode(
     use_cache: bool,
     pixel_values: torch.Tensor | None = None,
     kv_pool: BlockPool | None = None,
+    draws: HaltDraws | None = None,
 ) -> Iterator[DecodeStep]:
     if max_new_tokens == 0:
         return
     if not use_cache:
         yield from _decode_with(
-            None, model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id, pixel_values
+            None, model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id, pixel_values, draws
         )
     elif kv_pool is None:
         yield from _decode_with(KVCache(), model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id,
-                                pixel_values)  # fmt: skip
+                                pixel_values, draws)  # fmt: skip
     else:
         paged = PagedKVCache(kv_pool)
         try:
             yield from _decode_with(paged, model, ids, mask, max_new_tokens, halting, pick, eos_id, pad_id,
-                                    pixel_values)  # fmt: skip
+                                    pixel_values, draws)  # fmt: skip
         finally:  # the pool outlives this generation: give its blocks back
             paged.release()
 
@@ -232,6 +261,7 @@ def _decode_with(
     eos_id: int | None,
     pad_id: int,
     pixel_values: torch.Tensor | None,
+    draws: HaltDraws | None = None,
 ) -> Iterator[DecodeStep]:
     ids = ids.masked_fill(mask == 0, 0)  # any id at padding positions (nothing attends to them) must embed
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # padding takes position 0; it is never attended
@@ -245,13 +275,20 @@ def _decode_with(
     # their tensors stay in this function, and what leaves it (a DecodeStep) is made outside.
     no_grad = torch.inference_mode if isinstance(cache, KVCache) else torch.no_grad
     # around each call only: a generator suspended inside `with no_grad()` would leak it to the caller
+    every = torch.arange(ids.shape[0], device=ids.device)
+    # With drawn halting: the last prompt position draws (it produces the first token), as does every
+    # fed token; without a cache every forward reruns the sequence, and the keyed draws repeat exactly.
+    draw_at = torch.zeros_like(mask, dtype=torch.bool)
+    draw_at[:, -1] = True
+    acts = None if draws is None else draws.actions(every, positions, draw_at)
+    acted = every  # the rows of `acts`
     with no_grad(), flat():
-        if isinstance(cache, KVCache) and pixel_values is None:
+        if isinstance(cache, KVCache) and pixel_values is None and draws is None:
             logits, cycles = _shared_prefill(model, cache, ids, mask, positions, halting)
         else:
             logits, cycles = model.infer(
                 ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions, cache=cache,
-                **halting,
+                halt_actions=acts, **halting,
             )  # fmt: skip
     vocab_size = model.config.vocab_size
     for index in range(max_new_tokens):
@@ -261,9 +298,13 @@ def _decode_with(
             step_logits = gather_vocab(step_logits)
         tokens = torch.where(active, pick(step_logits), pad_id)
         step_cycles = torch.where(active[:, None], cycles[:, :, -1].T, 0)  # [b, G]
+        halt_lp = None
+        if acts is not None:  # (made outside inference mode, like step_logits)
+            halt_lp = torch.zeros(ids.shape[0], device=ids.device)
+            halt_lp = torch.where(active, halt_lp.index_copy(0, acted, acts.logprob[:, -1].float()), 0.0)
         if eos_id is not None:
             finished = finished | (tokens == eos_id)
-        yield DecodeStep(index, tokens, step_cycles, step_logits, active, finished.clone())
+        yield DecodeStep(index, tokens, step_cycles, step_logits, active, finished.clone(), halt_lp)
         if index + 1 == max_new_tokens or bool(finished.all()):
             return
         # Feed the new tokens; finished rows feed padding (id 0), which nothing attends to.
@@ -277,12 +318,18 @@ def _decode_with(
                     cache.select(kept)
                     halting = {k: None if v is None else v.index_select(0, kept) for k, v in halting.items()}
                 # the rows the cache holds all feed a real token: no attention mask
+                if draws is not None:
+                    feeds, acted = new_positions[running], running
+                    acts = draws.actions(running, feeds, torch.ones_like(feeds, dtype=torch.bool))
                 if running.shape[0] == ids.shape[0]:
-                    logits, cycles = model.infer(fed, position_ids=new_positions, cache=cache, **halting)
+                    logits, cycles = model.infer(
+                        fed, position_ids=new_positions, cache=cache, halt_actions=acts, **halting
+                    )
                     continue
                 part, part_cycles = model.infer(
-                    fed[running], position_ids=new_positions[running], cache=cache, **halting
-                )
+                    fed[running], position_ids=new_positions[running], cache=cache, halt_actions=acts,
+                    **halting,
+                )  # fmt: skip
                 logits = part.new_zeros((ids.shape[0], *part.shape[1:])).index_copy_(0, running, part)
                 cycles = part_cycles.new_zeros((part_cycles.shape[0], ids.shape[0], *part_cycles.shape[2:]))
                 cycles.index_copy_(1, running, part_cycles)
@@ -291,9 +338,13 @@ def _decode_with(
                 ids = torch.cat((ids, fed), dim=1)
                 mask = torch.cat((mask, new_mask), dim=1)
                 positions = torch.cat((positions, new_positions), dim=1)
+                if draws is not None:  # the produced tokens' positions: the prompt's last and after
+                    draw_at = torch.cat((draw_at, new_mask.bool()), dim=1)
+                    acts = draws.actions(every, positions, draw_at)
                 logits, cycles = model.infer(
-                    ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions, **halting
-                )
+                    ids, pixel_values=pixel_values, attention_mask=mask, position_ids=positions,
+                    halt_actions=acts, **halting,
+                )  # fmt: skip
 
 
 def _shared_prefill(

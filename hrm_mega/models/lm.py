@@ -60,6 +60,13 @@ reads keys of positions <= its own only, and whether it halts depends on those p
 sequence gives the same logits whether it runs in one call or in chunks (prefill, then one token at a
 time) against a KVCache.
 
+Halting as an action (RL, `HaltActions`). At chosen tokens (those that produce a sampled token) the
+decision after each update is drawn from the halting head rather than taken by the threshold rule, and
+the log-probability of the decisions taken is returned, summed over blocks. A rollout records the
+cycles each such token ran; `infer` over the whole sequence with those cycles replayed computes the
+same halting (the freezing rule above makes one call equal prefill-then-decode) and, with grad, the
+log-probabilities a policy gradient needs.
+
 Document-causal masking. Packed training rows hold several documents; `forward(doc_ids=...)` lets a
 token attend only to earlier tokens of its own document (a document is a maximal run of equal ids in the
 row), with the sliding window still applied on local layers. Without explicit position_ids the
@@ -75,6 +82,7 @@ KV-cache convention (queries are the last q_len of the keys).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,6 +91,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hrm_mega.config.model import LMModelConfig, VisionConfig
+from hrm_mega.models.act import keyed_uniform
 from hrm_mega.models.attention import DocumentRuns, flash_attn_func
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
@@ -108,6 +117,49 @@ HRM_ONLY_PARAMS = ("gate_LL", "gate_LH", "gate_HH", "halt_head", "value_head")
 def is_hrm_only(name: str) -> bool:
     """Whether a parameter exists only in HRMGemma (gates and heads), not in Gemma 3."""
     return any(part in HRM_ONLY_PARAMS for part in name.split("."))
+
+
+@dataclass
+class HaltActions:
+    """Per-token halting as an action of a policy (RL; module docstring, "Halting as an action").
+
+    At the tokens of `where` [b, s] (bool) the decision after H update n, wherever another update may
+    run (n + 1 < max_cycles), is drawn instead of taken by the threshold rule: halt with probability
+
+        P(halt) = sigmoid((halt_logit - logit(t)) / temperature)        t: the row's halt_threshold
+
+    so the greedy choice (P >= 1/2) is the threshold rule itself. The draw for block g, update n is
+    keyed_uniform(seed, keys, g * 2**16 + n) (keys [b, s] int64, e.g. row and position): it depends on
+    neither the batch's other rows nor how the sequence is split into calls. With `replay` [G, b, s]
+    (the cycles each block ran for each token, from a rollout) the decisions are those that ran that
+    many cycles. `logprob` [b, s] (fp32, with grad when grad is enabled) accumulates each action token's
+    log-probability of its decisions over the blocks; infer starts it at zero."""
+
+    where: torch.Tensor
+    temperature: float = 1.0
+    seed: int = 0
+    keys: torch.Tensor | None = None
+    replay: torch.Tensor | None = None
+    logprob: torch.Tensor | None = None
+
+    def decide(
+        self, group: int, n: int, logit: torch.Tensor, threshold: torch.Tensor, open_: torch.Tensor
+    ) -> torch.Tensor:
+        """Halt [b, s] (bool) after update n of block `group` from its halting logits [b, s] and the
+        rows' thresholds [b]; adds the log-prob of the decisions taken where `open_` [b, s] (the token
+        ran update n and may run another) to `logprob`."""
+        shift = torch.log(threshold) - torch.log1p(-threshold)  # logit(t) [b]
+        x = (logit - shift[:, None]) / self.temperature
+        if self.replay is not None:
+            halt = self.replay[group] == n + 1
+        else:
+            assert self.keys is not None, "sampled halting needs draw keys"
+            u = keyed_uniform(self.seed, self.keys, torch.full_like(self.keys, (group << 16) + n))
+            halt = u < torch.sigmoid(x.double())
+        chosen = torch.where(halt, F.logsigmoid(x), F.logsigmoid(-x))
+        taken = torch.where(open_ & self.where, chosen, 0.0)
+        self.logprob = taken if self.logprob is None else self.logprob + taken
+        return halt
 
 
 class HaltingCycleBlock(CycleBlock):
@@ -175,11 +227,15 @@ class HaltingCycleBlock(CycleBlock):
         padding: torch.Tensor | None,
         cache: KVCache | None,
         name: str,
+        actions: HaltActions | None = None,
+        group: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block with per-token halting (module docstring). x: [b, s, h]; max_cycles [b] long;
         halt_threshold [b] fp32 or None (no early halting); padding [b, s] bool (stops after one cycle);
         cache: keys/values of earlier positions, read and extended under the layer names `{name}.L.i`
-        and `{name}.H.i`. Returns z_H [b, s, h] and the H cycles each token ran [b, s] (long)."""
+        and `{name}.H.i`; actions: the tokens whose halting is a sampled (or replayed) action, for this
+        block as number `group` (HaltActions). Returns z_H [b, s, h] and the H cycles each token ran
+        [b, s] (long)."""
         b, s, _ = x.shape
         z_H = z_L = torch.zeros_like(x)
         running = torch.ones(b, s, dtype=torch.bool, device=x.device)
@@ -200,8 +256,12 @@ class HaltingCycleBlock(CycleBlock):
             cycles += running
             stop = n + 1 >= max_cycles[:, None]  # [b, 1]
             if halt_threshold is not None:
-                p_halt = torch.sigmoid(self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float())
-                stop = stop | (p_halt >= halt_threshold[:, None])
+                logit = self.halt_head(rms_norm(z_H, self.eps)).squeeze(-1).float()
+                halt = torch.sigmoid(logit) >= halt_threshold[:, None]
+                if actions is not None:  # a decision only where another cycle may run
+                    drawn = actions.decide(group, n, logit, halt_threshold, running & ~stop)
+                    halt = torch.where(actions.where, drawn, halt)
+                stop = stop | halt
             if padding is not None:
                 stop = stop | padding
             running = running & ~stop
@@ -430,6 +490,7 @@ class HRMGemma(nn.Module):
         max_cycles: int | torch.Tensor | None = None,
         halt_threshold: float | torch.Tensor | None = None,
         cache: KVCache | None = None,
+        halt_actions: HaltActions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference forward with per-token halting (module docstring).
 
@@ -440,13 +501,18 @@ class HRMGemma(nn.Module):
         row [b], >= 1 (default: config.h_cycles); halt_threshold: None (no early halting) or a
         probability in (0, 1], or one per row [b]. pixel_values: the images of these positions, as in
         `forward`; every image must lie wholly within one call (a prompt's prefill), since its tokens
-        attend to each other both ways.
+        attend to each other both ways. halt_actions: the tokens whose halting decisions are drawn or
+        replayed (HaltActions; it needs a halt_threshold below 1), its `logprob` set on return.
 
         Returns logits [b, s, vocab] and cycles [G, b, s]: the H cycles each block ran for each token.
         """
         b, s = input_ids.shape
         device = input_ids.device
         cycles_t, threshold_t = self.halting_limits(max_cycles, halt_threshold, b, device)
+        if halt_actions is not None:
+            if threshold_t is None or bool((threshold_t >= 1).any()):
+                raise ValueError(f"halting actions need a halt_threshold below 1, not {halt_threshold}")
+            halt_actions.logprob = None
         x, image_ids = self.embed_with_images(input_ids, pixel_values)
         past_valid = None if cache is None else cache.valid  # None before the first call
         ctx = self.seq_context(x, position_ids, attention_mask, past_valid=past_valid, image_ids=image_ids)
@@ -454,12 +520,14 @@ class HRMGemma(nn.Module):
         if cache is not None:
             cache.start(torch.ones(b, s, dtype=torch.bool, device=device) if padding is None else ~padding)
         cycles = []
-        for g, block in self.blocks.items():
+        for i, (g, block) in enumerate(self.blocks.items()):
             x, block_cycles = block.infer(
                 x, ctx, max_cycles=cycles_t, halt_threshold=threshold_t, padding=padding, cache=cache,
-                name=f"blocks.{g}",
+                name=f"blocks.{g}", actions=halt_actions, group=i,
             )  # fmt: skip
             cycles.append(block_cycles)
+        if halt_actions is not None and halt_actions.logprob is None:  # every block ran one cycle
+            halt_actions.logprob = torch.zeros(b, s, device=device)
         if self.tail is not None:
             for i, layer in enumerate(self.tail.layers):
                 slot = None if cache is None else cache.slot(f"tail.{i}", 0, layer.mixer.window)

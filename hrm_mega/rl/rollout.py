@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from hrm_mega.inference.generate import stream_generate
 from hrm_mega.models.act import halt_logit, keyed_uniform
+from hrm_mega.models.lm import HaltActions
 from hrm_mega.models.paged_kv_cache import BlockPool, pool_for
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import gather_vocab, log_stablemax
@@ -360,12 +361,20 @@ class LMRollout:
     prompt_mask: torch.Tensor  # [N, P] long: 1 = prompt token
     completion_ids: torch.Tensor  # [N, T] long: new tokens, pad_id after a row's eos
     completion_mask: torch.Tensor  # [N, T] bool: real new tokens (the eos included)
-    logprobs: torch.Tensor  # [N, T] fp32: log-prob of each new token under softmax(logits / temperature)
+    # [N, T] fp32: log-prob of each new token under softmax(logits / temperature), plus with drawn
+    # halting that of the halting decisions of the position that produced it (halt_logprobs)
+    logprobs: torch.Tensor
     cycles: torch.Tensor  # [N, T, G] long: H cycles each block ran for the position that produced the token
     finished: torch.Tensor  # [N] bool: the row emitted eos
     group_size: int
     temperature: float
     vocab_limit: int | None
+    max_cycles: torch.Tensor | None = None  # [N] long: the rows' cycle limits (None: model.h_cycles)
+    halt_threshold: torch.Tensor | None = None  # [N] fp32, or None: no early halting
+    # Drawn halting (an action: halt_logprobs [N, T] its log-probs) at this temperature; None: the
+    # threshold rule decided
+    halt_temperature: float | None = None
+    halt_logprobs: torch.Tensor | None = None
 
     def completion_lists(self, eos_id: int | None = None) -> list[list[int]]:
         """Each row's new tokens as a list (for a tokenizer's decode), without a trailing eos_id."""
@@ -399,12 +408,14 @@ def lm_rollout(
     pad_id: int = 0,
     vocab_limit: int | None = None,
     kv_pool: BlockPool | None = None,
+    halt_temperature: float | None = None,
 ) -> LMRollout:
     """Samples `group_size` completions per prompt with hrm_mega.inference.generate (KV caches, per-token
     halting). input_ids [b, P] with left padding marked by attention_mask [b, P] (see generate.left_pad);
     max_cycles / halt_threshold: a number or one per prompt [b]; `model`: an HRMGemma (an engine's
-    .module). The other arguments are stream_generate's (kv_pool: see `rollout_kv_pool`). Runs under
-    no_grad.
+    .module). The other arguments are stream_generate's (kv_pool: see `rollout_kv_pool`;
+    halt_temperature: the halting of every position that produces a token is drawn, an action whose
+    log-prob joins the token's). Runs under no_grad.
 
     The draws come from one torch.Generator seeded with `seed` (generate's), so they depend on the batch
     a prompt is in: give every step and every data-parallel rank its own seed."""
@@ -423,12 +434,14 @@ def lm_rollout(
         model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, max_cycles=per_row(max_cycles),
         halt_threshold=per_row(halt_threshold), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         eos_id=eos_id, pad_id=pad_id, vocab_limit=vocab_limit, kv_pool=kv_pool,
+        halt_temperature=halt_temperature,
     )  # fmt: skip
     rows, device = ids.shape[0], ids.device
     # One column per decoding step, after an empty one (so max_new_tokens = 0 gives [N, 0] tensors).
     tokens = [ids.new_zeros((rows, 0))]
     active = [torch.zeros(rows, 0, dtype=torch.bool, device=device)]
     logprobs = [torch.zeros(rows, 0, device=device)]
+    halt_logprobs = [torch.zeros(rows, 0, device=device)]
     cycles = [ids.new_zeros((rows, 0, len(model.blocks)))]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for step in steps:
@@ -440,18 +453,26 @@ def lm_rollout(
         active.append(step.active[:, None])
         cycles.append(step.cycles[:, None])
         logprobs.append(torch.where(step.active, token_lp, 0.0)[:, None])
+        halt_lp = torch.zeros_like(token_lp) if step.halt_logprobs is None else step.halt_logprobs
+        halt_logprobs.append(halt_lp[:, None])
         finished = step.finished
+    limits, threshold = model.halting_limits(per_row(max_cycles), per_row(halt_threshold), rows, device)
+    halt_lp = torch.cat(halt_logprobs, dim=1)
     return LMRollout(
         prompt_ids=ids.masked_fill(mask == 0, 0),
         prompt_mask=mask,
         completion_ids=torch.cat(tokens, dim=1),
         completion_mask=torch.cat(active, dim=1),
-        logprobs=torch.cat(logprobs, dim=1),
+        logprobs=torch.cat(logprobs, dim=1) + halt_lp,
         cycles=torch.cat(cycles, dim=1),
         finished=finished,
         group_size=n,
         temperature=temperature,
         vocab_limit=vocab_limit,
+        max_cycles=limits,
+        halt_threshold=threshold,
+        halt_temperature=halt_temperature,
+        halt_logprobs=halt_lp,
     )
 
 
@@ -479,10 +500,38 @@ def lm_policy_inputs(rollout: LMRollout) -> tuple[torch.Tensor, torch.Tensor, to
 
 def lm_policy(model: torch.nn.Module, rollout: LMRollout) -> PolicyOutput:
     """Recomputes an LM rollout's token log-probs (and values, with a value head) with the training
-    forward over prompt + completion: position P-1+t's logits give new token t."""
+    forward over prompt + completion: position P-1+t's logits give new token t. A rollout with drawn
+    halting is replayed instead (`lm_replay`): its actions are the halting decisions and the token."""
+    if rollout.halt_temperature is not None:
+        return lm_replay(model, rollout)
     ids, positions, doc_ids = lm_policy_inputs(rollout)
     logits, aux = model(ids, position_ids=positions, doc_ids=doc_ids)
     return lm_policy_from_logits(logits, aux.get("values"), rollout, model.config.vocab_size)
+
+
+def lm_replay(model: torch.nn.Module, rollout: LMRollout) -> PolicyOutput:
+    """The policy of a rollout with drawn halting: `HRMGemma.infer` over prompt + completion with each
+    producing position's recorded cycles replayed (models.lm.HaltActions), the prompt's other positions
+    under the threshold rule, as in decoding. Position P-1+t gives new token t and its halting
+    decisions; the log-prob of the action is the sum of both. The halting entropy is not included in
+    `entropy`, which stays the tokens'. No value head output (PPO is refused with drawn halting)."""
+    prompt_len, new = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    mask = torch.cat((rollout.prompt_mask.long(), rollout.completion_mask.long()), dim=1)
+    ids = torch.cat((rollout.prompt_ids, rollout.completion_ids), dim=1).masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    window = slice(prompt_len - 1, prompt_len - 1 + new)
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    where[:, window] = rollout.completion_mask
+    replay = torch.zeros((rollout.cycles.shape[2], *mask.shape), dtype=torch.long, device=mask.device)
+    replay[:, :, window] = rollout.cycles.permute(2, 0, 1)
+    actions = HaltActions(where=where, temperature=rollout.halt_temperature, replay=replay)
+    logits, _ = model.infer(
+        ids, attention_mask=mask, position_ids=positions, max_cycles=rollout.max_cycles,
+        halt_threshold=rollout.halt_threshold, halt_actions=actions,
+    )  # fmt: skip
+    out = lm_policy_from_logits(logits, None, rollout, model.config.vocab_size)
+    halt_lp = torch.where(rollout.completion_mask, actions.logprob[:, window], 0.0)
+    return PolicyOutput(out.logprobs + halt_lp, out.entropy)
 
 
 def lm_policy_from_logits(

@@ -98,8 +98,14 @@ class TextEnvironment(Environment):
         return self.config.rl.max_new_tokens
 
     def halting(self) -> dict[str, Any]:
+        """Evaluation's halting: the threshold rule (greedy)."""
         rl = self.config.rl
         return {"max_cycles": rl.max_cycles or None, "halt_threshold": rl.halt_threshold or None}
+
+    def rollout_halting(self) -> dict[str, Any]:
+        """The rollouts' halting: with rl.halting=sample and a halt_threshold it is drawn (an action)."""
+        drawn = self.config.rl.halting == "sample" and self.config.rl.halt_threshold > 0
+        return {**self.halting(), "halt_temperature": self.config.rl.halt_temperature if drawn else None}
 
     def encode(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts in rl.prompt_template, tokenized after a BOS and left-padded."""
@@ -145,7 +151,7 @@ class TextEnvironment(Environment):
                 model, ids, attention_mask=mask, group_size=rl.group_size,
                 max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                 seed=seed, eos_id=self.eos_id, pad_id=self.pad_id, vocab_limit=self.vocab_limit,
-                kv_pool=kv_pool, **self.halting(),
+                kv_pool=kv_pool, **self.rollout_halting(),
             ))  # fmt: skip
             asked += part
         ro = concat_lm_rollouts(chunks, rl.max_new_tokens)
@@ -287,4 +293,14 @@ def concat_lm_rollouts(parts: list[LMRollout], new_tokens: int) -> LMRollout:
         logprobs=torch.cat([right(p.logprobs) for p in parts]),
         cycles=torch.cat([right(p.cycles) for p in parts]),
         finished=torch.cat([p.finished for p in parts]),
+        **{
+            name: torch.cat([getattr(p, name) for p in parts])
+            for name in ("max_cycles", "halt_threshold")
+            if getattr(parts[0], name) is not None
+        },
+        **(
+            {"halt_logprobs": torch.cat([right(p.halt_logprobs) for p in parts])}
+            if parts[0].halt_logprobs is not None
+            else {}
+        ),
     )
