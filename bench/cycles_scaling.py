@@ -132,12 +132,16 @@ def encode(jsonl: Path, tokenizer: Path) -> list[dict]:
     return rows
 
 
-def score(model, rows: list[dict], max_cycles: int, threshold: float | None, batch: int = 250) -> dict:
+def score(
+    model, rows: list[dict], max_cycles: int, threshold: float | None, batch: int = 250, details: bool = False
+) -> dict:
     """Exact accuracy (overall and by difficulty) and the mean H cycles per answer token (overall and by
-    difficulty: where halting spends them) and per prompt token."""
+    difficulty: where halting spends them) and per prompt token; with `details`, also each question's
+    [right, answer cycles] (for paired comparisons)."""
     import torch
 
     right, by_difficulty, answer_cycles, prompt_cycles, cycles_by_difficulty = 0, {}, [], [], {}
+    oks = []  # each question's result, in order
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
         width = max(len(r["ids"]) for r in chunk)
@@ -153,11 +157,12 @@ def score(model, rows: list[dict], max_cycles: int, threshold: float | None, bat
             n, start = len(r["ids"]), r["start"]
             ok = bool((predicted[b, start - 1 : n - 1] == ids[b, start:n]).all())
             right += ok
+            oks.append(ok)
             by_difficulty.setdefault(r["difficulty"], []).append(ok)
             answer_cycles.append(per_token[b, start - 1 : n - 1].mean().item())
             cycles_by_difficulty.setdefault(r["difficulty"], []).append(answer_cycles[-1])
             prompt_cycles.append(per_token[b, : start - 1].mean().item())
-    return {
+    out = {
         "exact": right / len(rows),
         "by_difficulty": {str(d): sum(v) / len(v) for d, v in sorted(by_difficulty.items())},
         "answer_cycles": sum(answer_cycles) / len(answer_cycles),
@@ -166,6 +171,9 @@ def score(model, rows: list[dict], max_cycles: int, threshold: float | None, bat
         },
         "prompt_cycles": sum(prompt_cycles) / len(prompt_cycles),
     }
+    if details:
+        out["questions"] = [[ok, c] for ok, c in zip(oks, answer_cycles)]
+    return out
 
 
 def trained_max(task: str) -> int:

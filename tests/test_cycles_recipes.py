@@ -153,6 +153,20 @@ def test_trace_recipe_is_the_reason_recipe_with_the_settings_the_bench_measured(
     assert trace != load_config(RECIPE, where)
 
 
+def test_trace_rl_recipe_post_trains_the_trace_model_with_drawn_halting(tmp_path: Path) -> None:
+    """configs/rl/grpo_trace_halting.yaml (bench/rl_lm_halting.py) is a valid RL config over the trace
+    recipe's model, with halting drawn (rl.halting=sample and a threshold) and a compute cost."""
+    for name in ("train", "held_out"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "trace a1?:a=", "answer": "1"}\n')
+    where = [f"rl.prompt_file={tmp_path / 'train.jsonl'}", f"rl.eval_prompt_file={tmp_path / 'held_out.jsonl'}",
+             "train.init_from=ckpt"]  # fmt: skip
+    rl = load_config(RECIPE.parents[1] / "rl/grpo_trace_halting.yaml", where, world_size=1, command="rl")
+    trace = load_config(RECIPE.with_name("hrmgemma_trace_tiny.yaml"))
+    assert rl.model == trace.model
+    assert rl.rl.halting == "sample" and 0 < rl.rl.halt_threshold < 1 and rl.rl.compute_cost_lambda > 0
+    assert rl.rl.prompts == "jsonl" and rl.rl.max_cycles == 2 * trace.model.h_cycles
+
+
 def test_deep_supervision_is_the_mean_ce_of_every_cycle_count() -> None:
     """With one CycleBlock, the readout after H update n of an N-cycle forward is the output of an
     n-cycle forward (its cycles do not depend on N), so the supervised CE is the mean of the 1..N-cycle

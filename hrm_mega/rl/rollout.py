@@ -41,13 +41,19 @@ of a token is higher than the reported one. `kv_pool` (built from the config by 
 rl.kv_cache=paged) decodes into the paged cache's blocks instead of the rectangular cache, with the
 same tokens.
 
+With `halt_temperature` (rl.halting=sample and a halt_threshold) the LM's per-token halting is drawn
+too: every position that produces a token draws its decisions from its halting head
+(models.lm.HaltActions), and a token's log-prob is that of the joint action, halting decisions and
+token (`halt_logprobs` holds the halting part).
+
 Recomputation (`puzzle_policy`, `lm_policy`, or `recompute_policy` for either) runs the *training*
 forward over the rollouts (for puzzles the same segments; for the LM `model.forward`, which runs every
-block for all model.config.h_cycles) and returns the actions' log-probs (with grad when grad is
-enabled), the entropies and, with a value head, the values. Without halting (halt_threshold None, max_cycles =
-h_cycles) and at top-k 0 / top-p 1 these equal the rollout's log-probs to float rounding; with dynamic
-halting the LM's training forward runs more cycles than decoding did, and `logprob_mismatch` measures
-the difference.
+block for all model.config.h_cycles, or with drawn halting `lm_replay`, which replays the recorded
+cycles through `HRMGemma.infer`) and returns the actions' log-probs (with grad when grad is enabled),
+the entropies and, with a value head, the values. Without halting (halt_threshold None, max_cycles =
+h_cycles), or with drawn halting, and at top-k 0 / top-p 1 these equal the rollout's log-probs to float
+rounding; with the threshold rule the LM's training forward runs more cycles than decoding did, and
+`logprob_mismatch` measures the difference.
 """
 
 from __future__ import annotations
