@@ -522,9 +522,8 @@ def lm_replay(model: torch.nn.Module, rollout: LMRollout) -> PolicyOutput:
     decisions; the log-prob of the action is the sum of both. The halting entropy is not included in
     `entropy`, which stays the tokens'. No value head output (PPO is refused with drawn halting)."""
     prompt_len, new = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    ids, positions, _ = lm_policy_inputs(rollout)
     mask = torch.cat((rollout.prompt_mask.long(), rollout.completion_mask.long()), dim=1)
-    ids = torch.cat((rollout.prompt_ids, rollout.completion_ids), dim=1).masked_fill(mask == 0, 0)
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     window = slice(prompt_len - 1, prompt_len - 1 + new)
     where = torch.zeros_like(mask, dtype=torch.bool)
     where[:, window] = rollout.completion_mask
