@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.config import PuzzleModelConfig
+from hrm_mega.models.keyed import keyed_uniform
 from hrm_mega.models.puzzle import SegmentOutput
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import IGNORE_LABEL, cross_entropy, gather_vocab
@@ -36,42 +37,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = 
     """Per-token loss [b, seq]; 0 where labels == IGNORE_LABEL. Stablemax runs in fp64, as in HRM.
     Under tensor parallelism logits are this rank's vocabulary slice (models/vocab.py)."""
     return cross_entropy(logits, labels, kind)
-
-
-# --------------------------------------------------------------------------------------------------
-# Keyed randomness
-# --------------------------------------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-
-
-def _as_signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-_GOLDEN = _as_signed(0x9E3779B97F4A7C15)
-_MIX1 = _as_signed(0xBF58476D1CE4E5B9)
-_MIX2 = _as_signed(0x94D049BB133111EB)
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic, logical shifts)."""
-    x = x + _GOLDEN
-    x = (x ^ _logical_shift(x, 30)) * _MIX1
-    x = (x ^ _logical_shift(x, 27)) * _MIX2
-    return x ^ _logical_shift(x, 31)
-
-
-def _logical_shift(x: torch.Tensor, n: int) -> torch.Tensor:
-    return (x >> n) & ((1 << (64 - n)) - 1)
-
-
-def keyed_uniform(seed: int, *keys: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) numbers that depend only on (seed, keys...), elementwise. Device-agnostic."""
-    h = torch.full_like(keys[0], _as_signed(seed & _MASK64), dtype=torch.int64)
-    for k in keys:
-        h = _splitmix64(h ^ k.to(torch.int64))
-    return _logical_shift(h, 11).double() / float(1 << 53)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -91,10 +91,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hrm_mega.config.model import LMModelConfig, VisionConfig
-from hrm_mega.models.act import keyed_uniform
 from hrm_mega.models.attention import DocumentRuns, flash_attn_func
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
+from hrm_mega.models.keyed import keyed_uniform
 from hrm_mega.models.layers import (
     RMSNorm,
     RotaryEmbedding,

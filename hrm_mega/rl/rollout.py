@@ -28,7 +28,7 @@ Halting (`halting=`):
 The segment at halt_max_steps always ends a row; it is not a decision.
 
 Randomness is keyed, not drawn from a stream: every draw is a function of (seed, the sample's key,
-the sample's index in its group, the cell or segment), via models.act.keyed_uniform. Sample keys are
+the sample's index in its group, the cell or segment), via models.keyed.keyed_uniform. Sample keys are
 batch["sample_id"] when present (else the row index), so a puzzle gets the same rollouts on any rank
 and in any batch position. Pass a seed that changes every step.
 
@@ -65,7 +65,8 @@ import torch
 import torch.nn.functional as F
 
 from hrm_mega.inference.generate import stream_generate
-from hrm_mega.models.act import halt_logit, keyed_uniform
+from hrm_mega.models.act import halt_logit
+from hrm_mega.models.keyed import keyed_uniform
 from hrm_mega.models.lm import HaltActions
 from hrm_mega.models.paged_kv_cache import BlockPool, pool_for
 from hrm_mega.models.recurrence import Carry
