@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import TINY_VISION
 
-from hrm_mega.config import BUILTIN_REWARDS, ConfigError, load_config, save_resolved
+from hrm_mega.config import BUILTIN_REWARDS, ConfigError, load_config, read_config, save_resolved
 from hrm_mega.data.shards import ShardWriter, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,23 +178,27 @@ def test_info_and_launch_dry_run_refuse_a_bad_layout_the_same_way(data) -> None:
     assert_refused_early(launch_rl, "launch", "rl.rewards is empty")
 
 
-def test_every_recipe_passes_the_checks_of_its_command() -> None:
+def test_every_recipe_passes_the_checks_of_its_command(tmp_path: Path) -> None:
     """No false refusals: the shipped recipes load for the command they are written for (their
-    datasets are not built here, so the manifest checks are skipped)."""
+    datasets are not built here, so the manifest checks are skipped; a JSONL prompt set is given)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     for recipe in sorted((ROOT / "configs").glob("*/*.yaml")):
         command = "rl" if recipe.parent.name == "rl" else "train"
-        if load_config(recipe).data.sources:  # a mixture: its sources must exist (make demo-lm builds them)
+        if read_config(recipe).data.sources:  # a mixture: its sources must exist (make demo-lm builds them)
             missing = ["data.sources=[{path: /nonexistent/text}]"]
             with pytest.raises(ConfigError, match=r"data.sources\[0\] .*: no manifest.json there"):
                 load_config(recipe, missing, world_size=config_world(recipe), command=command)
             continue
         sets = ["data.path=/nonexistent/data"]  # some recipes leave it to the user
+        if read_config(recipe).rl.prompts == "jsonl":  # its prompt files are the user's (or a bench's)
+            sets += [f"rl.prompt_file={prompts}", f"rl.eval_prompt_file={prompts}"]
         config = load_config(recipe, sets, world_size=config_world(recipe), command=command)
         assert config.validate(command=command) is config
 
 
 def config_world(recipe: Path) -> int:
-    config = load_config(recipe)
+    config = read_config(recipe)
     return config.parallel.tp * config.parallel.pp
 
 

@@ -158,8 +158,10 @@ def test_trace_rl_recipe_post_trains_the_trace_model_with_drawn_halting(tmp_path
     recipe's model, with halting drawn (rl.halting=sample and a threshold) and a compute cost."""
     for name in ("train", "held_out"):
         (tmp_path / f"{name}.jsonl").write_text('{"prompt": "trace a1?:a=", "answer": "1"}\n')
-    where = [f"rl.prompt_file={tmp_path / 'train.jsonl'}", f"rl.eval_prompt_file={tmp_path / 'held_out.jsonl'}",
-             "train.init_from=ckpt"]  # fmt: skip
+    where = [
+        f"rl.prompt_file={tmp_path / 'train.jsonl'}",
+        f"rl.eval_prompt_file={tmp_path / 'held_out.jsonl'}",
+    ]
     rl = load_config(RECIPE.parents[1] / "rl/grpo_trace_halting.yaml", where, world_size=1, command="rl")
     trace = load_config(RECIPE.with_name("hrmgemma_trace_tiny.yaml"))
     assert rl.model == trace.model
