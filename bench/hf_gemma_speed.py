@@ -7,8 +7,9 @@ the two give the same logits (within 1e-4), so both sides compute one function. 
 forward, next-token cross entropy, backward and an AdamW step (lr 1e-4) on --batch rows of --seq
 random tokens, each row one document. Each side runs in its default mode: eager PyTorch, transformers'
 default attention (sdpa), HRMGemma's loss as `hrm-mega train` computes it (lm_loss: CE + the halting
-head's terms, which N = 1 makes constant). The two alternate for --rounds rounds of --steps timed
-steps after one untimed step each; tokens/s are means over rounds and the ratio is HRMGemma /
+head's terms, which N = 1 makes constant) with the labels passed to the forward as the trainer passes
+them, so the CE runs through the head in chunks without building the logits. The two alternate for --rounds rounds of --steps timed
+steps after one untimed step each (the order flips every round); tokens/s are means over rounds and the ratio is HRMGemma /
 transformers.
 
     python bench/hf_gemma_speed.py [--batch 8] [--seq 512] [--rounds 4] [--steps 2] [--threads 2]
@@ -54,7 +55,7 @@ def training_steps(
     }
 
     def ours_step() -> float:
-        logits, aux = ours(ids)
+        logits, aux = ours(ids, labels=ids)  # as the trainer calls it: the CE through the head in chunks
         loss = lm_loss(logits, ids, aux, CONFIG)["loss"]
         loss.backward()
         optimizers["hrm-mega"].step()
@@ -93,8 +94,9 @@ def main() -> None:
     for step in steps.values():
         step()
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for round_ in range(args.rounds):
+        order = list(steps.items())
+        for name, step in order if round_ % 2 == 0 else order[::-1]:  # neither side always goes first
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()

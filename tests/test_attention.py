@@ -82,11 +82,17 @@ CASES = {
 def test_attention_matches_naive(case, rope):
     kw = CASES[case]
     attn = make(**kw)
-    x = inputs()
+    x, x_ref = inputs().requires_grad_(), inputs().requires_grad_()
     rope_tables = RotaryEmbedding(attn.head_dim, S)() if rope else None
-    got = attn(x, rope_tables)
-    want = naive_attention(attn, x, naive_mask(S, S, **kw) if kw["causal"] or kw["window"] else None, rope)
+    got = attn(x, rope_tables)  # no mask: SDPA's is_causal, or the banded form where the window cuts
+    want = naive_attention(
+        attn, x_ref, naive_mask(S, S, **kw) if kw["causal"] or kw["window"] else None, rope
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    got.backward(grad)
+    want.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_mask_kinds_give_different_outputs():

@@ -18,6 +18,7 @@ from hrm_mega.convert.hf_gemma import (
     key_map,
     to_hf_state_dict,
 )
+from hrm_mega.models import vocab
 from hrm_mega.models.lm import HRMGemma, document_positions, is_hrm_only, lm_loss
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "lm"
@@ -331,6 +332,63 @@ def test_gradients_reach_gates_and_halting_heads(grad_mode: str) -> None:
         assert getattr(block, name).grad.abs().sum() > 0, name
     assert block.halt_head.bias.grad.abs() > 0
     assert model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_linear_cross_entropy_equals_torch_cross_entropy_on_the_logits(monkeypatch) -> None:
+    """The chunked CE through the head against torch's cross_entropy on the full logits: the sum over
+    labelled rows and both gradients, in one chunk and in chunks of 3 rows (the last one short)."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 7, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g) * 0.5
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[0, 2] = labels[1, 6] = -100
+    upstream = 0.7  # the loss is scaled afterwards, as lm_loss divides by the token count
+    h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy((h0 @ w0.T).flatten(0, 1), labels.flatten(), reduction="sum")
+    (want * upstream).backward()
+    for chunk_logits in (vocab.CE_CHUNK_LOGITS, 3 * 50):
+        monkeypatch.setattr(vocab, "CE_CHUNK_LOGITS", chunk_logits)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        got = vocab.linear_cross_entropy(h, w, labels)
+        (got * upstream).backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, h0.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w.grad, w0.grad, rtol=1e-5, atol=1e-6)
+        assert h.grad[0, 2].abs().sum() == 0  # an ignored row has no gradient
+    with torch.no_grad():  # evaluation: no gradient buffers, the same value
+        torch.testing.assert_close(vocab.linear_cross_entropy(hidden, weight, labels), want.detach())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_with_labels_gives_the_loss_and_gradients_of_the_logits_path(tied: bool) -> None:
+    """With labels the forward computes the CE through the head without logits (as the trainer calls
+    it): lm_loss and every parameter's gradient equal the path through the full logits, with deep
+    supervision's per-cycle readouts and the halting terms included."""
+    config = tiny_config(h_cycles=2, l_cycles=1, deep_supervision=True, tie_embeddings=tied)
+    ids = token_ids()
+    ids[0, 3] = -100  # an unlabelled target (the input id itself must stay valid: only labels get it)
+    inputs = ids.clamp(min=0)
+    results = []
+    for labels in (None, ids):
+        model = HRMGemma(config).init_weights(seed=6)
+        with torch.no_grad():
+            model.blocks["0"].halt_head.weight.fill_(0.01)
+        logits, aux = model(inputs, labels=labels)
+        assert (logits is None) == (labels is not None)
+        out = lm_loss(logits, ids, aux, config)
+        out["loss"].backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_grads), (got, got_grads) = results
+    for key in ("loss", "ce", "halt_bce"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="halt_target=correct needs the logits"):
+        model = HRMGemma(config).init_weights(seed=6)
+        correct = dataclasses.replace(config, halt_target="correct")
+        logits, aux = model(inputs, labels=ids)
+        lm_loss(logits, ids, aux, correct)
 
 
 # --------------------------------------------------------------------------------------------------

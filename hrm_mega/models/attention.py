@@ -293,11 +293,16 @@ class Attention(nn.Module):
                 softmax_scale=self.scale, causal=self.causal, window_size=flash_window(self.window, self.causal),
             )  # fmt: skip
             return out.transpose(1, 2)
+        gqa = self.num_kv_heads != self.num_heads  # SDPA lets each kv head serve its query heads
+        q_len, k_len = q.shape[2], k.shape[2]
+        if mask is None and self.causal and q_len == k_len:  # a whole sequence, no cache before it
+            if self.window is None or k_len <= self.window:  # the kernel skips the blocks above the diagonal
+                return F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
+                )
+            # the window cuts: banded, each query chunk against 2 chunks of keys, not the [s, s] square
+            starts = torch.zeros(q.shape[0], q_len, dtype=torch.bool, device=q.device)
+            return DocumentRuns.build(starts, window=self.window).attend(q, k, v, self.scale)
         if mask is None:
-            mask = attention_mask(
-                q.shape[2], k.shape[2], causal=self.causal, window=self.window, device=q.device
-            )
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            mask = attention_mask(q_len, k_len, causal=self.causal, window=self.window, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)

@@ -90,8 +90,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hrm_mega import distributed
 from hrm_mega.config.model import LMModelConfig, VisionConfig
-from hrm_mega.models.attention import DocumentRuns, flash_attn_func
+from hrm_mega.models.attention import DocumentRuns
 from hrm_mega.models.attention import attention_mask as causal_mask
 from hrm_mega.models.block import BlockStack, SeqContext, TransformerBlock, attention_block
 from hrm_mega.models.keyed import keyed_uniform
@@ -105,7 +106,13 @@ from hrm_mega.models.layers import (
 )
 from hrm_mega.models.recurrence import Carry, CycleBlock
 from hrm_mega.models.vision import ImageEncoder
-from hrm_mega.models.vocab import cross_entropy, label_is_argmax, tied_logits, vocab_embedding
+from hrm_mega.models.vocab import (
+    cross_entropy,
+    label_is_argmax,
+    linear_cross_entropy,
+    tied_logits,
+    vocab_embedding,
+)
 
 if TYPE_CHECKING:
     from hrm_mega.models.kv_cache import KVCache
@@ -417,7 +424,8 @@ class HRMGemma(nn.Module):
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cycles: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Causal LM forward (training semantics: every block runs all N = `cycles` H cycles, default
         config.h_cycles).
 
@@ -438,6 +446,11 @@ class HRMGemma(nn.Module):
         Returns logits [b, s, vocab] and aux: halt_logits [G, N, b, s] (fp32), converged [G, N-1, b, s]
         (the halting targets), cycles_used [G] long (the H updates each block ran, counted from its
         halting readings), and values [b, s] (fp32) with the value head.
+
+        labels [b, s] (aligned with the inputs, as lm_loss takes them) at parallel.tp = 1: the output's
+        next-token CE is computed here, chunk by chunk through the head (vocab.linear_cross_entropy),
+        and returned summed over the labelled targets as aux["ce_sum"], with None for the logits, which
+        are never built. Under TP the logits are returned as without labels.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HRMGemma.forward: pass exactly one of input_ids or inputs_embeds")
@@ -478,6 +491,10 @@ class HRMGemma(nn.Module):
             aux["cycle_logits"] = torch.stack([self.head(self.norm(tail(z, None, ctx))) for z in states[:-1]])
         if self.value_head is not None:
             aux["values"] = self.value_head(hidden).squeeze(-1).float()
+        if labels is not None and distributed.tp_size() == 1:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            aux["ce_sum"] = linear_cross_entropy(hidden, weight, next_token_targets(labels))
+            return None, aux
         return self.head(hidden), aux
 
     def infer(
@@ -652,8 +669,8 @@ def sequence_context(
     ropes_at = {"local": ropes[0](position_ids), "global": ropes[1](position_ids)}
     windows = {"local": config.sliding_window, "global": None}
     no_masks = attention_mask is None and doc_ids is None and past_valid is None and image_ids is None
-    if no_masks and _kernel_masks(x):
-        return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))  # the kernel applies causal/window
+    if no_masks:  # the kernel, or Attention's causal and banded forms, apply causal and window
+        return SeqContext(ropes=ropes_at, masks=dict.fromkeys(windows))
     if doc_ids is not None and attention_mask is None and config.packed_attention == "documents":
         starts = document_starts(doc_ids)  # per-document attention: no [s, s] mask (DocumentRuns)
         runs = {
@@ -696,10 +713,6 @@ def sequence_context(
             mask = (mask & valid[:, None, valid.shape[1] - keys :]) | itself  # [b, s, keys]
         masks[kind] = mask if mask.dim() == 2 else mask.unsqueeze(1)  # [s, keys] or [b, 1, s, keys]
     return SeqContext(ropes=ropes_at, masks=masks)
-
-
-def _kernel_masks(x: torch.Tensor) -> bool:
-    return flash_attn_func() is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
 def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -782,16 +795,17 @@ def lm_loss(
     runs if it stops at the first reading whose halt probability fires:
         E[cycles] = 1 + sum_n prod_{m<=n} (1 - p_m),   cost = (E[cycles] - 1) / (N - 1)   (0 when N = 1).
     """
-    # The labels move left, not the logits: slicing logits[:, :-1] would copy the [b, s, V] tensor to
-    # flatten it and fill a zero one for its gradient (~3% of a step at vocabulary 8192).
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    # Deep supervision: the mean of the CE read out after every H cycle 1..N (the last is `logits`).
+    targets = next_token_targets(labels)
+    # Deep supervision: the mean of the CE read out after every H cycle 1..N (the last is `logits`, or
+    # aux["ce_sum"] when the forward computed it through the head: logits None).
     readouts = [*aux.get("cycle_logits", []), logits]
     due_targets = None if due is None or not config.deep_supervision else F.pad(due[:, 1:], (0, 1))
     last = len(readouts)
     ce_sum = (
         sum(
-            cross_entropy(  # vocab-parallel under TP
+            aux["ce_sum"]
+            if r is None
+            else cross_entropy(  # vocab-parallel under TP
                 r,
                 targets if due_targets is None or n == last else targets.masked_fill(due_targets > n, -100),
                 "softmax",
@@ -803,9 +817,18 @@ def lm_loss(
     mask = torch.ones_like(labels, dtype=torch.bool) if token_mask is None else token_mask
     counts = normalizers or (float((targets != -100).sum()), float(mask.sum()))
     if config.halt_target == "correct" and len(readouts) > 1:
+        if logits is None:
+            raise ValueError("model.halt_target=correct needs the logits: call the model without labels")
         decided = targets if halt_labels is None else F.pad(halt_labels[:, 1:], (0, 1), value=-100)
         aux = {**aux, "converged": correct_halting_targets(readouts, decided, aux["converged"])}
     return lm_loss_terms(ce_sum, halting_sums(aux, mask), config, counts)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels [b, s] aligned with the inputs -> the target of each position: labels[:, i + 1], -100 last.
+    The labels move left, not the logits: slicing logits[:, :-1] would copy the [b, s, V] tensor to
+    flatten it and fill a zero one for its gradient."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 @torch.no_grad()

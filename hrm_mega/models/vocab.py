@@ -110,6 +110,74 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, kind: str = "softm
     return torch.where(valid, loss, 0).float()
 
 
+# Logits per chunk of linear_cross_entropy: 4M fp32 values (16 MB) stay in cache-sized reused blocks.
+CE_CHUNK_LOGITS = 1 << 22
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum over labelled rows of -log softmax(hidden @ weight^T)[label], without the [n, V] logits.
+
+    hidden [..., h], weight [V, h] (the LM head), labels [...] with IGNORE_LABEL for rows without one.
+    Equals cross_entropy(F.linear(hidden, weight), labels).sum() (the logits in fp32, as there), at TP = 1.
+    The rows go in chunks of about CE_CHUNK_LOGITS logits; since the result is a plain sum, its gradient
+    with respect to a chunk's logits is softmax - onehot(label), known in forward: each chunk's logits
+    become their gradient in place and pass straight into the two matmuls of the head's backward. The
+    full logits (and their gradient) never exist: at vocabulary 8192 and 4096 rows that is 2 x 128 MB
+    not written, and at Gemma 3's 262,144 the difference between fitting and not."""
+    if distributed.tp_size() > 1:
+        raise ValueError(
+            "linear_cross_entropy runs at parallel.tp=1; under TP use cross_entropy on the logits"
+        )
+    rows = max(1, CE_CHUNK_LOGITS // weight.shape[0])
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), rows, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        rows: int,
+        grads: bool,
+    ) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads else None
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start : start + rows], labels[start : start + rows]
+            valid = (y != IGNORE_LABEL).unsqueeze(1)
+            safe = torch.where(valid, y.unsqueeze(1), 0)
+            log_p = torch.log_softmax(F.linear(h, weight).float(), dim=-1)  # [rows, V]
+            total -= log_p.gather(1, safe).masked_fill_(~valid, 0).sum()
+            if grads:
+                d_logits = log_p.exp_().scatter_add_(1, safe, -valid.float()).mul_(valid)  # softmax - onehot
+                d_logits = d_logits.to(hidden.dtype)
+                torch.mm(d_logits, weight, out=grad_hidden[start : start + rows])
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(d_logits.t(), h)
+                else:  # accumulate the chunks in fp32, as one matmul over all rows would
+                    grad_weight += (d_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ):  # -> (hidden, weight, None x3)
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad.to(grad_hidden.dtype),
+            (grad_weight * grad).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+        )
+
+
 def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """log of stablemax: s(x) / sum s(x), with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below."""
     s = _stablemax_numerator(x)

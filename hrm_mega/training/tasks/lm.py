@@ -206,7 +206,13 @@ class LMTask(Task):
         c, t = self.config.model, self.config.train
         ids, positions, docs = mb["input_ids"], mb["position_ids"], mb["doc_ids"]
         pixels = self.pixel_values(mb)  # every step, even one without images: all ranks' vision grads exist
-        logits, aux = model(ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles)
+        # Without a teacher or correctness targets nothing needs the logits: the model computes the CE
+        # through its head in chunks (logits None; at parallel.tp=1, see HRMGemma.forward).
+        fused = self.teacher is None and c.halt_target != "correct"
+        logits, aux = model(
+            ids, pixel_values=pixels, position_ids=positions, doc_ids=docs, cycles=cycles,
+            labels=mb["labels"] if fused else None,
+        )  # fmt: skip
         # halt_target=correct decides on answers and text, not on hidden targets (answer 2): those are
         # intermediate results later tokens read, and a token frozen once its own value is right
         # offers them its earlier state (docs/benchmarks.md, trace: 18-24% exact against 96%).
@@ -215,7 +221,7 @@ class LMTask(Task):
             logits, mb["labels"], aux, c, token_mask=self._token_mask(mb), normalizers=normalizers,
             due=mb.get("due"), halt_labels=halt_labels,
         )  # fmt: skip
-        parts["distill"] = logits.new_zeros(())
+        parts["distill"] = parts["loss"].new_zeros(())
         if self.teacher is not None:
             parts["distill"] = self.teacher.loss(
                 logits, mb["labels"], normalizers[0], ids, positions, docs, pixels
@@ -328,7 +334,7 @@ class PipelineLoss:
         ce_sum = cross_entropy(logits[:, :-1], targets, "softmax").sum()
         tokens = float((targets != -100).sum())
         parts = lm_loss_terms(ce_sum, halting, self.config, self.normalizers)
-        parts["distill"] = logits.new_zeros(())
+        parts["distill"] = parts["loss"].new_zeros(())
         if self.teacher is not None:
             parts["distill"] = self.teacher.loss(logits, labels, self.normalizers[0], *teacher_inputs)
             parts["loss"] = parts["loss"] + self.teacher.weight * parts["distill"]
