@@ -196,6 +196,17 @@ def test_apply_rope_equals_the_expression_bit_for_bit(dtype, tables):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_apply_rope_traces_whole_under_torch_compile():
+    """train.compile traces attention through apply_rope: a graph break there (e.g. an out= into a
+    strided tensor) splits every layer's graph. fullgraph=True turns any break into an error."""
+    cos, sin = RotaryEmbedding(8, 5)()
+    x = randn(2, 5, 3 * 8, seed=13).unflatten(-1, (3, 8)).transpose(1, 2).requires_grad_(True)
+    compiled = torch.compile(apply_rope, backend="eager", fullgraph=True)
+    out = compiled(x, cos, sin)
+    out.sum().backward()
+    assert torch.equal(out, naive_rope(x, cos, sin))
+
+
 def test_rope_preserves_norms():
     rope = RotaryEmbedding(16, 32)
     q = randn(2, 3, 32, 16, seed=7)

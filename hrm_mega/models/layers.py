@@ -227,9 +227,8 @@ class _Rope(torch.autograd.Function):
         x32, half = x.float(), x.shape[-1] // 2
         x1, x2 = x32[..., :half], x32[..., half:]
         y = x32 * cos
-        t = x2 * sin[..., :half]
-        y[..., :half].sub_(t)  # y1 = x1 cos1 - x2 sin1
-        y[..., half:].add_(torch.mul(x1, sin[..., half:], out=t))  # y2 = x2 cos2 + x1 sin2
+        y[..., :half].sub_(x2 * sin[..., :half])  # y1 = x1 cos1 - x2 sin1
+        y[..., half:].add_(x1 * sin[..., half:])  # y2 = x2 cos2 + x1 sin2
         return y.to(x.dtype)
 
     @staticmethod
@@ -238,9 +237,8 @@ class _Rope(torch.autograd.Function):
         g, half = grad.float(), grad.shape[-1] // 2
         g1, g2 = g[..., :half], g[..., half:]
         dx = g * cos
-        t = g2 * sin[..., half:]
-        dx[..., :half].add_(t)  # dx1 = g1 cos1 + g2 sin2
-        dx[..., half:].sub_(torch.mul(g1, sin[..., :half], out=t))  # dx2 = g2 cos2 - g1 sin1
+        dx[..., :half].add_(g2 * sin[..., half:])  # dx1 = g1 cos1 + g2 sin2
+        dx[..., half:].sub_(g1 * sin[..., :half])  # dx2 = g2 cos2 - g1 sin1
         return dx.to(grad.dtype), None, None
 
 
