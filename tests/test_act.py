@@ -17,7 +17,7 @@ from hrm_mega.models.act import (
     step_segment,
     token_cross_entropy,
 )
-from hrm_mega.models.puzzle import RecursiveReasoner, SegmentOutput
+from hrm_mega.models.puzzle import QValues, RecursiveReasoner, SegmentOutput
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import IGNORE_LABEL, log_stablemax
 
@@ -135,9 +135,9 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.inner, self.calls = inner, 0
 
-    def forward(self, carry, batch):
+    def forward(self, carry, batch, **kwargs):
         self.calls += 1
-        return self.inner(carry, batch)
+        return self.inner(carry, batch, **kwargs)
 
 
 @pytest.mark.parametrize("mode,calls,has_cont", [("bootstrap", 2, True), ("halt_only", 1, False)])
@@ -150,6 +150,34 @@ def test_q_target_modes_in_a_training_step(tiny_config, mode, calls, has_cont):
     assert ("q_continue_loss" in metrics) == has_cont
     loss.backward()
     assert model.inner.q_head.bias.grad is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},  # HRM: attention, RoPE, a separate H stack
+        {"h_layers": 2, "l_layers": 2},  # the narrowed layer is the last of several
+        {"shared_net": True, "pos_encoding": "learned"},  # TRM-style: one stack as L and H
+        {"q_head": "cells", "q_target": "halt_only"},  # q_halt reads every cell: the whole segment runs
+        {"token_mixer": "mlp", "pos_encoding": "learned", "puzzle_emb_ndim": 0},  # mlp_t mixes the sequence
+    ],
+)
+def test_q_only_forward_gives_the_segments_q_values(tiny_config, change):
+    """The bootstrap look-ahead's forward(q_only=True), whose last layer computes position 0 alone, gives
+    the Q-values of the whole segment, and with gradients enabled too."""
+    cfg = dataclasses.replace(tiny_config, **change)
+    model = RecursiveReasoner(cfg).init_weights(0)
+    with torch.no_grad():  # a Q head at zero would read 0 everywhere: give it weights
+        head = model.cell_head[2] if cfg.q_head == "cells" else model.q_head
+        head.weight.normal_(generator=torch.Generator().manual_seed(1))
+    state = initial_state(model, make_batch(cfg, 3))
+    carry = model(state.carry, state.batch).carry  # a state past the initial one
+    full = model(carry, state.batch)
+    q = model(carry, state.batch, q_only=True)
+    assert isinstance(q, QValues)
+    torch.testing.assert_close(q.q_halt, full.q_halt, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.q_continue, full.q_continue, rtol=1e-5, atol=1e-6)
+    assert q.q_halt.abs().min() > 1e-3 and not torch.allclose(q.q_halt, q.q_halt[0].expand(3))
 
 
 def test_stablemax_and_losses_by_hand(tiny_config):

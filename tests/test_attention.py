@@ -245,3 +245,35 @@ def test_document_runs_match_naive(window, with_images, num_kv_heads, band_chunk
         y[0, 10] += 1.0
         changed = (attn(y, mask=runs) - got).abs().amax(-1)[0] > 1e-6
         assert changed[7:10].all() and not changed[:7].any()
+
+
+@pytest.mark.parametrize("placement", ["post", "pre", "sandwich"])
+@pytest.mark.parametrize("positions", [slice(0, 1), slice(2, 5)])
+def test_block_output_at_some_positions_only(placement, positions):
+    """A block asked for some positions (queries there, keys and values from all) gives the full block's
+    output at those positions, for every norm placement, with RoPE, q/k norms and grouped heads."""
+    from hrm_mega.models.block import SeqContext, attention_block
+
+    block = attention_block(
+        16, 4, 24, num_kv_heads=2, norm_placement=placement, norm_weight="gemma", qk_norm=True
+    )
+    init_parameters(block, 0)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.dim() == 1:
+                p.normal_(generator=torch.Generator().manual_seed(2))  # norm weights off zero
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(3))
+    ctx = SeqContext(ropes={"global": RotaryEmbedding(4, 7)()})
+    part = block(x, ctx, positions=positions)
+    assert part.shape == (2, positions.stop - positions.start, 16)
+    torch.testing.assert_close(part, block(x, ctx)[:, positions], rtol=1e-5, atol=1e-6)
+
+
+def test_positions_refuse_masked_attention():
+    from hrm_mega.models.block import SeqContext, attention_block
+
+    x = torch.randn(1, 5, 16)
+    for block in (attention_block(16, 4, 24, causal=True), attention_block(16, 4, 24, window=2)):
+        init_parameters(block, 0)
+        with pytest.raises(ValueError, match="full bidirectional attention"):
+            block(x, SeqContext(), positions=slice(0, 1))

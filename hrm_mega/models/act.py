@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from hrm_mega.config import PuzzleModelConfig
 from hrm_mega.models.keyed import keyed_uniform
-from hrm_mega.models.puzzle import SegmentOutput
+from hrm_mega.models.puzzle import QValues, SegmentOutput
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import IGNORE_LABEL, cross_entropy, gather_vocab
 
@@ -129,7 +129,7 @@ def q_says_halt(
     return halt_logit(config, out, threshold) > 0
 
 
-def q_continue_target(next_out: SegmentOutput, is_last: torch.Tensor) -> torch.Tensor:
+def q_continue_target(next_out: QValues | SegmentOutput, is_last: torch.Tensor) -> torch.Tensor:
     """HRM's bootstrap target for q_continue: sigmoid of the next segment's best Q (its q_halt at the end)."""
     best_next = torch.where(is_last, next_out.q_halt, torch.maximum(next_out.q_halt, next_out.q_continue))
     return torch.sigmoid(best_next)
@@ -213,6 +213,6 @@ def step_segment(
     target = None
     if training and config.q_target == "bootstrap" and config.halt_max_steps > 1:
         with torch.no_grad():
-            target = q_continue_target(model(out.carry, state.batch), is_last)
+            target = q_continue_target(model(out.carry, state.batch, q_only=True), is_last)
     loss, metrics = act_loss(config, out, state.batch["labels"], halted, steps, target)
     return loss, metrics, replace(state, carry=out.carry, steps=steps, halted=halted), out

@@ -263,18 +263,31 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask: torch.Tensor | DocumentRuns | None = None,
         kv_cache: KVCacheSlot | None = None,
+        positions: slice | None = None,
     ) -> torch.Tensor:
         """x: [batch, seq, hidden]; rope: (cos, sin) for the seq positions; mask: overrides the default;
-        kv_cache: earlier positions' keys/values to attend to as well (and to extend with this call's)."""
-        b, s, _ = x.shape
-        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        kv_cache: earlier positions' keys/values to attend to as well (and to extend with this call's);
+        positions: queries at these positions only (keys and values from all), for a caller that reads
+        the output there alone (full bidirectional attention: no mask, window or cache)."""
+        q_rope = rope
+        if positions is None:
+            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            if self.causal or self.window is not None or mask is not None or kv_cache is not None:
+                raise ValueError(
+                    "Attention(positions=...) needs full bidirectional attention: no mask, window or cache"
+                )
+            q, (k, v) = self.q_proj(x[:, positions]), fused_linear(x, (self.k_proj, self.v_proj))
+            if rope is not None:
+                q_rope = tuple(table[..., positions, :] for table in rope)
+        b, s, _ = q.shape
         q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [b, h, s, d]
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [b, kv, s, d]
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)  # [b, kv, k_len, d]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *q_rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # [b, kv, k_len, d]: cached positions, then these
         out = self.attend(q, k, v, mask)  # [b, h, s, d]

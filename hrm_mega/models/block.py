@@ -53,32 +53,48 @@ class TransformerBlock(nn.Module):
         dims = [mixer_dim, hidden_size, hidden_size, hidden_size][:n_norms]
         self.norms = nn.ModuleList(RMSNorm(d or 1, eps, norm_weight if d else "none") for d in dims)
 
-    def _mix(self, x: torch.Tensor, ctx: SeqContext, kv_cache: KVCacheSlot | None) -> torch.Tensor:
+    def _mix(
+        self, x: torch.Tensor, ctx: SeqContext, kv_cache: KVCacheSlot | None, positions: slice | None
+    ) -> torch.Tensor:
         if self.mixes_sequence:
             return self.mixer(x.transpose(1, 2)).transpose(1, 2)
-        return self.mixer(x, ctx.ropes.get(self.kind), ctx.masks.get(self.kind), kv_cache=kv_cache)
+        rope, mask = ctx.ropes.get(self.kind), ctx.masks.get(self.kind)
+        if positions is None:
+            return self.mixer(x, rope, mask, kv_cache=kv_cache)
+        return self.mixer(x, rope, mask, kv_cache=kv_cache, positions=positions)
 
-    def forward(self, x: torch.Tensor, ctx: SeqContext, kv_cache: KVCacheSlot | None = None) -> torch.Tensor:
-        """kv_cache (attention blocks only): keys/values of earlier positions, see attention.KVCacheSlot."""
-        if kv_cache is not None and self.mixes_sequence:
-            raise ValueError("a sequence-MLP block mixes whole sequences and cannot use a KV cache")
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: SeqContext,
+        kv_cache: KVCacheSlot | None = None,
+        positions: slice | None = None,
+    ) -> torch.Tensor:
+        """kv_cache (attention blocks only): keys/values of earlier positions, see attention.KVCacheSlot.
+        positions (attention blocks only): the output at these positions alone, e.g. the one a head reads;
+        attention still takes its keys and values from every position."""
+        if (kv_cache is not None or positions is not None) and self.mixes_sequence:
+            raise ValueError(
+                "a sequence-MLP block mixes whole sequences: no KV cache, no subset of positions"
+            )
         # cached generation: the same block as one flat function (fast_layers.py), where the mask is
         # explicit (without one, flash-attn applies it)
         plan = self.decode_plan if kv_cache is not None and not torch.is_grad_enabled() else None
         if plan is not None and isinstance(ctx.masks.get(self.kind), torch.Tensor):
             return plan(x, ctx, kv_cache)
         n = self.norms
+        residual = x if positions is None else x[:, positions]
         if self.norm_placement == "post":
             if self.mixes_sequence:  # TRM mlp_t: residual and norm along the sequence axis
                 xt = x.transpose(1, 2)
                 x = n[0](xt + self.mixer(xt)).transpose(1, 2)
             else:
-                x = n[0](x + self._mix(x, ctx, kv_cache))
+                x = n[0](residual + self._mix(x, ctx, kv_cache, positions))
             return n[1](x + self.mlp(x))
         if self.norm_placement == "pre":
-            x = x + self._mix(n[0](x), ctx, kv_cache)
+            x = residual + self._mix(n[0](x), ctx, kv_cache, positions)
             return x + self.mlp(n[1](x))
-        x = x + n[1](self._mix(n[0](x), ctx, kv_cache))
+        x = residual + n[1](self._mix(n[0](x), ctx, kv_cache, positions))
         return x + n[3](self.mlp(n[2](x)))
 
 
@@ -89,11 +105,23 @@ class BlockStack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(blocks)
 
-    def forward(self, hidden: torch.Tensor, injection: torch.Tensor | None, ctx: SeqContext) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        injection: torch.Tensor | None,
+        ctx: SeqContext,
+        positions: slice | None = None,
+    ) -> torch.Tensor:
+        """positions: the last block computes its output at these positions only (TransformerBlock)."""
         if injection is not None:
             hidden = hidden + injection
-        for layer in self.layers:
-            hidden = layer(hidden, ctx)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden = (
+                layer(hidden, ctx)
+                if positions is None or i < last
+                else layer(hidden, ctx, positions=positions)
+            )
         return hidden
 
 

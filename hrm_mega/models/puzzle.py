@@ -49,6 +49,14 @@ class SegmentOutput:
     cell_logits: torch.Tensor | None = None  # [batch, seq_len], fp32: q_head = "cells" only
 
 
+@dataclass
+class QValues:
+    """The halting Q-values of a segment alone (`forward(..., q_only=True)`)."""
+
+    q_halt: torch.Tensor  # [batch], fp32
+    q_continue: torch.Tensor  # [batch], fp32
+
+
 class RecursiveReasoner(nn.Module):
     def __init__(self, config: PuzzleModelConfig) -> None:
         super().__init__()
@@ -131,8 +139,14 @@ class RecursiveReasoner(nn.Module):
             x = (x + self.embed_pos.to(x.dtype)) / math.sqrt(2)  # keep the variance of the sum at 1
         return self.embed_scale * x
 
-    def forward(self, carry: Carry, batch: dict[str, torch.Tensor]) -> SegmentOutput:
-        """One segment. batch: inputs [b, seq_len], puzzle_identifiers [b], optional puzzle_emb rows."""
+    def forward(
+        self, carry: Carry, batch: dict[str, torch.Tensor], q_only: bool = False
+    ) -> SegmentOutput | QValues:
+        """One segment. batch: inputs [b, seq_len], puzzle_identifiers [b], optional puzzle_emb rows.
+
+        q_only: the Q-values alone (HRM's bootstrap look-ahead needs nothing else). Where the Q head reads
+        position 0 only (attention blocks, q_head "q"), the last layer of the last H update then computes
+        that position alone: about 1% of a training step."""
         puzzle_emb = batch.get("puzzle_emb")
         if puzzle_emb is None and self.puzzle_emb is not None:
             puzzle_emb = self.puzzle_emb[batch["puzzle_identifiers"]]
@@ -141,15 +155,23 @@ class RecursiveReasoner(nn.Module):
             carry.z_H.to(x.dtype), carry.z_L.to(x.dtype)
         )  # compute in the weights' dtype (bf16 runs)
         ctx = SeqContext(ropes={"global": self.rotary() if self.rotary is not None else None})
-        z_H, new_carry = self.cycle(x, carry, ctx, cycles=self.config.h_cycles)
+        first_only = q_only and self.config.q_head != "cells" and self.config.token_mixer != "mlp"
+        z_H, new_carry = self.cycle(
+            x, carry, ctx, cycles=self.config.h_cycles, positions=slice(0, 1) if first_only else None
+        )
+        if first_only:
+            q = self.q_head(z_H[:, 0]).float()
+            return QValues(q[:, 0], q[:, 1])
         logits = self.lm_head(z_H)[:, self.prefix_len :]
         if self.config.q_head == "cells":
             cells = self.cell_head(z_H[:, self.prefix_len :].detach()).squeeze(-1).float()
             log_p = F.logsigmoid(cells).sum(-1)  # log P(every cell is right)
             q_halt = log_p - torch.log((-torch.expm1(log_p)).clamp_min(1e-30))  # its logit, stably
-            return SegmentOutput(new_carry, logits, q_halt, torch.zeros_like(q_halt), cells)
-        q = self.q_head(z_H[:, 0]).float()
-        return SegmentOutput(new_carry, logits, q[:, 0], q[:, 1])
+            out = SegmentOutput(new_carry, logits, q_halt, torch.zeros_like(q_halt), cells)
+        else:
+            q = self.q_head(z_H[:, 0]).float()
+            out = SegmentOutput(new_carry, logits, q[:, 0], q[:, 1])
+        return QValues(out.q_halt, out.q_continue) if q_only else out
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

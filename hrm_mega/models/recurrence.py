@@ -111,10 +111,14 @@ class CycleBlock(nn.Module):
         ctx: SeqContext,
         cycles: int,
         after_slow_update: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> tuple[torch.Tensor, Carry]:
+        positions: slice | None = None,
+    ) -> tuple[torch.Tensor, Carry | None]:
         """Runs one segment of `cycles` H updates (N). Returns (z_H, new detached carry).
 
-        `after_slow_update(n, z_H)`, if given, sees z_H after every H update (e.g. for halting heads)."""
+        `after_slow_update(n, z_H)`, if given, sees z_H after every H update (e.g. for halting heads).
+        `positions`: the last layer of the last H update computes z_H at these positions only, for a
+        caller that reads nothing else (HRM's Q head in the bootstrap look-ahead reads position 0); no
+        carry comes back then (None), since z_H is not whole."""
         if cycles < 1:
             raise ValueError(f"cycles={cycles} (H cycles) must be >= 1")
         z_H, z_L = carry.z_H, carry.z_L
@@ -126,10 +130,10 @@ class CycleBlock(nn.Module):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(last, t)):
                     z_L = self._fast_update(x, z_L, z_H, ctx)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self._differentiates(last, None)):
-                z_H = self._slow_update(z_H, z_L, ctx)
+                z_H = self._slow_update(z_H, z_L, ctx, positions if n == cycles - 1 else None)
             if after_slow_update is not None:
                 after_slow_update(n, z_H)
-        return z_H, Carry(z_H, z_L).detach()
+        return z_H, None if positions is not None else Carry(z_H, z_L).detach()
 
     def _differentiates(self, last_cycle: bool, t: int | None) -> bool:
         """Whether update (l-step t of an H cycle, the last one or not; t=None is the H update) is part
@@ -163,5 +167,7 @@ class CycleBlock(nn.Module):
     ) -> torch.Tensor:
         return self.L(self.fast_input(x, z_L, z_H), None, ctx)
 
-    def _slow_update(self, z_H: torch.Tensor, z_L: torch.Tensor, ctx: SeqContext) -> torch.Tensor:
-        return self.slow(self.slow_input(z_H, z_L), None, ctx)
+    def _slow_update(
+        self, z_H: torch.Tensor, z_L: torch.Tensor, ctx: SeqContext, positions: slice | None = None
+    ) -> torch.Tensor:
+        return self.slow(self.slow_input(z_H, z_L), None, ctx, positions)
