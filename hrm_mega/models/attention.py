@@ -299,8 +299,10 @@ class Attention(nn.Module):
         """q: [b, h, q_len, d]; k, v: [b, kv, k_len, d] -> [b, h, q_len, d]."""
         if isinstance(mask, DocumentRuns):
             return mask.attend(q, k, v, self.scale)
-        kernel = flash_attn_func()
-        if kernel is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # (the device test first: looking the kernel up under torch.compile warns about its lru_cache)
+        half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        kernel = flash_attn_func() if half and mask is None else None
+        if kernel is not None:
             out = kernel(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 softmax_scale=self.scale, causal=self.causal, window_size=flash_window(self.window, self.causal),
