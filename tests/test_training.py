@@ -89,8 +89,12 @@ def test_dp2_matches_dp1_per_step(tmp_path, tiny_sudoku, stage):
     one, _ = consolidate_checkpoint(tmp_path / "dp1/checkpoints/step-00000010")
     two, _ = consolidate_checkpoint(tmp_path / "dp2/checkpoints/step-00000010")
     assert one.keys() == two.keys() and "puzzle_emb" in one
+    # atol 1e-5 (lr is 3e-3): AdamATan2's step does not scale with the gradient, so an element whose
+    # gradient is rounding noise (DP sums its parts in another order) still moves by a part of lr. On an
+    # AVX-512 machine one element in 8192 of a down projection ended 3.3e-6 apart. A layout bug moves
+    # most elements by about lr every step.
     for key in one:
-        np.testing.assert_allclose(two[key].numpy(), one[key].numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(two[key].numpy(), one[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow

@@ -145,7 +145,7 @@ class RecursiveReasoner(nn.Module):
         """One segment. batch: inputs [b, seq_len], puzzle_identifiers [b], optional puzzle_emb rows.
 
         q_only: the Q-values alone (HRM's bootstrap look-ahead needs nothing else). Where the Q head reads
-        position 0 only (attention blocks, q_head "q"), the last layer of the last H update then computes
+        position 0 only (attention blocks, q_head "first"), the last layer of the last H update then computes
         that position alone: about 1% of a training step."""
         puzzle_emb = batch.get("puzzle_emb")
         if puzzle_emb is None and self.puzzle_emb is not None:

@@ -52,7 +52,7 @@ def segment_flops(c: PuzzleModelConfig) -> FlopEstimate:
         differentiated = forward
     train = forward + 2 * differentiated  # backward costs about twice the forward of what it covers
     if c.q_target == "bootstrap" and c.halt_max_steps > 1:
-        train += forward  # HRM's extra no-grad segment for the Q target
+        train += forward  # HRM's extra no-grad segment for the Q target, counted whole as HRM runs it
     return FlopEstimate(forward, train)
 
 
