@@ -69,6 +69,15 @@ def inputs(seed=1) -> torch.Tensor:
     return torch.randn(B, S, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(params=["explicit", "sdpa"])
+def kernel(request, monkeypatch) -> str:
+    """Both CPU kernels for unpacked rows: explicit_attention takes rows of up to EXPLICIT_MAX_KEYS keys
+    (these tests' S = 9), SDPA the longer ones; a bound of 0 sends every row to SDPA."""
+    if request.param == "sdpa":
+        monkeypatch.setattr(attention, "EXPLICIT_MAX_KEYS", 0)
+    return request.param
+
+
 CASES = {
     "bidirectional": dict(causal=False, window=None),
     "causal": dict(causal=True, window=None),
@@ -79,7 +88,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rope", [False, True])
-def test_attention_matches_naive(case, rope):
+def test_attention_matches_naive(case, rope, kernel):
     kw = CASES[case]
     attn = make(**kw)
     x, x_ref = inputs().requires_grad_(), inputs().requires_grad_()
@@ -114,7 +123,7 @@ def test_causal_output_ignores_the_future():
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2])
-def test_grouped_query_attention(num_kv_heads):
+def test_grouped_query_attention(num_kv_heads, kernel):
     attn = make(num_heads=4, num_kv_heads=num_kv_heads, causal=True, window=4)
     assert attn.k_proj.weight.shape == (num_kv_heads * 8, HIDDEN)
     x = inputs()
@@ -122,7 +131,7 @@ def test_grouped_query_attention(num_kv_heads):
     torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_qk_norm_and_custom_scale():
+def test_qk_norm_and_custom_scale(kernel):
     attn = make(num_heads=4, num_kv_heads=2, qk_norm=True, scale=0.3, norm_eps=1e-6)
     with torch.no_grad():  # gemma-form norms start at identity; give them a real scale
         attn.q_norm.weight.copy_(torch.linspace(-0.5, 0.5, 8))
@@ -141,7 +150,7 @@ def test_qk_norm_and_custom_scale():
     assert not torch.allclose(default(x, rope_tables), attn(x, rope_tables))  # the scale is used
 
 
-def test_explicit_mask_overrides_the_default():
+def test_explicit_mask_overrides_the_default(kernel):
     attn = make(causal=False)
     x = inputs()
     g = torch.Generator().manual_seed(3)
@@ -150,6 +159,49 @@ def test_explicit_mask_overrides_the_default():
     torch.testing.assert_close(
         attn(x, mask=mask), naive_attention(attn, x, mask, rope=False), rtol=1e-5, atol=1e-5
     )
+
+
+def test_cpu_kernel_follows_the_row_length(monkeypatch):
+    """Guards the kernel fixture: rows up to EXPLICIT_MAX_KEYS keys take explicit_attention, longer SDPA."""
+    calls = []
+    explicit = attention.explicit_attention
+    monkeypatch.setattr(attention, "explicit_attention", lambda *a: calls.append(1) or explicit(*a))
+    attn, x = make(causal=True), inputs()
+    attn(x)
+    assert calls == [1]
+    monkeypatch.setattr(attention, "EXPLICIT_MAX_KEYS", S - 1)
+    attn(x)
+    assert calls == [1]
+
+
+def test_explicit_attention_row_without_keys_matches_sdpa():
+    """A query that may see no key gets zeros and no gradient, as from SDPA, and the other rows agree."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5, generator=g) < 0.6
+    mask[:, :, 0] |= True
+    mask[1, :, 2] = False  # row 2 of batch 1 sees nothing
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = attention.explicit_attention(*leaves, 8**-0.5, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(*want_leaves, attn_mask=mask)
+    assert torch.count_nonzero(got[1, :, 2]) == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(got.shape, generator=g)
+    got.backward(grad)
+    want.backward(grad)
+    for a, b in zip(leaves, want_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_bf16_attention_near_fp32(kv_heads, kernel):
+    """In bf16 (scores in bf16, softmax in fp32) both kernels stay near the fp32 naive result."""
+    attn = make(num_kv_heads=kv_heads, causal=True)
+    x = inputs()
+    want = naive_attention(attn, x, naive_mask(S, S, causal=True, window=None), rope=False)
+    got = attn.to(torch.bfloat16)(x.bfloat16()).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2)  # measured 0.024; a wrong mask: 2.3
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -182,7 +234,7 @@ def test_bad_head_counts_and_cpu_backend():
     with pytest.raises(ValueError, match="num_kv_heads=3 does not divide num_heads=4"):
         Attention(HIDDEN, 4, 3, 8)
     if not torch.cuda.is_available():
-        assert flash_attn_func() is None  # CPU: always the SDPA path
+        assert flash_attn_func() is None  # CPU: explicit_attention or SDPA
 
 
 # Packed rows: documents of mixed lengths (runs of equal ids; a repeated id later in the row is a new

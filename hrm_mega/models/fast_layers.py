@@ -16,7 +16,7 @@ dtype copies), masks turned into SDPA's additive form once per forward rather th
 layer call, and grouped-query attention left to SDPA (`enable_gqa`) rather than copying K/V per query
 head. About 60 operations per layer call, views included. Every one computes what the block's own
 operations compute, element for element: the same reductions over the same rows, the same products in
-the same order, SDPA over the same keys, so the logits and the samples drawn from them are bit-identical
+the same order, the same attention kernel over the same keys (Attention.attend's choice), so the logits and the samples drawn from them are bit-identical
 to the module path's (tests/test_generate.py checks logits bit for bit, with halting, padding and
 windows). The module path stays the reference, and the one that trains.
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrm_mega import distributed
+from hrm_mega.models import attention
 
 
 def _rms(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -142,10 +143,18 @@ class LayerPlan:
             x = (x * cos).add_(x.roll(d // 2, -1).mul_(sin))
             qk = x if fp32 else x.to(qkv.dtype)
         k, v = kv_cache.update(qk[:, h:], v)
-        mask = self.tables.mask(ctx.masks.get(self.kind), qk.dtype)
-        out = F.scaled_dot_product_attention(
-            qk[:, :h], k, v, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
-        )
+        mask = ctx.masks.get(self.kind)
+        if k.device.type == "cpu" and k.shape[2] <= attention.EXPLICIT_MAX_KEYS:  # as Attention.attend
+            out = attention.explicit_attention(qk[:, :h], k, v, self.scale, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                qk[:, :h],
+                k,
+                v,
+                attn_mask=self.tables.mask(mask, qk.dtype),
+                scale=self.scale,
+                enable_gqa=kv != h,
+            )
         return torch.mm(out.transpose(1, 2).reshape(b * s, h * d), self.w_o)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
