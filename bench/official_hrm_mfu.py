@@ -5,8 +5,9 @@ train one ACT segment per step with HRM's bootstrap look-ahead, and both take th
 update with no gradient clipping (HRM's pretrain.py clips nothing): the official side through
 PackageAdamATan2 below, a transcription of the package's kernel in torch ops (the package itself is
 CUDA-only), hrm-mega through its AdamATan2 (compile=True under --compile, as train.compile does).
-Steps of the two alternate, and the matmul peak is measured between them, so machine noise hits both
-alike. FLOPs are hrm-mega's executed-FLOP count (hrm_mega.models.summary.segment_flops) for both.
+Steps of the two alternate, the first of a round swapping every round, and the matmul peak is measured
+between rounds, so machine noise hits both alike. FLOPs are hrm-mega's executed-FLOP count
+(hrm_mega.models.summary.segment_flops) for both.
 
 --dtype bfloat16: the official model computes in bf16 from fp32 weights (its forward_dtype; CastedLinear
 casts the weights every call); hrm-mega's model is cast to bf16 as a bf16 run's engine does, and its
@@ -156,9 +157,12 @@ def main() -> None:
         step_ours()
     times: dict[str, list[float]] = {"official HRM": [], "hrm-mega": []}
     peaks = []
-    for _ in range(args.rounds):
+    contenders = [("official HRM", step_ref), ("hrm-mega", step_ours)]
+    for round_ in range(args.rounds):
         peaks.append(matmul_rate(dtype=dtype))
-        for name, step in (("official HRM", step_ref), ("hrm-mega", step_ours)):
+        for name, step in (
+            contenders if round_ % 2 == 0 else contenders[::-1]
+        ):  # each goes first half the time
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
