@@ -174,6 +174,7 @@ def main() -> None:
         best, mean = min(ts), sum(ts) / len(ts)
         print(f"  {name:<13} best {best * 1e3:6.0f} ms/step  MFU {flops / best / peak:5.1%}   "
               f"mean {mean * 1e3:6.0f} ms/step  MFU {flops / mean / peak:5.1%}")  # fmt: skip
+        print(f"  {'':<13} rounds (ms): {' '.join(f'{t * 1e3:.0f}' for t in ts)}")
     ref_t, ours_t = (sum(t) / len(t) for t in times.values())
     print(f"hrm-mega throughput / official: {ref_t / ours_t:.3f} (means)")
 

@@ -226,7 +226,9 @@ class _Rope(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         x32, half = x.float(), x.shape[-1] // 2
         x1, x2 = x32[..., :half], x32[..., half:]
-        y = x32 * cos
+        # written contiguous whatever x's strides ([b, h, s, d] views of [b, s, h, d] from attention):
+        # q k^T then runs on q and k as they are, without copies
+        y = torch.mul(x32, cos, out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
         y[..., :half].sub_(x2 * sin[..., :half])  # y1 = x1 cos1 - x2 sin1
         y[..., half:].add_(x1 * sin[..., half:])  # y2 = x2 cos2 + x1 sin2
         return y.to(x.dtype)
