@@ -160,9 +160,8 @@ def main() -> None:
     contenders = [("official HRM", step_ref), ("hrm-mega", step_ours)]
     for round_ in range(args.rounds):
         peaks.append(matmul_rate(dtype=dtype))
-        for name, step in (
-            contenders if round_ % 2 == 0 else contenders[::-1]
-        ):  # each goes first half the time
+        order = contenders if round_ % 2 == 0 else contenders[::-1]  # each goes first half the time
+        for name, step in order:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)

@@ -14,19 +14,20 @@ tensor (the q and k heads side by side, each head with its own norm scale), each
 own operations (torch.rms_norm computes the same numbers, but on the CPU as a composite with two extra
 dtype copies), and, for the rows SDPA attends, masks turned into its additive form once per forward
 rather than by SDPA in every layer call and grouped-query attention left to it (`enable_gqa`) rather
-than copying K/V per query head. About 60 operations per layer call, views included. Every one computes what the block's own
-operations compute, element for element: the same reductions over the same rows, the same products in
-the same order, the same attention kernel over the same keys (Attention.attend's choice: explicit on
-short CPU rows, SDPA otherwise), so the logits and the samples drawn from them are bit-identical to the
-module path's (tests/test_generate.py checks logits bit for bit, with halting, padding and windows).
-The module path stays the reference, and the one that trains.
+than copying K/V per query head. About 60 operations per layer call, views included. Every one
+computes what the block's own operations compute, element for element: the same reductions over the
+same rows, the same products in the same order, the same attention kernel over the same keys
+(Attention.attend's choice: explicit on short CPU rows, SDPA otherwise), so the logits and the samples
+drawn from them are bit-identical to the module path's (tests/test_generate.py checks logits bit for
+bit, with halting, padding and windows). The module path stays the reference, and the one that trains.
 
 `fast_layers(model)` returns the plans for a model's eligible blocks: attention blocks with plain
 bias-free linears on a single tensor-parallel rank (under TP the projections are megatron-core's
 layers, which keep their own path), unquantized. `plans.active()` lets the blocks use them for the
 duration of one forward, only where that forward runs without gradients, with a KV cache slot and an
 explicit mask (TransformerBlock.forward checks; a mask left to flash-attn keeps the module path); the
-weights are read when the plans are made, so make them when a generation starts. They hold a second copy of the q/k/v and gate/up weights for as long as they live.
+weights are read when the plans are made, so make them when a generation starts. They hold a second
+copy of the q/k/v and gate/up weights for as long as they live.
 """
 
 from __future__ import annotations
