@@ -80,6 +80,12 @@ def attention_mask(
 EXPLICIT_MAX_KEYS = 128
 
 
+def takes_explicit_attention(k: torch.Tensor) -> bool:
+    """Whether attention over keys k ([b, kv, k_len, d]) runs as explicit_attention: on the CPU, for
+    rows of at most EXPLICIT_MAX_KEYS keys. Every caller asks here, so all choose alike."""
+    return k.device.type == "cpu" and k.shape[2] <= EXPLICIT_MAX_KEYS
+
+
 def explicit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -339,7 +345,7 @@ class Attention(nn.Module):
             )  # fmt: skip
             return out.transpose(1, 2)
         q_len, k_len = q.shape[2], k.shape[2]
-        if q.device.type == "cpu" and k_len <= EXPLICIT_MAX_KEYS:
+        if takes_explicit_attention(k):
             if mask is None:
                 mask = attention_mask(q_len, k_len, causal=self.causal, window=self.window, device=q.device)
             return explicit_attention(q, k, v, self.scale, mask)
