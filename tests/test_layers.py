@@ -94,6 +94,19 @@ def test_rms_norm_bf16_in_bf16_out_computed_in_fp32(form):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (32, 82, 512), (2, 4, 96, 64)])
+def test_rms_norm_fused_forward_is_bit_equal_to_the_expression(shape, dtype):
+    """On the CPU the forward runs ATen's fused kernel; it must give the plain fp32 expression's bits
+    (the HRM import's exactness rests on it), weighted and weightless, at odd and wide last axes."""
+    x = (randn(*shape, seed=6) * 3).to(dtype)
+    w = randn(shape[-1], seed=7)
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(rms_norm(x, 1e-6), normed.to(dtype))
+    assert torch.equal(rms_norm(x, 1e-6, w), (normed * w).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("form", ["none", "plain", "gemma"])
 def test_rms_norm_gradients_and_what_backward_keeps(form, dtype):
     """The hand-written backward gives autograd's gradients through the naive formula (x and w), and

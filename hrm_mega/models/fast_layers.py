@@ -11,8 +11,7 @@ rotary embedding applied to q and k apart, and K/V repeated for grouped-query at
 gate/up weights concatenated, each norm's scale computed, the activations kept as [rows, hidden] so that
 every projection is one `torch.mm` (the call F.linear makes), q and k normalised and rotated as one
 tensor (the q and k heads side by side, each head with its own norm scale), each RMSNorm as the module's
-own operations (torch.rms_norm computes the same numbers, but on the CPU as a composite with two extra
-dtype copies), and, for the rows SDPA attends, masks turned into its additive form once per forward
+forward (ATen's fused kernel on the CPU and CUDA), and, for the rows SDPA attends, masks turned into its additive form once per forward
 rather than by SDPA in every layer call and grouped-query attention left to it (`enable_gqa`) rather
 than copying K/V per query head. About 60 operations per layer call, views included. Every one
 computes what the block's own operations compute, element for element: the same reductions over the
@@ -46,13 +45,15 @@ from hrm_mega.models import attention
 
 
 def _rms(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """layers.rms_norm's forward, operation for operation: fp32 normalisation over the last dim, then the
-    fp32 scale. (torch.rms_norm computes the same numbers, but on the CPU as a composite of twice the
-    operations, two of them dtype copies.)"""
+    """layers.rms_norm's forward: fp32 normalisation over the last dim, then the fp32 scale; ATen's fused
+    kernel on the CPU and CUDA (as the module), the same operations written out elsewhere."""
     x32 = x if x.dtype == torch.float32 else x.float()
-    out = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
-    if scale is not None:
-        out = out.mul_(scale)
+    if x.device.type in ("cpu", "cuda"):
+        out = torch.ops.aten._fused_rms_norm(x32, [x.shape[-1]], scale, eps)[0]
+    else:
+        out = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
+        if scale is not None:
+            out = out.mul_(scale)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
