@@ -11,14 +11,15 @@ rotary embedding applied to q and k apart, and K/V repeated for grouped-query at
 gate/up weights concatenated, each norm's scale computed, the activations kept as [rows, hidden] so that
 every projection is one `torch.mm` (the call F.linear makes), q and k normalised and rotated as one
 tensor (the q and k heads side by side, each head with its own norm scale), each RMSNorm as the module's
-forward (ATen's fused kernel on the CPU and CUDA), and, for the rows SDPA attends, masks turned into its additive form once per forward
-rather than by SDPA in every layer call and grouped-query attention left to it (`enable_gqa`) rather
-than copying K/V per query head. About 60 operations per layer call, views included. Every one
-computes what the block's own operations compute, element for element: the same reductions over the
-same rows, the same products in the same order, the same attention kernel over the same keys
-(Attention.attend's choice: explicit on short CPU rows, SDPA otherwise), so the logits and the samples
-drawn from them are bit-identical to the module path's (tests/test_generate.py checks logits bit for
-bit, with halting, padding and windows). The module path stays the reference, and the one that trains.
+forward (ATen's `_fused_rms_norm` on the CPU and CUDA), and, for the rows SDPA attends, masks turned
+into its additive form once per forward rather than by SDPA in every layer call and grouped-query
+attention left to it (`enable_gqa`) rather than copying K/V per query head. About 60 operations per
+layer call, views included. Every one computes what the block's own operations compute, element for
+element: the same reductions over the same rows, the same products in the same order, the same attention
+kernel over the same keys (Attention.attend's choice: explicit on short CPU rows, SDPA otherwise), so
+the logits and the samples drawn from them are bit-identical to the module path's
+(tests/test_generate.py checks logits bit for bit, with halting, padding and windows). The module path
+stays the reference, and the one that trains.
 
 `fast_layers(model)` returns the plans for a model's eligible blocks: attention blocks with plain
 bias-free linears on a single tensor-parallel rank (under TP the projections are megatron-core's
@@ -45,8 +46,8 @@ from hrm_mega.models import attention
 
 
 def _rms(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """layers.rms_norm's forward: fp32 normalisation over the last dim, then the fp32 scale; ATen's fused
-    kernel on the CPU and CUDA (as the module), the same operations written out elsewhere."""
+    """layers.rms_norm's forward: fp32 normalisation over the last dim, then the fp32 scale; ATen's
+    `_fused_rms_norm` on the CPU and CUDA (as the module), the same operations written out elsewhere."""
     x32 = x if x.dtype == torch.float32 else x.float()
     if x.device.type in ("cpu", "cuda"):
         out = torch.ops.aten._fused_rms_norm(x32, [x.shape[-1]], scale, eps)[0]

@@ -116,9 +116,10 @@ class _RMSNorm(torch.autograd.Function):
 
     Written out so that backward keeps x and the [.., 1] reciprocal RMS only: autograd through the
     plain expression keeps x and the normalised x in fp32, twice the activations of every norm (and a
-    Gemma layer has six). On the CPU and CUDA the forward is ATen's fused kernel (one pass instead of
-    five; it also returns the reciprocal RMS), bit-equal to the plain expression, which runs elsewhere
-    (tests/test_layers.py checks the two against each other). ATen has no CPU kernel for its backward."""
+    Gemma layer has six). On the CPU and CUDA the forward is ATen's `_fused_rms_norm`, which also
+    returns the reciprocal RMS: on the CPU the same operations in C++, in place where it can (0.41 ms
+    against the expression's 0.96 at [8, 512, 256]), bit-equal to the plain expression that runs on other
+    devices (tests/test_layers.py checks the two). ATen has no CPU kernel for its backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
