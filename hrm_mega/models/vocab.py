@@ -150,10 +150,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y = hidden[start : start + rows], labels[start : start + rows]
             valid = (y != IGNORE_LABEL).unsqueeze(1)
             safe = torch.where(valid, y.unsqueeze(1), 0)
-            log_p = torch.log_softmax(F.linear(h, weight).float(), dim=-1)  # [rows, V]
-            total -= log_p.gather(1, safe).masked_fill_(~valid, 0).sum()
-            if grads:
-                d_logits = log_p.exp_().scatter_add_(1, safe, -valid.float()).mul_(valid)  # softmax - onehot
+            # -log softmax(z)[y] = log sum exp(z - max) - (z[y] - max), with one exp per logit, in place
+            shifted = F.linear(h, weight).float()  # [rows, V]
+            shifted = shifted.sub_(shifted.amax(-1, keepdim=True))
+            picked = shifted.gather(1, safe)
+            exp = shifted.exp_()
+            sum_exp = exp.sum(-1, keepdim=True)
+            total += (sum_exp.log() - picked).masked_fill_(~valid, 0).sum()
+            if grads:  # softmax - onehot on labelled rows, zero on the others
+                d_logits = exp.mul_(valid / sum_exp).scatter_add_(1, safe, -valid.float())
                 d_logits = d_logits.to(hidden.dtype)
                 torch.mm(d_logits, weight, out=grad_hidden[start : start + rows])
                 if weight.dtype == torch.float32:
