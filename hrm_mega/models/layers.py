@@ -141,7 +141,7 @@ class _RMSNorm(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_scale = (g * normed).flatten(0, -2).sum(0)
             g = g * scale
-        # d/dx of x * r(x): r * (g - normed * mean(g * normed)), in two passes over fresh memory
+        # d/dx of x * r(x): r * (g - normed * mean(g * normed)); one addcmul, then r in place
         mean = (g * normed).mean(-1, keepdim=True)
         grad_x = torch.addcmul(g, normed, mean, value=-1).mul_(rstd)
         return grad_x.to(x.dtype), grad_scale, None
