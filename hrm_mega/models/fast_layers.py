@@ -42,15 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrm_mega import distributed
-from hrm_mega.models import attention
+from hrm_mega.models import attention, layers
 
 
 def _rms(x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
     """layers.rms_norm's forward: fp32 normalisation over the last dim, then the fp32 scale; ATen's
     `_fused_rms_norm` on the CPU and CUDA (as the module), the same operations written out elsewhere."""
     x32 = x if x.dtype == torch.float32 else x.float()
-    if x.device.type in ("cpu", "cuda"):
-        out = torch.ops.aten._fused_rms_norm(x32, [x.shape[-1]], scale, eps)[0]
+    if layers.fuses_rms_norm(x):
+        out = layers.FUSED_RMS_NORM(x32, [x.shape[-1]], scale, eps)[0]
     else:
         out = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True).add_(eps))
         if scale is not None:

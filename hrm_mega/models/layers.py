@@ -111,6 +111,15 @@ def _full_shape(tensor: torch.Tensor) -> tuple[list[int], int | None, int]:
 # --------------------------------------------------------------------------------------------------
 
 
+# ATen's fused RMSNorm forward (torch >= 2.8); the GPU check runs on whatever torch a GPU machine has.
+FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+def fuses_rms_norm(x: torch.Tensor) -> bool:
+    """Whether RMSNorm's forward on x runs through FUSED_RMS_NORM (CPU and CUDA, where it has kernels)."""
+    return FUSED_RMS_NORM is not None and x.device.type in ("cpu", "cuda")
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * scale, in fp32, returned in x's dtype; scale None = weightless.
 
@@ -124,8 +133,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
         x32 = x.float()
-        if x.device.type in ("cpu", "cuda"):
-            out, rstd = torch.ops.aten._fused_rms_norm(x32, [x.shape[-1]], scale, eps)
+        if fuses_rms_norm(x):
+            out, rstd = FUSED_RMS_NORM(x32, [x.shape[-1]], scale, eps)
         else:
             rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
             out = x32 * rstd if scale is None else x32 * rstd * scale
