@@ -74,9 +74,9 @@ def attention_mask(
 # Rows of at most this many keys take explicit_attention on the CPU. Measured on a 2-core AVX-512 CPU
 # in the paper-scale sudoku HRM's training step (82 keys): bf16 eager 4262 -> 3946 ms; compiled, the
 # throughput against the official HRM (bench/official_hrm_mfu.py) 1.03x -> 1.13x in bf16 and
-# 1.04x -> 1.04-1.08x in fp32 (inductor turns most of it back into SDPA); fp32 eager unchanged. Alone, forward+backward in fp32: [16, 8, 128, 64]
-# 21.8 ms (SDPA) against 20.3; [8, 8, 256, 64] 31.7 against 27.7 but causal 32.1 against 33.2, and
-# at 512 keys SDPA's flash kernel is ahead by 1.5-2.3x.
+# 1.04x -> 1.04-1.08x in fp32 (inductor turns most of it back into SDPA); fp32 eager unchanged.
+# Alone, forward+backward in fp32: [16, 8, 128, 64] 21.8 ms (SDPA) against 20.3; [8, 8, 256, 64] 31.7
+# against 27.7 but causal 32.1 against 33.2, and at 512 keys SDPA's flash kernel is ahead by 1.5-2.3x.
 EXPLICIT_MAX_KEYS = 128
 
 
