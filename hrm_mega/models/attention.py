@@ -97,7 +97,9 @@ def explicit_attention(
     group = q.shape[1] // k.shape[1]
     if group > 1:  # query heads [g * group, (g + 1) * group) share kv head g
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * scale  # [b, h, q_len, k_len], in q's dtype (as transformers' eager)
+    # [b, h, q_len, k_len] in q's dtype (as transformers' eager); scaled in place, the product being
+    # a fresh tensor that autograd does not keep: one activation-sized allocation fewer
+    scores = (q @ k.transpose(-1, -2)).mul_(scale)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)

@@ -114,7 +114,7 @@ class LayerPlan:
                 rows = [q.expand(self.heads, -1), k.expand(self.kv_heads, -1)]
                 self.qk_scale = torch.cat(rows).unsqueeze(1)
         self.qk_norm = a.q_norm is not None
-        self.tables = ForwardTables()  # the active forward's (LayerPlans.active)
+        self.sdpa_masks = ForwardMasks()  # the active forward's (LayerPlans.active)
 
     def __call__(self, x: torch.Tensor, ctx: Any, kv_cache: Any) -> torch.Tensor:
         b, s, width = x.shape
@@ -142,9 +142,10 @@ class LayerPlan:
             qk = _rms(qk, self.qk_scale, self.qk_eps)
         rope = ctx.ropes.get(self.kind)
         if rope is not None:  # layers.apply_rope on q and k at once
-            cos, sin = self.tables.rope(rope)
-            x = qk if fp32 else qk.float()
-            x = (x * cos).add_(x.roll(d // 2, -1).mul_(sin))
+            cos, sin = rope
+            if cos.dim() == 3:  # per-row tables [b, s, d]
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            x = layers.rotate(qk, cos, sin)
             qk = x if fp32 else x.to(qkv.dtype)
         k, v = kv_cache.update(qk[:, h:], v)
         mask = ctx.masks.get(self.kind)
@@ -155,7 +156,7 @@ class LayerPlan:
                 qk[:, :h],
                 k,
                 v,
-                attn_mask=self.tables.mask(mask, qk.dtype),
+                attn_mask=self.sdpa_masks.mask(mask, qk.dtype),
                 scale=self.scale,
                 enable_gqa=kv != h,
             )
@@ -167,29 +168,13 @@ class LayerPlan:
         return torch.mm(self.act(gate_up[:, :i]).mul_(gate_up[:, i:]), self.w_down)
 
 
-class ForwardTables:
-    """One forward's tables in the form every plan uses, made once per forward rather than once per layer
-    call, and emptied when the plans stop being active:
-
-    - rotary tables: cos and sin [b, 1, s, d] (or [s, d]), sin with the first half negated, so that
-      rotate_half(x) * sin = roll(x, d/2) * sin' (a sign flip is exact);
-    - masks: a boolean mask as the additive float mask (0 / -inf) that SDPA turns it into on every call.
-    """
+class ForwardMasks:
+    """One forward's masks in the form every plan uses, made once per forward rather than once per layer
+    call, and emptied when the plans stop being active: a boolean mask as the additive float mask
+    (0 / -inf) that SDPA turns it into on every call."""
 
     def __init__(self) -> None:
-        self.ropes: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]] = {}
         self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def rope(self, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = self.ropes.get(id(rope))
-        if entry is None or entry[0] is not rope:  # (the key object is kept, so its id is not reused)
-            cos, sin = rope
-            if cos.dim() == 3:
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            half = sin.shape[-1] // 2
-            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-            entry = self.ropes[id(rope)] = (rope, cos, sin)
-        return entry[1], entry[2]
 
     def mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         if mask is None or mask.dtype != torch.bool:
@@ -210,10 +195,10 @@ class LayerPlans:
     @contextmanager
     def active(self) -> Iterator[None]:
         """The blocks use their plans for cached no-grad forwards until the block exits."""
-        tables = ForwardTables()
+        masks = ForwardMasks()
         for block, plan in self.plans.items():  # a plain attribute: nn.Module.__setattr__'s checks skipped
             object.__setattr__(block, "decode_plan", plan)
-            plan.tables = tables
+            plan.sdpa_masks = masks
         try:
             yield
         finally:
