@@ -359,9 +359,10 @@ def test_block_residual_adds_in_place_change_nothing(placement):
         assert torch.equal(block(x, ctx), want)
 
 
-def test_add_residual_leaves_views_alone_under_autograd():
+def test_add_residual_sums_in_place_only_where_nothing_changes():
     """A custom Function's returned input is a view autograd may not modify in place (as megatron-core's
-    TP all-reduce returns): add_residual then sums out of place, and backward runs."""
+    TP all-reduce returns): add_residual then sums out of place, and backward runs. So it does when the
+    two layouts differ."""
 
     class Passthrough(torch.autograd.Function):
         @staticmethod
@@ -381,6 +382,12 @@ def test_add_residual_leaves_views_alone_under_autograd():
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
     fresh = x * 3  # a fresh result: summed in place, and still differentiable
     assert add_residual(fresh, residual).data_ptr() == fresh.data_ptr()
+    # a residual laid out otherwise (TRM's sequence mixer adds a transposed view): the sum takes the
+    # residual's layout, as the plain sum does, so reductions over it round the same
+    with torch.no_grad():
+        strided, own = randn(4, 3, seed=20).t(), randn(3, 4, seed=21)
+        summed = add_residual(own, strided)
+        assert summed.data_ptr() != own.data_ptr() and summed.stride() == (strided + own).stride()
 
 
 def test_silu_and_gelu_tanh_mlps_differ():

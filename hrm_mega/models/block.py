@@ -99,13 +99,15 @@ class TransformerBlock(nn.Module):
 
 
 def add_residual(out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + out, written over out when that is safe: autograd is off, or out is a tensor of its
-    own (not a view, such as a custom Function's returned input) whose maker did not save it (linears
-    and norms save their inputs). Equal bit for bit to the sum (addition commutes). On the CPU each
-    fresh activation-sized tensor costs page faults: with this, GatedMLP's in-place activation and the
-    in-place score scaling, the paper-scale sudoku HRM's fp32 step went from 4512 to 4219 ms (mean of
-    six, bench/official_hrm_mfu.py) and its page faults from ~90K to ~12K per step."""
-    same = out.shape == residual.shape and out.dtype == residual.dtype
+    """residual + out, written over out when that changes nothing: the two share shape, dtype and
+    layout (the plain sum takes the residual's layout, and a norm over a transposed one rounds
+    differently), and autograd is off or out is a tensor of its own (not a view, such as a custom
+    Function's returned input) that its maker did not save (linears and norms save their inputs).
+    Equal bit for bit to the sum. On the CPU each fresh activation-sized tensor costs page faults: with
+    this, GatedMLP's in-place activation and the in-place score scaling, the paper-scale sudoku HRM's
+    fp32 step went from 4512 to 4219 ms (mean of six, bench/official_hrm_mfu.py) and its minor page
+    faults from ~90K to ~12K per step."""
+    same = out.shape == residual.shape and out.stride() == residual.stride() and out.dtype == residual.dtype
     if same and (out._base is None or not torch.is_grad_enabled()):
         return out.add_(residual)
     return residual + out
