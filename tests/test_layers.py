@@ -381,7 +381,10 @@ def test_add_residual_sums_in_place_only_where_nothing_changes():
     summed.sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
     fresh = x * 3  # a fresh result: summed in place, and still differentiable
-    assert add_residual(fresh, residual).data_ptr() == fresh.data_ptr()
+    summed = add_residual(fresh, residual)
+    assert summed.data_ptr() == fresh.data_ptr()
+    summed.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 5.0))  # 2 before, plus 3
     # a residual laid out otherwise (TRM's sequence mixer adds a transposed view): the sum takes the
     # residual's layout, as the plain sum does, so reductions over it round the same
     with torch.no_grad():
