@@ -16,14 +16,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from hrm_mega.config.layout import check_model_layout, resolve_layout, tp_split_sizes
 from hrm_mega.config.model import LMModelConfig, PuzzleModelConfig
 from hrm_mega.config.schema import ConfigError
+from hrm_mega.config.sections import DataConfig, OptimConfig, ParallelConfig, RLConfig, TrainConfig
 
-if TYPE_CHECKING:
-    from hrm_mega.config.run import Config
+
+class RunSections(Protocol):
+    """What these checks read of a Config (config/run.py, which calls them): its sections and task."""
+
+    @property
+    def model(self) -> PuzzleModelConfig | LMModelConfig: ...
+    @property
+    def parallel(self) -> ParallelConfig: ...
+    @property
+    def data(self) -> DataConfig: ...
+    @property
+    def optim(self) -> OptimConfig: ...
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def rl(self) -> RLConfig: ...
+    @property
+    def task(self) -> str: ...
+
 
 Command = Literal["train", "rl"]
 COMMANDS: tuple[str, ...] = ("train", "rl")
@@ -39,7 +57,7 @@ BUILTIN_REWARDS = (
 )
 
 
-def check_sections(c: Config) -> None:
+def check_sections(c: RunSections) -> None:
     """Checks that need the config only."""
     m, par, t = c.model, c.parallel, c.train
     if isinstance(m, PuzzleModelConfig) and par.pp > 1:
@@ -71,12 +89,12 @@ def check_sections(c: Config) -> None:
         raise ConfigError("optim.ema_decay > 0 is not supported with parallel.zero_stage=3; use stage 0-2")
 
 
-def rollout_rows(c: Config) -> int:
+def rollout_rows(c: RunSections) -> int:
     """The rows of one RL step: rl.prompts_per_step x rl.group_size (RL's train.global_batch)."""
     return c.rl.prompts_per_step * c.rl.group_size
 
 
-def check_world(c: Config, world_size: int, command: Command | None = None) -> None:
+def check_world(c: RunSections, world_size: int, command: Command | None = None) -> None:
     """Checks that need the world size: the layout, and the batch and partitions against dp."""
     dp = resolve_layout(c, world_size).dp
     d, t = c.data, c.train
@@ -105,12 +123,12 @@ def check_world(c: Config, world_size: int, command: Command | None = None) -> N
             )
 
 
-def _streams_data(c: Config, command: Command | None) -> bool:
+def _streams_data(c: RunSections, command: Command | None) -> bool:
     """Whether the run streams data.path's train split (LM RL generates its prompts instead)."""
     return not (command == "rl" and c.task == "lm")
 
 
-def check_run(c: Config, command: Command) -> None:
+def check_run(c: RunSections, command: Command) -> None:
     """Checks of starting `command` ("train" or "rl"): the dataset's manifest, and the rl section."""
     if command not in COMMANDS:
         raise ValueError(f"command={command!r} must be one of {', '.join(COMMANDS)}")
@@ -129,7 +147,7 @@ def check_run(c: Config, command: Command) -> None:
         check_teacher(c, read_teacher_model(c.train.distill_from))
 
 
-def check_sources(c: Config, command: Command) -> None:
+def check_sources(c: RunSections, command: Command) -> None:
     """A mixture: language-model training only; every source a text dataset with the first source's
     sequence length and tokenizer, holding a sample per partition."""
     if not isinstance(c.model, LMModelConfig) or command != "train":
@@ -172,7 +190,7 @@ def check_sources(c: Config, command: Command) -> None:
             )
 
 
-def check_rl(c: Config) -> None:
+def check_rl(c: RunSections) -> None:
     """The rl section against the model, the layout and the batch (config only)."""
     rl, par, t, d = c.rl, c.parallel, c.train, c.data
     rows = rollout_rows(c)
@@ -273,7 +291,7 @@ def read_teacher_model(path: str) -> Any:
         raise ConfigError(f"{where}: its config cannot be read ({type(e).__name__}: {e})") from None
 
 
-def check_teacher(c: Config, teacher: Any) -> None:
+def check_teacher(c: RunSections, teacher: Any) -> None:
     """The distillation teacher's model against the student's: an hrm_gemma model with the student's
     vocabulary (the KL compares the two distributions token by token), whose sizes split over
     parallel.tp (it runs split like the student, training/tasks/lm.py Teacher)."""
@@ -330,7 +348,7 @@ def check_image_data(m: Any, manifest: dict[str, Any], where: str) -> None:
             )
 
 
-def check_manifest(c: Config, command: Command) -> None:
+def check_manifest(c: RunSections, command: Command) -> None:
     """The dataset named by data.path against the model and the data section, when it is here."""
     d, m = c.data, c.model
     manifest = read_manifest_json(d.path) if d.path else None
