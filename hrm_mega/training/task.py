@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -22,9 +23,32 @@ from hrm_mega.config import Config, ConfigError
 from hrm_mega.data.shards import read_manifest
 from hrm_mega.data.stream import SampleStream
 from hrm_mega.models import build_model
+from hrm_mega.optim import EMA
+from hrm_mega.training.engine import World
 
-if TYPE_CHECKING:
-    from hrm_mega.training.trainer import Trainer
+
+class TrainerView(Protocol):
+    """What a task may use of the Trainer that runs it (training/trainer.py implements it). Spelled out
+    here so that this module needs nothing from the trainer's, which builds tasks."""
+
+    config: Config
+    task: Task
+    world: World
+    run_dir: Path
+    manifest: dict[str, Any]
+    model: torch.nn.Module
+    engine: Any  # the DeepSpeed engine (training/engine.py: initialize)
+    ema: EMA | None
+    stream: Any  # what the task's build_stream returned
+    local_batch: int
+    step: int
+
+    def set_lr(self) -> float: ...
+    def start_micro_batch(self, index: int, count: int) -> None: ...
+    def apply_update(self, all_finite: bool) -> float: ...
+    def count_update(self, applied: bool) -> None: ...
+    def evaluate(self) -> dict[str, float]: ...
+
 
 # The registry: a task name -> "module:class", imported on use so that a run loads only its own task's
 # code. config.task names the pretraining task; RL post-training is the "rl" task, run on the
@@ -74,14 +98,14 @@ class Task(ABC):
         self.manifest = read_manifest(self.config.data.path)
         return self.manifest
 
-    def build_model(self, trainer: Trainer) -> torch.nn.Module:
+    def build_model(self, trainer: TrainerView) -> torch.nn.Module:
         """The model to train: initial_model, compiled when train.compile."""
         model = self.initial_model(trainer)
         if self.config.train.compile:
             model.compile()  # in place: parameter names, and so checkpoints, are unchanged
         return model
 
-    def initial_model(self, trainer: Trainer) -> torch.nn.Module:
+    def initial_model(self, trainer: TrainerView) -> torch.nn.Module:
         """The model on this rank's device: initialised from the seed, then from train.init_from."""
         c = self.config
         model = build_model(c.model).init_weights(c.train.seed).to(trainer.world.device)
@@ -90,16 +114,16 @@ class Task(ABC):
             self.fresh_keys, self.init_config = load_init_weights(model, c, self.keep_fresh, label)
         return model
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, trainer: TrainerView) -> None:
         """Set-up that needs the engine (e.g. optimizers living outside it, a teacher)."""
         return None
 
-    def build_stream(self, trainer: Trainer) -> Any:
+    def build_stream(self, trainer: TrainerView) -> Any:
         """The training stream (partitioned, deterministic given the seed, resumable): this rank's share of
         the train split, or anything with SampleStream's progress / state_dict / load_state_dict / close."""
         return self.sample_stream(trainer, self.config.train.global_batch)
 
-    def sample_stream(self, trainer: Trainer, global_batch: int, transform: Any = None) -> SampleStream:
+    def sample_stream(self, trainer: TrainerView, global_batch: int, transform: Any = None) -> SampleStream:
         """This rank's share of the train split, `global_batch` rows per step over all ranks."""
         d, w = self.config.data, trainer.world
         return SampleStream(
@@ -112,7 +136,7 @@ class Task(ABC):
     # --- training ----------------------------------------------------------------------------------
 
     @abstractmethod
-    def train_step(self, trainer: Trainer) -> dict[str, float]:
+    def train_step(self, trainer: TrainerView) -> dict[str, float]:
         """One optimizer step (trainer.step is advanced by the Trainer); returns global metrics."""
 
     @abstractmethod
@@ -128,7 +152,7 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+    def evaluate(self, trainer: TrainerView) -> dict[str, float]:
         """Every evaluation of the task, keyed for metrics.jsonl."""
 
     # --- checkpoints and the summary ---------------------------------------------------------------
@@ -137,11 +161,13 @@ class Task(ABC):
         """Task state for checkpoints: (JSON-able client state, tensors)."""
         return {}, {}
 
-    def load_state(self, trainer: Trainer, client: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(
+        self, trainer: TrainerView, client: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> None:
         """Restores what state() saved."""
         return None
 
-    def summary_lines(self, trainer: Trainer) -> list[str]:
+    def summary_lines(self, trainer: TrainerView) -> list[str]:
         return []
 
 
