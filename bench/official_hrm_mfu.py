@@ -4,7 +4,8 @@ Both models are the paper-scale sudoku HRM (hidden 512, 8 heads, 4+4 layers, N=T
 train one ACT segment per step with HRM's bootstrap look-ahead, and both take the adam-atan2 package's
 update with no gradient clipping (HRM's pretrain.py clips nothing): the official side through
 PackageAdamATan2 below, a transcription of the package's kernel in torch ops (the package itself is
-CUDA-only), hrm-mega through its AdamATan2 (compile=True under --compile, as train.compile does).
+CUDA-only), hrm-mega through its AdamATan2 as the trainer builds it on the CPU (the eager update in
+cache-sized slices, also under --compile: train.compile compiles the optimizer only on GPUs).
 Steps of the two alternate, the first of a round swapping every round, and the matmul peak is measured
 between rounds, so machine noise hits both alike. FLOPs are hrm-mega's executed-FLOP count
 (hrm_mega.models.summary.segment_flops) for both.
@@ -134,7 +135,9 @@ def main() -> None:
         "puzzle_identifiers": torch.zeros(b, dtype=torch.int32),
     }
     opt_ref = PackageAdamATan2([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-    opt_ours = AdamATan2(ours.parameters(), lr=1e-4, weight_decay=0.1, compile=args.compile)
+    opt_ours = AdamATan2(
+        ours.parameters(), lr=1e-4, weight_decay=0.1
+    )  # as Trainer.build_optimizer on the CPU
     carry = ref.initial_carry(batch)
     state = initial_state(ours, {**batch, "puzzle_identifiers": batch["puzzle_identifiers"].long()})
 

@@ -174,6 +174,27 @@ def test_cpu_kernel_follows_the_row_length(monkeypatch):
     assert calls == [1]
 
 
+def test_cpu_kernel_without_autograd(monkeypatch):
+    """Without autograd, unmasked short rows (the puzzle models' no-grad cycles) take SDPA's flash kernel
+    and agree with the explicit form to 1e-5; masked rows (causal, decoding) keep the explicit form, as
+    the flat decode layers do."""
+    calls = []
+    explicit = attention.explicit_attention
+    monkeypatch.setattr(attention, "explicit_attention", lambda *a: calls.append(1) or explicit(*a))
+    bidirectional, causal, x = make(), make(causal=True), inputs()
+    with_grad = bidirectional(x)
+    assert calls == [1]
+    with torch.no_grad():
+        without = bidirectional(x)
+        assert calls == [1]
+        causal(x)
+        assert calls == [1, 1]
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        without, naive_attention(bidirectional, x, None, rope=False), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_explicit_attention_row_without_keys_matches_sdpa():
     """A query that may see no key gets zeros and no gradient, as from SDPA, and the other rows agree."""
     g = torch.Generator().manual_seed(4)

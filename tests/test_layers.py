@@ -355,8 +355,8 @@ def test_block_residual_adds_in_place_change_nothing(placement):
     want = written_out(x)
     (want_grad,) = torch.autograd.grad(want, x, grad)
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
-    with torch.no_grad():
-        assert torch.equal(block(x, ctx), want)
+    with torch.no_grad():  # (the attention kernel may differ without autograd: both sides alike)
+        assert torch.equal(block(x, ctx), written_out(x))
 
 
 def test_add_residual_sums_in_place_only_where_nothing_changes():

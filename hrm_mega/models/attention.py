@@ -2,7 +2,8 @@
 
 Backends: flash-attn when it is importable, the tensors are on a GPU in fp16/bf16 and no custom mask
 is needed; on the CPU, rows of up to EXPLICIT_MAX_KEYS keys as two batched matmuls and a softmax
-(`explicit_attention`); otherwise torch's scaled_dot_product_attention with an explicit boolean mask.
+(`explicit_attention`; unmasked rows without autograd excepted, see `takes_explicit_attention`);
+otherwise torch's scaled_dot_product_attention with an explicit boolean mask.
 Packed rows (several documents per row) take another form: `DocumentRuns`, which attends within each
 document separately, so no [seq, seq] mask is built and no score across documents is computed (see
 its docstring). All compute the same function, so the choice never changes results beyond kernel rounding.
@@ -77,13 +78,22 @@ def attention_mask(
 # 1.04x -> 1.04-1.08x in fp32 (inductor turns most of it back into SDPA); fp32 eager unchanged.
 # Alone, forward+backward in fp32: [16, 8, 128, 64] 21.8 ms (SDPA) against 20.3; [8, 8, 256, 64] 31.7
 # against 27.7 but causal 32.1 against 33.2, and at 512 keys SDPA's flash kernel is ahead by 1.5-2.3x.
+# Without autograd, unmasked rows go to SDPA: on a 2-core AMX Xeon the sudoku HRM's no-grad segment
+# (the bootstrap look-ahead) took 1648 ms against 1693 in fp32 eager, 1542 against 1570 compiled and
+# 619 against 700 in bf16 eager; with autograd the explicit form stays ahead in bf16 (36.7 ms against
+# 64.5 for one attention layer's forward and backward at [32, 8, 82, 64]).
 EXPLICIT_MAX_KEYS = 128
 
 
-def takes_explicit_attention(k: torch.Tensor) -> bool:
+def takes_explicit_attention(k: torch.Tensor, masked: bool) -> bool:
     """Whether attention over keys k ([b, kv, k_len, d]) runs as explicit_attention: on the CPU, for
-    rows of at most EXPLICIT_MAX_KEYS keys. Every caller asks here, so all choose alike."""
-    return k.device.type == "cpu" and k.shape[2] <= EXPLICIT_MAX_KEYS
+    rows of at most EXPLICIT_MAX_KEYS keys, unless the rows are unmasked (every query sees every key)
+    and autograd is off. There SDPA's flash kernel is faster: it reads q, k and v in place, where the
+    batched matmuls copy them, and the explicit form's edge is in the backward. Every caller asks
+    here, so all choose alike."""
+    if k.device.type != "cpu" or k.shape[2] > EXPLICIT_MAX_KEYS:
+        return False
+    return masked or torch.is_grad_enabled()
 
 
 def explicit_attention(
@@ -347,7 +357,7 @@ class Attention(nn.Module):
             )  # fmt: skip
             return out.transpose(1, 2)
         q_len, k_len = q.shape[2], k.shape[2]
-        if takes_explicit_attention(k):
+        if takes_explicit_attention(k, mask is not None or self.causal or self.window is not None):
             if mask is None:
                 mask = attention_mask(q_len, k_len, causal=self.causal, window=self.window, device=q.device)
             return explicit_attention(q, k, v, self.scale, mask)

@@ -149,7 +149,7 @@ class LayerPlan:
             qk = x if fp32 else x.to(qkv.dtype)
         k, v = kv_cache.update(qk[:, h:], v)
         mask = ctx.masks.get(self.kind)
-        if attention.takes_explicit_attention(k):  # Attention.attend's choice
+        if attention.takes_explicit_attention(k, mask is not None):  # Attention.attend's choice
             out = attention.explicit_attention(qk[:, :h], k, v, self.scale, mask)
         else:
             out = F.scaled_dot_product_attention(

@@ -27,9 +27,11 @@ It is a plain `torch.optim.Optimizer`, so DeepSpeed accepts it as a client optim
 
 How the update runs (same formula, rounding may differ by an ulp between the three):
 - `compile=True`: one torch.compile'd kernel (dynamic shapes, so one compilation serves every tensor)
-  per tensor, which reads p, g, m and v once and writes p, m and v once. Fastest on the CPU (0.6-1.1x
-  the time of torch's foreach AdamW on the paper-scale model with one thread, bench/optimizer_step.py)
-  and robust to busy cores; the first step compiles (~10 s on two cores).
+  per tensor, which reads p, g, m and v once and writes p, m and v once; the first step compiles
+  (~10 s on two cores). On the CPU, alone (bench/optimizer_step.py), it took 0.6-1.1x the time of
+  torch's foreach AdamW with one thread and ties with the eager update with two; inside a training step
+  of the paper-scale model it measured slower than the eager update (110-139 ms against 75-87 on a
+  2-core AMX Xeon), so the trainer asks for it on GPUs only.
 - eager on the CPU: each tensor in slices of _CHUNK elements, so the update's temporaries stay in cache
   (about AdamW's time on one thread; with several threads each of its ~10 ops per slice is a parallel
   region, which costs a lot when other processes hold the cores).

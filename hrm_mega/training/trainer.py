@@ -150,7 +150,9 @@ class Trainer:
             return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         return AdamATan2(
             params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, a=o.adam_atan2_scale,
-            compile=self.config.train.compile,  # the update as one compiled kernel per tensor
+            # one compiled kernel per tensor; not on the CPU, where the eager update in cache-sized
+            # slices measured faster inside a training step (docs/benchmarks.md, optimizer step)
+            compile=self.config.train.compile and self.world.device.type != "cpu",
         )  # fmt: skip
 
     # --- what a task's step calls ----------------------------------------------------------------
