@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_act import make_batch
 
 from hrm_mega.config import ConfigError
 from hrm_mega.inference.puzzle import (
@@ -20,7 +21,6 @@ from hrm_mega.models.act import act_loss, q_says_halt
 from hrm_mega.models.puzzle import RecursiveReasoner, SegmentOutput
 from hrm_mega.models.recurrence import Carry
 from hrm_mega.models.vocab import IGNORE_LABEL
-from tests.test_act import make_batch
 
 
 @pytest.fixture
