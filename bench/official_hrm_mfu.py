@@ -135,9 +135,8 @@ def main() -> None:
         "puzzle_identifiers": torch.zeros(b, dtype=torch.int32),
     }
     opt_ref = PackageAdamATan2([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-    opt_ours = AdamATan2(
-        ours.parameters(), lr=1e-4, weight_decay=0.1
-    )  # as Trainer.build_optimizer on the CPU
+    # as Trainer.build_optimizer on the CPU: eager, also under --compile
+    opt_ours = AdamATan2(ours.parameters(), lr=1e-4, weight_decay=0.1)
     carry = ref.initial_carry(batch)
     state = initial_state(ours, {**batch, "puzzle_identifiers": batch["puzzle_identifiers"].long()})
 
