@@ -284,8 +284,10 @@ def packed_allowed(docs: list[int], images: list[int], i: int, j: int, window: i
 def test_document_runs_match_naive(window, with_images, num_kv_heads, band_chunk, monkeypatch):
     """Per-document attention (no [seq, seq] mask) equals naive attention under the packed row's mask,
     outputs and input gradients. Windows without images take the banded form, chunks of
-    c = max(window, BAND_CHUNK) queries with a [chunks, 1, c, 2c] mask: BAND_CHUNK 1 makes c the window
-    (many chunks; 5 leaves a partial last one of the 46 flattened positions), 64 one chunk."""
+    c = max(ceil(window / 2), BAND_CHUNK) queries attending to m = 1 + ceil((window - 1) / c) chunks of
+    keys ([chunks, 1, c, m*c] mask): BAND_CHUNK 1 makes c half the window (many chunks; window 3 gives
+    c = 2, m = 2, window 5 c = 3, m = 3, window 64 c = 32, m = 3, the first two leaving a partial last
+    chunk of the 46 flattened positions), 64 one chunk (m = 2)."""
     monkeypatch.setattr(attention, "BAND_CHUNK", band_chunk)
     attn = make(num_kv_heads=num_kv_heads, causal=True, window=window)
     docs, images = torch.tensor(PACKED_DOCS), torch.tensor(PACKED_IMAGES)
@@ -296,8 +298,9 @@ def test_document_runs_match_naive(window, with_images, num_kv_heads, band_chunk
     banded = window is not None and not with_images
     assert (runs.band is not None) == banded and (runs.groups == ()) == banded
     if banded:
-        c = max(window, band_chunk)
-        assert runs.band.shape == (-(-2 * s // c), 1, c, 2 * c)
+        c = max(-(-window // 2), band_chunk)
+        m = 1 + -(-(window - 1) // c)
+        assert runs.band.shape == (-(-2 * s // c), 1, c, m * c)
     imgs = PACKED_IMAGES if with_images else [[-1] * s] * 2
     mask = torch.tensor(
         [
