@@ -132,8 +132,8 @@ class DocumentRuns:
     A sliding window (without images) takes a banded form instead of the groups: the flattened
     positions are cut into chunks of c queries (`band_chunk`: half the window), each chunk attending to
     its own and the m - 1 previous chunks' keys (m*c, a strided view of the keys, no copy) under a
-    [chunks, 1, c, m*c] mask of same document, causal and within the window. Scores, mask and saved tensors grow with
-    batch x seq x window, not with the squared document lengths; no gather either.
+    [chunks, 1, c, m*c] mask of same document, causal and within the window. Scores, mask and saved
+    tensors grow with batch x seq x window, not with the squared document lengths; no gather either.
 
     On a GPU in fp16/bf16 with flash-attn installed, rows without images run flash-attn's
     variable-length kernel over the same documents instead (cu_seqlens, with the window).
@@ -379,7 +379,7 @@ class Attention(nn.Module):
                 return F.scaled_dot_product_attention(
                     q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
                 )
-            # the window cuts: banded, each query chunk against 2 chunks of keys, not the [s, s] square
+            # the window cuts: banded, each query chunk against m chunks of keys, not the [s, s] square
             starts = torch.zeros(q.shape[0], q_len, dtype=torch.bool, device=q.device)
             return DocumentRuns.build(starts, window=self.window).attend(q, k, v, self.scale)
         if mask is None:
