@@ -285,9 +285,9 @@ def test_document_runs_match_naive(window, with_images, num_kv_heads, band_chunk
     """Per-document attention (no [seq, seq] mask) equals naive attention under the packed row's mask,
     outputs and input gradients. Windows without images take the banded form, chunks of
     c = max(ceil(window / 2), BAND_CHUNK) queries attending to m = 1 + ceil((window - 1) / c) chunks of
-    keys ([chunks, 1, c, m*c] mask): BAND_CHUNK 1 makes c half the window (many chunks; window 3 gives
-    c = 2, m = 2, window 5 c = 3, m = 3, window 64 c = 32, m = 3, the first two leaving a partial last
-    chunk of the 46 flattened positions), 64 one chunk (m = 2)."""
+    keys ([chunks, 1, c, m*c] mask): BAND_CHUNK 1 makes c half the window (window 3: c = 2, m = 2;
+    window 5: c = 3, m = 3; window 64: c = 32, m = 3; the last two leave a partial last chunk of the 46
+    flattened positions), 64 makes one chunk (c = 64, m = 2)."""
     monkeypatch.setattr(attention, "BAND_CHUNK", band_chunk)
     attn = make(num_kv_heads=num_kv_heads, causal=True, window=window)
     docs, images = torch.tensor(PACKED_DOCS), torch.tensor(PACKED_IMAGES)
